@@ -1,0 +1,1 @@
+"""attnbench harness: config schema, sweep job, timing, memory, records, report, CLI."""

@@ -1,0 +1,130 @@
+"""The variant contract: what every attention variant answers, as plain data and methods.
+
+A variant is a dataclass whose fields are its parameters (what `conf/variant/<name>.yaml` sets).
+It takes q, k, v in (B, H, N, D) and returns (B, H, N, D). Variants never see a Hydra config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+
+Family = Literal["full", "local", "sparse", "linear", "lowrank"]
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Problem size of one attention call: q, k, v are (batch, heads, seq_len, head_dim)."""
+
+    batch: int
+    heads: int
+    seq_len: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, q: torch.Tensor) -> Shape:
+        b, h, n, d = q.shape
+        return cls(b, h, n, d)
+
+    @property
+    def bh(self) -> int:
+        return self.batch * self.heads
+
+
+@dataclass
+class Variant:
+    """Base class. Subclasses are dataclasses; their fields are the variant's parameters.
+
+    Class attributes a subclass sets:
+        name: registry name (also the `conf/variant/<name>.yaml` file name).
+        family: one of full | local | sparse | linear | lowrank.
+        time_exponent, memory_exponent: declared growth in n at fixed window/rank/features
+            (2.0 for exact attention, 1.0 for linear-cost variants).
+        exact: True when the variant is exact softmax attention restricted to `key_mask`
+            (full, local, sparse); False for approximations (linear, low-rank).
+    """
+
+    name: ClassVar[str] = ""
+    family: ClassVar[Family] = "full"
+    time_exponent: ClassVar[float] = 2.0
+    memory_exponent: ClassVar[float] = 2.0
+    exact: ClassVar[bool] = True
+
+    # -- identity -------------------------------------------------------------------------------
+    def params(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def label(self) -> str:
+        """Short, stable name for tables and legends, e.g. ``full[sdpa]`` or ``local[w=256]``."""
+        inner = ",".join(f"{k}={v}" for k, v in self.params().items())
+        return f"{self.name}[{inner}]" if inner else self.name
+
+    @property
+    def complexity(self) -> dict[str, str]:
+        return {"time": _pow(self.time_exponent), "memory": _pow(self.memory_exponent)}
+
+    # -- computation ----------------------------------------------------------------------------
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
+    ) -> torch.Tensor:
+        return self.forward(q, k, v, causal=causal)
+
+    # -- what it supports, as data --------------------------------------------------------------
+    def not_supported_reasons(
+        self,
+        shape: Shape,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        causal: bool,
+        mode: str = "fwd",
+    ) -> list[str]:
+        """Reasons this point cannot run (mode: fwd | fwd_bwd); an empty list means it runs."""
+        reasons = []
+        if dtype not in FLOAT_DTYPES:
+            reasons.append(f"dtype {dtype} not supported (float32, float16, bfloat16)")
+        return reasons
+
+    # -- models ---------------------------------------------------------------------------------
+    def flops(self, shape: Shape, causal: bool = False) -> float:
+        """Forward FLOPs of this variant's own algorithm (multiply-add = 2 FLOPs)."""
+        raise NotImplementedError
+
+    def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = False) -> int:
+        """Predicted peak bytes allocated by one forward call beyond q, k, v (upper estimate)."""
+        el = torch.empty((), dtype=dtype).element_size()
+        n = shape.seq_len
+        return int(shape.bh * (n * n * max(el, 4) + 4 * n * shape.head_dim * el))
+
+    # -- definition, for references and error ---------------------------------------------------
+    def key_mask(self, rows: torch.Tensor, n: int, causal: bool) -> torch.Tensor | None:
+        """Which keys each query row in `rows` may see, as a (len(rows), n) bool tensor.
+
+        Exact variants are softmax attention restricted to this mask; None means every key
+        (and, when causal, every key j <= i). Approximations return None.
+        """
+        return None
+
+
+def full_flops(shape: Shape, causal: bool = False) -> float:
+    """FLOPs of exact attention: QK^T and PV, 2·2·B·H·N²·D (half of it when causal)."""
+    f = 4.0 * shape.bh * shape.seq_len * shape.seq_len * shape.head_dim
+    return f / 2 if causal else f
+
+
+def _pow(e: float) -> str:
+    if e == 0:
+        return "O(1)"
+    if e == 1:
+        return "O(n)"
+    return f"O(n^{e:g})" if not math.isclose(e, round(e)) else f"O(n^{int(round(e))})"
