@@ -106,6 +106,10 @@ class Variant:
         n = shape.seq_len
         return int(shape.bh * (n * n * max(el, 4) + 4 * n * shape.head_dim * el))
 
+    def density(self, n: int, causal: bool = False) -> float | None:
+        """Fraction of the n×n scores this variant computes (None where that has no meaning)."""
+        return 0.5 * (n + 1) / n if causal else 1.0
+
     # -- definition, for references and error ---------------------------------------------------
     def key_mask(self, rows: torch.Tensor, n: int, causal: bool) -> torch.Tensor | None:
         """Which keys each query row in `rows` may see, as a (len(rows), n) bool tensor.

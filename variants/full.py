@@ -90,6 +90,9 @@ class Full(Variant):
         # masked half of the causal triangle.
         return full_flops(shape, causal and self.backend != "naive")
 
+    def density(self, n: int, causal: bool = False) -> float | None:
+        return 1.0 if self.backend == "naive" else super().density(n, causal)
+
     def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = False) -> int:
         el = torch.empty((), dtype=dtype).element_size()
         bh, n, d = shape.bh, shape.seq_len, shape.head_dim
