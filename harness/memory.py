@@ -7,8 +7,11 @@ peak of live bytes the call allocated: allocator-level, not the process's RSS.
 
 from __future__ import annotations
 
+import contextlib
 import gc
-from collections.abc import Callable
+import os
+import sys
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -36,7 +39,7 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") ->
 def _cpu_peak(fn: Callable[[], object]) -> int:
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
     del out
     events = [
@@ -49,3 +52,18 @@ def _cpu_peak(fn: Callable[[], object]) -> int:
         live += nbytes
         peak = max(peak, live)
     return int(peak)
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence the profiler's start/stop chatter, which it writes to fd 2 from C++."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)

@@ -37,7 +37,8 @@ def register(cls: V) -> V:
     if name in _REGISTRY and _REGISTRY[name] is not cls:
         other = _REGISTRY[name]
         raise ValueError(
-            f"variant name {name!r} is already registered by {other.__module__}.{other.__qualname__}"
+            f"variant name {name!r} is already registered by "
+            f"{other.__module__}.{other.__qualname__}"
         )
     _REGISTRY[name] = cls
     return cls

@@ -131,4 +131,4 @@ def _pow(e: float) -> str:
         return "O(1)"
     if e == 1:
         return "O(n)"
-    return f"O(n^{e:g})" if not math.isclose(e, round(e)) else f"O(n^{int(round(e))})"
+    return f"O(n^{e:g})" if not math.isclose(e, round(e)) else f"O(n^{round(e)})"

@@ -71,7 +71,7 @@ class Full(Variant):
             if reason:
                 reasons.append(reason)
             elif not on_cuda:
-                reasons.append("xformers: no CPU kernels (memory_efficient_attention is CUDA-only)")
+                reasons.append("xformers: no CPU kernels (memory_efficient_attention needs CUDA)")
         if self.backend == "flex" and mode == "fwd_bwd" and not on_cuda:
             reasons.append("flex: FlexAttention has no backward on CPU")
         if self.backend == "sdpa" and self.sdpa_backend in ("efficient", "cudnn") and not on_cuda:
@@ -153,7 +153,8 @@ def _xformers_missing() -> str:
     try:
         import xformers.ops  # noqa: F401
     except Exception as exc:  # ImportError, or a broken build
-        return f"xformers not importable ({type(exc).__name__}: {exc}); pip install attnbench[xformers]"
+        why = f"{type(exc).__name__}: {exc}"
+        return f"xformers not importable ({why}); pip install attnbench[xformers]"
     return ""
 
 

@@ -43,7 +43,8 @@ def attention_reference(
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """Relative Frobenius error ‖out − ref‖ / ‖ref‖ in float64 (NaN anywhere gives NaN)."""
     out, ref = out.detach().double(), ref.detach().double()
-    return float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-300))
+    norm = torch.linalg.vector_norm
+    return float(norm(out - ref) / norm(ref).clamp_min(1e-300))
 
 
 def max_abs_error(out: torch.Tensor, ref: torch.Tensor) -> float:

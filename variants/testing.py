@@ -82,4 +82,6 @@ def _check(what: str, out, gold, same, factor: float, dtype: torch.dtype) -> Non
     assert torch.isfinite(out).all(), f"{what}: non-finite values"
     err, budget_err = rel_error(out, gold), rel_error(same, gold)
     budget = factor * budget_err + _FLOOR[dtype]
-    assert err <= budget, f"{what}: rel error {err:.3e} > budget {budget:.3e} (naive {budget_err:.3e})"
+    assert err <= budget, (
+        f"{what}: rel error {err:.3e} > budget {budget:.3e} (naive {budget_err:.3e})"
+    )

@@ -1,0 +1,205 @@
+"""The typed run configuration: YAML (conf/config.yaml) → this schema → plain arguments.
+
+Only the sweep entry point touches Hydra objects; it converts the composed DictConfig with
+`from_dictconfig`, which checks every field and raises `ConfigError` naming the field, the value
+and what is allowed, before any work is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+DEVICES = ("auto", "cpu", "cuda")
+MODES = ("fwd", "fwd_bwd")
+Mode = Literal["fwd", "fwd_bwd"]
+
+
+class ConfigError(ValueError):
+    """A bad configuration value: the message names the field, the value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class TimingConfig:
+    """Timing knobs (see harness.timing.measure_latency)."""
+
+    warmup: int = 2
+    min_reps: int = 5
+    min_time_s: float = 0.2
+    max_reps: int = 200
+    max_time_s: float = 10.0
+    flush_l2: bool = True
+
+
+@dataclass(frozen=True)
+class ErrorConfig:
+    """Error against exact float64 attention, on `rows` sampled query rows (0 turns it off)."""
+
+    rows: int = 128
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    variant: str
+    params: dict[str, Any]
+    batch: int = 1
+    heads: int = 8
+    seq_len: int = 1024
+    head_dim: int = 64
+    dtype: str = "float32"
+    device: str = "auto"
+    causal: bool = False
+    mode: Mode = "fwd"
+    seed: int = 0
+    inputs: str = "gaussian"
+    threads: int = 0
+    max_memory: int = 0
+    timing: TimingConfig = field(default_factory=TimingConfig)
+    error: ErrorConfig = field(default_factory=ErrorConfig)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(resolve_device(self.device))
+
+
+def resolve_device(device: str) -> str:
+    """auto → cuda when a GPU is present, else cpu."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def parse_bytes(value: Any, name: str = "max_memory") -> int:
+    """Bytes from 1073741824, '2GB', '512MiB' or '1.5 GB'; 0 stays 0 (meaning auto)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r}: expected bytes (an integer) or a size such as '2GB'")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ConfigError(f"{name}={value!r}: must be >= 0")
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?)B?\s*", str(value), re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"{name}={value!r}: expected bytes (an integer) or a size such as '2GB'")
+    num, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
+    base = 1024 if binary else 1000
+    return int(num * base ** " KMGT".index(unit or " "))
+
+
+def from_dictconfig(cfg: Any) -> RunConfig:
+    """Check and convert a composed config (DictConfig or plain dict) into a RunConfig."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        raw = OmegaConf.to_container(cfg, resolve=True)
+    else:
+        raw = {k: v for k, v in dict(cfg).items() if k != "hydra"}
+    variant = dict(raw.pop("variant", None) or {})
+    name = variant.pop("name", None)
+    if not name:
+        raise ConfigError("variant: no variant selected (e.g. variant=full)")
+    timing = _sub(TimingConfig, raw.pop("timing", {}) or {}, "timing")
+    error = _sub(ErrorConfig, raw.pop("error", {}) or {}, "error")
+    raw.pop("sweep", None)  # sweep presets may leave a descriptive block
+    nested = {"variant", "params", "timing", "error"}
+    known = {f.name for f in dataclasses.fields(RunConfig)} - nested
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown config key; allowed: {', '.join(sorted(known))}")
+    raw["max_memory"] = parse_bytes(raw.get("max_memory", 0) or 0)
+    run = RunConfig(variant=str(name), params=variant, timing=timing, error=error, **raw)
+    validate(run)
+    return run
+
+
+def _sub(cls: type, raw: dict, prefix: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise ConfigError(
+                f"{prefix}.{key}: unknown config key; allowed: {', '.join(sorted(names))}"
+            )
+    return cls(**raw)
+
+
+def validate(run: RunConfig) -> None:
+    """Raise ConfigError for the first bad field."""
+    for name in ("batch", "heads", "seq_len", "head_dim"):
+        value = getattr(run, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{name}={value!r}: must be a positive integer")
+    if run.dtype not in DTYPES:
+        raise ConfigError(f"dtype={run.dtype!r}: expected one of {', '.join(DTYPES)}")
+    if run.device not in DEVICES:
+        raise ConfigError(f"device={run.device!r}: expected one of {', '.join(DEVICES)}")
+    if run.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda': no CUDA device is available on this machine")
+    if run.mode not in MODES:
+        raise ConfigError(f"mode={run.mode!r}: expected one of {', '.join(MODES)}")
+    if not isinstance(run.causal, bool):
+        raise ConfigError(f"causal={run.causal!r}: expected true or false")
+    if not isinstance(run.threads, int) or run.threads < 0:
+        raise ConfigError(f"threads={run.threads!r}: must be 0 (PyTorch's default) or positive")
+    from harness.inputs import KINDS
+
+    if run.inputs not in KINDS:
+        raise ConfigError(f"inputs={run.inputs!r}: expected one of {', '.join(KINDS)}")
+    t = run.timing
+    for name, lo in (("warmup", 0), ("min_reps", 1), ("max_reps", 1)):
+        value = getattr(t, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+            raise ConfigError(f"timing.{name}={value!r}: must be an integer >= {lo}")
+    if t.max_reps < t.min_reps:
+        raise ConfigError(f"timing.max_reps={t.max_reps}: must be >= timing.min_reps={t.min_reps}")
+    for name in ("min_time_s", "max_time_s"):
+        value = getattr(t, name)
+        if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"timing.{name}={value!r}: must be a number >= 0")
+    if not isinstance(run.error.rows, int) or run.error.rows < 0:
+        raise ConfigError(f"error.rows={run.error.rows!r}: must be an integer >= 0")
+    _check_variant(run)
+
+
+def _check_variant(run: RunConfig) -> None:
+    import variants
+
+    try:
+        variants.get(run.variant)
+    except KeyError as exc:
+        raise ConfigError(f"variant={run.variant!r}: {exc.args[0]}") from None
+    try:
+        variants.build(run.variant, **run.params)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"variant.{_field_of(str(exc))}: {exc}") from None
+
+
+def _field_of(message: str) -> str:
+    m = re.match(r"(\w+)=", message) or re.search(r"no parameter (\w+)", message)
+    return m.group(1) if m else "params"
+
+
+def default_max_memory(device: str = "cpu") -> int:
+    """The cap used when max_memory is 0: 90% of the GPU's free memory on CUDA; on CPU half the
+    memory available now, which keeps the Linux OOM killer away from the sweep."""
+    if device == "cuda":
+        return int(torch.cuda.mem_get_info()[0] * 0.9)
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024 // 2
+    except (OSError, KeyError, ValueError):
+        return (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) // 2

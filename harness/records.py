@@ -1,0 +1,171 @@
+"""One flat record per measured point: a frozen dataclass, saved as JSON, gathered into CSV.
+
+Records are written atomically (temp file + rename) the moment a point is measured, so a sweep
+killed at any moment loses at most the point in progress. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+Status = Literal["ok", "oom", "unsupported", "invalid", "error", "skipped"]
+STATUSES = ("ok", "oom", "unsupported", "invalid", "error", "skipped")
+RECORD_FILE = "result.json"
+NAN = float("nan")
+
+
+@dataclass(frozen=True)
+class Record:
+    # what was run
+    variant: str
+    label: str
+    family: str
+    params: str  # JSON of the variant's parameters
+    batch: int
+    heads: int
+    seq_len: int
+    head_dim: int
+    dtype: str
+    device: str
+    causal: bool
+    mode: str
+    inputs: str
+    seed: int
+    # outcome
+    status: Status
+    reason: str = ""
+    latency_ms: float = NAN
+    latency_p10_ms: float = NAN
+    latency_p90_ms: float = NAN
+    reps: int = 0
+    noisy: bool = False
+    setup_s: float = NAN  # first call: compilation, block masks, caches; never in latency
+    peak_mem_bytes: float = NAN
+    predicted_mem_bytes: float = NAN
+    flops: float = NAN
+    tflops: float = NAN
+    density: float = NAN
+    rel_error: float = NAN
+    max_abs_error: float = NAN
+    entropy: float = NAN
+    time_exponent: float = NAN
+    memory_exponent: float = NAN
+    # where and when
+    device_name: str = ""
+    threads: int = 0
+    torch_version: str = ""
+    cuda_version: str = ""
+    xformers_version: str = ""
+    git_sha: str = ""
+    hostname: str = ""
+    timestamp: str = ""
+    point_id: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def line(self) -> str:
+        """One readable line: label n=… → median ms (p10–p90), peak MB, status."""
+        causal = " causal" if self.causal else ""
+        head = f"{self.label} n={self.seq_len} {self.dtype} {self.mode}{causal}"
+        if self.status != "ok":
+            return f"{head} → {self.status}: {self.reason}"
+        mem = self.peak_mem_bytes / 2**20
+        err = f", rel_err {self.rel_error:.2e}" if not math.isnan(self.rel_error) else ""
+        return (
+            f"{head} → {self.latency_ms:.3f} ms"
+            f" ({self.latency_p10_ms:.3f}–{self.latency_p90_ms:.3f}), {mem:.1f} MB,"
+            f" {self.tflops * 1e3:.1f} GFLOP/s{err}, ok{' (noisy)' if self.noisy else ''}"
+        )
+
+
+FIELDS = [f.name for f in dataclasses.fields(Record)]
+_TYPES = {f.name: f.type for f in dataclasses.fields(Record)}
+
+
+def write_record(record: Record, folder: str | os.PathLike) -> Path:
+    """Write `record` as `folder/result.json` atomically; returns the path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / RECORD_FILE
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".result.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record.to_dict(), f, indent=1, allow_nan=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_record(path: str | os.PathLike) -> Record:
+    """Read and check one record; raises ValueError saying what is wrong."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"unreadable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    required = [f.name for f in dataclasses.fields(Record) if f.default is dataclasses.MISSING]
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ValueError(f"missing fields {', '.join(missing)}")
+    if data["status"] not in STATUSES:
+        raise ValueError(f"unknown status {data['status']!r}")
+    clean: dict[str, Any] = {}
+    for key in FIELDS:
+        if key not in data:
+            continue
+        value, kind = data[key], _TYPES[key]
+        try:
+            if kind == "int":
+                if isinstance(value, bool) or int(value) != value:
+                    raise ValueError
+                clean[key] = int(value)
+            elif kind == "float":
+                clean[key] = NAN if value is None else float(value)
+            elif kind == "bool":
+                if not isinstance(value, bool):
+                    raise ValueError
+                clean[key] = value
+            else:
+                if not isinstance(value, str):
+                    raise ValueError
+                clean[key] = value
+        except (TypeError, ValueError):
+            raise ValueError(f"field {key} has a bad value {value!r}") from None
+    for key in ("batch", "heads", "seq_len", "head_dim"):
+        if clean[key] <= 0:
+            raise ValueError(f"field {key} has an absurd value {clean[key]!r}")
+    for key in ("latency_ms", "peak_mem_bytes"):
+        if key in clean and clean[key] < 0:
+            raise ValueError(f"field {key} has an absurd value {clean[key]!r}")
+    return Record(**clean)
+
+
+def find_records(root: str | os.PathLike) -> list[Path]:
+    """Every result.json below `root`, in a stable order."""
+    return sorted(Path(root).rglob(RECORD_FILE))
+
+
+def load_records(root: str | os.PathLike) -> list[Record]:
+    """Every valid record below `root`; a bad one is skipped with a warning naming its file."""
+    records, skipped = [], 0
+    for path in find_records(root):
+        try:
+            records.append(read_record(path))
+        except ValueError as exc:
+            skipped += 1
+            warnings.warn(f"attnbench: skipping record {path}: {exc}", stacklevel=2)
+    return records

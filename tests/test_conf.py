@@ -1,0 +1,39 @@
+"""Every file under conf/ composes, and every registered variant has its YAML (and vice versa)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import variants
+from harness.config import from_dictconfig
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+VARIANT_FILES = sorted(p.stem for p in (CONF / "variant").glob("*.yaml"))
+SWEEP_FILES = sorted(p.stem for p in (CONF / "sweep").glob("*.yaml"))
+
+
+def test_one_yaml_per_registered_variant():
+    builtin = [n for n, c in variants._REGISTRY.items() if c.__module__.startswith("variants.")]
+    assert sorted(builtin) == VARIANT_FILES
+
+
+@pytest.mark.parametrize("name", VARIANT_FILES)
+def test_variant_config_composes_and_builds(name):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"variant={name}"])
+    run = from_dictconfig(cfg)
+    att = variants.build(run.variant, **run.params)
+    assert att.name == name
+    # the YAML states every parameter, with the class defaults
+    assert run.params == variants.get(name)().params()
+
+
+@pytest.mark.parametrize("name", SWEEP_FILES)
+def test_sweep_preset_composes(name):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"+sweep={name}"], return_hydra_config=True)
+    assert cfg.hydra.sweeper.params, name
+    from_dictconfig(cfg)

@@ -1,0 +1,109 @@
+"""End to end: Hydra multirun on tiny sizes → one record per point → results.csv."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from harness.config import ConfigError, from_dictconfig
+from harness.records import Record, load_records, read_record, write_record
+from harness.sweep import run_point
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["batch=1", "heads=2", "head_dim=16", "timing.min_reps=2", "timing.min_time_s=0",
+        "timing.warmup=1"]
+
+
+def attnbench(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "harness.cli", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_multirun_gathers_exactly_the_expected_rows(tmp_path):
+    out = tmp_path / "sweep"
+    proc = attnbench(
+        "-m", "variant=full", "variant.backend=naive,sdpa,xformers", "seq_len=64,96",
+        "causal=false,true", *TINY, f"hydra.sweep.dir={out}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    df = pd.read_csv(out / "results.csv")
+    assert len(df) == 3 * 2 * 2
+    got = set(zip(df.label, df.seq_len, df.causal, strict=True))
+    want = {(f"full[{b}]", n, c) for b in ("naive", "sdpa", "xformers") for n in (64, 96)
+            for c in (False, True)}
+    assert got == want
+    ok = df[df.label != "full[xformers]"]
+    assert (ok.status == "ok").all(), ok[["label", "status", "reason"]]
+    assert (ok.latency_ms > 0).all() and (ok.peak_mem_bytes > 0).all()
+    assert (ok.latency_p10_ms <= ok.latency_ms).all()
+    assert (ok.latency_ms <= ok.latency_p90_ms).all()
+    assert (ok.rel_error < 1e-5).all()
+    xf = df[df.label == "full[xformers]"]
+    assert (xf.status == "unsupported").all() and xf.reason.str.contains("xformers").all()
+    # each job wrote its own record
+    assert len(list(out.glob("*/result.json"))) == 12
+
+
+def test_single_run_prints_a_line_and_writes_a_record(tmp_path):
+    proc = attnbench("seq_len=64", *TINY, f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    assert "full[sdpa] n=64" in proc.stdout and "ok" in proc.stdout
+    rec = read_record(tmp_path / "result.json")
+    assert rec.status == "ok" and rec.seq_len == 64 and rec.torch_version
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [("seq_len=0", "seq_len"), ("dtype=float8", "dtype"), ("variant.backend=fast", "backend"),
+     ("mode=bwd", "mode"), ("timing.min_reps=0", "timing.min_reps")],
+)
+def test_bad_input_is_one_line_naming_the_field(tmp_path, override, field):
+    proc = attnbench(override, f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and field in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "result.json").exists()
+
+
+def _run(**over):
+    base = dict(variant={"name": "full", "backend": "sdpa"}, batch=1, heads=2, seq_len=32,
+                head_dim=8, timing={"warmup": 0, "min_reps": 1, "min_time_s": 0})
+    base.update(over)
+    return from_dictconfig(base)
+
+
+def test_fwd_bwd_point_measures_gradients():
+    rec = run_point(_run(mode="fwd_bwd"))
+    assert rec.status == "ok", rec.reason
+    fwd = run_point(_run())
+    assert rec.flops == pytest.approx(3.5 * fwd.flops)
+
+
+def test_unknown_key_is_refused():
+    with pytest.raises(ConfigError, match="seqlen"):
+        _run(seqlen=3)
+
+
+def test_record_roundtrip_and_corrupt_record_skipped(tmp_path):
+    rec = run_point(_run())
+    write_record(rec, tmp_path / "a")
+    assert read_record(tmp_path / "a" / "result.json") == rec
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "result.json").write_text('{"variant": "full"')
+    foreign = dict(json.loads((tmp_path / "a" / "result.json").read_text()), seq_len=-5)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "result.json").write_text(json.dumps(foreign))
+    with pytest.warns(UserWarning) as caught:
+        recs = load_records(tmp_path)
+    assert recs == [rec]
+    text = " ".join(str(w.message) for w in caught)
+    assert str(tmp_path / "b" / "result.json") in text and "seq_len" in text
+    assert isinstance(recs[0], Record)
