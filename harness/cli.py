@@ -3,10 +3,12 @@
     attnbench                                  # the default sweep for this machine
     attnbench -m variant=full variant.backend=naive,sdpa seq_len=1024,2048
     attnbench seq_len=4096 variant=local       # one point, printed as a line
+    attnbench report DIR | compare A B | list
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -19,6 +21,9 @@ from harness.config import ConfigError, from_dictconfig
 
 log = logging.getLogger("attnbench")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+# `attnbench <name> ...` runs `<module>.main(argv) -> int` instead of a sweep.
+SUBCOMMANDS = {"report": "harness.report", "compare": "harness.compare", "list": "harness.listing"}
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
@@ -51,6 +56,9 @@ def default_sweep() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        module = importlib.import_module(SUBCOMMANDS[argv[0]])
+        raise SystemExit(module.main(argv[1:]))
     if not argv:
         argv = ["--multirun", f"+sweep={default_sweep()}"]
     sys.argv = [sys.argv[0], *argv]
