@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	  echo "setup: reusing the torch already installed for $(PYTHON)"; \
 	  $(PYTHON) -m venv --system-site-packages $(VENV); \
 	else \
-	  $(PYTHON) -m venv $(VENV) && $(BIN)/python -m pip install -q "$(TORCH_SPEC)"; \
+	  $(PYTHON) -m venv $(VENV) && $(BIN)/python -m pip install -q "$(TORCH_SPEC)" numpy; \
 	fi
 	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
 	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[$(EXTRAS)]"

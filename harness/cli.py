@@ -17,7 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from harness.config import ConfigError, from_dictconfig
+from harness.config import ConfigError, fail, from_dictconfig
 
 log = logging.getLogger("attnbench")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -29,23 +29,45 @@ SUBCOMMANDS = {"report": "harness.report", "compare": "harness.compare", "list":
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def sweep_job(cfg: DictConfig) -> None:
     """One Hydra job = one point: validate, measure, write the record, print one line."""
-    from harness.records import write_record
-    from harness.sweep import run_point
+    from harness.records import RECORD_FILE, read_record, write_record
+    from harness.sweep import point_id, run_point
 
     try:
         run = from_dictconfig(cfg)
     except ConfigError as exc:
         fail(str(exc))
-    record = run_point(run)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    if run.resume and (out_dir / RECORD_FILE).exists():
+        try:
+            old = read_record(out_dir / RECORD_FILE)
+        except ValueError:
+            old = None
+        if old is not None and old.point_id == point_id(run):
+            print(f"{old.line()} (kept: measured before the sweep was interrupted)", flush=True)
+            return
+    record = run_point(run)
     write_record(record, out_dir)
     print(record.line(), flush=True)
 
 
-def fail(message: str, code: int = 2) -> None:
-    """Bad input: one line on stderr naming the field, no traceback, non-zero exit."""
-    print(f"attnbench: error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(code)
+def precheck(overrides: list[str]) -> None:
+    """Compose and check a single run's config before Hydra starts: one line per problem."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from harness.config import check_writable, explain_hydra_error
+
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as exc:
+        fail(explain_hydra_error(exc))
+    try:
+        from_dictconfig(cfg)
+        check_writable(Path(str(cfg.hydra.run.dir)).parent, "hydra.run.dir")
+    except ConfigError as exc:
+        fail(str(exc))
 
 
 def default_sweep() -> str:
@@ -61,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(module.main(argv[1:]))
     if not argv:
         argv = ["--multirun", f"+sweep={default_sweep()}"]
+    if not any(a.startswith("-") for a in argv):  # a single run: check before Hydra starts
+        precheck(argv)
     sys.argv = [sys.argv[0], *argv]
     sweep_job()
 

@@ -8,10 +8,13 @@ and what is allowed, before any work is done.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
+import sys
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Literal, NoReturn
 
 import torch
 
@@ -29,6 +32,12 @@ class ConfigError(ValueError):
     """A bad configuration value: the message names the field, the value and what is allowed."""
 
 
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Bad input: one line on stderr naming the field, no traceback, non-zero exit."""
+    print(f"attnbench: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
 @dataclass(frozen=True)
 class TimingConfig:
     """Timing knobs (see harness.timing.measure_latency)."""
@@ -39,6 +48,7 @@ class TimingConfig:
     max_reps: int = 200
     max_time_s: float = 10.0
     flush_l2: bool = True
+    cuda_graph: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,7 @@ class RunConfig:
     inputs: str = "gaussian"
     threads: int = 0
     max_memory: int = 0
+    resume: bool = False
     timing: TimingConfig = field(default_factory=TimingConfig)
     error: ErrorConfig = field(default_factory=ErrorConfig)
 
@@ -150,8 +161,9 @@ def validate(run: RunConfig) -> None:
         raise ConfigError("device='cuda': no CUDA device is available on this machine")
     if run.mode not in MODES:
         raise ConfigError(f"mode={run.mode!r}: expected one of {', '.join(MODES)}")
-    if not isinstance(run.causal, bool):
-        raise ConfigError(f"causal={run.causal!r}: expected true or false")
+    for name in ("causal", "resume"):
+        if not isinstance(getattr(run, name), bool):
+            raise ConfigError(f"{name}={getattr(run, name)!r}: expected true or false")
     if not isinstance(run.threads, int) or run.threads < 0:
         raise ConfigError(f"threads={run.threads!r}: must be 0 (PyTorch's default) or positive")
     from harness.inputs import KINDS
@@ -203,3 +215,34 @@ def default_max_memory(device: str = "cpu") -> int:
         return int(info["MemAvailable"].split()[0]) * 1024 // 2
     except (OSError, KeyError, ValueError):
         return (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) // 2
+
+
+def check_writable(folder: Path, field: str) -> None:
+    """Raise ConfigError unless `folder` can be created and written to."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".attnbench-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{field}={str(folder)!r}: not writable ({exc.strerror})") from None
+
+
+def explain_hydra_error(exc: BaseException) -> str:
+    """Hydra's multi-line composition errors as one line naming the field, with close matches."""
+    msg = str(exc)
+    m = re.search(r"Could not find '(\w+)/([^']+)'", msg)
+    if m:
+        group, value = m.groups()
+        options = re.findall(r"^\t(\S+)$", msg, re.MULTILINE)
+        close = difflib.get_close_matches(value, options, n=3)
+        hint = f" did you mean {', '.join(close)}?" if close else ""
+        return f"{group}={value!r}: unknown {group};{hint} known: {', '.join(options)}"
+    m = re.search(r"Could not override '([\w.]+)'", msg) or re.search(r"Key '([\w.]+)'", msg)
+    if m:
+        key = m.group(1)
+        known = [f for f in RunConfig.__dataclass_fields__ if f != "params"]
+        close = difflib.get_close_matches(key.split(".")[-1], known, n=3)
+        hint = f" did you mean {', '.join(close)}?" if close else ""
+        return f"{key}: unknown config key;{hint} (add a new key with +{key}=...)"
+    return " ".join(msg.split())

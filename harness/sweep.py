@@ -201,7 +201,8 @@ def _short(exc: BaseException, limit: int = 300) -> str:
 
 def point_id(run: RunConfig) -> str:
     """A stable id of what a point measures (for resume): hash of the config, seed included."""
-    d = {k: v for k, v in run.__dict__.items() if k not in ("timing", "error", "max_memory")}
+    skip = ("timing", "error", "max_memory", "resume", "threads")
+    d = {k: v for k, v in run.__dict__.items() if k not in skip}
     blob = json.dumps(d, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
