@@ -61,6 +61,8 @@ class Record:
     # where and when
     device_name: str = ""
     threads: int = 0
+    gpu_clock_mhz: float = NAN  # SM clock and temperature after the point (NVML, when present)
+    gpu_temp_c: float = NAN
     torch_version: str = ""
     cuda_version: str = ""
     xformers_version: str = ""

@@ -98,7 +98,9 @@ def _measure(run, att: Variant, shape: Shape, dtype, device: str, predicted: int
     timing = measure_latency(
         call, device, warmup=t.warmup, min_reps=t.min_reps, min_time_s=t.min_time_s,
         max_reps=t.max_reps, max_time_s=t.max_time_s, flush_l2=t.flush_l2,
+        cuda_graph=t.cuda_graph,
     )
+    gpu = gpu_state(device)
     peak = peak_memory(call, device)
     flops = att.flops(shape, run.causal) * (1 + BWD_FLOP_FACTOR if grad else 1)
     return finish(
@@ -116,6 +118,7 @@ def _measure(run, att: Variant, shape: Shape, dtype, device: str, predicted: int
         rel_error=rel,
         max_abs_error=mab,
         entropy=entropy,
+        **gpu,
     )
 
 
@@ -231,6 +234,19 @@ def _base_fields(run: RunConfig, att: Variant, shape: Shape, device: str) -> dic
         point_id=point_id(run),
         **machine_info(device),
     )
+
+
+def gpu_state(device: str) -> dict[str, float]:
+    """SM clock (MHz) and temperature (°C) through NVML, right after timing; empty elsewhere."""
+    if device != "cuda":
+        return {}
+    try:
+        return {
+            "gpu_clock_mhz": float(torch.cuda.clock_rate()),
+            "gpu_temp_c": float(torch.cuda.temperature()),
+        }
+    except Exception:  # no pynvml / NVML: the fields stay NaN
+        return {}
 
 
 def _nan_if_none(x: float | None) -> float:

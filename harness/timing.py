@@ -52,6 +52,7 @@ def measure_latency(
     max_reps: int = 1000,
     max_time_s: float = 30.0,
     flush_l2: bool = True,
+    cuda_graph: bool = False,
 ) -> Timing:
     """Time `fn()` (its result is discarded); every repeat is timed separately.
 
@@ -62,11 +63,15 @@ def measure_latency(
         min_reps, min_time_s: repeat until both are met...
         max_reps, max_time_s: ...but stop at either of these (max_time_s counts timed calls).
         flush_l2: on CUDA, overwrite a buffer larger than L2 before each repeat (cold cache).
+        cuda_graph: on CUDA, capture `fn` once in a CUDA graph and time its replays, which
+            removes the CPU launch overhead (small shapes are otherwise launch-bound).
     """
     dev = torch.device(device)
     for _ in range(warmup):
         fn()
     synchronize(dev)
+    if cuda_graph and dev.type == "cuda":
+        fn = _capture(fn, dev)
     times: list[float] = []
     total = 0.0
     if dev.type == "cuda":
@@ -100,3 +105,16 @@ def measure_latency(
         reps=len(times),
         warmup=warmup,
     )
+
+
+def _capture(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """Capture `fn` in a CUDA graph (after warm-up on a side stream, as PyTorch recommends)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay

@@ -1,0 +1,164 @@
+"""Faults become rows and nothing is lost: OOM, NaN, crashes, the memory cap, kill -9 and resume,
+concurrent writers, bad input before any work."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from harness.gather import gather
+from harness.records import load_records
+from harness.sweep import run_point
+
+REPO = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+FAST = ["batch=1", "heads=2", "head_dim=8", "timing.min_reps=2", "timing.min_time_s=0",
+        "timing.warmup=1", f"hydra.searchpath=[file://{TESTS / 'conf'}]"]
+# Run the CLI with the test-only `faulty` variant registered.
+BOOT = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import fault_variants; "
+        "from harness.cli import main; main()")
+
+
+def attnbench(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", BOOT, *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, **kw)
+
+
+def test_faults_become_rows_and_the_sweep_goes_on(tmp_path):
+    proc = attnbench("-m", "variant=faulty", "variant.how=oom,cpu_oom,nonfinite,error",
+                     "variant.fail_at=64", "seq_len=32,64,96", *FAST,
+                     f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    df = pd.read_csv(tmp_path / "results.csv")
+    assert len(df) == 12
+    hows = df.params.str.extract(r'"how": "(\w+)"')[0]
+    failed = df[df.seq_len == 64].assign(how=hows)
+    assert dict(zip(failed.how, failed.status, strict=True)) == {
+        "oom": "oom", "cpu_oom": "oom", "nonfinite": "invalid", "error": "error"}
+    assert failed.reason.str.len().gt(0).all()
+    assert "boom at n=64" in failed[failed.how == "error"].reason.iloc[0]
+    assert (df[df.seq_len != 64].status == "ok").all()  # points after a failure still measured
+
+
+def test_memory_cap_turns_a_too_large_point_into_skipped(tmp_path):
+    proc = attnbench("-m", "variant=full", "variant.backend=naive", "seq_len=32,4096",
+                     "max_memory=20MB", *FAST, f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    df = pd.read_csv(tmp_path / "results.csv").set_index("seq_len")
+    assert df.loc[32, "status"] == "ok"
+    assert df.loc[4096, "status"] == "skipped"
+    assert df.loc[4096, "predicted_mem_bytes"] > 20e6
+    assert "max_memory" in df.loc[4096, "reason"]
+
+
+def test_kill_9_then_resume_measures_only_the_missing_points(tmp_path):
+    sweep = ["-m", "variant=faulty", "variant.how=error", "variant.fail_at=0",
+             "variant.sleep_ms=40", "seq_len=16,24,32,40,48,56,64,72", *FAST,
+             f"hydra.sweep.dir={tmp_path}"]
+    proc = subprocess.Popen([sys.executable, "-c", BOOT, *sweep], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while len(list(tmp_path.glob("*/result.json"))) < 3 and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/result.json")}
+    assert 3 <= len(before) < 8, "the sweep was not interrupted mid-way"
+    assert not (tmp_path / "results.csv").exists()
+
+    done = attnbench(*sweep, "resume=true")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("(kept") == len(before)
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing re-measured
+    df = pd.read_csv(tmp_path / "results.csv")
+    assert sorted(df.seq_len) == [16, 24, 32, 40, 48, 56, 64, 72]  # each point exactly once
+    assert (df.status == "ok").all()
+
+
+def test_resume_needs_a_named_sweep_folder():
+    proc = attnbench("-m", "resume=true", "seq_len=32")
+    assert proc.returncode == 2 and "hydra.sweep.dir" in proc.stderr
+
+
+WRITER = """
+import sys
+from harness.gather import gather
+from harness.records import Record, write_record
+root, tag = sys.argv[1], sys.argv[2]
+base = dict(variant="full", label="full[sdpa]", family="full", params="{}", batch=1, heads=1,
+            head_dim=8, dtype="float32", device="cpu", causal=False, mode="fwd",
+            inputs="gaussian", seed=0, status="ok")
+for i in range(40):
+    rec = Record(**base, seq_len=i + 1, point_id=f"{tag}-{i}", timestamp=str(i))
+    write_record(rec, f"{root}/{tag}{i}")
+    gather(root)
+"""
+
+
+def test_concurrent_writers_never_corrupt_records_or_the_table(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), tag], env=env)
+             for tag in ("a", "b")]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert len(load_records(tmp_path)) == 80
+    gather(tmp_path)
+    df = pd.read_csv(tmp_path / "results.csv")
+    assert len(df) == 80 and df.point_id.is_unique
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize(
+    "args, field",
+    [(["-m", "seq_len=64,0"], "seq_len"), (["-m", "variant=full,fulll"], "variant"),
+     (["heads=-1"], "heads"), (["batch=0"], "batch"), (["head_dim=0"], "head_dim"),
+     (["-m", "seqlen=1,2"], "seqlen"), (["timing.max_time_s=-1"], "timing.max_time_s"),
+     (["-m", "timing.warmup=-1"], "timing.warmup"), (["max_memory=lots"], "max_memory"),
+     (["-m", "hydra.sweep.dir=/proc/attnbench"], "hydra.sweep.dir"),
+     (["device=cuda"], "device"), (["dtype=float8"], "dtype")],
+)
+def test_bad_input_stops_before_any_work(tmp_path, capsys, args, field):
+    import torch
+    from hydra.core.global_hydra import GlobalHydra
+
+    from harness.cli import main
+
+    if field == "device" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    extra = [] if any("hydra.sweep.dir" in a for a in args) else [
+        f"hydra.sweep.dir={tmp_path}/s", f"hydra.run.dir={tmp_path}/r"]
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main([*args, *extra])
+    finally:
+        GlobalHydra.instance().clear()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and field in lines[0] and "Traceback" not in err, lines
+    assert not list(tmp_path.rglob("result.json"))
+
+
+def test_oom_in_process_releases_and_continues():
+    from harness.config import from_dictconfig
+
+    sys.path.insert(0, str(TESTS))
+    import fault_variants  # noqa: F401
+
+    def run(n, how):
+        return run_point(from_dictconfig(dict(
+            variant={"name": "faulty", "how": how, "fail_at": 48}, batch=1, heads=1, seq_len=n,
+            head_dim=8, timing={"warmup": 0, "min_reps": 1, "min_time_s": 0})))
+
+    assert run(48, "oom").status == "oom"
+    assert run(48, "nonfinite").status == "invalid"
+    assert run(32, "nonfinite").status == "ok"
+    rec = run(48, "error")
+    assert rec.status == "error" and rec.reason.startswith("ValueError: boom")
