@@ -65,6 +65,7 @@ class Record:
     gpu_temp_c: float = NAN
     torch_version: str = ""
     cuda_version: str = ""
+    driver_version: str = ""
     xformers_version: str = ""
     git_sha: str = ""
     hostname: str = ""

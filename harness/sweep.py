@@ -270,10 +270,27 @@ def machine_info(device: str) -> dict[str, str]:
         device_name=name,
         torch_version=torch.__version__,
         cuda_version=torch.version.cuda or "",
+        driver_version=_driver_version() if device == "cuda" else "",
         xformers_version=xf,
         git_sha=git_sha(),
         hostname=platform.node(),
     )
+
+
+def _driver_version() -> str:
+    with contextlib.suppress(Exception):
+        import pynvml
+
+        pynvml.nvmlInit()
+        version = pynvml.nvmlSystemGetDriverVersion()
+        return version.decode() if isinstance(version, bytes) else str(version)
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=10, check=True,
+        )
+        return out.stdout.strip().splitlines()[0]
+    return ""
 
 
 def _cpu_name() -> str:
