@@ -89,11 +89,14 @@ def _legend(fig, axes) -> None:
                    bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=8)
 
 
-def _tidy_log(ax) -> None:
-    """Plain numbers on log axes, no crowded minor labels."""
+def _tidy_log(ax, ns=None) -> None:
+    """Plain numbers at 1-2-5 steps on log axes (the sweep's n on the x axis when given)."""
     for axis in (ax.xaxis, ax.yaxis):
-        axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
         axis.set_minor_formatter(ticker.NullFormatter())
+    if ns is not None and 0 < len(ns) <= 12:
+        ax.set_xticks(sorted(ns), [f"{n:g}" for n in sorted(ns)])
 
 
 def _empty(ax, text="no points ran") -> None:
@@ -132,7 +135,7 @@ def scaling_plot(df, scaling, styles, metric, folder: Path) -> list[Path]:
             _empty(ax)
         ax.set(xscale="log", yscale="log", xlabel="sequence length n", ylabel=unit,
                title=name or None)
-        _tidy_log(ax)
+        _tidy_log(ax, df.seq_len.unique())
     fig.suptitle(f"{unit.split(' (')[0]} vs n (dashed: log–log fit over the fitted range)",
                  fontsize=10)
     _legend(fig, axes)
@@ -155,7 +158,7 @@ def speedup_plot(df, styles, baseline: str, folder: Path) -> list[Path]:
         ax.axhline(1.0, color="black", lw=0.8, ls=":")
         ax.set(xscale="log", yscale="log", xlabel="sequence length n",
                ylabel=f"speedup vs {baseline} (×)", title=name or None)
-        _tidy_log(ax)
+        _tidy_log(ax, df.seq_len.unique())
     fig.suptitle(f"speedup over {baseline} (above 1: faster)", fontsize=10)
     _legend(fig, axes)
     return _save(fig, folder, "speedup")
@@ -181,8 +184,7 @@ def pareto_plot(df, styles, folder: Path) -> list[Path]:
             ax.set_ylim(err.min() / 3, err.max() * 3)
         ax.set(xscale="log", yscale="log", xlabel="median latency (ms)",
                ylabel="relative error", title=f"{name} n={n}".strip())
-        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+        _tidy_log(ax)
     fig.suptitle("error vs latency (lower left is better)", fontsize=10)
     _legend(fig, axes)
     return _save(fig, folder, "pareto")
