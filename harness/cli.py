@@ -15,6 +15,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from harness.config import ConfigError, from_dictconfig
@@ -29,6 +30,7 @@ SUBCOMMANDS = {"report": "harness.report", "compare": "harness.compare", "list":
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def sweep_job(cfg: DictConfig) -> None:
     """One Hydra job = one point: validate, measure, write the record, print one line."""
+    from harness import progress
     from harness.records import write_record
     from harness.sweep import run_point
 
@@ -37,9 +39,10 @@ def sweep_job(cfg: DictConfig) -> None:
     except ConfigError as exc:
         fail(str(exc))
     record = run_point(run)
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
-    write_record(record, out_dir)
-    print(record.line(), flush=True)
+    hc = HydraConfig.get()
+    write_record(record, Path(hc.runtime.output_dir))
+    multirun = hc.mode == RunMode.MULTIRUN
+    print(progress.line(record, hc.job.num if multirun else None), flush=True)
 
 
 def fail(message: str, code: int = 2) -> None:
