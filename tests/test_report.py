@@ -80,30 +80,25 @@ def test_report_cli_redoes_it_offline(sweep, tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
 
 
-def test_bad_records_are_skipped_with_the_file_named(sweep, tmp_path, capsys):
+def test_bad_records_skipped_labels_escaped_failed_points_shown(sweep, tmp_path, capsys):
     folder = _copy(sweep[0], tmp_path / "s")
     (folder / "corrupt").mkdir()
     (folder / "corrupt" / "result.json").write_text('{"variant": "full", "lab')
     (folder / "foreign").mkdir()
     (folder / "foreign" / "result.json").write_text(json.dumps({"loss": 0.1, "step": 3}))
-    assert report.main([str(folder)]) == 0
-    out, err = capsys.readouterr()
-    assert "used 6 records, skipped 2" in out
-    assert str(folder / "corrupt" / "result.json") in err
-    assert str(folder / "foreign" / "result.json") in err
-    assert_report_files(folder)
-
-
-def test_labels_are_escaped_and_failed_points_show_their_status(sweep, tmp_path):
-    folder = _copy(sweep[0], tmp_path / "s")
     rec = read_record(folder / "0" / "result.json")
     odd = dataclasses.replace(rec, label="x<b>&y", family="local", point_id="odd")
     write_record(odd, folder / "odd")
     oom = dataclasses.replace(rec, seq_len=512, status="oom", reason="out of memory",
                               latency_ms=float("nan"), point_id="oom")
     write_record(oom, folder / "oom")
-    rep = report.build_report(folder)
-    assert rep.used == 8
+
+    assert report.main([str(folder)]) == 0
+    out, err = capsys.readouterr()
+    assert "used 8 records, skipped 2" in out
+    assert str(folder / "corrupt" / "result.json") in err
+    assert str(folder / "foreign" / "result.json") in err
+    assert_report_files(folder)
     page = (folder / "index.html").read_text()
     assert "x&lt;b&gt;&amp;y" in page and "x<b>&y" not in page
     md = (folder / "summary.md").read_text()
@@ -112,7 +107,6 @@ def test_labels_are_escaped_and_failed_points_show_their_status(sweep, tmp_path)
     cross = pd.read_csv(folder / "crossovers.csv").set_index("label")
     assert cross.loc["full[naive]", "max_ok_n"] == 256
     assert cross.loc["full[naive]", "first_oom_n"] == 512
-    assert_report_files(folder)
 
 
 def _browser() -> str | None:
