@@ -108,7 +108,7 @@ def scaling_plot(df, scaling, styles, metric, folder: Path) -> list[Path]:
     col, unit = ("latency_ms", "median latency (ms)") if metric == "latency" else \
         ("peak_mb", "peak memory (MB)")
     ok = df[(df.status == "ok") & (df[col] > 0)]
-    names = sorted(df.setting.unique())
+    names = sorted(df.setting.unique()) or [""]
     fig, axes = _panels(names)
     for ax, name in zip(axes, names, strict=True):
         sub = ok[ok.setting == name]
@@ -144,7 +144,7 @@ def scaling_plot(df, scaling, styles, metric, folder: Path) -> list[Path]:
 
 def speedup_plot(df, styles, baseline: str, folder: Path) -> list[Path]:
     ok = df[(df.status == "ok") & np.isfinite(df.speedup)]
-    names = sorted(df.setting.unique())
+    names = sorted(df.setting.unique()) or [""]
     fig, axes = _panels(names)
     for ax, name in zip(axes, names, strict=True):
         sub = ok[ok.setting == name]
@@ -167,7 +167,7 @@ def speedup_plot(df, styles, baseline: str, folder: Path) -> list[Path]:
 def pareto_plot(df, styles, folder: Path) -> list[Path]:
     """Relative error vs latency, one panel per setting × n: lower-left is better."""
     ok = df[(df.status == "ok") & np.isfinite(df.rel_error) & (df.latency_ms > 0)]
-    keys = sorted({(s, n) for s, n in zip(df.setting, df.seq_len, strict=True)})
+    keys = sorted({(s, n) for s, n in zip(df.setting, df.seq_len, strict=True)}) or [("", 0)]
     names = [f"{s} n={n}".strip() for s, n in keys]
     fig, axes = _panels(names, ncols_max=4, size=(4.2, 3.4))
     for ax, (name, n) in zip(axes, keys, strict=True):
@@ -208,7 +208,8 @@ def exponent_plot(scaling, styles, folder: Path) -> list[Path]:
             if math.isfinite(r.declared):
                 ax.scatter([r.declared], [i], marker="x", color="black", zorder=3)
         ax.set_yticks(range(len(ticks)), ticks, fontsize=8)
-        ax.set_ylim(len(ticks) - 0.5, -0.5)
+        if ticks:
+            ax.set_ylim(len(ticks) - 0.5, -0.5)
         if sub.empty:
             _empty(ax, "nothing fitted")
         ax.set(xlabel=f"{metric} exponent (n^k)", title=f"{metric}: fitted (95% CI) vs declared ×")

@@ -9,6 +9,7 @@ harness/scaling.py.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import shlex
@@ -23,7 +24,7 @@ import yaml
 
 from harness import html, plots, tables
 from harness.gather import RESULTS_CSV, records_frame
-from harness.records import find_records
+from harness.records import Record, find_records
 from harness.scaling import HEAD_FRACTION, MIN_POINTS, crossovers_table, scaling_table
 
 DEFAULT_BASELINE = "full[sdpa]"
@@ -38,6 +39,10 @@ METHOD = (
     f"'agrees': the declared exponent lies in the interval. Crossover: first n where the "
     f"variant/baseline ratio falls below 1, interpolated in log–log between measured points."
 )
+
+
+class BaselineError(ValueError):
+    """The baseline asked for is not in the sweep."""
 
 
 @dataclass
@@ -55,7 +60,7 @@ def choose_baseline(df: pd.DataFrame, wanted: str | None) -> str | None:
     if wanted is not None:
         if wanted not in labels:
             known = ", ".join(sorted(labels)) or "none"
-            raise ValueError(f"baseline {wanted!r} is not in this sweep (labels: {known})")
+            raise BaselineError(f"baseline {wanted!r} is not in this sweep (labels: {known})")
         return wanted
     if DEFAULT_BASELINE in labels:
         return DEFAULT_BASELINE
@@ -127,7 +132,7 @@ def build_report(folder: str | os.PathLike, baseline: str | None = None,
     """Write the whole report of the sweep in `folder` (into `out`, default the same folder).
 
     Bad records are skipped with a warning naming the file (re-issued here after counting).
-    Raises ValueError when an explicit `baseline` is not in the sweep.
+    Raises BaselineError when an explicit `baseline` is not in the sweep.
     """
     folder = Path(folder)
     out = Path(out) if out is not None else folder
@@ -138,6 +143,9 @@ def build_report(folder: str | os.PathLike, baseline: str | None = None,
     skipped = [str(w.message) for w in caught if "skipping record" in str(w.message)]
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if raw.empty:  # keep numeric columns numeric so every step below works on no rows
+        raw = raw.astype({f.name: f.type for f in dataclasses.fields(Record)
+                          if f.type in ("int", "float", "bool")})
     base = choose_baseline(raw, baseline)
     df = with_derived(raw, base)
     rep = Report(out, used=len(df), skipped=skipped, baseline=base)
@@ -191,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("always")
         try:
             rep = build_report(args.folder, args.baseline, args.out)
-        except ValueError as exc:
+        except BaselineError as exc:
             print(f"attnbench: error: {exc}", file=sys.stderr)
             return 2
     for w in caught:

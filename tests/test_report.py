@@ -109,6 +109,14 @@ def test_bad_records_skipped_labels_escaped_failed_points_shown(sweep, tmp_path,
     assert cross.loc["full[naive]", "first_oom_n"] == 512
 
 
+def test_a_folder_of_only_bad_records_still_reports(tmp_path, capsys):
+    (tmp_path / "0").mkdir()
+    (tmp_path / "0" / "result.json").write_text("{")
+    assert report.main([str(tmp_path)]) == 0
+    assert "used 0 records, skipped 1" in capsys.readouterr().out
+    assert (tmp_path / "index.html").exists() and (tmp_path / "plots" / "latency.png").exists()
+
+
 def _browser() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which(
         "google-chrome")
