@@ -56,13 +56,17 @@ def table_html(t: Table) -> str:
 
 def page(title: str, intro: Sequence[str], machine: dict[str, str], command: str,
          sections: Sequence[tuple[str, Sequence[Table]]],
-         plots: Sequence[tuple[str, Sequence[Path]]]) -> str:
+         plots: Sequence[tuple[str, Sequence[Path]]], headlines: Sequence[str] = ()) -> str:
     """The whole page as one string; every argument is plain text and is escaped here."""
     parts = [f"<h1>{escape(title)}</h1>"]
     parts += [f'<p class="note">{escape(p)}</p>' for p in intro]
     parts.append("<h2>Machine and command</h2><dl>")
     parts += [f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in machine.items()]
     parts.append(f"</dl><pre>{escape(command)}</pre>")
+    if headlines:
+        parts.append("<h2>Headlines</h2><ul>")
+        parts += [f"<li>{escape(h)}</li>" for h in headlines]
+        parts.append("</ul>")
     if plots:
         parts.append("<h2>Plots</h2>")
     for name, paths in plots:

@@ -89,11 +89,15 @@ def _legend(fig, axes) -> None:
                    bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=8)
 
 
+def _num(v: float) -> str:
+    return f"{v:.0f}" if 10 <= abs(v) < 1e6 else f"{v:.3g}"
+
+
 def _tidy_log(ax, ns=None) -> None:
     """Plain numbers at 1-2-5 steps on log axes (the sweep's n on the x axis when given)."""
     for axis in (ax.xaxis, ax.yaxis):
         axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
+        axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: _num(v)))
         axis.set_minor_formatter(ticker.NullFormatter())
     if ns is not None and 0 < len(ns) <= 12:
         ax.set_xticks(sorted(ns), [f"{n:g}" for n in sorted(ns)])

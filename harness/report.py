@@ -167,16 +167,18 @@ def build_report(folder: str | os.PathLike, baseline: str | None = None,
         f"baseline {base or 'none (no full-attention variant in the sweep)'}.",
         METHOD,
     ]
+    heads = tables.headlines(df, scaling, cross, base)
     command = sweep_command(folder)
     md = [f"# attnbench report: {folder.name}", "", *[f"{p}\n" for p in intro]]
     if command:
         md += ["```", command, "```", ""]
+    md += ["## Headlines", "", *[f"- {h}" for h in heads], ""]
     for heading, ts in sections:
         md += [f"## {heading}", "", *[tables.markdown(t) for t in ts]]
     md += ["## Plots", "", *[f"![{t}](plots/{paths[0].name})" for t, paths in figs]]
     rep.files.append(_write(out / "summary.md", "\n".join(md) + "\n"))
     page = html.page(f"attnbench report: {folder.name}", intro, machine(df),
-                     command or "(no multirun.yaml: command unknown)", sections, figs)
+                     command or "(no multirun.yaml: command unknown)", sections, figs, heads)
     rep.files.append(_write(out / "index.html", page))
     return rep
 

@@ -130,3 +130,46 @@ def crossover_tables(cross: pd.DataFrame, baseline: str | None) -> list[Table]:
                            first])
         out.append(t)
     return out
+
+
+def _same(frame: pd.DataFrame, row) -> pd.Series:
+    """Rows of `frame` with the label and setting of `row`."""
+    mask = frame.label == row.label
+    for c in SETTING:
+        mask &= frame[c] == getattr(row, c)
+    return mask
+
+
+def headlines(df: pd.DataFrame, scaling: pd.DataFrame, cross: pd.DataFrame,
+              baseline: str | None) -> list[str]:
+    """One sentence per label × setting: exponents, speed at the largest common n, crossover,
+    how far it ran."""
+    out = []
+    for r in cross.itertuples():
+        name = r.label
+        setting = " ".join(str(getattr(r, c)) for c in ("dtype", "mode", "device"))
+        same = _same(scaling, r)
+        parts = []
+        for metric in ("latency", "memory"):
+            f = scaling[same & (scaling.metric == metric)]
+            if f.empty or not math.isfinite(f.exponent.iloc[0]):
+                parts.append(f"{metric}: too few points for an exponent")
+                continue
+            f = f.iloc[0]
+            decl = ""
+            if math.isfinite(f.declared):
+                decl = f", declared {f.declared:g} {'✓' if f.agrees else '✗'}"
+            parts.append(f"{metric} ∝ n^{f.exponent:.2f} (95% CI {f.ci_low:.2f}–{f.ci_high:.2f}"
+                         f"{decl})")
+        mine = df[_same(df, r) & (df.status == "ok") & df.speedup.notna()]
+        if baseline and r.label != baseline and not mine.empty:
+            last = mine.sort_values("seq_len").iloc[-1]
+            parts.append(f"{last.speedup:.2f}× the speed of {baseline} at n={last.seq_len}; "
+                         f"faster from n: {r.latency_crossover}")
+        if math.isfinite(r.first_oom_n):
+            parts.append(f"ran up to n={fmt(r.max_ok_n, 9)}, {r.first_oom_status} at "
+                         f"n={r.first_oom_n:g}")
+        elif math.isfinite(r.max_ok_n):
+            parts.append(f"ran up to n={r.max_ok_n:g}")
+        out.append(f"{name} ({setting}): " + "; ".join(parts) + ".")
+    return out
