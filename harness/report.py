@@ -25,7 +25,13 @@ import yaml
 from harness import html, plots, tables
 from harness.gather import RESULTS_CSV, records_frame
 from harness.records import Record, find_records
-from harness.scaling import HEAD_FRACTION, MIN_POINTS, crossovers_table, scaling_table
+from harness.scaling import (
+    AGREE_MARGIN,
+    HEAD_FRACTION,
+    MIN_POINTS,
+    crossovers_table,
+    scaling_table,
+)
 
 DEFAULT_BASELINE = "full[sdpa]"
 SHAPE = ["batch", "heads", "seq_len", "head_dim", "dtype", "device", "mode", "causal", "inputs"]
@@ -36,7 +42,8 @@ METHOD = (
     f"the slope's standard error; fewer than {MIN_POINTS} points give no exponent. Flat head: "
     f"leading small-n points are dropped while the local slope to the next point is under "
     f"{HEAD_FRACTION:g}× the slope between the two largest n (at least {MIN_POINTS} kept). "
-    f"'agrees': the declared exponent lies in the interval. Crossover: first n where the "
+    f"'agrees': the declared exponent lies in the interval widened by {AGREE_MARGIN:g} each "
+    f"side (lower-order terms bend the line slightly). Crossover: first n where the "
     f"variant/baseline ratio falls below 1, interpolated in log–log between measured points."
 )
 

@@ -6,6 +6,11 @@ the points that ran (`status == ok`). Its 95% interval is slope ± t(0.975, poin
 (Student t, from a table; no scipy). Fewer than 3 points gives no exponent ("insufficient points")
 — a line through two points has no error estimate.
 
+Agreement: the declared exponent lies in the interval widened by AGREE_MARGIN (0.1) on each side.
+Lower-order terms (the n·d inputs and outputs next to the n² scores) bend a log–log line a little
+below its leading exponent, and a deterministic metric such as peak memory has an interval so
+tight that this alone would read as disagreement.
+
 Flat head rule: at small n fixed costs (kernel launch, Python, allocator granularity) dominate
 and the curve is flat. Walking up from the smallest n, a leading point is dropped while the local
 slope from it to the next point is below HEAD_FRACTION (one half) of the slope between the two
@@ -28,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 HEAD_FRACTION = 0.5
+AGREE_MARGIN = 0.1
 MIN_POINTS = 3
 METRICS = {"latency": "latency_ms", "memory": "peak_mem_bytes"}
 DECLARED = {"latency": "time_exponent", "memory": "memory_exponent"}
@@ -116,7 +122,7 @@ def scaling_table(df: pd.DataFrame) -> pd.DataFrame:
             declared = float(g[DECLARED[metric]].dropna().iloc[0]) if \
                 g[DECLARED[metric]].notna().any() else math.nan
             agrees = (
-                bool(fit["ci_low"] - 1e-9 <= declared <= fit["ci_high"] + 1e-9)
+                bool(fit["ci_low"] - AGREE_MARGIN <= declared <= fit["ci_high"] + AGREE_MARGIN)
                 if math.isfinite(fit["exponent"]) and math.isfinite(declared) else None
             )
             rows.append({**dict(zip(GROUP, key, strict=True)), "metric": metric, **fit,

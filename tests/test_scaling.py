@@ -89,7 +89,7 @@ def test_crossovers_and_oom_frontier():
         # never faster; runs out of memory at 4096
         status = "ok" if n < 4096 else ("oom" if n == 4096 else "skipped")
         rows.append(dict(label="slow", seq_len=n, status=status, latency_ms=2e-6 * n**2,
-                         peak_mem_bytes=8.0 * n**2))
+                         peak_mem_bytes=8.0 * n**2, memory_exponent=1.0))  # declared wrongly
     df = _frame(rows)
     cross = crossovers_table(df, "full[sdpa]").set_index("label")
     assert cross.loc["lin", "latency_crossover_n"] == pytest.approx(2048)
@@ -104,4 +104,5 @@ def test_crossovers_and_oom_frontier():
     assert sc.loc[("lin", "latency"), "exponent"] == pytest.approx(1.0, abs=1e-6)
     assert sc.loc[("lin", "latency"), "declared"] == 1.0
     assert sc.loc[("full[sdpa]", "memory"), "agrees"]
+    assert not sc.loc[("slow", "memory"), "agrees"]
     assert sc.loc[("slow", "latency"), "points"] == 4  # oom / skipped points are not fitted
