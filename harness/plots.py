@@ -78,6 +78,8 @@ def _panels(names: list[str], ncols_max: int = 3, size=(5.2, 3.8)):
 
 
 def _legend(fig, axes) -> None:
+    """Tidy the layout (room for the suptitle), then one legend for all panels, to the right."""
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     handles, labels = {}, []
     for ax in axes:
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
