@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from harness.gather import records_frame
-from harness.plots import label_styles, safe_name
+from harness.plots import label_styles, safe_name, tidy_log
 from harness.tables import Table, fmt, markdown
 
 KEY = ["label", "batch", "heads", "seq_len", "head_dim", "dtype", "device", "mode", "causal",
@@ -91,6 +91,7 @@ def ratio_plot(m: pd.DataFrame, name_a: str, name_b: str, path: Path) -> list[Pa
     ax.set(xscale="log", yscale="log", xlabel="sequence length n",
            ylabel=f"latency {name_b} / {name_a}",
            title="ratio per point (circled: beyond the p10–p90 spread)")
+    tidy_log(ax, m.seq_len.unique())
     paths = [path.with_suffix(".png"), path.with_suffix(".svg")]
     for p in paths:
         fig.savefig(p, dpi=110, bbox_inches="tight")

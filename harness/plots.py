@@ -95,7 +95,7 @@ def _num(v: float) -> str:
     return f"{v:.0f}" if 10 <= abs(v) < 1e6 else f"{v:.3g}"
 
 
-def _tidy_log(ax, ns=None) -> None:
+def tidy_log(ax, ns=None) -> None:
     """Plain numbers at 1-2-5 steps on log axes (the sweep's n on the x axis when given)."""
     for axis in (ax.xaxis, ax.yaxis):
         axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
@@ -141,7 +141,7 @@ def scaling_plot(df, scaling, styles, metric, folder: Path) -> list[Path]:
             _empty(ax)
         ax.set(xscale="log", yscale="log", xlabel="sequence length n", ylabel=unit,
                title=name or None)
-        _tidy_log(ax, df.seq_len.unique())
+        tidy_log(ax, df.seq_len.unique())
     fig.suptitle(f"{unit.split(' (')[0]} vs n (dashed: log–log fit over the fitted range)",
                  fontsize=10)
     _legend(fig, axes)
@@ -164,7 +164,7 @@ def speedup_plot(df, styles, baseline: str, folder: Path) -> list[Path]:
         ax.axhline(1.0, color="black", lw=0.8, ls=":")
         ax.set(xscale="log", yscale="log", xlabel="sequence length n",
                ylabel=f"speedup vs {baseline} (×)", title=name or None)
-        _tidy_log(ax, df.seq_len.unique())
+        tidy_log(ax, df.seq_len.unique())
     fig.suptitle(f"speedup over {baseline} (above 1: faster)", fontsize=10)
     _legend(fig, axes)
     return _save(fig, folder, "speedup")
@@ -190,7 +190,7 @@ def pareto_plot(df, styles, folder: Path) -> list[Path]:
             ax.set_ylim(err.min() / 3, err.max() * 3)
         ax.set(xscale="log", yscale="log", xlabel="median latency (ms)",
                ylabel="relative error", title=f"{name} n={n}".strip())
-        _tidy_log(ax)
+        tidy_log(ax)
     fig.suptitle("error vs latency (lower left is better)", fontsize=10)
     _legend(fig, axes)
     return _save(fig, folder, "pareto")
