@@ -157,7 +157,7 @@ def build_report(folder: str | os.PathLike, baseline: str | None = None,
     df = with_derived(raw, base)
     rep = Report(out, used=len(df), skipped=skipped, baseline=base)
 
-    scaling = scaling_table(df) if not df.empty else scaling_table(raw.iloc[0:0])
+    scaling = scaling_table(df)
     cross = crossovers_table(df, base)
     for name, frame in [(RESULTS_CSV, df), ("scaling.csv", scaling), ("crossovers.csv", cross)]:
         rep.files.append(_write(out / name, frame.to_csv(index=False)))
