@@ -15,6 +15,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from harness.config import ConfigError, fail, from_dictconfig
@@ -29,6 +30,7 @@ SUBCOMMANDS = {"report": "harness.report", "compare": "harness.compare", "list":
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def sweep_job(cfg: DictConfig) -> None:
     """One Hydra job = one point: validate, measure, write the record, print one line."""
+    from harness import progress
     from harness.records import RECORD_FILE, read_record, write_record
     from harness.sweep import point_id, run_point
 
@@ -36,18 +38,21 @@ def sweep_job(cfg: DictConfig) -> None:
         run = from_dictconfig(cfg)
     except ConfigError as exc:
         fail(str(exc))
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    out_dir = Path(hc.runtime.output_dir)
+    job_num = hc.job.num if hc.mode == RunMode.MULTIRUN else None
     if run.resume and (out_dir / RECORD_FILE).exists():
         try:
             old = read_record(out_dir / RECORD_FILE)
         except ValueError:
             old = None
         if old is not None and old.point_id == point_id(run):
-            print(f"{old.line()} (kept: measured before the sweep was interrupted)", flush=True)
+            kept = "(kept: measured before the sweep was interrupted)"
+            print(f"{progress.line(old, job_num)} {kept}", flush=True)
             return
     record = run_point(run)
     write_record(record, out_dir)
-    print(record.line(), flush=True)
+    print(progress.line(record, job_num), flush=True)
 
 
 def precheck(overrides: list[str]) -> None:

@@ -5,10 +5,8 @@ of every point before any point runs.
 sweeper composes them; we also run `from_dictconfig`) before launching the first one, so a bad
 value in the 200th point stops the sweep at once, with one line naming the field. It also
 checks that the sweep folder is writable and, for `resume=true`, that a folder was named.
-The number of points is published in ATTNBENCH_SWEEP_SIZE for the progress line.
 """
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +25,6 @@ from harness.config import (
     fail,
     from_dictconfig,
 )
-
-SWEEP_SIZE_ENV = "ATTNBENCH_SWEEP_SIZE"
 
 
 @dataclass
@@ -64,7 +60,6 @@ class ValidatingSweeper(BasicSweeper):
             except (HydraException, OmegaConfBaseException) as exc:
                 raise ConfigError(explain_hydra_error(exc)) from None
             from_dictconfig(cfg)
-        os.environ[SWEEP_SIZE_ENV] = str(sum(len(b) for b in (self.overrides or [batch])))
 
 
 def _named_sweep_dir(config: DictConfig) -> bool:

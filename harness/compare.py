@@ -1,0 +1,144 @@
+"""`attnbench compare A B`: two sweeps side by side, point by point.
+
+Points match on label, shape (batch, heads, seq_len, head_dim), dtype, device, mode, causal and
+inputs. ratio = B latency / A latency (above 1: B is slower). A change counts only beyond the
+measured spread: "slower" when B's p10 is above A's p90 (the p10–p90 intervals do not overlap),
+"faster" when B's p90 is below A's p10; otherwise "same". A point that ran in A and failed in B is
+"now <status>" and counts as a regression. `--fail-on-regression` exits 1 when any point regressed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from harness.gather import records_frame
+from harness.plots import label_styles, safe_name, tidy_log
+from harness.tables import Table, fmt, markdown
+
+KEY = ["label", "batch", "heads", "seq_len", "head_dim", "dtype", "device", "mode", "causal",
+       "inputs"]
+COLS = ["family", "status", "latency_ms", "latency_p10_ms", "latency_p90_ms", "peak_mem_bytes"]
+
+
+def verdict(r) -> str:
+    if r.status_a == "ok" and r.status_b != "ok":
+        return f"now {r.status_b}"
+    if r.status_a != "ok" and r.status_b == "ok":
+        return "now ok"
+    if r.status_a != "ok":
+        return r.status_b
+    if r.latency_p10_ms_b > r.latency_p90_ms_a:
+        return "slower"
+    if r.latency_p90_ms_b < r.latency_p10_ms_a:
+        return "faster"
+    return "same"
+
+
+def compare_frames(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+    """One row per point present in both sweeps, with ratios and a verdict."""
+    m = a[KEY + COLS].merge(b[KEY + COLS], on=KEY, suffixes=("_a", "_b"), how="inner")
+    m["family"] = m.family_a
+    m["ratio"] = m.latency_ms_b / m.latency_ms_a
+    m["memory_ratio"] = m.peak_mem_bytes_b / m.peak_mem_bytes_a
+    m["verdict"] = [verdict(r) for r in m.itertuples()] if not m.empty else []
+    m["regression"] = (m.verdict == "slower") | (
+        m.verdict.str.startswith("now ") & (m.verdict != "now ok"))
+    return m.sort_values(KEY).reset_index(drop=True)
+
+
+def ratio_table(m: pd.DataFrame, name_a: str, name_b: str) -> Table:
+    t = Table(f"B = {name_b} vs A = {name_a}",
+              ["label", "setting", "n", "A ms", "B ms", "ratio", "memory ratio", "verdict"],
+              note="ratio = B/A latency (above 1: slower); verdict beyond the p10–p90 spread.")
+    for r in m.itertuples():
+        setting = f"{r.dtype} {r.mode} {r.device}{' causal' if r.causal else ''} " \
+                  f"b{r.batch} h{r.heads} d{r.head_dim}"
+        t.rows.append([r.label, setting, str(r.seq_len), fmt(r.latency_ms_a), fmt(r.latency_ms_b),
+                       fmt(r.ratio), fmt(r.memory_ratio), r.verdict])
+    return t
+
+
+def ratio_plot(m: pd.DataFrame, name_a: str, name_b: str, path: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", font_scale=0.85)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ok = m[np.isfinite(m.ratio)]
+    styles = label_styles(ok) if not ok.empty else {}
+    for label, g in ok.groupby("label"):
+        g = g.sort_values("seq_len")
+        st = styles[label]
+        ax.plot(g.seq_len, g.ratio, color=st["color"], marker=st["marker"], label=label, lw=1.2)
+        flagged = g[g.verdict.isin(["slower", "faster"])]
+        ax.scatter(flagged.seq_len, flagged.ratio, s=120, facecolors="none",
+                   edgecolors="red", lw=1.5, zorder=3)
+    ax.axhline(1.0, color="black", lw=0.8, ls=":")
+    if ok.empty:
+        ax.text(0.5, 0.5, "no common points", ha="center", transform=ax.transAxes)
+    else:
+        ax.legend(loc="upper left", bbox_to_anchor=(1, 1), frameon=False, fontsize=8)
+    ax.set(xscale="log", yscale="log", xlabel="sequence length n",
+           ylabel=f"latency {name_b} / {name_a}",
+           title="ratio per point (circled: beyond the p10–p90 spread)")
+    tidy_log(ax, m.seq_len.unique())
+    paths = [path.with_suffix(".png"), path.with_suffix(".svg")]
+    for p in paths:
+        fig.savefig(p, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="attnbench compare",
+                                description="Compare two sweeps point by point (B against A).")
+    p.add_argument("a", type=Path, help="the reference sweep folder")
+    p.add_argument("b", type=Path, help="the sweep to judge")
+    p.add_argument("--out", type=Path, default=None,
+                   help="where to write (default: B/compare-vs-<A name>)")
+    p.add_argument("--fail-on-regression", action="store_true",
+                   help="exit 1 when any point got slower beyond the spread (or now fails)")
+    args = p.parse_args(argv)
+    frames = []
+    for folder in (args.a, args.b):
+        if not folder.is_dir():
+            print(f"attnbench: error: {folder} is not a folder", file=sys.stderr)
+            return 2
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            frames.append(records_frame(folder))
+        for w in caught:
+            print(str(w.message), file=sys.stderr)
+    name_a, name_b = args.a.resolve().name, args.b.resolve().name
+    out = args.out or args.b / f"compare-vs-{safe_name(name_a)}"
+    out.mkdir(parents=True, exist_ok=True)
+    m = compare_frames(*frames)
+    m.to_csv(out / "compare.csv", index=False)
+    table = ratio_table(m, name_a, name_b)
+    text = markdown(table)
+    (out / "compare.md").write_text(text, encoding="utf-8")
+    ratio_plot(m, name_a, name_b, out / "compare")
+    print(text)
+    only_a, only_b = len(frames[0]) - len(m), len(frames[1]) - len(m)
+    counts = m.verdict.value_counts().to_dict()
+    summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no common points"
+    print(f"attnbench: {len(m)} matched points ({summary}); {only_a} only in {name_a}, "
+          f"{only_b} only in {name_b}; wrote {out}")
+    geo = m.ratio[np.isfinite(m.ratio)]
+    if len(geo):
+        print(f"attnbench: geometric mean ratio {math.exp(np.log(geo).mean()):.3f}")
+    regressions = int(m.regression.sum())
+    if regressions and args.fail_on_regression:
+        print(f"attnbench: {regressions} regression(s)", file=sys.stderr)
+        return 1
+    return 0

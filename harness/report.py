@@ -1,0 +1,219 @@
+"""The report of one sweep folder: results.csv, scaling.csv, crossovers.csv, summary.md, plots/,
+index.html. Written by the multirun callback and by `attnbench report DIR [--baseline LABEL]`.
+
+Speedup = baseline latency / variant latency, memory ratio = variant peak / baseline peak, both at
+the same shape and setting. Exponents, intervals, the flat-head rule and crossovers: see
+harness/scaling.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import shlex
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from harness import html, plots, tables
+from harness.gather import RESULTS_CSV, records_frame
+from harness.records import Record, find_records
+from harness.scaling import (
+    AGREE_MARGIN,
+    HEAD_FRACTION,
+    MIN_POINTS,
+    crossovers_table,
+    scaling_table,
+)
+
+DEFAULT_BASELINE = "full[sdpa]"
+SHAPE = ["batch", "heads", "seq_len", "head_dim", "dtype", "device", "mode", "causal", "inputs"]
+FILES = ["results.csv", "scaling.csv", "crossovers.csv", "summary.md", "index.html"]
+
+METHOD = (
+    f"Exponents: least-squares slope of log(metric) on log(n), 95% interval from Student's t on "
+    f"the slope's standard error; fewer than {MIN_POINTS} points give no exponent. Flat head: "
+    f"leading small-n points are dropped while the local slope to the next point is under "
+    f"{HEAD_FRACTION:g}× the slope between the two largest n (at least {MIN_POINTS} kept). "
+    f"'agrees': the declared exponent lies in the interval widened by {AGREE_MARGIN:g} each "
+    f"side (lower-order terms bend the line slightly). Crossover: first n where the "
+    f"variant/baseline ratio falls below 1, interpolated in log–log between measured points."
+)
+
+
+class BaselineError(ValueError):
+    """The baseline asked for is not in the sweep."""
+
+
+@dataclass
+class Report:
+    folder: Path
+    used: int
+    skipped: list[str] = field(default_factory=list)
+    baseline: str | None = None
+    files: list[Path] = field(default_factory=list)
+
+
+def choose_baseline(df: pd.DataFrame, wanted: str | None) -> str | None:
+    """`wanted` if given (must be in the sweep); else full[sdpa], else the first full label."""
+    labels = set(df.label) if not df.empty else set()
+    if wanted is not None:
+        if wanted not in labels:
+            known = ", ".join(sorted(labels)) or "none"
+            raise BaselineError(f"baseline {wanted!r} is not in this sweep (labels: {known})")
+        return wanted
+    if DEFAULT_BASELINE in labels:
+        return DEFAULT_BASELINE
+    full = sorted(df.label[df.family == "full"].unique()) if not df.empty else []
+    return full[0] if full else None
+
+
+def with_derived(df: pd.DataFrame, baseline: str | None) -> pd.DataFrame:
+    """Add speedup and memory_ratio against `baseline` at the same shape, plus spread."""
+    df = df.copy()
+    df["spread"] = (df.latency_p90_ms - df.latency_p10_ms) / df.latency_ms
+    df["peak_mem_mb"] = df.peak_mem_bytes / 2**20
+    df["speedup"] = math.nan
+    df["memory_ratio"] = math.nan
+    if baseline and not df.empty:
+        base = df[(df.label == baseline) & (df.status == "ok")][
+            [*SHAPE, "latency_ms", "peak_mem_bytes"]
+        ].drop_duplicates(SHAPE)
+        m = df[SHAPE].merge(base, on=SHAPE, how="left", suffixes=("", "_b"))
+        ok = (df.status == "ok").to_numpy()
+        df.loc[ok, "speedup"] = (m.latency_ms.to_numpy() / df.latency_ms.to_numpy())[ok]
+        df.loc[ok, "memory_ratio"] = (df.peak_mem_bytes.to_numpy()
+                                      / m.peak_mem_bytes.to_numpy())[ok]
+    df["baseline"] = baseline or ""
+    return df
+
+
+def sweep_command(folder: Path) -> str:
+    """`attnbench -m <overrides>` rebuilt from Hydra's multirun.yaml ("" if there is none)."""
+    path = folder / "multirun.yaml"
+    try:
+        cfg = yaml.safe_load(path.read_text())
+        ov = cfg["hydra"]["overrides"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return ""
+    hydra_ov = [o for o in ov.get("hydra") or [] if not o.startswith("hydra.mode=")]
+    return shlex.join(["attnbench", "-m", *(ov.get("task") or []), *hydra_ov])
+
+
+def machine(df: pd.DataFrame) -> dict[str, str]:
+    def values(col: str) -> str:
+        v = sorted({str(x) for x in df[col].dropna() if str(x) not in ("", "nan", "0")})
+        return ", ".join(v) or "—"
+
+    if df.empty:
+        return {}
+    return {
+        "device": values("device_name"),
+        "host": values("hostname"),
+        "threads": values("threads"),
+        "torch": values("torch_version"),
+        "CUDA": values("cuda_version"),
+        "xformers": values("xformers_version"),
+        "git sha": values("git_sha"),
+        "measured": f"{df.timestamp.min()} … {df.timestamp.max()}",
+    }
+
+
+def _write(path: Path, text: str) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def build_report(folder: str | os.PathLike, baseline: str | None = None,
+                 out: str | os.PathLike | None = None) -> Report:
+    """Write the whole report of the sweep in `folder` (into `out`, default the same folder).
+
+    Bad records are skipped with a warning naming the file (re-issued here after counting).
+    Raises BaselineError when an explicit `baseline` is not in the sweep.
+    """
+    folder = Path(folder)
+    out = Path(out) if out is not None else folder
+    out.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        raw = records_frame(folder)
+    skipped = [str(w.message) for w in caught if "skipping record" in str(w.message)]
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if raw.empty:  # keep numeric columns numeric so every step below works on no rows
+        raw = raw.astype({f.name: f.type for f in dataclasses.fields(Record)
+                          if f.type in ("int", "float", "bool")})
+    base = choose_baseline(raw, baseline)
+    df = with_derived(raw, base)
+    rep = Report(out, used=len(df), skipped=skipped, baseline=base)
+
+    scaling = scaling_table(df)
+    cross = crossovers_table(df, base)
+    for name, frame in [(RESULTS_CSV, df), ("scaling.csv", scaling), ("crossovers.csv", cross)]:
+        rep.files.append(_write(out / name, frame.to_csv(index=False)))
+
+    figs = plots.all_plots(df, scaling, base, out / "plots")
+    rep.files += [p for _, paths in figs for p in paths]
+    sections = [
+        ("Points", tables.point_tables(df, base)),
+        ("Scaling", tables.scaling_tables(scaling)),
+        ("Crossovers and OOM frontier", tables.crossover_tables(cross, base)),
+    ]
+    intro = [
+        f"{len(df)} points from {folder} ({len(skipped)} bad records skipped); "
+        f"baseline {base or 'none (no full-attention variant in the sweep)'}.",
+        METHOD,
+    ]
+    heads = tables.headlines(df, scaling, cross, base)
+    command = sweep_command(folder)
+    md = [f"# attnbench report: {folder.name}", "", *[f"{p}\n" for p in intro]]
+    if command:
+        md += ["```", command, "```", ""]
+    md += ["## Headlines", "", *[f"- {h}" for h in heads], ""]
+    for heading, ts in sections:
+        md += [f"## {heading}", "", *[tables.markdown(t) for t in ts]]
+    md += ["## Plots", "", *[f"![{t}](plots/{paths[0].name})" for t, paths in figs]]
+    rep.files.append(_write(out / "summary.md", "\n".join(md) + "\n"))
+    page = html.page(f"attnbench report: {folder.name}", intro, machine(df),
+                     command or "(no multirun.yaml: command unknown)", sections, figs, heads)
+    rep.files.append(_write(out / "index.html", page))
+    return rep
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="attnbench report",
+                                description="Write the report of a sweep folder from its records.")
+    p.add_argument("folder", type=Path, help="sweep folder (Hydra's hydra.sweep.dir)")
+    p.add_argument("--baseline", default=None,
+                   help=f"label to compare against (default {DEFAULT_BASELINE}, else any full)")
+    p.add_argument("--out", type=Path, default=None, help="where to write (default: FOLDER)")
+    args = p.parse_args(argv)
+    if not args.folder.is_dir():
+        print(f"attnbench: error: {args.folder} is not a folder", file=sys.stderr)
+        return 2
+    if not find_records(args.folder):
+        print(f"attnbench: error: no result.json records below {args.folder}", file=sys.stderr)
+        return 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            rep = build_report(args.folder, args.baseline, args.out)
+        except BaselineError as exc:
+            print(f"attnbench: error: {exc}", file=sys.stderr)
+            return 2
+    for w in caught:
+        print(str(w.message), file=sys.stderr)
+    print(f"attnbench: report of {args.folder}: used {rep.used} records, skipped "
+          f"{len(rep.skipped)}; baseline {rep.baseline or 'none'}")
+    print(f"attnbench: wrote {rep.folder / 'index.html'} (and {', '.join(FILES[:-1])}, plots/)")
+    return 0
