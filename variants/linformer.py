@@ -50,7 +50,7 @@ class Linformer(Variant):
     ) -> list[str]:
         reasons = super().not_supported_reasons(shape, dtype, device, causal, mode)
         if causal:
-            reasons.append("linformer: projecting keys along the sequence mixes future positions")
+            reasons.append("linformer has no causal form: projecting along n mixes future keys")
         if self.k > shape.seq_len:
             reasons.append(f"linformer: k={self.k} > seq_len={shape.seq_len}")
         return reasons

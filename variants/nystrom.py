@@ -56,7 +56,7 @@ class Nystrom(Variant):
     ) -> list[str]:
         reasons = super().not_supported_reasons(shape, dtype, device, causal, mode)
         if causal:
-            reasons.append("nystrom: segment-mean landmarks mix future positions")
+            reasons.append("nystrom has no causal form: segment-mean landmarks mix future keys")
         if self.landmarks > shape.seq_len:
             reasons.append(f"nystrom: landmarks={self.landmarks} > seq_len={shape.seq_len}")
         return reasons
