@@ -28,10 +28,13 @@ def linear_attention(
     Returns:
         (B, H, N, D).
     """
+    if not causal:
+        num = qf @ (kf.transpose(-2, -1) @ v)  # (B, H, N, F) @ (B, H, F, D)
+        den = qf @ kf.sum(-2).unsqueeze(-1)  # (B, H, N, 1)
+        return num / den.add_(eps)
     d = v.shape[-1]
     v1 = F.pad(v, (0, 1), value=1.0)  # (B, H, N, D+1): the ones column carries the normaliser
-    # non-causal: (B, H, N, F) @ (B, H, F, D+1)
-    num = _causal(qf, kf, v1, chunk) if causal else qf @ (kf.transpose(-2, -1) @ v1)
+    num = _causal(qf, kf, v1, chunk)
     return num[..., :d] / (num[..., d:] + eps)
 
 
@@ -59,7 +62,7 @@ def linear_flops(bh: int, n: int, f: int, d: int, causal: bool, chunk: int) -> f
     """Matmul FLOPs of `linear_attention` (features excluded; multiply-add = 2)."""
     e = d + 1
     if not causal:
-        return 2.0 * bh * (2 * n * f * e)
+        return 2.0 * bh * (2 * n * f * d + n * f)  # state, queries against it, normaliser
     L = min(chunk, n)
     c = -(-n // L)
     intra = 2 * c * L * L * (f + e)  # masked scores and their product with [v, 1]
@@ -70,7 +73,7 @@ def linear_flops(bh: int, n: int, f: int, d: int, causal: bool, chunk: int) -> f
 def linear_memory(bh: int, n: int, f: int, d: int, causal: bool, chunk: int, el: int) -> int:
     """Upper estimate of the bytes `linear_attention` allocates at `el` bytes per element."""
     e = d + 1
-    words = n * e + n * e + n * d  # v1, numerator, output
+    words = n * e + n * e + n * d  # v1 (or normaliser), numerator, output
     if causal:
         L = min(chunk, n)
         c = -(-n // L)
