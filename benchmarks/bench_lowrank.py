@@ -1,17 +1,20 @@
 """Linear and low-rank variants on this machine: latency, memory, achieved rate, error, slope.
 
-    python benchmarks/bench_lowrank.py [--quick]
+    python benchmarks/bench_lowrank.py [--quick] [--threads T]
 
 n=8192, B=1, H=8, D=64, float32, forward, non-causal (m = k = 256). Targets: ≥ 5× faster than
 full[sdpa]; ≥ 40 % of the measured fp32 matmul rate (or, when memory-bound, bandwidth stated
 against the measured copy bandwidth); latency slope over n ≤ 1.2. Errors are relative Frobenius
 on 256 sampled query rows against float64 softmax attention, on gaussian and peaked inputs.
+On a shared, oversubscribed machine multi-threaded small ops wait on the scheduler (an OpenMP
+barrier per op); `--threads 1` then gives stable per-core figures. The load average is printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 
 import torch
@@ -56,12 +59,16 @@ def slope(ns: list[int], ms: list[float]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer repeats, smaller slope sweep")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     n, dt = 8192, torch.float32
     shape = Shape(1, 8, n, 64)
     print(f"machine: {platform.machine()} CPU, {torch.get_num_threads()} threads "
-          f"({platform.processor() or platform.platform()}), torch {torch.__version__}")
+          f"of {os.cpu_count()} cores ({platform.platform()}), torch {torch.__version__}")
+    print("load average at start: " + " ".join(f"{x:.1f}" for x in os.getloadavg()))
     matmul_gfs, copy_gbs = machine_rates(args.quick)
     print(f"fp32 matmul rate {matmul_gfs:.1f} GFLOP/s; copy bandwidth {copy_gbs:.1f} GB/s")
 
@@ -123,6 +130,7 @@ def main() -> None:
     print(f"\ntargets: speed-up >= {TARGET_SPEEDUP}x vs full[sdpa]; >= {100 * TARGET_RATE:.0f}% "
           f"of fp32 matmul rate (or bandwidth stated); latency slope <= {TARGET_SLOPE}")
     print("* GB/s: q, k, v read and output written once (lower bound on traffic)")
+    print("load average at end: " + " ".join(f"{x:.1f}" for x in os.getloadavg()))
     print("missed:" if misses else "all targets met")
     for m in misses:
         print(f"  - {m}")

@@ -43,7 +43,7 @@ class Linear(Variant):
     def feature_map(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """φ(q), φ(k) = elu + 1, in the compute dtype (float32 for half inputs)."""
         ct = compute_dtype(q.dtype)
-        return F.elu(q.to(ct)) + 1, F.elu(k.to(ct)) + 1
+        return F.elu(q.to(ct)).add_(1), F.elu(k.to(ct)).add_(1)  # elu saves its input
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False

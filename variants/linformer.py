@@ -59,8 +59,7 @@ class Linformer(Variant):
         self, n: int, device: torch.device | str, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """E, F: (k, n) each, a function of (seed, n, k) only."""
-        e, f = _projections(self.seed, n, self.k)
-        return e.to(device, dtype), f.to(device, dtype)
+        return _projections(self.seed, n, self.k, str(torch.device(device)), dtype)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
@@ -90,8 +89,11 @@ class Linformer(Variant):
 
 
 @functools.lru_cache(maxsize=8)
-def _projections(seed: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _projections(
+    seed: int, n: int, k: int, device: str, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drawn on the CPU in float32 (the same numbers on every device), cached where used."""
     g = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + n) % (2**63))
     e = torch.randn(k, n, generator=g) / k**0.5
     f = torch.randn(k, n, generator=g) / k**0.5
-    return e, f
+    return e.to(device, dtype), f.to(device, dtype)

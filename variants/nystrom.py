@@ -67,9 +67,10 @@ class Nystrom(Variant):
         """The three softmax kernels (B,H,N,m), (B,H,m,m), (B,H,m,N), in q's dtype."""
         scale = 1.0 / math.sqrt(q.shape[-1])
         ql, kl = landmarks(q, self.landmarks), landmarks(k, self.landmarks)  # (B, H, m, D)
-        k1 = torch.softmax((q @ kl.transpose(-2, -1)).mul_(scale), dim=-1)
-        k2 = torch.softmax((ql @ kl.transpose(-2, -1)).mul_(scale), dim=-1)
-        k3 = torch.softmax((ql @ k.transpose(-2, -1)).mul_(scale), dim=-1)
+        ql, kls = ql * scale, kl * scale  # scale the small factors, not the (n, m) scores
+        k1 = torch.softmax(q @ kls.transpose(-2, -1), dim=-1)
+        k2 = torch.softmax(ql @ kl.transpose(-2, -1), dim=-1)
+        k3 = torch.softmax(ql @ k.transpose(-2, -1), dim=-1)
         return k1, k2, k3
 
     def forward(
@@ -111,7 +112,10 @@ def iterative_pinv(a: torch.Tensor, iters: int = 6) -> torch.Tensor:
     norm1 = a.abs().sum(-2).amax(-1, keepdim=True)[..., None]  # max column sum, per matrix
     norm_inf = a.abs().sum(-1).amax(-1, keepdim=True)[..., None]  # max row sum
     z = a.transpose(-2, -1) / (norm1 * norm_inf)
-    for _ in range(iters):
+    for _ in range(iters):  # Z ← ¼ Z (13I − AZ (15I − AZ (7I − AZ)))
         az = a @ z
-        z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
+        t = az.neg().add_(eye, alpha=7)
+        t = (az @ t).neg_().add_(eye, alpha=15)
+        t = (az @ t).neg_().add_(eye, alpha=13)
+        z = (z @ t).mul_(0.25)
     return z

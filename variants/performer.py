@@ -81,12 +81,11 @@ class Performer(Variant):
 
 def _features(x: torch.Tensor, w: torch.Tensor, is_query: bool) -> torch.Tensor:
     m, d = w.shape
-    x = x * d**-0.25  # (B, H, N, D)
-    proj = x @ w.transpose(0, 1)  # (B, H, N, m)
+    proj = x @ (w * d**-0.25).transpose(0, 1)  # (B, H, N, m): wᵀ(x/d^¼)
     dims = (-1,) if is_query else (-2, -1)
     shift = proj.detach().amax(dim=dims, keepdim=True) + 0.5 * math.log(m)  # max, and the 1/√m
-    proj.sub_((x * x).sum(-1, keepdim=True).mul_(0.5)).sub_(shift)
-    return proj.exp_()
+    half_sq = (x * x).sum(-1, keepdim=True).mul_(0.5 / math.sqrt(d))  # |x/d^¼|²/2, (B, H, N, 1)
+    return proj.sub_(half_sq + shift).exp_()  # one pass over (B, H, N, m), then exp in place
 
 
 @functools.lru_cache(maxsize=16)
