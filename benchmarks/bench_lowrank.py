@@ -39,20 +39,25 @@ def timed(fn, quick: bool) -> float:
     return measure_latency(fn, warmup=1, min_reps=2 if quick else 3, min_time_s=0.3).median_ms
 
 
+def best(fn, quick: bool, rounds: int = 3) -> float:
+    """Best of `rounds` medians, ms: on a shared machine the least-disturbed figure."""
+    return min(timed(fn, quick) for _ in range(1 if quick else rounds))
+
+
 def machine_rates(quick: bool) -> tuple[float, float]:
-    """fp32 matmul GFLOP/s (4096² · 4096) and copy GB/s (256 MiB read + written)."""
-    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
-    ms = timed(lambda: a @ b, quick)
+    """fp32 matmul GFLOP/s (2048² · 2048) and copy GB/s (256 MiB read + written), best of 5."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    ms = best(lambda: a @ b, quick, 5)
     src, dst = torch.randn(64 << 20), torch.empty(64 << 20)
-    cms = timed(lambda: dst.copy_(src), quick)
-    return 2 * 4096**3 / ms / 1e6, 2 * src.numel() * 4 / cms / 1e6
+    cms = best(lambda: dst.copy_(src), quick, 5)
+    return 2 * 2048**3 / ms / 1e6, 2 * src.numel() * 4 / cms / 1e6
 
 
 def sweep(att, ns: list[int], quick: bool) -> list[float]:
     """Latency per n: rounds interleaved over n, the best median of each kept (robust to load)."""
     qkv = {nn: make_inputs(Shape(1, 8, nn, 64), torch.float32, "cpu", 0, "gaussian") for nn in ns}
     best = dict.fromkeys(ns, math.inf)
-    for _ in range(1 if quick else 3):
+    for _ in range(1 if quick else 3):  # interleaved, so a burst of load hits one n, not all
         for nn in ns:
             best[nn] = min(best[nn], timed(lambda nn=nn: att(*qkv[nn]), quick))
     return [best[nn] for nn in ns]
@@ -91,7 +96,7 @@ def main() -> None:
               f"(log n = {math.log(n):.2f})")
 
     sdpa, naive = variants.build("full", backend="sdpa"), variants.build("full", backend="naive")
-    sdpa_ms = timed(lambda: sdpa(q, k, v), args.quick)
+    sdpa_ms = best(lambda: sdpa(q, k, v), args.quick, 2)
     naive_mem = peak_memory(lambda: naive(q, k, v))
     sdpa_mem = peak_memory(lambda: sdpa(q, k, v))
     print(f"full[sdpa]: {sdpa_ms:.1f} ms, peak {sdpa_mem / 2**20:.0f} MiB; "
@@ -105,7 +110,9 @@ def main() -> None:
     for name, params in VARIANTS:
         att = variants.build(name, **params)
         att(q, k, v)  # caches (projections, features)
-        ms = timed(lambda att=att: att(q, k, v), args.quick)
+        lat = sweep(att, ns, args.quick)
+        sl = slope(ns, lat)
+        ms = lat[ns.index(n)]
         mem = peak_memory(lambda att=att: att(q, k, v))
         gfs = att.flops(shape) / ms / 1e6
         # traffic model: q, k, v read and output written, every allocated byte written and read
@@ -113,8 +120,6 @@ def main() -> None:
         gbs = traffic / ms / 1e6
         errs = {kind: rel_error(att(*qkv)[..., rows, :], golds[kind])
                 for kind, qkv in inputs.items()}
-        lat = sweep(att, ns, args.quick)
-        sl = slope(ns, lat)
         print(f"{att.label:<18}{ms:>9.1f}{sdpa_ms / ms:>8.1f}x{mem / 2**20:>8.0f}"
               f"{naive_mem / mem:>9.0f}x{gfs:>9.1f}{100 * gfs / matmul_gfs:>5.0f}%"
               f"{gbs:>7.1f}{errs['gaussian']:>11.3f}{errs['peaked']:>10.3f}{sl:>7.2f}")
@@ -138,6 +143,8 @@ def main() -> None:
           f"of fp32 matmul rate (or bandwidth stated); latency slope <= {TARGET_SLOPE}")
     print("* GB/s: traffic model = q, k, v read + output written + 2 x memory_bytes() (each "
           "intermediate written and read once), over the latency")
+    print("latency (ms): best of 3 interleaved rounds of the median of repeats; full[sdpa] best "
+          "of 2; machine rates best of 5")
     print("slope: least-squares log-log latency exponent over n; per n the best of 3 interleaved "
           "rounds (median of repeats each)")
     print("load average at end: " + " ".join(f"{x:.1f}" for x in os.getloadavg()))
