@@ -96,5 +96,10 @@ def build(name: str, **params: Any) -> Variant:
 
 
 # Built-in variants register themselves on import.
-from variants import full  # noqa: E402,F401
-from variants import linear, linformer, nystrom, performer  # noqa: E402,F401
+from variants import (  # noqa: E402,F401
+    full,
+    linear,
+    linformer,
+    nystrom,
+    performer,
+)
