@@ -93,3 +93,12 @@ def test_plugin_not_visible_outside_its_environment():
     proc = subprocess.run([sys.executable, "-m", "harness.cli", "list", "--format", "csv"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "\nsigmoid," not in proc.stdout
+
+
+def test_plugin_own_tests_pass_against_the_installed_package(plugin_env):
+    python, env, root = plugin_env
+    # cwd is not the source folder, so attnbench_sigmoid is the installed copy
+    proc = subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "src/tests"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert " passed" in proc.stdout
