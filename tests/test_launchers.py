@@ -61,7 +61,9 @@ def basic_rows(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name, extra", [("local", []), ("parallel", ["hydra.launcher.n_jobs=2"])], ids=str
+    "name, extra",
+    [("local", []), ("parallel", ["hydra.launcher.n_jobs=2"])],
+    ids=["local", "parallel"],
 )
 def test_same_rows_as_the_basic_launcher(name, extra, basic_rows, tmp_path):
     needs_plugin(name)
