@@ -1,0 +1,127 @@
+"""`attnbench list`: every registered variant, its parameters, complexity and whether it runs here.
+
+    attnbench list                      # markdown table, availability on the default device
+    attnbench list --device cuda --format csv
+
+Availability is the variant's own `not_supported_reasons` for a small representative shape
+(B=1, H=8, N=1024, D=64; float32 on CPU, bfloat16 on CUDA), forward and forward+backward.
+`full` gets one row per backend, since what runs differs per backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+import variants
+from variants.base import Shape, Variant
+
+COLUMNS = ("name", "label", "family", "params", "time", "memory", "available", "reason")
+SHAPE = Shape(batch=1, heads=8, seq_len=1024, head_dim=64)
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    label: str
+    family: str
+    params: str
+    time: str
+    memory: str
+    available: str  # yes | fwd only | no | error
+    reason: str
+
+
+def configurations(name: str) -> list[dict[str, Any]]:
+    """Parameter sets to list for `name`: the defaults, or one per backend for `full`."""
+    if name != "full":
+        return [{}]
+    from variants.full import BACKENDS, SDPA_BACKENDS
+
+    rows: list[dict[str, Any]] = [{"backend": b} for b in BACKENDS]
+    at = BACKENDS.index("sdpa") + 1
+    rows[at:at] = [{"backend": "sdpa", "sdpa_backend": s} for s in SDPA_BACKENDS if s != "auto"]
+    return rows
+
+
+def availability(att: Variant, device: str, dtype: torch.dtype) -> tuple[str, str]:
+    """('yes' | 'fwd only' | 'no', reason) from the variant's own not_supported_reasons."""
+    fwd = att.not_supported_reasons(SHAPE, dtype, device, False, "fwd")
+    if fwd:
+        return "no", "; ".join(fwd)
+    bwd = att.not_supported_reasons(SHAPE, dtype, device, False, "fwd_bwd")
+    if bwd:
+        return "fwd only", "; ".join(bwd)
+    return "yes", ""
+
+
+def rows(device: str, dtype: torch.dtype) -> list[Row]:
+    """One row per registered variant (per backend for `full`), in name order."""
+    out = []
+    for name in variants.names():
+        for params in configurations(name):
+            try:
+                att = variants.build(name, **params)
+                available, reason = availability(att, device, dtype)
+            except Exception as exc:  # a broken (plugin) variant is a row, not a crash
+                out.append(Row(name, name, "?", "", "?", "?", "error",
+                               f"{type(exc).__name__}: {exc}"))
+                continue
+            cx = att.complexity
+            shown = ", ".join(f"{k}={v}" for k, v in att.params().items())
+            out.append(Row(name, att.label, att.family, shown, cx["time"], cx["memory"],
+                           available, reason))
+    return out
+
+
+def to_markdown(table: list[Row]) -> str:
+    cells = [list(COLUMNS)] + [[_md(str(getattr(r, c))) for c in COLUMNS] for r in table]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+             for row in cells]
+    lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
+    return "\n".join(lines)
+
+
+def to_csv(table: list[Row]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    writer.writerows([getattr(r, c) for c in COLUMNS] for r in table)
+    return buf.getvalue().rstrip("\n")
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="attnbench list",
+        description="Every registered attention variant and whether it can run on this machine.",
+    )
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="device to check availability for (auto: cuda when present)")
+    parser.add_argument("--format", choices=("md", "csv"), default="md", dest="fmt")
+    args = parser.parse_args(argv)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    table = rows(device, dtype)
+    print(to_markdown(table) if args.fmt == "md" else to_csv(table))
+    if args.fmt == "md":
+        shape = f"B={SHAPE.batch} H={SHAPE.heads} N={SHAPE.seq_len} D={SHAPE.head_dim}"
+        note = "" if device != "cuda" or torch.cuda.is_available() else " (no CUDA device here)"
+        print(f"\navailability on {device}{note}, {str(dtype).removeprefix('torch.')}, {shape}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
