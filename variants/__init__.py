@@ -96,4 +96,4 @@ def build(name: str, **params: Any) -> Variant:
 
 # Built-in variants register themselves on import.
 from variants import full  # noqa: E402,F401
-from variants import local  # noqa: E402,F401
+from variants import local, sparse  # noqa: E402,F401
