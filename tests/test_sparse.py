@@ -108,7 +108,7 @@ def test_defaults_near_six_percent_at_8192(name):
     assert att.flops(shape) == pytest.approx(4 * 8 * 64 * 8192**2 * att.density(8192))
 
 
-@pytest.mark.parametrize("name", PATTERNS)
+@pytest.mark.parametrize("name", ["bigbird", "longformer"])
 def test_memory_grows_linearly_not_quadratically(name):
     att = variants.build(name, block=32)
 
@@ -125,6 +125,17 @@ def test_flops_linear_in_n(name):
     att = variants.build(name)
     f = [att.flops(variants.Shape(1, 1, n, 64)) for n in (8192, 32768)]
     assert f[1] / f[0] < 5
+
+
+def test_strided_and_fixed_cost_follows_their_columns():
+    # n²/stride: 4× n gives 4× rows, each with 4× the column blocks (plus the constant window).
+    shape = [variants.Shape(1, 1, n, 64) for n in (8192, 32768)]
+    att = variants.build("strided", block=64, window=2, stride=32)
+    rows = [(5 + n // 64 / 32 - 1) * n for n in (8192, 32768)]  # window ∪ columns, per block row
+    assert att.flops(shape[1]) / att.flops(shape[0]) == pytest.approx(rows[1] / rows[0], rel=0.02)
+    att = variants.build("fixed", block=32, stride=16, summary=1)
+    rows = [(16 + n // 32 / 16 - 1) * n for n in (8192, 32768)]
+    assert att.flops(shape[1]) / att.flops(shape[0]) == pytest.approx(rows[1] / rows[0], rel=0.02)
 
 
 def test_whole_pattern_equals_full_attention():

@@ -47,6 +47,11 @@ class Strided(BlockSparse):
     """
 
     name: ClassVar[str] = "strided"
+    # Rows see nb/stride column blocks: n²/stride at fixed stride (n^1.5 with stride ∝ √n, as
+    # in the paper), so the declared growth at fixed parameters is quadratic, with a 1/stride
+    # constant.
+    time_exponent: ClassVar[float] = 2.0
+    memory_exponent: ClassVar[float] = 1.0  # score tiles are chunked: memory is O(n) + O(1)
     block: int = 64
     window: int = 2
     stride: int = 32
@@ -73,6 +78,8 @@ class Fixed(BlockSparse):
     n=8192 with useful block sizes: defaults give 12.1% (block 32, stride 16, summary 1)."""
 
     name: ClassVar[str] = "fixed"
+    time_exponent: ClassVar[float] = 2.0  # nb/stride summary blocks per row: n²·summary/stride
+    memory_exponent: ClassVar[float] = 1.0
     block: int = 32
     stride: int = 16
     summary: int = 1
