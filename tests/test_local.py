@@ -29,6 +29,16 @@ def test_dtypes(dtype):
         assert_matches(att, q, k, v, causal=False, grads=False)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_inference_band_path_matches(causal):
+    # Without grad, interior query blocks read keys through strided windows (no gather).
+    att = variants.build("local", window=13, block=8)
+    assert any(band for *_, band in att.layout(151, causal).groups)
+    q, k, v = random_qkv(2, 3, 151, 16, dtype=torch.float32)
+    with torch.no_grad():
+        assert_matches(att, q, k, v, causal=causal, grads=False)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_key_mask_is_the_band(causal):
     n, w = 50, 7

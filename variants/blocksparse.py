@@ -31,8 +31,9 @@ class Layout:
     n: int
     block: int
     nb: int
-    # (query blocks (G,), key blocks (G, L), additive bias (G, b, L·b) float32 or None)
-    groups: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], ...]
+    # (query blocks (G,), key blocks (G, L), additive bias (G, b, L·b) float32 or None, band):
+    # band = consecutive query blocks whose key blocks are one contiguous run shifting with them.
+    groups: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool], ...]
     computed: int  # scores computed that lie inside the n×n matrix
 
 
@@ -55,7 +56,12 @@ def build_layout(block_mask: torch.Tensor, allowed, n: int, block: int, causal: 
         bias = None
         if not bool(ok.all()):
             bias = torch.zeros(ok.shape, device=dev).masked_fill_(~ok, float("-inf"))
-        groups.append((rows, kidx, bias))
+        shift = torch.arange(len(rows), device=dev)
+        band = bool(
+            (rows == rows[0] + shift).all()
+            and (kidx == kidx[0, 0] + shift[:, None] + torch.arange(c, device=dev)).all()
+        )
+        groups.append((rows, kidx, bias, band))
     inside = (n - torch.arange(nb, device=dev) * b).clamp(0, b)  # real tokens per block
     computed = int((inside[:, None] * inside[None, :] * block_mask).sum())
     return Layout(n, b, nb, tuple(groups), computed)
@@ -77,35 +83,57 @@ def blocksparse_attention(
     qb, kb, vb = blocks(q, 1.0 / math.sqrt(d)), blocks(k), blocks(v)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     pieces, order = [], []
-    for rows, kidx, bias in layout.groups:
+    for rows, kidx, bias, band in layout.groups:
         g_all, nkb = kidx.shape
         step = max(1, CHUNK_BYTES // (bsz * h * b * nkb * b * qb.element_size()))
         for s in range(0, g_all, step):
             r, ki = rows[s : s + step], kidx[s : s + step]
             g = len(r)
-            qg = qb[:, r]  # (BH, g, b, D)
-            kg = kb[:, ki.flatten()].view(bsz * h, g, nkb * b, d)  # (BH, g, L·b, D)
-            vg = vb[:, ki.flatten()].view(bsz * h, g, nkb * b, d)
             bi = None if bias is None else bias[s : s + step].to(work)
+            if band and not grad:
+                pieces.append(_attend_band(qb, kb, vb, int(r[0]), int(ki[0, 0]), g, nkb, bi))
+                continue
+            ki = ki.flatten()  # index_select: contiguous block copies (fancy indexing is slow)
+            qg = qb.index_select(1, r)  # (BH, g, b, D)
+            kg = kb.index_select(1, ki).view(bsz * h, g, nkb * b, d)  # (BH, g, L·b, D)
+            vg = vb.index_select(1, ki).view(bsz * h, g, nkb * b, d)
             pieces.append(_attend(qg, kg, vg, bi, grad))
         order.append(rows)
     out = torch.cat(pieces, 1)  # (BH, nb, b, D), query blocks in group order
     inv = torch.argsort(torch.cat(order))
-    out = out[:, inv].reshape(bsz, h, nb * b, d)[:, :, :n]
+    out = out.index_select(1, inv).reshape(bsz, h, nb * b, d)[:, :, :n]
     return out.to(q.dtype)
 
 
 def _attend(qg, kg, vg, bias, grad: bool) -> torch.Tensor:
     scores = qg @ kg.transpose(-1, -2)  # (BH, g, b, L·b)
-    if grad:
-        p = torch.softmax(scores if bias is None else scores + bias, dim=-1)
-        return p @ vg
-    # Inference: in place, and normalise the (b, D) output instead of the (b, L·b) probabilities.
+    if bias is not None:
+        scores = scores + bias if grad else scores.add_(bias)
+    # torch.softmax is one fused pass per row (max, exp-sum, scale); it beats in-place
+    # amax/sub_/exp_/sum plus normalising the output, measured on CPU.
+    return torch.softmax(scores, dim=-1) @ vg
+
+
+def _attend_band(qb, kb, vb, q0: int, k0: int, g: int, nkb: int, bias) -> torch.Tensor:
+    """A band of query blocks q0.. over key blocks k0.. without gathering: each query block's
+    L·b keys are an overlapping strided view of k, which 3-D bmm takes as is (4-D matmul would
+    copy it)."""
+    bh, _, b, d = qb.shape
+    scores = qb.new_empty(bh, g, b, nkb * b)  # (BH, g, b, L·b)
+    out = qb.new_empty(bh, g, b, d)
+    kflat, vflat = kb.view(bh, -1, d), vb.view(bh, -1, d)  # (BH, nb·b, D)
+
+    def window(t: torch.Tensor) -> torch.Tensor:  # (g, L·b, D), consecutive rows shift by b
+        return t.as_strided((g, nkb * b, d), (b * d, d, 1), t.storage_offset() + k0 * b * d)
+
+    for i in range(bh):  # one 3-D bmm per head; the batch runs over the g query blocks
+        torch.bmm(qb[i, q0 : q0 + g], window(kflat[i]).transpose(1, 2), out=scores[i])
     if bias is not None:
         scores.add_(bias)
-    scores.sub_(scores.amax(-1, keepdim=True)).exp_()
-    denom = scores.sum(-1, keepdim=True)
-    return (scores @ vg).div_(denom)
+    p = torch.softmax(scores, dim=-1)
+    for i in range(bh):
+        torch.bmm(p[i], window(vflat[i]), out=out[i])
+    return out
 
 
 @functools.cache
@@ -183,7 +211,7 @@ class BlockSparse(Variant):
         bh, n, d = shape.bh, shape.seq_len, shape.head_dim
         padded = bh * self._nb(n) * self.block * d * 4
         lay = self.layout(n, causal)
-        widest = max(kidx.shape[1] for _, kidx, _ in lay.groups)
+        widest = max(kidx.shape[1] for _, kidx, _, _ in lay.groups)
         row = bh * self.block * widest * self.block * 4  # one query block's score tile
         tile = max(CHUNK_BYTES, row)
         # padded q, k, v + pieces, cat, reorder + tile scores + gathered k, v + output
