@@ -6,12 +6,15 @@ At n (default 8192), B=1, H=8, D=64, float32, non-causal: latency, speed-up over
 memory as a fraction of full[naive]'s, achieved GFLOP/s on the variant's own FLOP count and as a
 fraction of this machine's fp32 matmul rate (measured here), and the log-log slope of latency
 over n = 2048..16384. Each figure is printed beside its target; missed targets are named.
+Latencies are the 10th percentile of the repeats (the CPU may be shared: contention only adds
+time), the same statistic for the matmul rate, full[sdpa] and every variant.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import sys
 from pathlib import Path
@@ -45,7 +48,7 @@ def latency_ms(att, n: int) -> float:
     q, k, v = inputs(n)
     with torch.no_grad():
         t = measure_latency(lambda: att(q, k, v), warmup=2, min_reps=5, min_time_s=0.5)
-    return t.median_ms
+    return t.p10_ms
 
 
 def peak_bytes(att, n: int) -> int:
@@ -57,7 +60,7 @@ def peak_bytes(att, n: int) -> int:
 def matmul_gflops(m: int = 4096) -> float:
     a, b = torch.randn(m, m), torch.randn(m, m)
     t = measure_latency(lambda: a @ b, warmup=2, min_reps=10, min_time_s=1.0)
-    return 2 * m**3 / (t.median_ms * 1e-3) / 1e9
+    return 2 * m**3 / (t.p10_ms * 1e-3) / 1e9
 
 
 def slope(ns, ts) -> float:
@@ -78,9 +81,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     n = args.n
     shape = Shape(1, 8, n, 64)
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+    print(f"machine: {platform.machine()} {os.cpu_count()}-core CPU, {torch.get_num_threads()} "
           f"torch threads, torch {torch.__version__}; B=1 H=8 D=64 float32, forward, "
-          f"non-causal, no grad")
+          f"non-causal, no grad; latency = p10 of repeats")
+    print(f"load average (1/5/15 min) at the start: {os.getloadavg()}")
     peak = matmul_gflops()
     print(f"fp32 matmul rate (4096x4096x4096): {peak:.1f} GFLOP/s")
     sdpa, naive = variants.build("full", backend="sdpa"), variants.build("full", backend="naive")
@@ -117,6 +121,7 @@ def main() -> None:
             if not ok:
                 misses.append(f"{att.label}: {key} = {row[key]:.3g} (target "
                               f"{'<=' if key in ('mem_frac', 'slope') else '>='} {target:.3g})")
+    print(f"\nload average (1/5/15 min) at the end: {os.getloadavg()}")
     print("\nmissed targets:" if misses else "\nall targets met")
     for m in misses:
         print(f"  MISSED {m}")

@@ -10,6 +10,7 @@ padding) carry an additive -inf bias, cached per (n, causal). Time and memory ar
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -185,11 +186,14 @@ class BlockSparse(Variant):
 
     def layout(self, n: int, causal: bool, device: torch.device | str = "cpu") -> Layout:
         key = ("layout", n, causal, str(device))
-        if key not in self._cache:
-            bm = self.block_layout(self._nb(n), causal).to(device)
-            self._cache[key] = build_layout(
-                bm, lambda q, k: self.allowed(q, k, n).to(device), n, self.block, causal
+        if key not in self._cache:  # built on the CPU, then moved
+            bm = self.block_layout(self._nb(n), causal)
+            lay = build_layout(bm, lambda q, k: self.allowed(q, k, n), n, self.block, causal)
+            groups = tuple(
+                (r.to(device), ki.to(device), None if bi is None else bi.to(device), band)
+                for r, ki, bi, band in lay.groups
             )
+            self._cache[key] = dataclasses.replace(lay, groups=groups)
         return self._cache[key]
 
     # -- contract -------------------------------------------------------------------------------
