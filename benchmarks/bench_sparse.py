@@ -122,6 +122,9 @@ def main() -> None:
                 misses.append(f"{att.label}: {key} = {row[key]:.3g} (target "
                               f"{'<=' if key in ('mem_frac', 'slope') else '>='} {target:.3g})")
     print(f"\nload average (1/5/15 min) at the end: {os.getloadavg()}")
+    again = matmul_gflops()
+    print(f"fp32 matmul rate again at the end: {again:.1f} GFLOP/s (fractions above use "
+          f"{peak:.1f}; with the higher of the two they would be x{peak / max(peak, again):.2f})")
     print("\nmissed targets:" if misses else "\nall targets met")
     for m in misses:
         print(f"  MISSED {m}")
