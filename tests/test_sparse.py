@@ -169,3 +169,13 @@ def test_flex_matches_dense_under_mask(name):
     assert_matches(att, q, k, v, causal=True, grads=False)
     assert att.not_supported_reasons(variants.Shape(1, 2, 200, 16), torch.float32, "cpu", True,
                                      "fwd_bwd")
+
+
+@pytest.mark.parametrize("name", ["local", *PATTERNS])
+def test_memory_model_is_an_upper_bound(name):
+    att = variants.build(name)
+    q, k, v = random_qkv(1, 4, 4096, 64, dtype=torch.float32, seed=0)
+    with torch.no_grad():
+        peak = peak_memory(lambda: att(q, k, v))
+    predicted = att.memory_bytes(variants.Shape(1, 4, 4096, 64), torch.float32)
+    assert peak <= predicted <= 3 * peak, (peak, predicted)
