@@ -100,6 +100,8 @@ from variants import (  # noqa: E402,F401
     full,
     linear,
     linformer,
+    local,
     nystrom,
     performer,
+    sparse,
 )

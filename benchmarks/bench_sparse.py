@@ -1,0 +1,134 @@
+"""Local and block-sparse attention against full attention on this machine (forward, no grad).
+
+    python benchmarks/bench_sparse.py [--flex] [--n 8192] [--threads T]
+
+At n (default 8192), B=1, H=8, D=64, float32, non-causal: latency, speed-up over full[sdpa], peak
+memory as a fraction of full[naive]'s, achieved GFLOP/s on the variant's own FLOP count and as a
+fraction of this machine's fp32 matmul rate (measured here), and the log-log slope of latency
+over n = 2048..16384. Each figure is printed beside its target; missed targets are named.
+Latencies are the 10th percentile of the repeats (the CPU may be shared: contention only adds
+time), the same statistic for the matmul rate, full[sdpa] and every variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import variants
+from harness.memory import peak_memory
+from harness.timing import measure_latency
+from variants.base import Shape
+
+TARGETS = {"speedup": 5.0, "matmul_frac": 0.40, "mem_frac": 1 / 8, "slope": 1.2}
+SLOPE_NS = (2048, 4096, 8192, 16384)
+CASES = [
+    ("local", dict(window=256)),
+    ("strided", {}),
+    ("fixed", {}),
+    ("bigbird", {}),
+    ("longformer", {}),
+]
+
+
+def inputs(n: int, b: int = 1, h: int = 8, d: int = 64):
+    g = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(b, h, n, d, generator=g) for _ in range(3))
+
+
+def latency_ms(att, n: int) -> float:
+    q, k, v = inputs(n)
+    with torch.no_grad():
+        t = measure_latency(lambda: att(q, k, v), warmup=2, min_reps=5, min_time_s=0.5)
+    return t.p10_ms
+
+
+def peak_bytes(att, n: int) -> int:
+    q, k, v = inputs(n)
+    with torch.no_grad():
+        return peak_memory(lambda: att(q, k, v))
+
+
+def matmul_gflops(m: int = 4096) -> float:
+    a, b = torch.randn(m, m), torch.randn(m, m)
+    t = measure_latency(lambda: a @ b, warmup=2, min_reps=10, min_time_s=1.0)
+    return 2 * m**3 / (t.p10_ms * 1e-3) / 1e9
+
+
+def slope(ns, ts) -> float:
+    x = [math.log(n) for n in ns]
+    y = [math.log(t) for t in ts]
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    cov = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True))
+    return cov / sum((a - mx) ** 2 for a in x)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--flex", action="store_true", help="also run impl=flex (compiles ~30 s each)")
+    ap.add_argument("--n", type=int, default=8192)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n = args.n
+    shape = Shape(1, 8, n, 64)
+    print(f"machine: {platform.machine()} {os.cpu_count()}-core CPU, {torch.get_num_threads()} "
+          f"torch threads, torch {torch.__version__}; B=1 H=8 D=64 float32, forward, "
+          f"non-causal, no grad; latency = p10 of repeats")
+    print(f"load average (1/5/15 min) at the start: {os.getloadavg()}")
+    peak = matmul_gflops()
+    print(f"fp32 matmul rate (4096x4096x4096): {peak:.1f} GFLOP/s")
+    sdpa, naive = variants.build("full", backend="sdpa"), variants.build("full", backend="naive")
+    sdpa_ms = latency_ms(sdpa, n)
+    naive_mem = peak_bytes(naive, n)
+    print(f"full[sdpa] n={n}: {sdpa_ms:.1f} ms, "
+          f"{sdpa.flops(shape) / sdpa_ms / 1e6:.1f} GFLOP/s; "
+          f"full[naive] peak memory {naive_mem / 2**20:.0f} MiB")
+
+    cases = list(CASES)
+    if args.flex:
+        cases += [(name, {**kw, "impl": "flex"}) for name, kw in CASES]
+    header = (f"{'variant':34s} {'density':>7s} {'ms':>8s} {'x sdpa':>7s} {'mem/naive':>9s} "
+              f"{'GFLOP/s':>8s} {'/matmul':>7s} {'slope':>6s}")
+    print(f"\n{header}\n{'target':34s} {'':>7s} {'':>8s} {'>= 5':>7s} {'<= 1/8':>9s} "
+          f"{'':>8s} {'>= 0.40':>7s} {'<= 1.2':>6s}")
+    misses = []
+    for name, kw in cases:
+        att = variants.build(name, **kw)
+        ms = latency_ms(att, n)
+        mem = peak_bytes(att, n)
+        gflops = att.flops(shape) / ms / 1e6
+        ts = [ms if m == n else latency_ms(att, m) for m in SLOPE_NS]
+        row = {
+            "speedup": sdpa_ms / ms, "mem_frac": mem / naive_mem,
+            "matmul_frac": gflops / peak, "slope": slope(SLOPE_NS, ts),
+        }
+        print(f"{att.label:34s} {att.density(n):7.2%} {ms:8.1f} {row['speedup']:7.2f} "
+              f"{row['mem_frac']:9.4f} {gflops:8.1f} {row['matmul_frac']:7.2f} "
+              f"{row['slope']:6.2f}   (ms at n={'/'.join(map(str, SLOPE_NS))}: "
+              f"{'/'.join(f'{t:.1f}' for t in ts)})")
+        for key, target in TARGETS.items():
+            ok = row[key] <= target if key in ("mem_frac", "slope") else row[key] >= target
+            if not ok:
+                misses.append(f"{att.label}: {key} = {row[key]:.3g} (target "
+                              f"{'<=' if key in ('mem_frac', 'slope') else '>='} {target:.3g})")
+    print(f"\nload average (1/5/15 min) at the end: {os.getloadavg()}")
+    again = matmul_gflops()
+    print(f"fp32 matmul rate again at the end: {again:.1f} GFLOP/s (fractions above use "
+          f"{peak:.1f}; with the higher of the two they would be x{peak / max(peak, again):.2f})")
+    print("\nmissed targets:" if misses else "\nall targets met")
+    for m in misses:
+        print(f"  MISSED {m}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""Block-sparse exact attention engine: computes only the active (query-block, key-block) pairs.
+
+A pattern names which key blocks each query block sees (an (nb, nb) bool layout) and, at token
+level, which keys each query sees (a predicate, also the FlexAttention ``mask_mod``). Query blocks
+with the same number of active key blocks form a group; each group gathers its key/value blocks
+into a contiguous (BH, G, L·b, D) tensor and runs one batched matmul, a softmax over the gathered
+keys and one batched matmul. Only pairs that the predicate cuts (band edges, causal diagonal,
+padding) carry an additive -inf bias, cached per (n, causal). Time and memory are O(active pairs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from variants.base import Shape, Variant
+
+IMPLS = ("blocked", "flex")
+CHUNK_BYTES = 16 << 20  # score-tile budget per batched matmul; bounds peak memory at any n
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Groups of query blocks with equal key-block counts, ready for the engine."""
+
+    n: int
+    block: int
+    nb: int
+    # (query blocks (G,), key blocks (G, L), additive bias (G, b, L·b) float32 or None, band):
+    # band = consecutive query blocks whose key blocks are one contiguous run shifting with them.
+    groups: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool], ...]
+    computed: int  # scores computed that lie inside the n×n matrix
+
+
+def build_layout(block_mask: torch.Tensor, allowed, n: int, block: int, causal: bool) -> Layout:
+    """Layout from an (nb, nb) bool block mask and a token predicate ``allowed(q, k)``."""
+    nb, b = block_mask.shape[0], block
+    dev = block_mask.device
+    counts = block_mask.sum(1)
+    ar = torch.arange(b, device=dev)
+    groups = []
+    for c in torch.unique(counts).tolist():
+        rows = torch.nonzero(counts == c).flatten()  # (G,)
+        kidx = torch.nonzero(block_mask[rows])[:, 1].view(len(rows), c)  # (G, L), sorted
+        qtok = (rows[:, None] * b + ar)[:, :, None]  # (G, b, 1)
+        ktok = (kidx[:, :, None] * b + ar).view(len(rows), 1, c * b)  # (G, 1, L·b)
+        ok = allowed(qtok, ktok) & (ktok < n)
+        if causal:
+            ok = ok & (ktok <= qtok)
+        ok = ok | (qtok >= n)  # padded query rows see anything: finite, and discarded
+        bias = None
+        if not bool(ok.all()):
+            bias = torch.zeros(ok.shape, device=dev).masked_fill_(~ok, float("-inf"))
+        shift = torch.arange(len(rows), device=dev)
+        band = bool(
+            (rows == rows[0] + shift).all()
+            and (kidx == kidx[0, 0] + shift[:, None] + torch.arange(c, device=dev)).all()
+        )
+        groups.append((rows, kidx, bias, band))
+    inside = (n - torch.arange(nb, device=dev) * b).clamp(0, b)  # real tokens per block
+    computed = int((inside[:, None] * inside[None, :] * block_mask).sum())
+    return Layout(n, b, nb, tuple(groups), computed)
+
+
+def blocksparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout
+) -> torch.Tensor:
+    """Exact softmax attention over the pairs in `layout`; q, k, v, out: (B, H, N, D)."""
+    bsz, h, n, d = q.shape
+    b, nb = layout.block, layout.nb
+    work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    pad = nb * b - n
+
+    def blocks(t: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        t = t.to(work) * scale if scale != 1.0 else t.to(work)
+        return F.pad(t, (0, 0, 0, pad)).reshape(bsz * h, nb, b, d)  # (BH, nb, b, D)
+
+    qb, kb, vb = blocks(q, 1.0 / math.sqrt(d)), blocks(k), blocks(v)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    pieces, order = [], []
+    for rows, kidx, bias, band in layout.groups:
+        g_all, nkb = kidx.shape
+        step = max(1, CHUNK_BYTES // (bsz * h * b * nkb * b * qb.element_size()))
+        for s in range(0, g_all, step):
+            r, ki = rows[s : s + step], kidx[s : s + step]
+            g = len(r)
+            bi = None if bias is None else bias[s : s + step].to(work)
+            if band and not grad:
+                pieces.append(_attend_band(qb, kb, vb, int(r[0]), int(ki[0, 0]), g, nkb, bi))
+                continue
+            ki = ki.flatten()  # index_select: contiguous block copies (fancy indexing is slow)
+            qg = qb.index_select(1, r)  # (BH, g, b, D)
+            kg = kb.index_select(1, ki).view(bsz * h, g, nkb * b, d)  # (BH, g, L·b, D)
+            vg = vb.index_select(1, ki).view(bsz * h, g, nkb * b, d)
+            pieces.append(_attend(qg, kg, vg, bi, grad))
+        order.append(rows)
+    out = torch.cat(pieces, 1)  # (BH, nb, b, D), query blocks in group order
+    inv = torch.argsort(torch.cat(order))
+    out = out.index_select(1, inv).reshape(bsz, h, nb * b, d)[:, :, :n]
+    return out.to(q.dtype)
+
+
+def _attend(qg, kg, vg, bias, grad: bool) -> torch.Tensor:
+    scores = qg @ kg.transpose(-1, -2)  # (BH, g, b, L·b)
+    if bias is not None:
+        scores = scores + bias if grad else scores.add_(bias)
+    # torch.softmax is one fused pass per row (max, exp-sum, scale); it beats in-place
+    # amax/sub_/exp_/sum plus normalising the output, measured on CPU.
+    return torch.softmax(scores, dim=-1) @ vg
+
+
+def _attend_band(qb, kb, vb, q0: int, k0: int, g: int, nkb: int, bias) -> torch.Tensor:
+    """A band of query blocks q0.. over key blocks k0.. without gathering: each query block's
+    L·b keys are an overlapping strided view of k, which 3-D bmm takes as is (4-D matmul would
+    copy it)."""
+    bh, _, b, d = qb.shape
+    scores = qb.new_empty(bh, g, b, nkb * b)  # (BH, g, b, L·b)
+    out = qb.new_empty(bh, g, b, d)
+    kflat, vflat = kb.view(bh, -1, d), vb.view(bh, -1, d)  # (BH, nb·b, D)
+
+    def window(t: torch.Tensor) -> torch.Tensor:  # (g, L·b, D), consecutive rows shift by b
+        return t.as_strided((g, nkb * b, d), (b * d, d, 1), t.storage_offset() + k0 * b * d)
+
+    for i in range(bh):  # one 3-D bmm per head; the batch runs over the g query blocks
+        torch.bmm(qb[i, q0 : q0 + g], window(kflat[i]).transpose(1, 2), out=scores[i])
+    if bias is not None:
+        scores.add_(bias)
+    p = torch.softmax(scores, dim=-1)
+    for i in range(bh):
+        torch.bmm(p[i], window(vflat[i]), out=out[i])
+    return out
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@dataclass
+class BlockSparse(Variant):
+    """Shared base of the block-sparse and local variants. Subclasses define the fields
+    ``block`` and ``impl`` and the pattern (`block_layout`, optionally `allowed`)."""
+
+    family: ClassVar[str] = "sparse"
+    time_exponent: ClassVar[float] = 1.0
+    memory_exponent: ClassVar[float] = 1.0
+
+    def __post_init__(self) -> None:
+        if self.block <= 0:
+            raise ValueError(f"block={self.block}: must be > 0")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl={self.impl!r}: expected one of {', '.join(IMPLS)}")
+        self._check_params()
+        self._cache: dict = {}
+
+    def _check_params(self) -> None:
+        """Subclasses raise ValueError naming the offending field."""
+
+    # -- the pattern ----------------------------------------------------------------------------
+    def block_layout(self, nb: int, causal: bool) -> torch.Tensor:
+        """(nb, nb) bool: key blocks each query block sees (causal already applied)."""
+        raise NotImplementedError
+
+    def allowed(self, q: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:
+        """Token predicate (broadcasting int tensors q, k), causal not applied. Default: the
+        non-causal block layout, i.e. whole blocks."""
+        table = self._table(n)
+        return table[q // self.block, k // self.block]
+
+    def _table(self, n: int) -> torch.Tensor:
+        key = ("table", n)
+        if key not in self._cache:
+            self._cache[key] = self.block_layout(self._nb(n), False)
+        return self._cache[key]
+
+    def _nb(self, n: int) -> int:
+        return -(-n // self.block)
+
+    def layout(self, n: int, causal: bool, device: torch.device | str = "cpu") -> Layout:
+        key = ("layout", n, causal, str(device))
+        if key not in self._cache:  # built on the CPU, then moved
+            bm = self.block_layout(self._nb(n), causal)
+            lay = build_layout(bm, lambda q, k: self.allowed(q, k, n), n, self.block, causal)
+            groups = tuple(
+                (r.to(device), ki.to(device), None if bi is None else bi.to(device), band)
+                for r, ki, bi, band in lay.groups
+            )
+            self._cache[key] = dataclasses.replace(lay, groups=groups)
+        return self._cache[key]
+
+    # -- contract -------------------------------------------------------------------------------
+    def key_mask(self, rows: torch.Tensor, n: int, causal: bool) -> torch.Tensor:
+        q, k = rows[:, None].cpu(), torch.arange(n)[None, :]
+        mask = self.allowed(q, k, n)
+        if causal:
+            mask = mask & (k <= q)
+        return mask.to(rows.device)
+
+    def density(self, n: int, causal: bool = False) -> float:
+        return self.layout(n, causal).computed / (n * n)
+
+    def flops(self, shape: Shape, causal: bool = False) -> float:
+        return 4.0 * shape.bh * shape.head_dim * self.layout(shape.seq_len, causal).computed
+
+    def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = False) -> int:
+        el = torch.empty((), dtype=dtype).element_size()
+        bh, n, d = shape.bh, shape.seq_len, shape.head_dim
+        padded = bh * self._nb(n) * self.block * d * 4
+        lay = self.layout(n, causal)
+        widest = max(kidx.shape[1] for _, kidx, _, _ in lay.groups)
+        row = bh * self.block * widest * self.block * 4  # one query block's score tile
+        tile = max(CHUNK_BYTES, row)
+        # padded q, k, v + pieces, cat, reorder + tile scores + gathered k, v + output
+        return int(6 * padded + 2 * tile + 2 * tile * d // self.block + bh * n * d * el)
+
+    def not_supported_reasons(
+        self,
+        shape: Shape,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        causal: bool,
+        mode: str = "fwd",
+    ) -> list[str]:
+        reasons = super().not_supported_reasons(shape, dtype, device, causal, mode)
+        if self.impl == "flex" and mode == "fwd_bwd" and torch.device(device).type != "cuda":
+            reasons.append("flex: FlexAttention has no backward on CPU")
+        return reasons + self._fit_reasons(shape.seq_len)
+
+    def _fit_reasons(self, n: int) -> list[str]:
+        return []
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
+    ) -> torch.Tensor:
+        n = q.shape[-2]
+        if self.impl == "flex":
+            return _compiled_flex()(q, k, v, block_mask=self._flex_mask(n, causal, q.device))
+        return blocksparse_attention(q, k, v, self.layout(n, causal, q.device))
+
+    def _flex_mask(self, n: int, causal: bool, device: torch.device):
+        key = ("flex", n, causal, str(device))
+        if key not in self._cache:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            if self._token_level:
+                allowed = self.allowed
+            else:  # table lookup on the device
+                table = self._table(n).to(device)
+                blk = self.block
+
+                def allowed(q, k, n):
+                    return table[q // blk, k // blk]
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                ok = allowed(q_idx, kv_idx, n)
+                return ok & (kv_idx <= q_idx) if causal else ok
+
+            self._cache[key] = create_block_mask(mask_mod, None, None, n, n, device=str(device))
+        return self._cache[key]
+
+    _token_level: ClassVar[bool] = False  # True when `allowed` is a formula, not the table

@@ -1,0 +1,56 @@
+"""Sliding-window (local) attention, exact over the band |i − j| ≤ window (Beltagy et al. 2020,
+https://arxiv.org/abs/2004.05150; lucidrains/local-attention): O(n·w) time and memory.
+
+``impl=blocked``: queries in blocks of `block` attend to the 2·⌈w/b⌉+1 neighbouring key blocks
+(the block-sparse engine in `variants/blocksparse.py`); only the band edges are masked.
+``impl=flex``: FlexAttention with the same band as its block mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from variants import register
+from variants.blocksparse import BlockSparse
+
+
+@register
+@dataclass
+class Local(BlockSparse):
+    """Query i sees keys j with |i − j| ≤ window (causal: 0 ≤ i − j ≤ window).
+
+    Args: window (tokens each side); block (query/key block size of the blocked impl);
+    impl (blocked | flex).
+    """
+
+    name: ClassVar[str] = "local"
+    family: ClassVar[str] = "local"
+    _token_level: ClassVar[bool] = True
+
+    window: int = 256
+    block: int = 128
+    impl: str = "blocked"
+
+    def _check_params(self) -> None:
+        if self.window < 0:
+            raise ValueError(f"window={self.window}: must be >= 0")
+
+    @property
+    def label(self) -> str:
+        parts = [f"w={self.window}"]
+        if self.block != 128:
+            parts.append(f"b={self.block}")
+        if self.impl != "blocked":
+            parts.append(self.impl)
+        return f"local[{','.join(parts)}]"
+
+    def block_layout(self, nb: int, causal: bool) -> torch.Tensor:
+        m = -(-self.window // self.block)  # key blocks each side that the band reaches
+        rel = torch.arange(nb)[:, None] - torch.arange(nb)[None, :]  # I − J
+        return (rel >= 0) & (rel <= m) if causal else rel.abs() <= m
+
+    def allowed(self, q: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:
+        return (q - k).abs() <= self.window
