@@ -1,4 +1,4 @@
-"""Sweep presets: B·n held at sweep.tokens, one valid backend pair per full_backend option."""
+"""Sweep presets: B·n held at sweep.tokens; the full_<backend> presets of the variant group."""
 
 from __future__ import annotations
 
@@ -26,21 +26,26 @@ def test_gpu_presets_hold_tokens_per_batch(preset):
     assert lengths[0] == 1024 and lengths[-1] == 65536
     assert set(cfg.hydra.sweeper.params.mode.split(",")) == {"fwd", "fwd_bwd"}
     for n, batch in ((1024, 16), (4096, 4), (16384, 1), (65536, 1)):
-        _, run = run_config(f"+sweep={preset}", f"seq_len={n}", "+full_backend=flash")
+        _, run = run_config(f"+sweep={preset}", f"seq_len={n}", "variant=full_flash")
         assert (run.batch, run.dtype) == (batch, "bfloat16")
     _, run = run_config(f"+sweep={preset}", "seq_len=1024", "sweep.tokens=4096")
     assert run.batch == 4
 
 
-@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "full_backend").glob("*.yaml")))
-def test_full_backend_options_build(option):
-    _, run = run_config("variant=full", f"+full_backend={option}")
+FULL_PRESETS = sorted(p.stem for p in (CONF / "variant").glob("full_*.yaml"))
+
+
+@pytest.mark.parametrize("preset", FULL_PRESETS)
+def test_full_backend_presets_build(preset):
+    _, run = run_config(f"variant={preset}")
     att = variants.build(run.variant, **run.params)
-    assert option in att.label or (option == "sdpa" and att.label == "full[sdpa]")
+    assert att.name == "full" and preset.removeprefix("full_") in att.label
 
 
 def test_full_backends_preset_sweeps_existing_options():
     cfg, _ = run_config("+sweep=gpu_full_backends")
-    options = cfg.hydra.sweeper.params["+full_backend"].split(",")
-    assert all((CONF / "full_backend" / f"{o}.yaml").exists() for o in options)
-    assert {"flash", "efficient", "cudnn", "xformers", "flex"} <= set(options)
+    options = cfg.hydra.sweeper.params["variant"].split(",")
+    assert options == FULL_PRESETS or set(options) <= set(FULL_PRESETS)
+    assert {f"full_{b}" for b in ("flash", "efficient", "cudnn", "xformers", "flex")} <= set(
+        options
+    )
