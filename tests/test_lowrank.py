@@ -80,6 +80,16 @@ def test_nystrom_matches_own_formula(n, dtype):
     assert_matches(att, 2 * q, 2 * k, v, False, reference=nystrom_reference(8, iterative_pinv))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [64, 75])
+def test_nystrom_tiled_path_matches_own_formula(n, dtype):
+    """Without autograd the variant takes its tiled path; same formula, same budget."""
+    att = variants.build("nystrom", landmarks=8)
+    q, k, v = random_qkv(2, 3, n, 16, dtype)
+    ref = nystrom_reference(8, iterative_pinv)
+    assert_matches(att, 2 * q, 2 * k, v, False, reference=ref, grads=False)
+
+
 def test_nystrom_converged_equals_exact_pinv():
     """With enough iterations the variant is the Nyström formula with the exact pseudo-inverse."""
     q, k, v = random_qkv(1, 2, 75, 16)
