@@ -46,6 +46,15 @@ def test_matches_own_formula(name, causal, dtype):
     assert_matches(att, q, k, v, causal, reference=kernel_reference(att))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_no_grad_path_matches_own_formula(name, dtype):
+    """Without autograd, non-causal performer takes its tiled path; same formula, same budget."""
+    att = VARIANTS[name]()
+    q, k, v = random_qkv(2, 3, 75, 16, dtype)
+    assert_matches(att, q, k, v, False, reference=kernel_reference(att), grads=False)
+
+
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 @pytest.mark.parametrize("chunk", [1, 7, 16, 64, 200])
 def test_causal_chunks_equal_quadratic(name, chunk):

@@ -60,6 +60,11 @@ class Performer(Variant):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
     ) -> torch.Tensor:
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        if not causal and not grad:
+            ct = compute_dtype(q.dtype)
+            w = self.projection(q.shape[-1], q.device, ct)
+            return _forward_tiled(q.to(ct), k.to(ct), v.to(ct), w, self.eps).to(q.dtype)
         qf, kf = self.feature_map(q, k)  # (B, H, N, m)
         out = linear_attention(qf, kf, v.to(qf.dtype), causal, self.chunk, self.eps)
         return out.to(q.dtype)
@@ -86,6 +91,38 @@ def _features(x: torch.Tensor, w: torch.Tensor, is_query: bool) -> torch.Tensor:
     shift = proj.detach().amax(dim=dims, keepdim=True) + 0.5 * math.log(m)  # max, and the 1/√m
     half_sq = (x * x).sum(-1, keepdim=True).mul_(0.5 / math.sqrt(d))  # |x/d^¼|²/2, (B, H, N, 1)
     return proj.sub_(half_sq + shift).exp_()  # one pass over (B, H, N, m), then exp in place
+
+
+def _forward_tiled(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """Non-causal `forward` without autograd: the same features and products, but each head's
+    φ(K) and each tile of φ(Q) rows is made, exponentiated in place and consumed while in cache
+    (the (N, m) feature maps never go through main memory)."""
+    b, h, n, d = q.shape
+    m = w.shape[0]
+    # exp(x) = 2^(x·log₂e), with log₂e folded into the projection and the row terms: torch's
+    # exp2_ is ~3x faster than exp_ on this CPU (both vectorised to ~1 ulp).
+    l2e = 1.0 / math.log(2.0)
+    wt = (w * (d**-0.25 * l2e)).transpose(0, 1)  # (D, m)
+    qf, kf, vf = (t.reshape(b * h, n, d) for t in (q, k, v))  # (BH, N, D)
+    c = 0.5 * l2e / math.sqrt(d)
+    half_q, half_k = ((t * t).sum(-1, keepdim=True).mul_(c) for t in (qf, kf))  # (BH, N, 1)
+    log_m = 0.5 * math.log(m) * l2e
+    out = torch.empty_like(qf)
+    rows = max(1, _TILE // m)
+    for i in range(b * h):
+        pk = kf[i] @ wt  # (N, m): φ(K) of head i, shift = its max (one per batch-head)
+        pk = pk.sub_(half_k[i] + (pk.amax() + log_m)).exp2_()
+        state, norm = pk.T @ vf[i], pk.sum(0)[:, None]  # (m, D): Σ φ(k)vᵀ; (m, 1): Σ φ(k)
+        for r in range(0, n, rows):  # φ(Q) in row tiles, shift = each row's max
+            pq = qf[i, r : r + rows] @ wt  # (rows, m)
+            pq = pq.sub_(half_q[i, r : r + rows] + (pq.amax(-1, keepdim=True) + log_m)).exp2_()
+            torch.div(pq @ state, (pq @ norm).add_(eps), out=out[i, r : r + rows])
+    return out.view(b, h, n, d)
+
+
+_TILE = 1 << 19  # elements of one φ(Q) tile (2 MiB in float32: the L2 of one core)
 
 
 @functools.lru_cache(maxsize=16)
