@@ -23,6 +23,7 @@ from variants.base import Shape, Variant
 
 IMPLS = ("blocked", "flex")
 CHUNK_BYTES = 16 << 20  # score-tile budget per batched matmul; bounds peak memory at any n
+MERGE_ROWS = 256  # at most this many query rows per tile when query blocks share key blocks
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,11 @@ class Layout:
     n: int
     block: int
     nb: int
-    # (query blocks (G,), key blocks (G, L), additive bias (G, b, L·b) float32 or None, band):
-    # band = consecutive query blocks whose key blocks are one contiguous run shifting with them.
-    groups: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool], ...]
+    # (query blocks (G,), key blocks (G, L), additive bias (G, b, L·b) float32 or None, merge,
+    # band): merge = runs of that many consecutive query blocks see the same key blocks and run
+    # as one (merge·b)-row tile; band = consecutive query blocks whose key blocks are one
+    # contiguous run shifting with them.
+    groups: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, bool], ...]
     computed: int  # scores computed that lie inside the n×n matrix
 
 
@@ -62,10 +65,22 @@ def build_layout(block_mask: torch.Tensor, allowed, n: int, block: int, causal: 
             (rows == rows[0] + shift).all()
             and (kidx == kidx[0, 0] + shift[:, None] + torch.arange(c, device=dev)).all()
         )
-        groups.append((rows, kidx, bias, band))
+        groups.append((rows, kidx, bias, _merge(rows, kidx, max(1, MERGE_ROWS // b)), band))
     inside = (n - torch.arange(nb, device=dev) * b).clamp(0, b)  # real tokens per block
     computed = int((inside[:, None] * inside[None, :] * block_mask).sum())
     return Layout(n, b, nb, tuple(groups), computed)
+
+
+def _merge(rows: torch.Tensor, kidx: torch.Tensor, most: int) -> int:
+    """Largest R <= most dividing G such that runs of R consecutive query blocks share keys."""
+    g, c = kidx.shape
+    for r in range(min(most, g), 1, -1):
+        if g % r:
+            continue
+        runs, keys = rows.view(-1, r), kidx.view(-1, r, c)
+        if (runs - runs[:, :1] == torch.arange(r)).all() and (keys == keys[:, :1]).all():
+            return r
+    return 1
 
 
 def blocksparse_attention(
@@ -84,9 +99,14 @@ def blocksparse_attention(
     qb, kb, vb = blocks(q, 1.0 / math.sqrt(d)), blocks(k), blocks(v)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     pieces, order = [], []
-    for rows, kidx, bias, band in layout.groups:
+    for rows, kidx, bias, merge, band in layout.groups:
         g_all, nkb = kidx.shape
-        step = max(1, CHUNK_BYTES // (bsz * h * b * nkb * b * qb.element_size()))
+        tile = merge * b  # query rows per tile
+        # Without grad and bias, torch's fused sdpa kernel runs the tiles (no score tile kept);
+        # then the budget bounds the gathered k, v instead of the scores.
+        fused = not grad and bias is None
+        per_tile = bsz * h * nkb * b * qb.element_size() * (2 * d if fused else tile)
+        step = merge * max(1, CHUNK_BYTES // per_tile)
         for s in range(0, g_all, step):
             r, ki = rows[s : s + step], kidx[s : s + step]
             g = len(r)
@@ -94,11 +114,17 @@ def blocksparse_attention(
             if band and not grad:
                 pieces.append(_attend_band(qb, kb, vb, int(r[0]), int(ki[0, 0]), g, nkb, bi))
                 continue
-            ki = ki.flatten()  # index_select: contiguous block copies (fancy indexing is slow)
-            qg = qb.index_select(1, r)  # (BH, g, b, D)
-            kg = kb.index_select(1, ki).view(bsz * h, g, nkb * b, d)  # (BH, g, L·b, D)
-            vg = vb.index_select(1, ki).view(bsz * h, g, nkb * b, d)
-            pieces.append(_attend(qg, kg, vg, bi, grad))
+            t = g // merge  # tiles of `merge` query blocks sharing their key blocks
+            ki = ki[::merge].flatten()  # index_select: contiguous block copies (fancy indexing
+            qg = qb.index_select(1, r).view(bsz * h, t, tile, d)  # is slow); (BH, t, R·b, D)
+            kg = kb.index_select(1, ki).view(bsz * h, t, nkb * b, d)  # (BH, t, L·b, D)
+            vg = vb.index_select(1, ki).view(bsz * h, t, nkb * b, d)
+            bi = None if bi is None else bi.view(t, tile, nkb * b)
+            if fused:  # q is already scaled
+                o = F.scaled_dot_product_attention(qg, kg, vg, scale=1.0)
+            else:
+                o = _attend(qg, kg, vg, bi, grad)
+            pieces.append(o.view(bsz * h, g, b, d))
         order.append(rows)
     out = torch.cat(pieces, 1)  # (BH, nb, b, D), query blocks in group order
     inv = torch.argsort(torch.cat(order))
@@ -190,8 +216,8 @@ class BlockSparse(Variant):
             bm = self.block_layout(self._nb(n), causal)
             lay = build_layout(bm, lambda q, k: self.allowed(q, k, n), n, self.block, causal)
             groups = tuple(
-                (r.to(device), ki.to(device), None if bi is None else bi.to(device), band)
-                for r, ki, bi, band in lay.groups
+                (r.to(device), ki.to(device), None if bi is None else bi.to(device), mg, band)
+                for r, ki, bi, mg, band in lay.groups
             )
             self._cache[key] = dataclasses.replace(lay, groups=groups)
         return self._cache[key]
@@ -214,12 +240,17 @@ class BlockSparse(Variant):
         el = torch.empty((), dtype=dtype).element_size()
         bh, n, d = shape.bh, shape.seq_len, shape.head_dim
         padded = bh * self._nb(n) * self.block * d * 4
-        lay = self.layout(n, causal)
-        widest = max(kidx.shape[1] for _, kidx, _, _ in lay.groups)
-        row = bh * self.block * widest * self.block * 4  # one query block's score tile
-        tile = max(CHUNK_BYTES, row)
-        # padded q, k, v + pieces, cat, reorder + tile scores + gathered k, v + output
-        return int(6 * padded + 2 * tile + 2 * tile * d // self.block + bh * n * d * el)
+        b = self.block
+        work = 0  # the largest working set of one chunk, over the groups (no-grad paths)
+        for _, ki, bi, mg, _ in self.layout(n, causal).groups:
+            if bi is None:  # fused sdpa: gathered k, v (budgeted), gathered q and output
+                kv = max(CHUNK_BYTES, 2 * bh * ki.shape[1] * b * d * 4)
+                work = max(work, kv + 2 * padded)
+            else:  # tile scores and their softmax + gathered k, v
+                tile = max(CHUNK_BYTES, bh * mg * b * ki.shape[1] * b * 4)
+                work = max(work, 2 * tile + 2 * tile * d // b)
+        # padded q, k, v + pieces, cat, reorder + one chunk's working set + output
+        return int(6 * padded + work + bh * n * d * el)
 
     def not_supported_reasons(
         self,
