@@ -103,7 +103,7 @@ def test_density_is_the_mask_fraction_for_whole_block_patterns(name):
 @pytest.mark.parametrize("name", PATTERNS)
 def test_defaults_near_six_percent_at_8192(name):
     att = variants.build(name)
-    assert 0.03 < att.density(8192) < (0.13 if name == "fixed" else 0.08)
+    assert 0.03 < att.density(8192) < 0.08
     shape = variants.Shape(1, 8, 8192, 64)
     assert att.flops(shape) == pytest.approx(4 * 8 * 64 * 8192**2 * att.density(8192))
 
