@@ -48,6 +48,10 @@ class Linear(Variant):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
     ) -> torch.Tensor:
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        if not causal and not grad:
+            ct = compute_dtype(q.dtype)
+            return _forward_tiled(q.to(ct), k.to(ct), v.to(ct), self.eps).to(q.dtype)
         qf, kf = self.feature_map(q, k)  # (B, H, N, D)
         out = linear_attention(qf, kf, v.to(qf.dtype), causal, self.chunk, self.eps)
         return out.to(q.dtype)
@@ -64,3 +68,26 @@ class Linear(Variant):
 
     def density(self, n: int, causal: bool = False) -> float | None:
         return None
+
+
+def _forward_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
+    """Non-causal `forward` without autograd, one head (and row tile) at a time: the same
+    features and products, but q, k, v are read once and the output written once; features,
+    numerator and normaliser stay in cache (memory-bound: traffic is what costs)."""
+    b, h, n, d = q.shape
+    qf, kf, vf = (t.reshape(b * h, n, d) for t in (q, k, v))  # (BH, N, D)
+    out = torch.empty_like(qf)
+    rows = max(1, _TILE // d)
+    for i in range(b * h):
+        state, norm = q.new_zeros(d, d), q.new_zeros(d, 1)
+        for r in range(0, n, rows):  # state Σ φ(k)vᵀ (D, D) and normaliser Σ φ(k) (D, 1)
+            phi = F.elu(kf[i, r : r + rows]).add_(1)
+            state.addmm_(phi.T, vf[i, r : r + rows])
+            norm.add_(phi.sum(0)[:, None])
+        for r in range(0, n, rows):
+            phi = F.elu(qf[i, r : r + rows]).add_(1)
+            torch.div(phi @ state, (phi @ norm).add_(eps), out=out[i, r : r + rows])
+    return out.view(b, h, n, d)
+
+
+_TILE = 1 << 17  # elements of one row tile (512 KiB in float32)
