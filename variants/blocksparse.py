@@ -94,11 +94,21 @@ def blocksparse_attention(
 
     def blocks(t: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         t = t.to(work) * scale if scale != 1.0 else t.to(work)
-        return F.pad(t, (0, 0, 0, pad)).reshape(bsz * h, nb, b, d)  # (BH, nb, b, D)
+        t = F.pad(t, (0, 0, 0, pad)) if pad else t  # no copy of k, v when b divides n
+        return t.reshape(bsz * h, nb, b, d)  # (BH, nb, b, D)
 
     qb, kb, vb = blocks(q, 1.0 / math.sqrt(d)), blocks(k), blocks(v)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     pieces, order = [], []
+    # without grad each piece is written straight to its query blocks (no cat + reorder)
+    out = None if grad else qb.new_empty(bsz * h, nb, b, d)
+
+    def put(rows: torch.Tensor, piece: torch.Tensor) -> None:  # piece: (BH, G, b, D)
+        if out is None:
+            pieces.append(piece)
+        else:
+            out.index_copy_(1, rows, piece)
+
     for rows, kidx, bias, merge, band in layout.groups:
         g_all, nkb = kidx.shape
         tile = merge * b  # query rows per tile
@@ -112,7 +122,7 @@ def blocksparse_attention(
             g = len(r)
             bi = None if bias is None else bias[s : s + step].to(work)
             if band and not grad:
-                pieces.append(_attend_band(qb, kb, vb, int(r[0]), int(ki[0, 0]), g, nkb, bi))
+                put(r, _attend_band(qb, kb, vb, int(r[0]), int(ki[0, 0]), g, nkb, bi))
                 continue
             t = g // merge  # tiles of `merge` query blocks sharing their key blocks
             ki = ki[::merge].flatten()  # index_select: contiguous block copies (fancy indexing
@@ -124,11 +134,12 @@ def blocksparse_attention(
                 o = F.scaled_dot_product_attention(qg, kg, vg, scale=1.0)
             else:
                 o = _attend(qg, kg, vg, bi, grad)
-            pieces.append(o.view(bsz * h, g, b, d))
+            put(r, o.view(bsz * h, g, b, d))
         order.append(rows)
-    out = torch.cat(pieces, 1)  # (BH, nb, b, D), query blocks in group order
-    inv = torch.argsort(torch.cat(order))
-    out = out.index_select(1, inv).reshape(bsz, h, nb * b, d)[:, :, :n]
+    if out is None:
+        out = torch.cat(pieces, 1)  # (BH, nb, b, D), query blocks in group order
+        out = out.index_select(1, torch.argsort(torch.cat(order)))
+    out = out.reshape(bsz, h, nb * b, d)[:, :, :n]
     return out.to(q.dtype)
 
 
