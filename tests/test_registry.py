@@ -91,3 +91,28 @@ def test_plugin_discovered_and_broken_plugin_only_warns(plugin_env):
     assert "plugin_demo" in found and "full" in found
     att = variants.build("plugin_demo", scale=2.0)
     assert att.label == "plugin_demo[scale=2.0]"
+
+
+def _other_values(value):
+    if isinstance(value, bool):
+        return [not value]
+    if isinstance(value, int):
+        return [value * 2 if value else 1]
+    if isinstance(value, float):
+        return [value * 2 if value else 0.5]
+    return {"blocked": ["flex"], "naive": ["sdpa"], "sdpa": ["naive"], "auto": ["math"]}.get(
+        value, [])
+
+
+@pytest.mark.parametrize("name", variants.names())
+def test_every_parameter_change_changes_the_label(name):
+    """Two points of a sweep that differ in any parameter never share a label (reports, plots
+    and `compare` key on it)."""
+    default = variants.build(name)
+    for param, value in default.params().items():
+        for other in _other_values(value):
+            try:
+                changed = variants.build(name, **{param: other})
+            except ValueError:
+                continue  # not a valid value for this parameter
+            assert changed.label != default.label, (param, other, default.label)

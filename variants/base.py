@@ -47,6 +47,8 @@ class Variant:
             (2.0 for exact attention, 1.0 for linear-cost variants).
         exact: True when the variant is exact softmax attention restricted to `key_mask`
             (full, local, sparse); False for approximations (linear, low-rank).
+        no_causal: why the variant has no causal form (empty when it has one).
+        at_most_n: names of parameters (a rank, a landmark count) that may not exceed n.
     """
 
     name: ClassVar[str] = ""
@@ -54,6 +56,8 @@ class Variant:
     time_exponent: ClassVar[float] = 2.0
     memory_exponent: ClassVar[float] = 2.0
     exact: ClassVar[bool] = True
+    no_causal: ClassVar[str] = ""  # why the variant has no causal form ("": it has one)
+    at_most_n: ClassVar[tuple[str, ...]] = ()  # parameters that may not exceed seq_len
 
     # -- identity -------------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:
@@ -64,6 +68,17 @@ class Variant:
         """Short, stable name for tables and legends, e.g. ``full[sdpa]`` or ``local[w=256]``."""
         inner = ",".join(f"{k}={v}" for k, v in self.params().items())
         return f"{self.name}[{inner}]" if inner else self.name
+
+    def _label(self, shown: dict[str, str | None]) -> str:
+        """``name[...]`` from `shown` (parameter → its short form, None to leave it out), then
+        every other parameter that differs from its default as ``param=value``: two points of
+        a sweep never share a label, and the defaults keep labels short."""
+        parts = [text for text in shown.values() if text]
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name not in shown and value != f.default:
+                parts.append(f"{f.name}={value}")
+        return f"{self.name}[{','.join(parts)}]" if parts else self.name
 
     @property
     def complexity(self) -> dict[str, str]:
@@ -93,6 +108,12 @@ class Variant:
         reasons = []
         if dtype not in FLOAT_DTYPES:
             reasons.append(f"dtype {dtype} not supported (float32, float16, bfloat16)")
+        if causal and self.no_causal:
+            reasons.append(f"{self.name} has no causal form: {self.no_causal}")
+        for param in self.at_most_n:
+            if getattr(self, param) > shape.seq_len:
+                value = getattr(self, param)
+                reasons.append(f"{self.name}: {param}={value} > seq_len={shape.seq_len}")
         return reasons
 
     # -- models ---------------------------------------------------------------------------------

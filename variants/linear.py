@@ -38,7 +38,7 @@ class Linear(Variant):
 
     @property
     def label(self) -> str:
-        return "linear"
+        return self._label({})
 
     def feature_map(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """φ(q), φ(k) = elu + 1, in the compute dtype (float32 for half inputs)."""

@@ -28,6 +28,8 @@ class Linformer(Variant):
     time_exponent: ClassVar[float] = 1.0
     memory_exponent: ClassVar[float] = 1.0
     exact: ClassVar[bool] = False
+    no_causal: ClassVar[str] = "projecting along n mixes future keys"
+    at_most_n: ClassVar[tuple[str, ...]] = ("k",)
 
     k: int = 256
     seed: int = 0
@@ -38,22 +40,7 @@ class Linformer(Variant):
 
     @property
     def label(self) -> str:
-        return f"linformer[k={self.k}]"
-
-    def not_supported_reasons(
-        self,
-        shape: Shape,
-        dtype: torch.dtype,
-        device: torch.device | str,
-        causal: bool,
-        mode: str = "fwd",
-    ) -> list[str]:
-        reasons = super().not_supported_reasons(shape, dtype, device, causal, mode)
-        if causal:
-            reasons.append("linformer has no causal form: projecting along n mixes future keys")
-        if self.k > shape.seq_len:
-            reasons.append(f"linformer: k={self.k} > seq_len={shape.seq_len}")
-        return reasons
+        return self._label({"k": f"k={self.k}"})
 
     def projections(
         self, n: int, device: torch.device | str, dtype: torch.dtype

@@ -40,12 +40,11 @@ class Local(BlockSparse):
 
     @property
     def label(self) -> str:
-        parts = [f"w={self.window}"]
-        if self.block != 128:
-            parts.append(f"b={self.block}")
-        if self.impl != "blocked":
-            parts.append(self.impl)
-        return f"local[{','.join(parts)}]"
+        return self._label({
+            "window": f"w={self.window}",
+            "block": f"b={self.block}" if self.block != 128 else None,
+            "impl": self.impl if self.impl != "blocked" else None,
+        })
 
     def block_layout(self, nb: int, causal: bool) -> torch.Tensor:
         m = -(-self.window // self.block)  # key blocks each side that the band reaches

@@ -32,6 +32,8 @@ class Nystrom(Variant):
     time_exponent: ClassVar[float] = 1.0
     memory_exponent: ClassVar[float] = 1.0
     exact: ClassVar[bool] = False
+    no_causal: ClassVar[str] = "segment-mean landmarks mix future keys"
+    at_most_n: ClassVar[tuple[str, ...]] = ("landmarks",)
 
     landmarks: int = 64
     iters: int = 6
@@ -44,22 +46,7 @@ class Nystrom(Variant):
 
     @property
     def label(self) -> str:
-        return f"nystrom[m={self.landmarks}]"
-
-    def not_supported_reasons(
-        self,
-        shape: Shape,
-        dtype: torch.dtype,
-        device: torch.device | str,
-        causal: bool,
-        mode: str = "fwd",
-    ) -> list[str]:
-        reasons = super().not_supported_reasons(shape, dtype, device, causal, mode)
-        if causal:
-            reasons.append("nystrom has no causal form: segment-mean landmarks mix future keys")
-        if self.landmarks > shape.seq_len:
-            reasons.append(f"nystrom: landmarks={self.landmarks} > seq_len={shape.seq_len}")
-        return reasons
+        return self._label({"landmarks": f"m={self.landmarks}"})
 
     def kernels(
         self, q: torch.Tensor, k: torch.Tensor

@@ -45,7 +45,7 @@ class Performer(Variant):
 
     @property
     def label(self) -> str:
-        return f"performer[m={self.features}]"
+        return self._label({"features": f"m={self.features}"})
 
     def projection(self, d: int, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
         """The (m, d) random feature matrix: the same for a given (seed, m, d) everywhere."""

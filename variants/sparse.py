@@ -125,9 +125,11 @@ class BigBird(BlockSparse):
 
     @property
     def label(self) -> str:
-        flex = ",flex" if self.impl == "flex" else ""
-        return (f"bigbird[b={self.block},w={self.window},g={self.globals},"
-                f"r={self.random}{flex}]")
+        return self._label({  # a non-default seed is appended
+            "block": f"b={self.block}", "window": f"w={self.window}",
+            "globals": f"g={self.globals}", "random": f"r={self.random}",
+            "impl": "flex" if self.impl == "flex" else None,
+        })
 
     def block_layout(self, nb: int, causal: bool) -> torch.Tensor:
         i, j = torch.arange(nb)[:, None], torch.arange(nb)[None, :]
