@@ -11,7 +11,6 @@ padding) carry an additive -inf bias, cached per (n, causal). Time and memory ar
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -19,6 +18,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from variants._flex import compiled_flex, flex_reasons
 from variants.base import Shape, Variant
 
 IMPLS = ("blocked", "flex")
@@ -174,13 +174,6 @@ def _attend_band(qb, kb, vb, q0: int, k0: int, g: int, nkb: int, bias) -> torch.
     return out
 
 
-@functools.cache
-def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)
-
-
 @dataclass
 class BlockSparse(Variant):
     """Shared base of the block-sparse and local variants. Subclasses define the fields
@@ -272,8 +265,8 @@ class BlockSparse(Variant):
         mode: str = "fwd",
     ) -> list[str]:
         reasons = super().not_supported_reasons(shape, dtype, device, causal, mode)
-        if self.impl == "flex" and mode == "fwd_bwd" and torch.device(device).type != "cuda":
-            reasons.append("flex: FlexAttention has no backward on CPU")
+        if self.impl == "flex":
+            reasons += flex_reasons(device, mode)
         return reasons + self._fit_reasons(shape.seq_len)
 
     def _fit_reasons(self, n: int) -> list[str]:
@@ -284,7 +277,7 @@ class BlockSparse(Variant):
     ) -> torch.Tensor:
         n = q.shape[-2]
         if self.impl == "flex":
-            return _compiled_flex()(q, k, v, block_mask=self._flex_mask(n, causal, q.device))
+            return compiled_flex()(q, k, v, block_mask=self._flex_mask(n, causal, q.device))
         return blocksparse_attention(q, k, v, self.layout(n, causal, q.device))
 
     def _flex_mask(self, n: int, causal: bool, device: torch.device):

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from variants import register
+from variants._flex import compiled_flex, flex_reasons
 from variants.base import Shape, Variant, full_flops
 
 BACKENDS = ("naive", "sdpa", "xformers", "flex")
@@ -72,8 +73,8 @@ class Full(Variant):
                 reasons.append(reason)
             elif not on_cuda:
                 reasons.append("xformers: no CPU kernels (memory_efficient_attention needs CUDA)")
-        if self.backend == "flex" and mode == "fwd_bwd" and not on_cuda:
-            reasons.append("flex: FlexAttention has no backward on CPU")
+        if self.backend == "flex":
+            reasons += flex_reasons(device, mode)
         if self.backend == "sdpa" and self.sdpa_backend in ("efficient", "cudnn") and not on_cuda:
             reasons.append(f"sdpa_backend={self.sdpa_backend} has no CPU kernel")
         if on_cuda and self.backend == "sdpa" and self.sdpa_backend in ("flash", "cudnn"):
@@ -119,7 +120,7 @@ class Full(Variant):
             )
             return out.transpose(1, 2)
         block_mask = _causal_block_mask(q.shape[-2], str(q.device)) if causal else None
-        return _compiled_flex()(q, k, v, block_mask=block_mask)
+        return compiled_flex()(q, k, v, block_mask=block_mask)
 
 
 def naive_attention(
@@ -156,13 +157,6 @@ def _xformers_missing() -> str:
         why = f"{type(exc).__name__}: {exc}"
         return f"xformers not importable ({why}); pip install attnbench[xformers]"
     return ""
-
-
-@functools.cache
-def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)
 
 
 @functools.lru_cache(maxsize=32)
