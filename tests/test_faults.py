@@ -144,6 +144,7 @@ def test_bad_input_stops_before_any_work(tmp_path, capsys, args, field):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and field in lines[0] and "Traceback" not in err, lines
     assert not list(tmp_path.rglob("result.json"))
+    assert not (tmp_path / "s").exists()  # no empty sweep folder left behind
 
 
 def test_oom_in_process_releases_and_continues():

@@ -7,6 +7,7 @@ value in the 200th point stops the sweep at once, with one line naming the field
 checks that the sweep folder is writable and, for `resume=true`, that a folder was named.
 """
 
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,14 +42,18 @@ ConfigStore.instance().store(group="hydra/sweeper", name="attnbench", node=Valid
 class ValidatingSweeper(BasicSweeper):
     def sweep(self, arguments: list[str]):
         assert self.config is not None
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        existed = sweep_dir.exists()
         try:
-            check_writable(Path(str(self.config.hydra.sweep.dir)), "hydra.sweep.dir")
+            check_writable(sweep_dir, "hydra.sweep.dir")
             if self.config.get("resume") and not _named_sweep_dir(self.config):
                 raise ConfigError(
                     "resume=true: name the sweep folder to resume with hydra.sweep.dir=DIR"
                 )
             return super().sweep(arguments)
         except ConfigError as exc:  # Hydra would print a traceback hint; one line is enough
+            if not existed:  # nothing ran: leave no empty sweep folder behind
+                shutil.rmtree(sweep_dir, ignore_errors=True)
             fail(str(exc))
 
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
