@@ -1,5 +1,4 @@
-"""Hydra callback: count the jobs when a multirun starts (for progress lines); gather every job's
-record and write the report when it ends."""
+"""Hydra callback: gather every job's record and write the report when a multirun ends."""
 
 from __future__ import annotations
 
@@ -15,11 +14,6 @@ log = logging.getLogger("attnbench")
 
 class GatherRecords(Callback):
     """on_multirun_end: write `<sweep dir>/results.csv` and the report from the job records."""
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from harness import progress
-
-        progress.start(config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from harness.gather import gather

@@ -19,6 +19,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from harness import progress
 from harness.config import (
     ConfigError,
     check_writable,
@@ -65,6 +66,8 @@ class ValidatingSweeper(BasicSweeper):
             except (HydraException, OmegaConfBaseException) as exc:
                 raise ConfigError(explain_hydra_error(exc)) from None
             from_dictconfig(cfg)
+        if self.batch_index == 1:  # the first batch: the whole sweep's size, and its start
+            progress.start(sum(len(b) for b in self.overrides or [batch]))
 
 
 def _named_sweep_dir(config: DictConfig) -> bool:
