@@ -47,6 +47,12 @@ class Record:
     latency_p90_ms: float = NAN
     reps: int = 0
     noisy: bool = False
+    # share of the machine's CPU time that other processes took during the timed window (steal
+    # included), and this process's CPU time / (wall × threads); contended: others took a real
+    # share (harness.contention.CONTENDED_SHARE), so the latency may be inflated
+    contended: bool = False
+    others_cpu: float = NAN
+    own_cpu: float = NAN
     setup_s: float = NAN  # first call: compilation, block masks, caches; never in latency
     peak_mem_bytes: float = NAN
     predicted_mem_bytes: float = NAN
@@ -56,6 +62,10 @@ class Record:
     rel_error: float = NAN
     max_abs_error: float = NAN
     entropy: float = NAN
+    kernel: str = ""  # the kernel that actually ran (SDPA backend, flex compiled, engine path)
+    compute_dtype: str = ""  # dtype of the matmuls ("" where not recorded)
+    ops_per_call: float = NAN  # ATen ops one call dispatches (counted once, outside timing)
+    host_syncs: float = NAN  # device-to-host synchronisations one call makes
     time_exponent: float = NAN
     memory_exponent: float = NAN
     # where and when

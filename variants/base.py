@@ -121,6 +121,17 @@ class Variant:
         """Forward FLOPs of this variant's own algorithm (multiply-add = 2 FLOPs)."""
         raise NotImplementedError
 
+    def backward_flops(self, shape: Shape, causal: bool = False) -> float:
+        """FLOPs of the backward pass of this variant's own algorithm. Default: twice the
+        forward (each matmul C = AB has two gradient matmuls, dA = dC Bᵀ and dB = Aᵀ dC);
+        variants whose backward recomputes (flash-style) or skips constant operands override."""
+        return 2.0 * self.flops(shape, causal)
+
+    def kernel(self, shape: Shape, device: torch.device | str, causal: bool, grad: bool) -> str:
+        """The kernel or engine path one call takes at this point (e.g. ``blocksparse:band``).
+        The harness adds what it observes at dispatch level (the SDPA backend torch chose)."""
+        return self.name
+
     def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = False) -> int:
         """Predicted peak bytes allocated by one forward call beyond q, k, v (upper estimate)."""
         el = torch.empty((), dtype=dtype).element_size()
