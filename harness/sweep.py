@@ -26,6 +26,7 @@ import torch
 
 import variants
 from harness.config import RunConfig, default_max_memory, resolve_device
+from harness.dispatch import count_call
 from harness.inputs import attention_entropy, make_inputs
 from harness.memory import peak_memory
 from harness.records import Record
@@ -35,74 +36,96 @@ from variants.reference import attention_reference, max_abs_error, rel_error
 
 log = logging.getLogger("attnbench")
 
-# Backward of attention costs about 2.5× its forward (FlashAttention's convention).
-BWD_FLOP_FACTOR = 2.5
 NOISY_SPREAD = 0.10
 
 
 def run_point(run: RunConfig) -> Record:
-    """Measure one point and return its record (never raises for a failing point)."""
-    device = resolve_device(run.device)
-    if run.threads:
-        torch.set_num_threads(run.threads)
-    att = variants.build(run.variant, **run.params)
-    shape = Shape(run.batch, run.heads, run.seq_len, run.head_dim)
-    dtype = run.torch_dtype
-    base = _base_fields(run, att, shape, device)
+    """Measure one point and return its record (never raises for a failing point).
+
+    Everything the point does — building the variant, its support check and models, setting
+    threads, reading the device — runs inside one guard: a failure anywhere is a row."""
+    base = _run_fields(run)
 
     def finish(status: str, reason: str = "", **fields) -> Record:
         return Record(**base, status=status, reason=reason, **fields)
 
-    reasons = att.not_supported_reasons(shape, dtype, device, run.causal, run.mode)
-    if reasons:
-        return finish("unsupported", "; ".join(reasons))
-    predicted = predicted_bytes(att, shape, dtype, run)
-    cap = run.max_memory or default_max_memory(device)
-    if predicted > cap:
-        return finish(
-            "skipped",
-            f"predicted peak {predicted / 2**30:.2f} GiB > max_memory {cap / 2**30:.2f} GiB",
-            predicted_mem_bytes=float(predicted),
-        )
+    device = "cpu"
     try:
+        device = resolve_device(run.device)
+        if run.threads:
+            torch.set_num_threads(run.threads)
+        base.update(threads=torch.get_num_threads(), **machine_info(device))
+        att = variants.build(run.variant, **run.params)
+        shape = Shape(run.batch, run.heads, run.seq_len, run.head_dim)
+        dtype = run.torch_dtype
+        base.update(_variant_fields(run, att, shape))
+        reasons = att.not_supported_reasons(shape, dtype, device, run.causal, run.mode)
+        if reasons:
+            return finish("unsupported", "; ".join(reasons))
+        predicted = predicted_bytes(att, shape, dtype, run)
+        cap = run.max_memory or default_max_memory(device)
+        if predicted > cap:
+            return finish(
+                "skipped",
+                f"predicted peak {predicted / 2**30:.2f} GiB > max_memory {cap / 2**30:.2f} GiB",
+                predicted_mem_bytes=float(predicted),
+            )
+        base["density"] = _nan_if_none(att.density(shape.seq_len, run.causal))
         return _measure(run, att, shape, dtype, device, predicted, finish)
     except Exception as exc:
         if is_oom(exc):
-            return finish("oom", _short(exc), predicted_mem_bytes=float(predicted))
+            return finish("oom", _short(exc))
         log.error("point %s failed:\n%s", base["label"], traceback.format_exc())
         return finish("error", f"{type(exc).__name__}: {_short(exc)}")
     finally:
         gc.collect()
         if device == "cuda":
-            torch.cuda.empty_cache()
+            with contextlib.suppress(Exception):
+                torch.cuda.empty_cache()
 
 
 def _measure(run, att: Variant, shape: Shape, dtype, device: str, predicted: int, finish):
     grad = run.mode == "fwd_bwd"
     q, k, v = make_inputs(shape, dtype, device, run.seed, run.inputs, requires_grad=grad)
     call = _make_call(att, q, k, v, run.causal, grad)
+    inputs = (q, k, v) if grad else ()
 
     t0 = time.perf_counter()
     out = call()  # first call: compilation, masks, caches; reported as setup, never as latency
     _sync(device)
     setup_s = time.perf_counter() - t0
-    bad = _non_finite(out, (q, k, v) if grad else ())
+    bad = _non_finite(out, inputs)
     if bad:
-        return finish("invalid", f"non-finite values in {bad}", setup_s=setup_s)
+        return finish("invalid", f"non-finite values in {bad} (first call)", setup_s=setup_s)
 
     rel, mab = _error(att, q, k, v, out, run)
     entropy = attention_entropy(q.detach(), k.detach(), rows=min(run.error.rows or 64, 64))
     del out
+    kernel = att.kernel(shape, device, run.causal, grad)
+    counted = _dispatch_fields(call, kernel)
+
+    last: list = [None]
+
+    def timed() -> None:  # keeps the latest output, which is checked after timing
+        last[0] = call()
 
     t = run.timing
     timing = measure_latency(
-        call, device, warmup=t.warmup, min_reps=t.min_reps, min_time_s=t.min_time_s,
+        timed, device, warmup=t.warmup, min_reps=t.min_reps, min_time_s=t.min_time_s,
         max_reps=t.max_reps, max_time_s=t.max_time_s, flush_l2=t.flush_l2,
         cuda_graph=t.cuda_graph,
     )
+    bad = _non_finite(last[0], inputs)
+    last[0] = None
+    if bad:
+        return finish("invalid", f"non-finite values in {bad} (a timed call)", setup_s=setup_s)
     gpu = gpu_state(device)
+    for x in inputs:  # the measured call's own gradients count in its peak
+        x.grad = None
     peak = peak_memory(call, device)
-    flops = att.flops(shape, run.causal) * (1 + BWD_FLOP_FACTOR if grad else 1)
+    flops = att.flops(shape, run.causal)
+    if grad:
+        flops += att.backward_flops(shape, run.causal)
     return finish(
         "ok",
         latency_ms=timing.median_ms,
@@ -110,6 +133,9 @@ def _measure(run, att: Variant, shape: Shape, dtype, device: str, predicted: int
         latency_p90_ms=timing.p90_ms,
         reps=timing.reps,
         noisy=bool(timing.spread > NOISY_SPREAD),
+        contended=timing.load.contended,
+        others_cpu=timing.load.others_cpu,
+        own_cpu=timing.load.own_cpu,
         setup_s=setup_s,
         peak_mem_bytes=float(peak),
         predicted_mem_bytes=float(predicted),
@@ -118,8 +144,25 @@ def _measure(run, att: Variant, shape: Shape, dtype, device: str, predicted: int
         rel_error=rel,
         max_abs_error=mab,
         entropy=entropy,
+        **counted,
         **gpu,
     )
+
+
+def _dispatch_fields(call: Callable[[], object], kernel: str) -> dict:
+    """One call under the dispatch counter, outside timing: ops, host syncs, the SDPA backend
+    torch chose, the matmuls' dtype. Compiled (flex) kernels are not counted: a dispatch mode
+    around compiled code makes dynamo run the op eagerly, which is not the kernel measured."""
+    if kernel.startswith("flex"):
+        return {"kernel": kernel}
+    c = count_call(call)
+    sdpa = "+".join(sorted(set(c.sdpa)))
+    if kernel.startswith("sdpa"):  # what torch ran, whatever was asked for ("math": composite)
+        kernel = f"sdpa:{sdpa or 'math'}"
+    elif sdpa:  # an engine that runs torch's fused kernel inside
+        kernel += f"+sdpa:{sdpa}"
+    return dict(kernel=kernel, compute_dtype=c.compute_dtype, ops_per_call=float(c.ops),
+                host_syncs=float(c.host_syncs))
 
 
 def _make_call(att: Variant, q, k, v, causal: bool, grad: bool) -> Callable[[], object]:
@@ -210,29 +253,36 @@ def point_id(run: RunConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _base_fields(run: RunConfig, att: Variant, shape: Shape, device: str) -> dict:
+def _run_fields(run: RunConfig) -> dict:
+    """The fields a record has from its config alone (a point that fails to build keeps them)."""
     return dict(
         variant=run.variant,
-        label=att.label,
-        family=att.family,
-        params=json.dumps(att.params(), sort_keys=True),
-        batch=shape.batch,
-        heads=shape.heads,
-        seq_len=shape.seq_len,
-        head_dim=shape.head_dim,
+        label=run.variant,
+        family="",
+        params=json.dumps(run.params, sort_keys=True, default=str),
+        batch=run.batch,
+        heads=run.heads,
+        seq_len=run.seq_len,
+        head_dim=run.head_dim,
         dtype=run.dtype,
-        device=device,
+        device=run.device,
         causal=run.causal,
         mode=run.mode,
         inputs=run.inputs,
         seed=run.seed,
-        density=_nan_if_none(att.density(shape.seq_len, run.causal)),
-        time_exponent=float(att.time_exponent),
-        memory_exponent=float(att.memory_exponent),
-        threads=torch.get_num_threads(),
         timestamp=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         point_id=point_id(run),
-        **machine_info(device),
+    )
+
+
+def _variant_fields(run: RunConfig, att: Variant, shape: Shape) -> dict:
+    return dict(
+        label=att.label,
+        family=att.family,
+        params=json.dumps(att.params(), sort_keys=True),
+        device=resolve_device(run.device),
+        time_exponent=float(att.time_exponent),
+        memory_exponent=float(att.memory_exponent),
     )
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from harness.contention import Contention, contention, snapshot
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,7 @@ class Timing:
     p90_ms: float
     reps: int
     warmup: int
+    load: Contention = field(default_factory=Contention.unknown)  # the machine while timed
 
     @property
     def spread(self) -> float:
@@ -65,6 +68,10 @@ def measure_latency(
         flush_l2: on CUDA, overwrite a buffer larger than L2 before each repeat (cold cache).
         cuda_graph: on CUDA, capture `fn` once in a CUDA graph and time its replays, which
             removes the CPU launch overhead (small shapes are otherwise launch-bound).
+
+    The result also says how much of the machine other processes took during the repeats
+    (`Timing.load`, see harness.contention): a busy machine inflates latencies consistently, so
+    a tight spread alone does not make a number clean.
     """
     dev = torch.device(device)
     for _ in range(warmup):
@@ -74,6 +81,7 @@ def measure_latency(
         fn = _capture(fn, dev)
     times: list[float] = []
     total = 0.0
+    before = snapshot()
     if dev.type == "cuda":
         flush = torch.empty(256 << 20, dtype=torch.int8, device=dev) if flush_l2 else None
         while len(times) < max_reps and (len(times) < min_reps or total < min_time_s):
@@ -98,12 +106,14 @@ def measure_latency(
             total += dt
             if total > max_time_s:
                 break
+    load = contention(before, snapshot(), torch.get_num_threads())
     return Timing(
         median_ms=statistics.median(times),
         p10_ms=quantile(times, 0.1),
         p90_ms=quantile(times, 0.9),
         reps=len(times),
         warmup=warmup,
+        load=load,
     )
 
 

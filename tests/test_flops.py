@@ -1,0 +1,60 @@
+"""Every built-in's FLOP models against FLOPs counted at dispatch level (harness.dispatch).
+
+The counter sees every ATen matmul one call runs (in-place and out= forms, the fused SDPA ops),
+so a model that forgets a matmul, or a backward that is not 2× its forward, is caught here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import variants
+from harness.dispatch import count_call
+from variants.base import Shape
+
+SHAPE = Shape(1, 2, 520, 32)  # n not a multiple of the blocks, chunks or landmarks
+TOLERANCE = 0.10
+
+
+def _points():
+    for name in sorted(variants.names()):
+        if not variants.get(name).__module__.startswith("variants."):
+            continue  # built-ins only
+        for causal in (False, True):
+            for mode in ("fwd", "fwd_bwd"):
+                tag = f"{name}-{'causal' if causal else 'full'}-{mode}"
+                yield pytest.param(name, causal, mode, id=tag)
+
+
+def _count(att, causal: bool, grad: bool) -> float:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(SHAPE.batch, SHAPE.heads, SHAPE.seq_len, SHAPE.head_dim, generator=g)
+               .requires_grad_(grad) for _ in range(3))
+    if not grad:
+        with torch.no_grad():
+            return count_call(lambda: att(q, k, v, causal=causal)).flops
+    out = att(q, k, v, causal=causal)  # caches (layouts, projections) built outside the count
+    out.sum().backward()
+
+    def fwd_bwd():
+        att(q, k, v, causal=causal).backward(torch.ones_like(out))
+
+    return count_call(fwd_bwd).flops
+
+
+@pytest.mark.parametrize(("name", "causal", "mode"), list(_points()))
+def test_flop_models_match_dispatch_counts(name, causal, mode):
+    att = variants.build(name)
+    if getattr(att, "impl", "") == "flex" or getattr(att, "backend", "") in ("flex", "xformers"):
+        pytest.skip("compiled or CUDA-only kernel: not countable at dispatch level on CPU")
+    reasons = att.not_supported_reasons(SHAPE, torch.float32, "cpu", causal, mode)
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    grad = mode == "fwd_bwd"
+    model = att.flops(SHAPE, causal) + (att.backward_flops(SHAPE, causal) if grad else 0.0)
+    counted = _count(att, causal, grad)
+    assert counted > 0
+    assert abs(model - counted) <= TOLERANCE * counted, (
+        f"{att.label} {mode} causal={causal}: model {model:.4g} vs counted {counted:.4g} "
+        f"({model / counted:.3f}×)")

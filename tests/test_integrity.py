@@ -1,0 +1,190 @@
+"""What a point records is right or flagged: gradients in the fwd_bwd peak, every timed output
+checked, the kernel that ran, failures anywhere in a point as rows, contention of the machine."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+
+import variants
+from harness.config import from_dictconfig
+from harness.contention import CONTENDED_SHARE, Contention, CpuSnapshot, contention
+from harness.sweep import run_point
+from variants.base import Variant
+from variants.full import naive_attention
+
+TINY = {"batch": 1, "heads": 2, "head_dim": 16, "seq_len": 64,
+        "timing": {"min_reps": 3, "min_time_s": 0, "warmup": 1}}
+
+
+def point(name: str, params: dict | None = None, **kw):
+    cfg = {**TINY, **kw, "variant": {"name": name, **(params or {})}}
+    return from_dictconfig(cfg)
+
+
+@dataclass
+class LaterNaN(Variant):
+    """Exact attention whose output turns NaN from call `bad_from` on (the first call is fine)."""
+
+    name: ClassVar[str] = "test_later_nan"
+    bad_from: int = 3
+
+    def __post_init__(self) -> None:
+        self._calls = 0
+
+    def flops(self, shape, causal=False):
+        return 4.0 * shape.bh * shape.seq_len**2 * shape.head_dim
+
+    def forward(self, q, k, v, causal=False):
+        self._calls += 1
+        out = naive_attention(q, k, v, causal)
+        return out * float("nan") if self._calls >= self.bad_from else out
+
+
+@dataclass
+class Raises(Variant):
+    """Fails in whichever step `where` names, outside the measured call."""
+
+    name: ClassVar[str] = "test_raises"
+    where: str = "memory"  # memory | reasons | density | kernel | backward_flops
+
+    def flops(self, shape, causal=False):
+        return 1.0
+
+    def forward(self, q, k, v, causal=False):
+        return naive_attention(q, k, v, causal)
+
+    def _maybe(self, step: str):
+        if self.where == step:
+            raise RuntimeError(f"plugin bug in {step}")
+
+    def memory_bytes(self, shape, dtype, causal=False):
+        self._maybe("memory")
+        return 0
+
+    def not_supported_reasons(self, *args, **kwargs):
+        self._maybe("reasons")
+        return []
+
+    def density(self, n, causal=False):
+        self._maybe("density")
+        return 1.0
+
+    def kernel(self, *args):
+        self._maybe("kernel")
+        return "test"
+
+    def backward_flops(self, shape, causal=False):
+        self._maybe("backward_flops")
+        return 2.0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _test_variants():
+    """Register this file's test-only variants for its tests alone."""
+    for cls in (LaterNaN, Raises):
+        variants.register(cls)
+    yield
+    for cls in (LaterNaN, Raises):
+        variants._REGISTRY.pop(cls.name, None)
+
+
+def builtins() -> list[str]:
+    return [n for n in variants.names() if variants.get(n).__module__.startswith("variants.")]
+
+
+def test_fwd_bwd_peak_includes_the_gradients_it_creates():
+    # n small, head_dim large: the gradients of q, k, v dwarf the n×n intermediates
+    rec = run_point(point("full", seq_len=64, head_dim=256, mode="fwd_bwd"))
+    assert rec.status == "ok", rec.reason
+    tensor = rec.batch * rec.heads * rec.seq_len * rec.head_dim * 4
+    assert rec.peak_mem_bytes >= 4 * tensor  # output + dq, dk, dv, all alive at the end
+
+
+def test_a_timed_call_that_turns_non_finite_makes_the_point_invalid():
+    rec = run_point(point("test_later_nan", {"bad_from": 4}))
+    assert rec.status == "invalid", (rec.status, rec.reason)
+    assert "timed call" in rec.reason
+    first = run_point(point("test_later_nan", {"bad_from": 1}))
+    assert first.status == "invalid" and "first call" in first.reason
+
+
+@pytest.mark.parametrize("where", ["memory", "reasons", "density", "kernel", "backward_flops"])
+def test_a_plugin_failing_outside_the_call_is_an_error_row(where):
+    rec = run_point(point("test_raises", {"where": where}, mode="fwd_bwd"))
+    assert rec.status == "error"
+    assert f"plugin bug in {where}" in rec.reason
+
+
+def test_a_variant_that_cannot_be_built_is_an_error_row():
+    run = point("full")
+    bad = type(run)(**{**run.__dict__, "params": {"backend": "nope"}})
+    rec = run_point(bad)
+    assert rec.status == "error" and "backend" in rec.reason and rec.label == "full"
+
+
+@pytest.mark.parametrize(("params", "kernel"), [
+    ({"backend": "sdpa"}, "sdpa:flash_cpu"),
+    ({"backend": "sdpa", "sdpa_backend": "math"}, "sdpa:math"),
+    ({"backend": "naive"}, "naive"),
+])
+def test_the_record_names_the_kernel_that_ran(params, kernel):
+    rec = run_point(point("full", params))
+    assert rec.status == "ok", rec.reason
+    assert rec.kernel == kernel
+    assert rec.ops_per_call > 0 and rec.host_syncs == 0 and rec.compute_dtype == "float32"
+
+
+def test_every_built_in_names_its_kernel_and_counts_its_ops():
+    for name in builtins():
+        rec = run_point(point(name, seq_len=256))
+        if rec.status != "ok":
+            assert rec.status == "unsupported", (name, rec.reason)
+            continue
+        assert rec.kernel, name
+        if "flex" not in rec.kernel:
+            assert rec.ops_per_call > 0, name
+
+
+def test_contention_arithmetic():
+    before = CpuSnapshot(wall=0.0, own=0.0, busy=100.0, cpus=2)
+    # 1 s of wall on 2 CPUs: this process used 1.9 CPU-s, the machine 2.0 busy: quiet
+    quiet = contention(before, CpuSnapshot(1.0, 1.9, 102.0, 2), threads=2)
+    assert quiet.others_cpu == pytest.approx(0.05) and not quiet.contended
+    assert quiet.own_cpu == pytest.approx(0.95)
+    # others took one CPU (steal included in busy): half the machine
+    busy = contention(before, CpuSnapshot(1.0, 1.0, 102.0, 2), threads=2)
+    assert busy.others_cpu == pytest.approx(0.5) and busy.contended
+    assert not Contention(math.nan, 0.5).contended
+    assert 0 < CONTENDED_SHARE < 0.5
+
+
+def _hog(stop) -> None:
+    while not stop.is_set():
+        sum(i * i for i in range(10_000))
+
+
+def test_points_measured_beside_cpu_hogs_are_flagged_contended():
+    ctx = multiprocessing.get_context("spawn")
+    stop = ctx.Event()
+    hogs = [ctx.Process(target=_hog, args=(stop,), daemon=True) for _ in range(2)]
+    for h in hogs:
+        h.start()
+    try:
+        time.sleep(0.5)
+        recs = [run_point(point("linear", seq_len=n, timing={"min_reps": 3, "min_time_s": 0.3,
+                                                             "warmup": 1}))
+                for n in (256, 512, 1024, 2048)]
+    finally:
+        stop.set()
+        for h in hogs:
+            h.join(5)
+    assert all(r.status == "ok" for r in recs)
+    flagged = [r for r in recs if r.contended]
+    assert len(flagged) >= 3, [(r.seq_len, r.others_cpu) for r in recs]
+    assert all(r.others_cpu > CONTENDED_SHARE for r in flagged)
