@@ -55,8 +55,11 @@ def sweep_job(cfg: DictConfig) -> None:
     print(progress.line(record, job_num), flush=True)
 
 
-def precheck(overrides: list[str]) -> None:
-    """Compose and check a single run's config before Hydra starts: one line per problem."""
+def precheck(overrides: list[str], multirun: bool = False) -> None:
+    """Compose and check a config before Hydra starts: one line per problem. For a multirun,
+    the first point of the sweep (each swept key at its first value): Hydra composes that
+    config before the sweeper runs, and would fail on it with a dump; the sweeper checks
+    every point afterwards."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -64,15 +67,36 @@ def precheck(overrides: list[str]) -> None:
     from harness.config import check_writable, explain_hydra_error
 
     try:
+        if multirun:
+            overrides = first_point(overrides)
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose("config", overrides=overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as exc:
         fail(explain_hydra_error(exc))
     try:
         from_dictconfig(cfg)
-        check_writable(Path(str(cfg.hydra.run.dir)).parent, "hydra.run.dir")
+        if not multirun:  # the sweeper checks the sweep folder
+            check_writable(Path(str(cfg.hydra.run.dir)).parent, "hydra.run.dir")
     except ConfigError as exc:
         fail(str(exc))
+
+
+def first_point(overrides: list[str]) -> list[str]:
+    """The overrides with every sweep (a,b,c / glob / range) replaced by its first value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    out = []
+    for o in OverridesParser.create().parse_overrides(overrides):
+        if o.is_sweep_override():
+            try:
+                first = next(iter(o.sweep_string_iterator()), None)
+            except Exception:  # glob() needs the group's options: the sweeper checks it
+                continue
+            if first is not None:
+                out.append(f"{o.get_key_element()}={first}")
+        else:
+            out.append(o.input_line)
+    return out
 
 
 def default_sweep() -> str:
@@ -88,8 +112,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(module.main(argv[1:]))
     if not argv:
         argv = ["--multirun", f"+sweep={default_sweep()}"]
-    if not any(a.startswith("-") for a in argv):  # a single run: check before Hydra starts
+    flags = [a for a in argv if a.startswith("-")]
+    if not flags:  # a single run: check before Hydra starts
         precheck(argv)
+    elif set(flags) <= {"-m", "--multirun"}:
+        precheck([a for a in argv if a not in flags], multirun=True)
     sys.argv = [sys.argv[0], *argv]
     sweep_job()
 

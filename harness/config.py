@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NoReturn, get_args, get_origin, get_type_hints
 
 import torch
 
@@ -87,6 +89,9 @@ class RunConfig:
         return torch.device(resolve_device(self.device))
 
 
+_HINTS = {cls: get_type_hints(cls) for cls in (RunConfig, TimingConfig, ErrorConfig)}
+
+
 def resolve_device(device: str) -> str:
     """auto → cuda when a GPU is present, else cpu."""
     if device == "auto":
@@ -99,24 +104,31 @@ def parse_bytes(value: Any, name: str = "max_memory") -> int:
     if isinstance(value, bool):
         raise ConfigError(f"{name}={value!r}: expected bytes (an integer) or a size such as '2GB'")
     if isinstance(value, int | float):
-        if value < 0:
-            raise ConfigError(f"{name}={value!r}: must be >= 0")
+        if not math.isfinite(value) or value < 0 or value >= 2**63:
+            raise ConfigError(f"{name}={value!r}: must be a byte count in [0, 2^63)")
         return int(value)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?)B?\s*", str(value), re.IGNORECASE)
     if not m:
         raise ConfigError(f"{name}={value!r}: expected bytes (an integer) or a size such as '2GB'")
     num, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
     base = 1024 if binary else 1000
-    return int(num * base ** " KMGT".index(unit or " "))
+    size = num * base ** " KMGT".index(unit or " ")
+    if not math.isfinite(size) or size >= 2**63:
+        raise ConfigError(f"{name}={value!r}: too large (at most 2^63 bytes)")
+    return int(size)
 
 
 def from_dictconfig(cfg: Any) -> RunConfig:
     """Check and convert a composed config (DictConfig or plain dict) into a RunConfig."""
     from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-        raw = OmegaConf.to_container(cfg, resolve=True)
+        try:
+            raw = OmegaConf.to_container(cfg, resolve=True)
+        except OmegaConfBaseException as exc:  # a failing ${...} interpolation or resolver
+            raise ConfigError(explain_hydra_error(exc)) from None
     else:
         raw = {k: v for k, v in dict(cfg).items() if k != "hydra"}
     variant = dict(raw.pop("variant", None) or {})
@@ -130,20 +142,58 @@ def from_dictconfig(cfg: Any) -> RunConfig:
     known = {f.name for f in dataclasses.fields(RunConfig)} - nested
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown config key; allowed: {', '.join(sorted(known))}")
+        raise ConfigError(unknown_key(unknown[0], known))
+    for key, value in raw.items():
+        if key != "max_memory":
+            check_type(key, value, _HINTS[RunConfig][key])
     raw["max_memory"] = parse_bytes(raw.get("max_memory", 0) or 0)
     run = RunConfig(variant=str(name), params=variant, timing=timing, error=error, **raw)
     validate(run)
     return run
 
 
+def unknown_key(key: str, allowed: Iterable[str], what: str = "config key") -> str:
+    """'<key>: unknown config key; did you mean …? allowed: …' (close matches first)."""
+    allowed = sorted(allowed)
+    prefix, _, last = key.rpartition(".")
+    close = difflib.get_close_matches(last, allowed, n=3, cutoff=0.6)
+    hint = f" did you mean {', '.join(f'{prefix}.{c}' if prefix else c for c in close)}?" \
+        if close else ""
+    return f"{key}: unknown {what};{hint} allowed: {', '.join(allowed) or '(none)'}"
+
+
+def check_type(key: str, value: Any, kind: Any) -> None:
+    """Raise ConfigError unless `value` is of the declared type `kind` (int, float, bool, str
+    or a Literal): a bool is not an int, an int field refuses 1.5, floats must be finite."""
+    if get_origin(kind) is Literal:
+        if value not in get_args(kind):
+            options = ", ".join(str(a) for a in get_args(kind))
+            raise ConfigError(f"{key}={value!r}: expected one of {options}")
+        return
+    if kind is bool:
+        ok, want = isinstance(value, bool), "true or false"
+    elif kind is int:
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and \
+            math.isfinite(value)
+        want = "a finite number"
+    elif kind is str:
+        ok, want = isinstance(value, str), "a string"
+    else:
+        return  # containers (params) are checked field by field elsewhere
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: expected {want}")
+
+
 def _sub(cls: type, raw: dict, prefix: str):
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in names:
-            raise ConfigError(
-                f"{prefix}.{key}: unknown config key; allowed: {', '.join(sorted(names))}"
-            )
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix}={raw!r}: expected a group of keys ({prefix}.<key>=...)")
+    hints = _HINTS[cls]
+    for key, value in raw.items():
+        if key not in hints:
+            raise ConfigError(unknown_key(f"{prefix}.{key}", hints))
+        check_type(f"{prefix}.{key}", value, hints[key])
     return cls(**raw)
 
 
@@ -179,8 +229,14 @@ def validate(run: RunConfig) -> None:
         raise ConfigError(f"timing.max_reps={t.max_reps}: must be >= timing.min_reps={t.min_reps}")
     for name in ("min_time_s", "max_time_s"):
         value = getattr(t, name)
-        if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
-            raise ConfigError(f"timing.{name}={value!r}: must be a number >= 0")
+        if not isinstance(value, int | float) or isinstance(value, bool) or not \
+                math.isfinite(value) or value < 0:
+            raise ConfigError(f"timing.{name}={value!r}: must be a finite number >= 0")
+    if t.max_time_s < t.min_time_s:
+        raise ConfigError(f"timing.max_time_s={t.max_time_s}: must be >= timing.min_time_s="
+                          f"{t.min_time_s} (timing stops at max_time_s)")
+    if not isinstance(run.seed, int) or isinstance(run.seed, bool) or not 0 <= run.seed < 2**63:
+        raise ConfigError(f"seed={run.seed!r}: must be an integer in [0, 2^63)")
     if not isinstance(run.error.rows, int) or run.error.rows < 0:
         raise ConfigError(f"error.rows={run.error.rows!r}: must be an integer >= 0")
     _check_variant(run)
@@ -190,13 +246,25 @@ def _check_variant(run: RunConfig) -> None:
     import variants
 
     try:
-        variants.get(run.variant)
+        cls = variants.get(run.variant)
     except KeyError as exc:
         raise ConfigError(f"variant={run.variant!r}: {exc.args[0]}") from None
+    hints = {f.name: _hint(cls, f) for f in dataclasses.fields(cls)}
+    for key, value in run.params.items():
+        if key not in hints:
+            raise ConfigError(unknown_key(f"variant.{key}", hints, f"parameter of {run.variant}"))
+        check_type(f"variant.{key}", value, hints[key])
     try:
         variants.build(run.variant, **run.params)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"variant.{_field_of(str(exc))}: {exc}") from None
+
+
+def _hint(cls: type, f: dataclasses.Field) -> Any:
+    try:
+        return get_type_hints(cls)[f.name]
+    except Exception:  # a plugin's annotation we cannot resolve: no type check for it
+        return Any
 
 
 def _field_of(message: str) -> str:
@@ -231,7 +299,7 @@ def check_writable(folder: Path, field: str) -> None:
 def explain_hydra_error(exc: BaseException) -> str:
     """Hydra's multi-line composition errors as one line naming the field, with close matches."""
     msg = str(exc)
-    m = re.search(r"Could not find '(\w+)/([^']+)'", msg)
+    m = re.search(r"Could not find '([\w/]+)/([^'/]+)'", msg)
     if m:
         group, value = m.groups()
         options = re.findall(r"^\t(\S+)$", msg, re.MULTILINE)
@@ -241,8 +309,24 @@ def explain_hydra_error(exc: BaseException) -> str:
     m = re.search(r"Could not override '([\w.]+)'", msg) or re.search(r"Key '([\w.]+)'", msg)
     if m:
         key = m.group(1)
-        known = [f for f in RunConfig.__dataclass_fields__ if f != "params"]
-        close = difflib.get_close_matches(key.split(".")[-1], known, n=3)
-        hint = f" did you mean {', '.join(close)}?" if close else ""
-        return f"{key}: unknown config key;{hint} (add a new key with +{key}=...)"
+        head = key.split(".")[0]
+        return unknown_key(key, _keys_under(head) if "." in key else
+                           [f for f in RunConfig.__dataclass_fields__ if f != "params"])
+    m = re.search(r"full_key: ([\w.]+)", msg)
+    first = msg.strip().splitlines()[0] if msg.strip() else type(exc).__name__
+    if m:  # an interpolation or resolver failed while resolving this key
+        return f"{m.group(1)}: {first}"
     return " ".join(msg.split())
+
+
+def _keys_under(head: str) -> list[str]:
+    """The keys a nested group accepts: timing.*, error.*, or any variant's parameters."""
+    nested = {"timing": TimingConfig, "error": ErrorConfig}
+    if head in nested:
+        return list(_HINTS[nested[head]])
+    if head == "variant":
+        import variants
+
+        return sorted({f.name for n in variants.names()
+                       for f in dataclasses.fields(variants.get(n))} | {"name"})
+    return []

@@ -1,0 +1,54 @@
+"""Every class of bad input is refused before any work, with one line naming the full key, the
+value and what is allowed; exit code 2, no traceback, no folder left behind — single run and
+multirun alike."""
+
+from __future__ import annotations
+
+import pytest
+
+# (overrides, the key the one line must name, a word it must contain)
+CASES = [
+    (["variant=local", "variant.window=1.5"], "variant.window", "integer"),
+    (["variant=local", "variant.window=true"], "variant.window", "integer"),
+    (["variant=performer", "variant.eps=nan"], "variant.eps", "finite"),
+    (["variant=local", "variant.windw=3"], "variant.windw", "variant.window"),
+    (["timing.min_rep=3"], "timing.min_rep", "timing.min_reps"),
+    (["seqln=3"], "seqln", "seq_len"),
+    (["seed=1.5"], "seed", "integer"),
+    (["causal=1"], "causal", "true or false"),
+    (["max_memory=99999999999999999999999"], "max_memory", "2^63"),
+    (["max_memory=1e30TB"], "max_memory", ""),
+    (["timing.min_time_s=5", "timing.max_time_s=1"], "timing.max_time_s", "min_time_s"),
+    (["timing.min_time_s=inf"], "timing.min_time_s", "finite"),
+    (["timing=3"], "timing", ""),
+    (["+sweep=nope"], "sweep", "cpu_quick"),
+    (["hydra/launcher=nope"], "hydra/launcher", "basic"),
+    (["+sweep=gpu_scaling", "sweep.tokens=abc"], "batch", "abc"),
+    (["seq_len=${oc.env:ATTNBENCH_NO_SUCH_VAR}"], "seq_len", "ATTNBENCH_NO_SUCH_VAR"),
+    (["variant=nope"], "variant", "full"),
+]
+
+
+def _run(tmp_path, capsys, args):
+    from hydra.core.global_hydra import GlobalHydra
+
+    from harness.cli import main
+
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main([*args, f"hydra.sweep.dir={tmp_path}/s", f"hydra.run.dir={tmp_path}/r"])
+    finally:
+        GlobalHydra.instance().clear()
+    return exit_.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("multirun", [False, True], ids=["single", "multirun"])
+@pytest.mark.parametrize(("args", "key", "word"), CASES, ids=[" ".join(c[0]) for c in CASES])
+def test_bad_input_is_one_line_before_any_work(tmp_path, capsys, args, key, word, multirun):
+    code, err = _run(tmp_path, capsys, (["-m"] if multirun else []) + args)
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"attnbench: error: {key}"), lines[0]
+    assert word in lines[0], lines[0]
+    assert not (tmp_path / "s").exists() and not (tmp_path / "r").exists()
