@@ -3,18 +3,24 @@
 # Set-up creates .venv/ at the repo root. Where the python running make already has torch (a GPU
 # box), the venv sees it (--system-site-packages) and a constraints file pins it: it is reused,
 # never replaced. Elsewhere it installs $(TORCH_SPEC), the CPU build here, so no CUDA wheels.
+# EXTRAS picks optional groups (test, gpu, cluster, xformers); changing it re-runs the set-up.
+# xformers goes in a step of its own against the pinned torch: where no build fits that torch,
+# set-up says so and goes on without it (full[xformers] points are then `unsupported`).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= test
 ARGS ?=
+comma := ,
+PIP_EXTRAS := $(subst $(eval) ,$(comma),$(strip $(filter-out xformers,$(subst $(comma), ,$(EXTRAS)))))
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 .PHONY: setup bench test lint clean
 
-setup: $(VENV)/.installed
+setup: $(STAMP)
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile
 	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
 	  echo "setup: reusing the torch already installed for $(PYTHON)"; \
 	  $(PYTHON) -m venv --system-site-packages $(VENV); \
@@ -22,7 +28,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 	  $(PYTHON) -m venv $(VENV) && $(BIN)/python -m pip install -q "$(TORCH_SPEC)" numpy; \
 	fi
 	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
-	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[$(PIP_EXTRAS)]"
+	@case ",$(EXTRAS)," in *,xformers,*) \
+	  $(BIN)/python -m pip install -q -c $(VENV)/constraints.txt xformers \
+	  || echo "setup: no xformers build fits $$(cat $(VENV)/constraints.txt); continuing without it";; \
+	esac
+	@rm -f $(VENV)/.installed-*
 	@touch $@
 
 bench: setup

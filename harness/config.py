@@ -77,6 +77,7 @@ class RunConfig:
     threads: int = 0
     max_memory: int = 0
     resume: bool = False
+    isolate: str | bool = "auto"  # auto (a process per point on CUDA) | true | false
     timing: TimingConfig = field(default_factory=TimingConfig)
     error: ErrorConfig = field(default_factory=ErrorConfig)
 
@@ -211,6 +212,8 @@ def validate(run: RunConfig) -> None:
         raise ConfigError("device='cuda': no CUDA device is available on this machine")
     if run.mode not in MODES:
         raise ConfigError(f"mode={run.mode!r}: expected one of {', '.join(MODES)}")
+    if not (run.isolate == "auto" or isinstance(run.isolate, bool)):
+        raise ConfigError(f"isolate={run.isolate!r}: expected auto, true or false")
     for name in ("causal", "resume"):
         if not isinstance(getattr(run, name), bool):
             raise ConfigError(f"{name}={getattr(run, name)!r}: expected true or false")

@@ -62,6 +62,7 @@ class Record:
     rel_error: float = NAN
     max_abs_error: float = NAN
     entropy: float = NAN
+    notes: str = ""  # caveats of an ok point (a CUDA graph that fell back, NVML missing)
     kernel: str = ""  # the kernel that actually ran (SDPA backend, flex compiled, engine path)
     compute_dtype: str = ""  # dtype of the matmuls ("" where not recorded)
     ops_per_call: float = NAN  # ATen ops one call dispatches (counted once, outside timing)

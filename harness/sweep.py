@@ -12,14 +12,17 @@ import datetime as dt
 import functools
 import gc
 import hashlib
+import importlib
 import json
 import logging
 import math
+import multiprocessing
 import platform
 import subprocess
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -42,7 +45,50 @@ NOISY_SPREAD = 0.10
 def run_point(run: RunConfig) -> Record:
     """Measure one point and return its record (never raises for a failing point).
 
-    Everything the point does — building the variant, its support check and models, setting
+    With `isolate` (default `auto`: on CUDA) the point runs in a fresh process of its own, so a
+    sticky CUDA error, a compile cache or a variant's cached projections cannot leak into the
+    next point; a process that dies is an `error` row with its exit code."""
+    if isolated(run):
+        return _run_in_subprocess(run)
+    return _run_point_here(run)
+
+
+def isolated(run: RunConfig) -> bool:
+    if run.isolate == "auto":
+        return resolve_device(run.device) == "cuda"
+    return run.isolate is True
+
+
+def _run_in_subprocess(run: RunConfig) -> Record:
+    ctx = multiprocessing.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    module = ""
+    with contextlib.suppress(KeyError):
+        module = variants.get(run.variant).__module__  # a plugin's module, for the child
+    proc = ctx.Process(target=_child, args=(run, module, send), daemon=True)
+    proc.start()
+    send.close()
+    record = None
+    with contextlib.suppress(EOFError):
+        record = recv.recv()  # EOF: the child died without answering
+    proc.join()
+    if isinstance(record, Record):
+        return record
+    return Record(**_run_fields(run), status="error",
+                  reason=f"the point's process died (exit code {proc.exitcode}) before it "
+                         f"returned a record; see the log")
+
+
+def _child(run: RunConfig, module: str, send) -> None:
+    if module:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
+    send.send(_run_point_here(replace(run, isolate=False)))
+    send.close()
+
+
+def _run_point_here(run: RunConfig) -> Record:
+    """Everything the point does — building the variant, its support check and models, setting
     threads, reading the device — runs inside one guard: a failure anywhere is a row."""
     base = _run_fields(run)
 
@@ -120,6 +166,7 @@ def _measure(run, att: Variant, shape: Shape, dtype, device: str, predicted: int
     if bad:
         return finish("invalid", f"non-finite values in {bad} (a timed call)", setup_s=setup_s)
     gpu = gpu_state(device)
+    notes = "; ".join(x for x in (timing.note, gpu.pop("notes", "")) if x)
     for x in inputs:  # the measured call's own gradients count in its peak
         x.grad = None
     peak = peak_memory(call, device)
@@ -144,6 +191,7 @@ def _measure(run, att: Variant, shape: Shape, dtype, device: str, predicted: int
         rel_error=rel,
         max_abs_error=mab,
         entropy=entropy,
+        notes=notes,
         **counted,
         **gpu,
     )
@@ -217,13 +265,19 @@ def predicted_bytes(att: Variant, shape: Shape, dtype: torch.dtype, run: RunConf
     return int(inputs + (fwd * 3 + 2 * inputs if run.mode == "fwd_bwd" else fwd))
 
 
+# Allocation failures that surface as plain RuntimeErrors: the CPU allocator, and cuBLAS /
+# cuDNN / cuFFT / cuSOLVER failing to get workspace (their status codes, not torch's OOM type).
+OOM_MESSAGES = ("out of memory", "can't allocate memory", "DefaultCPUAllocator",
+                "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+                "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE", "CUFFT_ALLOC_FAILED",
+                "CUSOLVER_STATUS_ALLOC_FAILED", "CUDA error: out of memory")
+
+
 def is_oom(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError | MemoryError):
         return True
     msg = str(exc)
-    return isinstance(exc, RuntimeError) and (
-        "out of memory" in msg or "can't allocate memory" in msg or "DefaultCPUAllocator" in msg
-    )
+    return isinstance(exc, RuntimeError) and any(m in msg for m in OOM_MESSAGES)
 
 
 def _non_finite(out, inputs) -> str:
@@ -247,7 +301,7 @@ def _short(exc: BaseException, limit: int = 300) -> str:
 
 def point_id(run: RunConfig) -> str:
     """A stable id of what a point measures (for resume): hash of the config, seed included."""
-    skip = ("timing", "error", "max_memory", "resume", "threads")
+    skip = ("timing", "error", "max_memory", "resume", "threads", "isolate")
     d = {k: v for k, v in run.__dict__.items() if k not in skip}
     blob = json.dumps(d, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -286,8 +340,9 @@ def _variant_fields(run: RunConfig, att: Variant, shape: Shape) -> dict:
     )
 
 
-def gpu_state(device: str) -> dict[str, float]:
-    """SM clock (MHz) and temperature (°C) through NVML, right after timing; empty elsewhere."""
+def gpu_state(device: str) -> dict[str, float | str]:
+    """SM clock (MHz) and temperature (°C) through NVML, right after timing; empty elsewhere.
+    Without NVML (pip install attnbench[gpu]) the fields stay NaN and `notes` says why."""
     if device != "cuda":
         return {}
     try:
@@ -295,8 +350,9 @@ def gpu_state(device: str) -> dict[str, float]:
             "gpu_clock_mhz": float(torch.cuda.clock_rate()),
             "gpu_temp_c": float(torch.cuda.temperature()),
         }
-    except Exception:  # no pynvml / NVML: the fields stay NaN
-        return {}
+    except Exception as exc:  # no pynvml / NVML
+        return {"notes": f"no GPU clock/temperature: NVML unavailable ({type(exc).__name__}: "
+                         f"{_short(exc, 120)}; pip install attnbench[gpu])"}
 
 
 def _nan_if_none(x: float | None) -> float:

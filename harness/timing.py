@@ -7,6 +7,7 @@ CPU by ``time.perf_counter``. Repeats continue until both `min_reps` and `min_ti
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ class Timing:
     reps: int
     warmup: int
     load: Contention = field(default_factory=Contention.unknown)  # the machine while timed
+    note: str = ""  # e.g. why a CUDA graph could not be captured (then timed eagerly)
 
     @property
     def spread(self) -> float:
@@ -77,8 +79,15 @@ def measure_latency(
     for _ in range(warmup):
         fn()
     synchronize(dev)
+    note = ""
     if cuda_graph and dev.type == "cuda":
-        fn = _capture(fn, dev)
+        try:
+            fn = _capture(fn, dev)
+        except Exception as exc:  # e.g. a host sync or an allocation the graph cannot hold
+            note = f"cuda_graph capture failed ({type(exc).__name__}: {_first_line(exc)}); " \
+                "timed eagerly"
+            with contextlib.suppress(Exception):
+                torch.cuda.synchronize(dev)
     times: list[float] = []
     total = 0.0
     before = snapshot()
@@ -114,17 +123,29 @@ def measure_latency(
         reps=len(times),
         warmup=warmup,
         load=load,
+        note=note,
     )
 
 
 def _capture(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
-    """Capture `fn` in a CUDA graph (after warm-up on a side stream, as PyTorch recommends)."""
+    """Capture `fn` in a CUDA graph (after warm-up on a side stream, as PyTorch recommends).
+    The caller's current stream is the current stream again afterwards, whether or not the
+    capture succeeds (both context managers restore it on the way out)."""
+    current = torch.cuda.current_stream(device)
     side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    side.wait_stream(current)
+    try:
+        with torch.cuda.stream(side):
+            fn()
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    finally:
+        torch.cuda.set_stream(current)
     return graph.replay
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

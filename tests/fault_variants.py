@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import ClassVar
@@ -19,7 +20,7 @@ class Faulty(Variant):
     """Exact attention that, at n == fail_at, fails as `how` says; sleeps `sleep_ms` per call."""
 
     name: ClassVar[str] = "faulty"
-    how: str = "oom"  # oom | cpu_oom | nonfinite | error
+    how: str = "oom"  # oom | cpu_oom | nonfinite | error | exit (the process dies)
     fail_at: int = 64
     sleep_ms: float = 0.0
 
@@ -35,6 +36,8 @@ class Faulty(Variant):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 EiB (simulated)")
         if self.how == "cpu_oom":
             torch.empty(1 << 62, dtype=torch.uint8)  # the CPU allocator really refuses this
+        if self.how == "exit":
+            os._exit(3)
         if self.how == "nonfinite":
             return out * float("nan")
         raise ValueError(f"boom at n={self.fail_at}")

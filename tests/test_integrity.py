@@ -188,3 +188,18 @@ def test_points_measured_beside_cpu_hogs_are_flagged_contended():
     flagged = [r for r in recs if r.contended]
     assert len(flagged) >= 3, [(r.seq_len, r.others_cpu) for r in recs]
     assert all(r.others_cpu > CONTENDED_SHARE for r in flagged)
+
+
+def test_isolated_points_run_in_their_own_process_and_a_dying_one_is_a_row():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import fault_variants  # noqa: F401  (registers `faulty`, here and in the child)
+
+    here = run_point(point("full"))
+    there = run_point(point("full", isolate=True))
+    assert there.status == "ok" and there.kernel == here.kernel
+    assert there.rel_error < 1e-5
+    dead = run_point(point("faulty", {"how": "exit", "fail_at": 64}, isolate=True))
+    assert dead.status == "error" and "exit code 3" in dead.reason
