@@ -8,6 +8,7 @@ import torch
 import variants
 from harness.memory import peak_memory
 from variants.base import Shape
+from variants.full import _pinned_sdpa_reasons, causal_tiled_fraction
 from variants.testing import assert_matches, random_qkv
 
 CPU_BACKENDS = ["naive", "sdpa"]
@@ -53,7 +54,6 @@ def test_flops_and_declared_complexity():
     s = Shape(2, 4, 1024, 64)
     sdpa, naive = variants.build("full"), variants.build("full", backend="naive")
     assert sdpa.flops(s) == 4 * 2 * 4 * 1024 * 1024 * 64
-    assert sdpa.flops(s, causal=True) == sdpa.flops(s) / 2
     assert naive.flops(s, causal=True) == naive.flops(s)  # naive computes then masks
     assert naive.complexity == {"time": "O(n^2)", "memory": "O(n^2)"}
     assert sdpa.complexity == {"time": "O(n^2)", "memory": "O(n)"}
@@ -68,3 +68,60 @@ def test_memory_truth_naive_vs_sdpa():
     sdpa = peak_memory(lambda: variants.build("full", backend="sdpa")(q, k, v))
     assert naive >= scores
     assert sdpa < scores / 4
+
+
+def test_causal_flops_follow_the_kernel():
+    """CPU flash (sdpa auto/flash) runs whole 512-key blocks up to the diagonal: nothing skipped
+    at n <= 512, 3/4 of the scores at n=1024 (q tiles of 256); math and naive compute all;
+    flex and CUDA kernels skip 128×128 tiles."""
+    full = 4 * 2 * 4 * 1024 * 1024 * 64
+    s = Shape(2, 4, 1024, 64)
+    assert variants.build("full").flops(s, causal=True) == 0.75 * full
+    assert variants.build("full").flops(Shape(2, 4, 512, 64), causal=True) == full / 4
+    assert variants.build("full", sdpa_backend="math").flops(s, causal=True) == full
+    assert variants.build("full", backend="flex").flops(s, causal=True) == full * 9 / 16
+    assert variants.build("full").flops(s, True, "cuda") == full * 9 / 16
+    assert causal_tiled_fraction(4096, 256, 512) == 0.5625
+    assert variants.build("full").density(1024, causal=True) == 0.75
+
+
+@pytest.mark.parametrize("backend,pin,factor", [
+    ("sdpa", "auto", 2.5), ("sdpa", "flash", 2.5), ("sdpa", "math", 2.0), ("naive", "auto", 2.0),
+    ("flex", "auto", 2.5), ("xformers", "auto", 2.5),
+])
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_flops_recompute_or_not(backend, pin, factor, causal):
+    att = variants.build("full", backend=backend, sdpa_backend=pin)
+    s = Shape(1, 2, 2048, 64)
+    assert att.backward_flops(s, causal) == factor * att.flops(s, causal)
+
+
+def test_kernel_strings():
+    s = Shape(1, 2, 128, 16)
+    want = {("naive", "auto"): "naive", ("sdpa", "auto"): "sdpa", ("sdpa", "math"): "sdpa:math",
+            ("xformers", "auto"): "xformers", ("flex", "auto"): "flex:compiled"}
+    for (backend, pin), kernel in want.items():
+        att = variants.build("full", backend=backend, sdpa_backend=pin)
+        assert att.kernel(s, "cpu", False, False) == kernel
+
+
+def test_pinned_sdpa_reasons_fall_back_to_the_hand_rule(monkeypatch):
+    monkeypatch.delattr(torch.backends.cuda, "can_use_flash_attention")
+    shape = Shape(1, 2, 64, 12)
+    reasons = _pinned_sdpa_reasons("flash", shape, torch.float32, "cpu", False, "fwd")
+    assert any("float16/bfloat16" in r for r in reasons)
+    assert any("multiple of 8" in r for r in reasons)
+
+
+@pytest.mark.cuda_only
+@pytest.mark.parametrize("pin", ["flash", "efficient", "cudnn"])
+def test_pinned_sdpa_reasons_come_from_torch(pin):
+    """head_dim 513 is beyond every fused CUDA kernel: torch's check says so, with its words;
+    a point it accepts runs pinned."""
+    att = variants.build("full", sdpa_backend=pin)
+    bad = att.not_supported_reasons(Shape(1, 2, 256, 513), torch.float16, "cuda", False)
+    assert bad and all(r.startswith(f"sdpa_backend={pin}: ") and len(r) > 30 for r in bad)
+    shape = Shape(1, 2, 256, 64)
+    if not att.not_supported_reasons(shape, torch.float16, "cuda", False):
+        q = torch.randn(1, 2, 256, 64, device="cuda", dtype=torch.float16)
+        att(q, q, q)

@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from variants._flex import compiled_flex, flex_reasons
+from variants._flex import flex_attention_compiled, flex_reasons
 from variants.base import Shape, Variant
 
 IMPLS = ("blocked", "flex")
@@ -277,8 +277,26 @@ class BlockSparse(Variant):
     ) -> torch.Tensor:
         n = q.shape[-2]
         if self.impl == "flex":
-            return compiled_flex()(q, k, v, block_mask=self._flex_mask(n, causal, q.device))
+            return flex_attention_compiled(q, k, v, self._flex_mask(n, causal, q.device))
         return blocksparse_attention(q, k, v, self.layout(n, causal, q.device))
+
+    def kernel(self, shape: Shape, device: torch.device | str, causal: bool, grad: bool) -> str:
+        """``flex:compiled``, or ``blocksparse:`` and the engine paths the groups take, joined
+        by ``+``: band (strided key windows, no gather), sdpa-gather (gathered key blocks
+        through fused sdpa) and matmul-gather (gathered key blocks, explicit scores with the
+        -inf bias where the pattern cuts, softmax, matmul). Mirrors blocksparse_attention."""
+        if self.impl == "flex":
+            return "flex:compiled"
+        paths = set()
+        for _, _, bias, _, band in self.layout(shape.seq_len, causal).groups:
+            if band and not grad:
+                paths.add("band")
+            elif not grad and bias is None:
+                paths.add("sdpa-gather")
+            else:
+                paths.add("matmul-gather")
+        order = ("band", "sdpa-gather", "matmul-gather")
+        return "blocksparse:" + "+".join(p for p in order if p in paths)
 
     def _flex_mask(self, n: int, causal: bool, device: torch.device):
         key = ("flex", n, causal, str(device))

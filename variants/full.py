@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from variants import register
-from variants._flex import compiled_flex, flex_reasons
+from variants._flex import flex_attention_compiled, flex_reasons
 from variants.base import Shape, Variant, full_flops
 
 BACKENDS = ("naive", "sdpa", "xformers", "flex")
@@ -54,6 +54,11 @@ class Full(Variant):
         return f"full[{self.backend}]"
 
     @property
+    def _materialises(self) -> bool:
+        """Computes the whole score matrix (and masks it when causal)."""
+        return self.backend == "naive" or (self.backend, self.sdpa_backend) == ("sdpa", "math")
+
+    @property
     def memory_exponent(self) -> float:  # type: ignore[override]
         return 2.0 if self.backend == "naive" else 1.0
 
@@ -77,22 +82,58 @@ class Full(Variant):
             reasons += flex_reasons(device, mode)
         if self.backend == "sdpa" and self.sdpa_backend in ("efficient", "cudnn") and not on_cuda:
             reasons.append(f"sdpa_backend={self.sdpa_backend} has no CPU kernel")
-        if on_cuda and self.backend == "sdpa" and self.sdpa_backend in ("flash", "cudnn"):
-            if dtype not in (torch.float16, torch.bfloat16):
-                reasons.append(f"sdpa_backend={self.sdpa_backend} needs float16/bfloat16")
-            if shape.head_dim > 256 or shape.head_dim % 8:
-                reasons.append(
-                    f"sdpa_backend={self.sdpa_backend} needs head_dim a multiple of 8 and <= 256"
-                )
+        if on_cuda and self.backend == "sdpa" and self.sdpa_backend != "auto":
+            reasons += _pinned_sdpa_reasons(self.sdpa_backend, shape, dtype, device, causal, mode)
         return reasons
 
-    def flops(self, shape: Shape, causal: bool = False) -> float:
-        # The naive backend computes every score and masks afterwards; the others skip the
-        # masked half of the causal triangle.
-        return full_flops(shape, causal and self.backend != "naive")
+    def kernel(
+        self,
+        shape: Shape,
+        device: torch.device | str,
+        causal: bool,
+        grad: bool,
+        dtype: torch.dtype | None = None,
+    ) -> str:
+        """naive | sdpa (sdpa:<pinned>; the harness adds the backend torch picked) |
+        xformers[:<op>] (the op xformers dispatches to, on CUDA when `dtype` is given) |
+        flex:compiled (flex never runs uncompiled: variants/_flex.py)."""
+        if self.backend == "sdpa":
+            return "sdpa" if self.sdpa_backend == "auto" else f"sdpa:{self.sdpa_backend}"
+        if self.backend == "xformers":
+            op = _xformers_op(shape, device, causal, grad, dtype) if dtype else ""
+            return f"xformers:{op}" if op else "xformers"
+        if self.backend == "flex":
+            return "flex:compiled"
+        return self.backend
 
-    def density(self, n: int, causal: bool = False) -> float | None:
-        return 1.0 if self.backend == "naive" else super().density(n, causal)
+    def flops(
+        self, shape: Shape, causal: bool = False, device: torch.device | str = "cpu"
+    ) -> float:
+        return full_flops(shape) * self.density(shape.seq_len, causal, device)
+
+    def backward_flops(
+        self, shape: Shape, causal: bool = False, device: torch.device | str = "cpu"
+    ) -> float:
+        # Flash-style kernels keep no probabilities: backward recomputes QKᵀ (2.5× forward,
+        # FlashAttention's count); naive and sdpa math keep them (2× forward: two gradient
+        # matmuls per forward matmul).
+        factor = 2.0 if self._materialises else 2.5
+        return factor * self.flops(shape, causal, device)
+
+    def density(
+        self, n: int, causal: bool = False, device: torch.device | str = "cpu"
+    ) -> float | None:
+        """Fraction of the n×n scores the kernel computes. Causal: naive and sdpa math compute
+        all and mask; flex skips the 128×128 blocks above the diagonal; the CPU flash kernel
+        (sdpa auto/flash on CPU) only skips whole 512-key blocks; CUDA kernels skip tiles,
+        modelled as 128×128."""
+        if not causal or self._materialises:
+            return 1.0
+        on_cuda = torch.device(device).type == "cuda"
+        if self.backend == "sdpa" and not on_cuda:
+            q_tile = 256 if n >= 768 else 64 if n >= 192 else 32
+            return causal_tiled_fraction(n, q_tile, 512)
+        return causal_tiled_fraction(n, 128, 128)
 
     def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = False) -> int:
         el = torch.empty((), dtype=dtype).element_size()
@@ -120,7 +161,7 @@ class Full(Variant):
             )
             return out.transpose(1, 2)
         block_mask = _causal_block_mask(q.shape[-2], str(q.device)) if causal else None
-        return compiled_flex()(q, k, v, block_mask=block_mask)
+        return flex_attention_compiled(q, k, v, block_mask)
 
 
 def naive_attention(
@@ -147,6 +188,80 @@ def _sdpa_context(backend: str) -> contextlib.AbstractContextManager:
         "math": SDPBackend.MATH,
     }[backend]
     return sdpa_kernel(pinned)
+
+
+def causal_tiled_fraction(n: int, q_tile: int, kv_tile: int) -> float:
+    """Fraction of the n×n scores a causal tiled kernel computes when, for each q_tile rows,
+    it runs whole kv_tile-wide key blocks up to the diagonal (aten's cpu_flash_attention:
+    ``for (n = 0; n < min(m + qBlockSize, kvSize); n += kvSplitSize)``, blocks of kvSplitSize)."""
+    done = 0
+    for m in range(0, n, q_tile):
+        rows = min(q_tile, n - m)
+        keys = min(m + rows, n)
+        done += rows * min(-(-keys // kv_tile) * kv_tile, n)
+    return done / (n * n)
+
+
+def _pinned_sdpa_reasons(
+    backend: str, shape: Shape, dtype: torch.dtype, device, causal: bool, mode: str
+) -> list[str]:
+    """Why torch's own check refuses a pinned CUDA SDPA backend (its debug warnings), the
+    hand-kept rule where torch lacks the check."""
+    check = {
+        "flash": "can_use_flash_attention",
+        "efficient": "can_use_efficient_attention",
+        "cudnn": "can_use_cudnn_attention",
+    }.get(backend)
+    if check is None:  # math runs everything
+        return []
+    try:
+        import warnings
+
+        from torch.backends.cuda import SDPAParams
+
+        can_use = getattr(torch.backends.cuda, check)
+        b, h, n, d = shape.batch, shape.heads, shape.seq_len, shape.head_dim
+        # stride-0 views of one head_dim row: the real shape and dtype, no real allocation
+        row = torch.empty(d, device=device, dtype=dtype, requires_grad=mode == "fwd_bwd")
+        qkv = row.expand(b, h, n, d)  # (B, H, N, D)
+        params = SDPAParams(qkv, qkv, qkv, None, 0.0, causal, False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ok = can_use(params, True)
+    except (ImportError, AttributeError, TypeError, RuntimeError):
+        return _hand_rule(backend, shape, dtype)
+    if ok:
+        return []
+    why = "; ".join(str(w.message).strip() for w in caught)
+    return [f"sdpa_backend={backend}: {why or f'torch.backends.cuda.{check} says no'}"]
+
+
+def _hand_rule(backend: str, shape: Shape, dtype: torch.dtype) -> list[str]:
+    if backend not in ("flash", "cudnn"):
+        return []
+    reasons = []
+    if dtype not in (torch.float16, torch.bfloat16):
+        reasons.append(f"sdpa_backend={backend} needs float16/bfloat16")
+    if shape.head_dim > 256 or shape.head_dim % 8:
+        reasons.append(f"sdpa_backend={backend} needs head_dim a multiple of 8 and <= 256")
+    return reasons
+
+
+def _xformers_op(shape: Shape, device, causal: bool, grad: bool, dtype: torch.dtype) -> str:
+    """Name of the op xformers' dispatcher picks for the forward (CUDA only; "" if unknown)."""
+    if torch.device(device).type != "cuda" or _xformers_missing():
+        return ""
+    try:
+        from xformers.ops import LowerTriangularMask, fmha
+        from xformers.ops.fmha.dispatch import _dispatch_fw
+
+        b, h, n, d = shape.batch, shape.heads, shape.seq_len, shape.head_dim
+        qkv = torch.empty(d, device=device, dtype=dtype).expand(b, n, h, d)  # (B, N, H, D)
+        bias = LowerTriangularMask() if causal else None
+        op = _dispatch_fw(fmha.Inputs(query=qkv, key=qkv, value=qkv, attn_bias=bias), grad)
+        return str(getattr(op, "NAME", op.__name__))
+    except Exception:  # a private API: naming the op is a nicety, never a failure
+        return ""
 
 
 @functools.cache
