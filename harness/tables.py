@@ -191,14 +191,16 @@ def _exponent(f) -> str:
     if not math.isfinite(f.exponent):
         decl = f", declared {f.declared:g}: inconclusive" if math.isfinite(f.declared) else ""
         return f"{f.metric}: too few points for an exponent{decl}"
+    const = f"{fmt(f.const / 2**20)} MB" if f.metric == "memory" else f"{fmt(f.const)} ms"
     text = (f"{f.metric} ∝ n^{f.exponent:.2f} (95% CI {f.ci_low:.2f}–{f.ci_high:.2f}"
-            + (f", with a constant {fmt(f.const)}" if f.model == CONST else ""))
+            + (f", plus a constant {const}" if f.model == CONST else ""))
     if f.agrees:
         word = {"yes": "agrees", "no": "disagrees",
                 "inconclusive": "inconclusive (interval too wide to tell)"}[f.agrees]
         text += f"; declared {f.declared:g}: {word}"
-    marked = [f"{k} {w}" for k, w in ((f.noisy, "noisy ~"), (f.contended, "contended !")) if k]
-    return text + (f"; fit includes {' and '.join(marked)} points" if marked else "") + ")"
+    marked = [f"{k} {w}" for k, w in ((f.noisy, "noisy (~)"), (f.contended, "contended (!)"))
+              if k]
+    return text + (f"; fitted points include {' and '.join(marked)}" if marked else "") + ")"
 
 
 def _versus(text: str, better: str) -> str:
