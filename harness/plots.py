@@ -82,7 +82,7 @@ def _panels(names: list[str], ncols_max: int = 3, size=(5.2, 3.8)):
 
 def _legend(fig, axes) -> None:
     """Tidy the layout (room for the suptitle), then one legend for all panels, to the right."""
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     handles, labels = {}, []
     for ax in axes:
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
@@ -91,7 +91,7 @@ def _legend(fig, axes) -> None:
                 labels.append(lab)
     if handles:
         fig.legend([handles[lab] for lab in labels], labels, loc="upper left",
-                   bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=8)
+                   bbox_to_anchor=(1.0, 0.92), frameon=False, fontsize=8)
 
 
 def _num(v: float) -> str:
@@ -160,13 +160,14 @@ def scaling_plot(df, scaling, styles, metric, folder: Path) -> list[Path]:
                         label=f"_fit {label}")
         if sub.empty:
             _empty(ax)
-        ax.set(xscale="log", yscale="log", xlabel="sequence length n", ylabel=unit,
-               title=name or None)
+        per = not sub.empty and (sub.per == "sequence").all()
+        ax.set(xscale="log", yscale="log", xlabel="sequence length n",
+               ylabel=unit.replace(" (", " per sequence (") if per else unit, title=name or None)
         tidy_log(ax, df.seq_len.unique())
-    per = " per sequence where batch varies with n;" if (df.per == "sequence").any() else ""
-    hollow = " hollow: noisy or contended;" if metric == "latency" else ""
-    fig.suptitle(f"{unit.split(' (')[0]} vs n ({per}{hollow} dashed: fit over the fitted range)",
-                 fontsize=10)
+    notes = ["per sequence where batch varies with n"] if (df.per == "sequence").any() else []
+    notes += ["hollow: noisy or contended"] if metric == "latency" else []
+    notes.append("dashed: the fit")
+    fig.suptitle(f"{unit.split(' (')[0]} vs n\n({'; '.join(notes)})", fontsize=10)
     _legend(fig, axes)
     return _save(fig, folder, metric)
 
