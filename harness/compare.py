@@ -5,6 +5,11 @@ inputs. ratio = B latency / A latency (above 1: B is slower). A change counts on
 measured spread: "slower" when B's p10 is above A's p90 (the p10–p90 intervals do not overlap),
 "faster" when B's p90 is below A's p10; otherwise "same". A point that ran in A and failed in B is
 "now <status>" and counts as a regression. `--fail-on-regression` exits 1 when any point regressed.
+
+Each point also shows the kernel that ran ("A → B" when it changed: a silent backend fallback,
+e.g. sdpa:flash_cpu → sdpa:math, is a common cause of a regression) and a note when either side
+was contended (other processes took a real share of the CPU: its latency may be inflated) or
+noisy. Kernel changes and contended points are counted in the printed summary.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from harness.tables import Table, fmt, markdown
 
 KEY = ["label", "batch", "heads", "seq_len", "head_dim", "dtype", "device", "mode", "causal",
        "inputs"]
-COLS = ["family", "status", "latency_ms", "latency_p10_ms", "latency_p90_ms", "peak_mem_bytes"]
+COLS = ["family", "status", "latency_ms", "latency_p10_ms", "latency_p90_ms", "peak_mem_bytes",
+        "kernel", "noisy", "contended"]
 
 
 def verdict(r) -> str:
@@ -41,6 +47,24 @@ def verdict(r) -> str:
     return "same"
 
 
+def _kernel(r) -> str:
+    a, b = (k if isinstance(k, str) else "" for k in (r.kernel_a, r.kernel_b))
+    return f"{a} → {b}" if a and b and a != b else b or a
+
+
+def _true(v) -> bool:
+    return isinstance(v, bool | np.bool_) and bool(v)  # NaN (a record without the flag): no
+
+
+def _note(r) -> str:
+    notes = ["kernel changed"] if r.kernel_changed else []
+    for flag in ("contended", "noisy"):
+        sides = [s for s in ("A", "B") if _true(getattr(r, f"{flag}_{s.lower()}"))]
+        if sides:
+            notes.append(f"{flag} in {' and '.join(sides)}")
+    return ", ".join(notes)
+
+
 def compare_frames(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     """One row per point present in both sweeps, with ratios and a verdict."""
     m = a[KEY + COLS].merge(b[KEY + COLS], on=KEY, suffixes=("_a", "_b"), how="inner")
@@ -48,6 +72,10 @@ def compare_frames(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     m["ratio"] = m.latency_ms_b / m.latency_ms_a
     m["memory_ratio"] = m.peak_mem_bytes_b / m.peak_mem_bytes_a
     m["verdict"] = [verdict(r) for r in m.itertuples()] if not m.empty else []
+    ka, kb = m.kernel_a.fillna("").astype(str), m.kernel_b.fillna("").astype(str)
+    m["kernel_changed"] = (ka != "") & (kb != "") & (ka != kb)
+    m["kernel"] = [_kernel(r) for r in m.itertuples()] if not m.empty else []
+    m["note"] = [_note(r) for r in m.itertuples()] if not m.empty else []
     m["regression"] = (m.verdict == "slower") | (
         m.verdict.str.startswith("now ") & (m.verdict != "now ok"))
     return m.sort_values(KEY).reset_index(drop=True)
@@ -55,13 +83,16 @@ def compare_frames(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
 
 def ratio_table(m: pd.DataFrame, name_a: str, name_b: str) -> Table:
     t = Table(f"B = {name_b} vs A = {name_a}",
-              ["label", "setting", "n", "A ms", "B ms", "ratio", "memory ratio", "verdict"],
-              note="ratio = B/A latency (above 1: slower); verdict beyond the p10–p90 spread.")
+              ["label", "setting", "n", "A ms", "B ms", "ratio", "memory ratio", "verdict",
+               "kernel", "note"],
+              note="ratio = B/A latency (above 1: slower); verdict beyond the p10–p90 spread; "
+                   "kernel: the one that ran, A → B when it changed; contended: other processes "
+                   "took a real share of the CPU, the latency may be inflated.")
     for r in m.itertuples():
         setting = f"{r.dtype} {r.mode} {r.device}{' causal' if r.causal else ''} " \
                   f"b{r.batch} h{r.heads} d{r.head_dim}"
         t.rows.append([r.label, setting, str(r.seq_len), fmt(r.latency_ms_a), fmt(r.latency_ms_b),
-                       fmt(r.ratio), fmt(r.memory_ratio), r.verdict])
+                       fmt(r.ratio), fmt(r.memory_ratio), r.verdict, r.kernel, r.note])
     return t
 
 
@@ -134,6 +165,16 @@ def main(argv: list[str] | None = None) -> int:
     summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no common points"
     print(f"attnbench: {len(m)} matched points ({summary}); {only_a} only in {name_a}, "
           f"{only_b} only in {name_b}; wrote {out}")
+    changed = m[m.kernel_changed]
+    if len(changed):
+        print(f"attnbench: {len(changed)} point(s) ran another kernel in {name_b} (a silent "
+              f"backend fallback is a common cause of a regression): " + "; ".join(
+                  f"{r.label} n={r.seq_len} {r.kernel}" for r in changed.itertuples()))
+    contended = int((m.contended_a.fillna(False).astype(bool)
+                     | m.contended_b.fillna(False).astype(bool)).sum())
+    if contended:
+        print(f"attnbench: {contended} point(s) contended in A or B: their latency may be "
+              f"inflated; measure them again on a quiet machine before trusting a verdict")
     geo = m.ratio[np.isfinite(m.ratio)]
     if len(geo):
         print(f"attnbench: geometric mean ratio {math.exp(np.log(geo).mean()):.3f}")

@@ -21,9 +21,10 @@ h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #dd
 table{border-collapse:collapse;margin:.5em 0 1em;font-size:.85em}
 th,td{border:1px solid #ddd;padding:.2em .5em;text-align:right;white-space:nowrap}
 th:first-child,td:first-child{text-align:left}th{background:#f4f4f4}
-td.bad{color:#b00}td.noisy{color:#a60}code,pre{background:#f6f6f6;padding:.1em .3em}
+td.bad{color:#b00}td.noisy{color:#a60}td.contended{color:#c40;font-weight:600}
+code,pre{background:#f6f6f6;padding:.1em .3em}
 pre{padding:.6em;overflow-x:auto;white-space:pre-wrap}img{max-width:100%;height:auto}
-.note{color:#555;font-size:.9em}
+.note{color:#555;font-size:.9em}.warn{background:#fff4e0;padding:.4em .6em}
 dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em}dt{font-weight:600}
 """
 
@@ -43,7 +44,9 @@ def table_html(t: Table) -> str:
         cells = []
         for cell in row:
             cls = ""
-            if cell.endswith("~"):
+            if cell.endswith("!"):
+                cls = ' class="contended"'
+            elif cell.endswith("~"):
                 cls = ' class="noisy"'
             elif cell in ("oom", "skipped", "error", "invalid", "unsupported"):
                 cls = ' class="bad"'
@@ -59,7 +62,8 @@ def page(title: str, intro: Sequence[str], machine: dict[str, str], command: str
          plots: Sequence[tuple[str, Sequence[Path]]], headlines: Sequence[str] = ()) -> str:
     """The whole page as one string; every argument is plain text and is escaped here."""
     parts = [f"<h1>{escape(title)}</h1>"]
-    parts += [f'<p class="note">{escape(p)}</p>' for p in intro]
+    parts += [f'<p class="{"warn" if p.startswith("Warning") else "note"}">{escape(p)}</p>'
+              for p in intro]
     parts.append("<h2>Machine and command</h2><dl>")
     parts += [f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in machine.items()]
     parts.append(f"</dl><pre>{escape(command)}</pre>")

@@ -3,7 +3,9 @@
 Colours are fixed per family (full: blues, local: greens, sparse: oranges, linear: purples,
 lowrank: reds) with shades by label within a family, so a family reads the same in every plot and
 every sweep. Panels split by setting (dtype / mode / device / causal / shape) when a sweep
-varies it.
+varies it. Latency and speedup points that are noisy or contended (their latency may be inflated)
+are drawn hollow. Where batch varies with n, latency and memory are per sequence, as fitted; the
+dashed line is the fit, c + a·nᵏ or a·nᵏ (harness/scaling.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import pandas as pd
 import seaborn as sns
 
 from harness.scaling import SETTING
+from harness.tables import setting_name
 
 FAMILY_PALETTE = {"full": "Blues", "local": "Greens", "sparse": "Oranges", "linear": "Purples",
                   "lowrank": "Reds"}
@@ -52,8 +55,8 @@ def setting_names(df: pd.DataFrame) -> pd.Series:
     varying = [c for c in SETTING if c in df and df[c].nunique(dropna=False) > 1]
     if not varying:
         return pd.Series("", index=df.index)
-    return df[varying].astype(str).apply(
-        lambda r: " ".join(f"{c}={v}" for c, v in zip(varying, r, strict=True)), axis=1)
+    return df[varying].apply(
+        lambda r: " ".join(setting_name(c, v) for c, v in zip(varying, r, strict=True)), axis=1)
 
 
 def _save(fig, folder: Path, stem: str) -> list[Path]:
@@ -79,7 +82,7 @@ def _panels(names: list[str], ncols_max: int = 3, size=(5.2, 3.8)):
 
 def _legend(fig, axes) -> None:
     """Tidy the layout (room for the suptitle), then one legend for all panels, to the right."""
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     handles, labels = {}, []
     for ax in axes:
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
@@ -88,7 +91,7 @@ def _legend(fig, axes) -> None:
                 labels.append(lab)
     if handles:
         fig.legend([handles[lab] for lab in labels], labels, loc="upper left",
-                   bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=8)
+                   bbox_to_anchor=(1.0, 0.92), frameon=False, fontsize=8)
 
 
 def _num(v: float) -> str:
@@ -109,6 +112,21 @@ def _empty(ax, text="no points ran") -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="grey")
 
 
+def _hollow(ax, g, y, st, marked) -> None:
+    """Hollow markers over the `marked` points of a line."""
+    sel = g[marked]
+    ax.scatter(sel.seq_len, sel[y], marker=st["marker"], s=30, zorder=3, lw=1.2,
+               edgecolors=[st["color"]], facecolors="white")
+
+
+def _is_marked(g, speedup: bool = False) -> pd.Series:
+    marked = g.noisy.astype(bool) | g.contended.astype(bool)
+    if speedup and "baseline_noisy" in g:
+        mine = g.label != g.baseline
+        marked |= mine & (g.baseline_noisy.astype(bool) | g.baseline_contended.astype(bool))
+    return marked
+
+
 def scaling_plot(df, scaling, styles, metric, folder: Path) -> list[Path]:
     """Latency (or peak memory) vs n on log–log axes, p10–p90 band and the fitted line."""
     col, unit = ("latency_ms", "median latency (ms)") if metric == "latency" else \
@@ -124,6 +142,8 @@ def scaling_plot(df, scaling, styles, metric, folder: Path) -> list[Path]:
             ax.plot(g.seq_len, g[col], marker=st["marker"], color=st["color"], label=label,
                     lw=1.2, ms=4)
             if metric == "latency":
+                _hollow(ax, g, col, st, _is_marked(g))
+            if metric == "latency":
                 ax.fill_between(g.seq_len, g.latency_p10_ms, g.latency_p90_ms, color=st["color"],
                                 alpha=0.2, lw=0)
             fit = scaling[(scaling.label == label) & (scaling.metric == metric)
@@ -132,18 +152,22 @@ def scaling_plot(df, scaling, styles, metric, folder: Path) -> list[Path]:
                 if not math.isfinite(f.exponent):
                     continue
                 xs = np.geomspace(f.n_min, f.n_max, 20)
-                ys = np.exp(f.intercept) * xs**f.exponent
+                const = f.const if math.isfinite(f.const) else 0.0
+                ys = const + np.exp(f.intercept) * xs**f.exponent
                 if metric == "memory":
                     ys = ys / 2**20
                 ax.plot(xs, ys, ls="--", color=st["color"], lw=1, alpha=0.8,
                         label=f"_fit {label}")
         if sub.empty:
             _empty(ax)
-        ax.set(xscale="log", yscale="log", xlabel="sequence length n", ylabel=unit,
-               title=name or None)
+        per = not sub.empty and (sub.per == "sequence").all()
+        ax.set(xscale="log", yscale="log", xlabel="sequence length n",
+               ylabel=unit.replace(" (", " per sequence (") if per else unit, title=name or None)
         tidy_log(ax, df.seq_len.unique())
-    fig.suptitle(f"{unit.split(' (')[0]} vs n (dashed: log–log fit over the fitted range)",
-                 fontsize=10)
+    notes = ["per sequence where batch varies with n"] if (df.per == "sequence").any() else []
+    notes += ["hollow: noisy or contended"] if metric == "latency" else []
+    notes.append("dashed: the fit")
+    fig.suptitle(f"{unit.split(' (')[0]} vs n\n({'; '.join(notes)})", fontsize=10)
     _legend(fig, axes)
     return _save(fig, folder, metric)
 
@@ -159,13 +183,15 @@ def speedup_plot(df, styles, baseline: str, folder: Path) -> list[Path]:
             st = styles[label]
             ax.plot(g.seq_len, g.speedup, marker=st["marker"], color=st["color"], label=label,
                     lw=1.2, ms=4)
+            _hollow(ax, g, "speedup", st, _is_marked(g, speedup=True))
         if sub.empty:
             _empty(ax, "no baseline points")
         ax.axhline(1.0, color="black", lw=0.8, ls=":")
         ax.set(xscale="log", yscale="log", xlabel="sequence length n",
                ylabel=f"speedup vs {baseline} (×)", title=name or None)
         tidy_log(ax, df.seq_len.unique())
-    fig.suptitle(f"speedup over {baseline} (above 1: faster)", fontsize=10)
+    fig.suptitle(f"speedup over {baseline} (above 1: faster; hollow: noisy or contended, either "
+                 f"side)", fontsize=10)
     _legend(fig, axes)
     return _save(fig, folder, "speedup")
 
@@ -207,10 +233,10 @@ def exponent_plot(scaling, styles, folder: Path) -> list[Path]:
             st = styles.get(r.label, dict(color="grey", marker="o"))
             tick = f"{r.label} {r.setting}".strip()
             ticks.append(tick)
-            if math.isfinite(r.exponent):
-                ax.errorbar([r.exponent], [i], xerr=[[r.exponent - r.ci_low],
-                            [r.ci_high - r.exponent]], fmt=st["marker"], color=st["color"],
-                            capsize=3)
+            if math.isfinite(r.exponent):  # an unbounded interval drawn to the plot's edge
+                lo, hi = max(r.ci_low, r.exponent - 5), min(r.ci_high, r.exponent + 5)
+                ax.errorbar([r.exponent], [i], xerr=[[r.exponent - lo], [hi - r.exponent]],
+                            fmt=st["marker"], color=st["color"], capsize=3)
             if math.isfinite(r.declared):
                 ax.scatter([r.declared], [i], marker="x", color="black", zorder=3)
         ax.set_yticks(range(len(ticks)), ticks, fontsize=8)

@@ -2,8 +2,9 @@
 index.html. Written by the multirun callback and by `attnbench report DIR [--baseline LABEL]`.
 
 Speedup = baseline latency / variant latency, memory ratio = variant peak / baseline peak, both at
-the same shape and setting. Exponents, intervals, the flat-head rule and crossovers: see
-harness/scaling.py.
+the same shape and setting. Exponents and their two models, intervals, agreement, per-sequence
+fits of token-budget sweeps and crossovers: see harness/scaling.py. The report opens with how many
+points ran noisy or contended; tables mark them (~, !), plots draw them hollow.
 """
 
 from __future__ import annotations
@@ -27,9 +28,12 @@ from harness.gather import RESULTS_CSV, records_frame
 from harness.records import Record, find_records
 from harness.scaling import (
     AGREE_MARGIN,
+    AGREE_WIDTH,
+    CONST_MIN_POINTS,
     HEAD_FRACTION,
     MIN_POINTS,
     crossovers_table,
+    fit_frame,
     scaling_table,
 )
 
@@ -38,13 +42,18 @@ SHAPE = ["batch", "heads", "seq_len", "head_dim", "dtype", "device", "mode", "ca
 FILES = ["results.csv", "scaling.csv", "crossovers.csv", "summary.md", "index.html"]
 
 METHOD = (
-    f"Exponents: least-squares slope of log(metric) on log(n), 95% interval from Student's t on "
-    f"the slope's standard error; fewer than {MIN_POINTS} points give no exponent. Flat head: "
-    f"leading small-n points are dropped while the local slope to the next point is under "
-    f"{HEAD_FRACTION:g}× the slope between the two largest n (at least {MIN_POINTS} kept). "
-    f"'agrees': the declared exponent lies in the interval widened by {AGREE_MARGIN:g} each "
-    f"side (lower-order terms bend the line slightly). Crossover: first n where the "
-    f"variant/baseline ratio falls below 1, interpolated in log–log between measured points."
+    f"Exponents: with at least {CONST_MIN_POINTS} sizes, y = c + a·n^k (a constant for fixed "
+    f"costs: workspaces, per-call overhead) fitted by least squares of relative residuals, used "
+    f"when the constant is significant (F test, 95%), with a profile-likelihood 95% interval for "
+    f"k; otherwise the least-squares slope of log(metric) on log(n) (a·n^k), 95% interval from "
+    f"Student's t, leading points dropped while their local slope is under {HEAD_FRACTION:g}× "
+    f"the slope between the two largest n; fewer than {MIN_POINTS} points give no exponent. The "
+    f"'model' column says which. 'agrees': no if the declared exponent lies outside the interval "
+    f"widened by {AGREE_MARGIN:g} each side; yes if inside and the half-width is at most "
+    f"{AGREE_WIDTH:g}; inconclusive otherwise. Where batch varies with n (B·n held fixed), fits "
+    f"and crossovers use latency and memory per sequence, grouped by the token budget. "
+    f"Crossover 'from n≈X': the variant is better than the baseline (same n, same batch) at every "
+    f"measured n from X on (X interpolated in log–log); otherwise the n where it is and is not."
 )
 
 
@@ -82,15 +91,18 @@ def with_derived(df: pd.DataFrame, baseline: str | None) -> pd.DataFrame:
     df["peak_mem_mb"] = df.peak_mem_bytes / 2**20
     df["speedup"] = math.nan
     df["memory_ratio"] = math.nan
+    df["baseline_noisy"] = df["baseline_contended"] = False
     if baseline and not df.empty:
         base = df[(df.label == baseline) & (df.status == "ok")][
-            [*SHAPE, "latency_ms", "peak_mem_bytes"]
-        ].drop_duplicates(SHAPE)
+            [*SHAPE, "latency_ms", "peak_mem_bytes", "noisy", "contended"]
+        ].drop_duplicates(SHAPE).rename(columns={"noisy": "noisy_b", "contended": "contended_b"})
         m = df[SHAPE].merge(base, on=SHAPE, how="left", suffixes=("", "_b"))
         ok = (df.status == "ok").to_numpy()
         df.loc[ok, "speedup"] = (m.latency_ms.to_numpy() / df.latency_ms.to_numpy())[ok]
         df.loc[ok, "memory_ratio"] = (df.peak_mem_bytes.to_numpy()
                                       / m.peak_mem_bytes.to_numpy())[ok]
+        for flag in ("noisy", "contended"):
+            df[f"baseline_{flag}"] = m[f"{flag}_b"].fillna(False).astype(bool).to_numpy()
     df["baseline"] = baseline or ""
     return df
 
@@ -157,24 +169,25 @@ def build_report(folder: str | os.PathLike, baseline: str | None = None,
     df = with_derived(raw, base)
     rep = Report(out, used=len(df), skipped=skipped, baseline=base)
 
-    scaling = scaling_table(df)
-    cross = crossovers_table(df, base)
+    pts = fit_frame(df)  # per sequence where batch varies with n; what fits, tables, plots see
+    scaling = scaling_table(pts)
+    cross = crossovers_table(pts, base)
     for name, frame in [(RESULTS_CSV, df), ("scaling.csv", scaling), ("crossovers.csv", cross)]:
         rep.files.append(_write(out / name, frame.to_csv(index=False)))
 
-    figs = plots.all_plots(df, scaling, base, out / "plots")
+    figs = plots.all_plots(pts, scaling, base, out / "plots")
     rep.files += [p for _, paths in figs for p in paths]
     sections = [
-        ("Points", tables.point_tables(df, base)),
+        ("Points", tables.point_tables(pts, base)),
         ("Scaling", tables.scaling_tables(scaling)),
         ("Crossovers and OOM frontier", tables.crossover_tables(cross, base)),
     ]
-    intro = [
+    intro = [p for p in [tables.marked_summary(df)] if p] + [
         f"{len(df)} points from {folder} ({len(skipped)} bad records skipped); "
         f"baseline {base or 'none (no full-attention variant in the sweep)'}.",
         METHOD,
     ]
-    heads = tables.headlines(df, scaling, cross, base)
+    heads = tables.headlines(pts, scaling, cross, base)
     command = sweep_command(folder)
     md = [f"# attnbench report: {folder.name}", "", *[f"{p}\n" for p in intro]]
     if command:

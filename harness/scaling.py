@@ -1,25 +1,33 @@
 """Measured scaling exponents, crossovers against the baseline and the out-of-memory frontier.
 
-Exponent: least-squares slope of log(metric) against log(n) within one group (label, dtype,
-mode, device, causal, batch, heads, head_dim, inputs), metric = median latency or peak memory of
-the points that ran (`status == ok`). Its 95% interval is slope ± t(0.975, points − 2) · SE(slope)
-(Student t, from a table; no scipy). Fewer than 3 points gives no exponent ("insufficient points")
-— a line through two points has no error estimate.
+Groups: one fit per label × setting (dtype, mode, device, causal, batch, heads, head_dim, inputs)
+over the points that ran (`status == ok`). Where batch varies with n within a label × setting —
+the GPU presets hold the token budget B·n fixed — fits use latency and memory per sequence
+(÷ batch) and group by the token budget `tokens` = batch·n instead of batch; batch-1 points
+(the clamp `max(1, tokens // n)`) join every budget below 2n. `per` says "call" or "sequence".
 
-Agreement: the declared exponent lies in the interval widened by AGREE_MARGIN (0.1) on each side.
-Lower-order terms (the n·d inputs and outputs next to the n² scores) bend a log–log line a little
-below its leading exponent, and a deterministic metric such as peak memory has an interval so
-tight that this alone would read as disagreement.
+Exponent, two models. Fixed costs (a workspace of constant size, per-call overhead) bend a log–log
+line, so with at least CONST_MIN_POINTS distinct n the fit first tries y = c + a·nᵏ (c ≥ 0, a > 0):
+least squares of the relative residuals (c + a·nᵏ)/y − 1, profiled over k (for each k, c and a
+are linear). It is used only when the constant earns its place — the nested-model F test against
+c = 0 (F > t(0.975, m − 3)², i.e. c significantly > 0 at 95%) — and the best k lies inside the
+searched range; its 95% interval is the profile interval {k : S(k) ≤ S(k̂)·(1 + t²/(m − 3))}.
+Otherwise the plain power law: least-squares slope of log(metric) on log(n), interval slope ±
+t(0.975, m − 2)·SE; leading points are dropped while the local slope to the next point is below
+HEAD_FRACTION of the slope between the two largest n (at least 3 kept). Fewer than 3 points give
+no exponent ("insufficient points"). `model` says which: "c + a·n^k" or "a·n^k".
 
-Flat head rule: at small n fixed costs (kernel launch, Python, allocator granularity) dominate
-and the curve is flat. Walking up from the smallest n, a leading point is dropped while the local
-slope from it to the next point is below HEAD_FRACTION (one half) of the slope between the two
-largest n; dropping stops when 3 points remain.
+Agreement (`agrees`): "no" when the declared exponent lies outside the interval widened by
+AGREE_MARGIN (0.1) each side (lower-order terms bend the line slightly); "yes" when inside and
+the interval's half-width is at most AGREE_WIDTH (0.5); "inconclusive" when inside a wider
+interval, or with no exponent — a wide interval can reject a claim but not confirm it.
 
-Crossover: the smallest n at which a variant becomes faster (smaller) than the baseline at the
-same shape and setting, found where the measured ratio variant/baseline first falls below 1,
-interpolated linearly in log n – log ratio between the two points on either side. "none within
-the sweep" when it never does; "below the sweep" when it already is at the smallest common n.
+Crossover: compares a variant with the baseline at the same setting, n and batch. "from n≈X"
+only when the variant is faster (smaller) at every measured n from some point on, X interpolated
+in log n – log ratio between the last point where it is not and the first where it is; "at every
+n" when it already is at the smallest; "at no n"; otherwise where it is and where not ("at
+n=1024, 4096; slower at n=2048"). Noisy (~) or contended (!) latency points on either side are
+named after the text.
 
 OOM frontier: the largest n a variant ran before its first `oom` or `skipped` point.
 """
@@ -34,11 +42,17 @@ import pandas as pd
 
 HEAD_FRACTION = 0.5
 AGREE_MARGIN = 0.1
+AGREE_WIDTH = 0.5
 MIN_POINTS = 3
+CONST_MIN_POINTS = 4
+K_RANGE = (0.05, 4.0)
+REL_FLOOR = 1e-6  # relative residuals below this are rounding, not signal
+POWER, CONST = "a·n^k", "c + a·n^k"
 METRICS = {"latency": "latency_ms", "memory": "peak_mem_bytes"}
 DECLARED = {"latency": "time_exponent", "memory": "memory_exponent"}
-# What makes two points comparable apart from n.
-SETTING = ["dtype", "mode", "device", "causal", "batch", "heads", "head_dim", "inputs"]
+PER_SEQUENCE = ["latency_ms", "latency_p10_ms", "latency_p90_ms", "peak_mem_bytes"]
+# What makes two points comparable apart from n (tokens: the budget B·n, 0 when batch is held).
+SETTING = ["dtype", "mode", "device", "causal", "batch", "heads", "head_dim", "inputs", "tokens"]
 GROUP = ["label", "family", *SETTING]
 FAILED_BY_SIZE = ("oom", "skipped")
 
@@ -61,6 +75,41 @@ def t975(dof: int) -> float:
     return z + (z**3 + z) / (4 * dof) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * dof**2)
 
 
+def fit_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """The points as the fits, crossovers, tables and plots see them (idempotent).
+
+    Adds `tokens`, `per` and `run_batch` (the batch that ran), fills missing noisy/contended
+    flags with False, and where batch varies with n divides the latency and memory columns by
+    batch and sets batch to 0 (see the module docstring). The result has a fresh index; a batch-1
+    point may appear once per token budget.
+    """
+    if "per" in df:
+        return df
+    df = df.copy()
+    for col in ("noisy", "contended"):
+        df[col] = df[col].astype("boolean").fillna(False).astype(bool) if col in df else False
+    df["run_batch"], df["tokens"], df["per"] = df["batch"], 0, "call"
+    rest = [c for c in GROUP if c not in ("batch", "tokens")]
+    parts = []
+    for _, g in df.groupby(rest, sort=False, dropna=False):
+        budgets = sorted(set((g.batch * g.seq_len)[g.batch > 1]))
+        if g.batch.nunique() < 2 or len(budgets) >= g.batch.nunique():
+            parts.append(g)  # batch held, or crossed with n: per call, grouped by batch
+            continue
+        used = pd.Series(False, index=g.index)
+        for t in budgets:
+            take = ((g.batch > 1) & (g.batch * g.seq_len == t)) | ((g.batch == 1)
+                                                                   & (2 * g.seq_len > t))
+            used |= take
+            sub = g[take].copy()
+            cols = [c for c in PER_SEQUENCE if c in sub]
+            sub[cols] = sub[cols].div(sub.batch, axis=0)
+            sub["batch"], sub["tokens"], sub["per"] = 0, t, "sequence"
+            parts.append(sub)
+        parts.append(g[~used])
+    return pd.concat(parts).reset_index(drop=True) if parts else df.reset_index(drop=True)
+
+
 def drop_flat_head(n: Sequence[float], y: Sequence[float]) -> int:
     """How many leading points the flat-head rule drops (n ascending, y > 0)."""
     x, ly = np.log(np.asarray(n, float)), np.log(np.asarray(y, float))
@@ -76,24 +125,96 @@ def drop_flat_head(n: Sequence[float], y: Sequence[float]) -> int:
     return start
 
 
+def _profile(x: np.ndarray, y: np.ndarray, k: np.ndarray, const: bool):
+    """For each k: (S, c, a) minimising S = Σ((c + a·xᵏ)/y − 1)² with c ≥ 0 (c = 0 unless
+    `const`), a > 0 (S = inf where impossible). x and y are scaled to at most 1."""
+    k = np.atleast_1d(np.asarray(k, float))
+    u = x[None, :] ** k[:, None] / y[None, :]  # (K, m)
+    w = 1 / y
+    su, suu, sw, sww, swu = u.sum(1), (u * u).sum(1), w.sum(), w @ w, u @ w
+    a, c = su / suu, np.zeros_like(su)  # c = 0
+    if const:
+        det = sww * suu - swu**2
+        with np.errstate(divide="ignore", invalid="ignore"):
+            c2, a2 = (sw * suu - su * swu) / det, (sww * su - swu * sw) / det
+        free = (det > 1e-12 * sww * suu) & (c2 > 0)
+        c, a = np.where(free, c2, c), np.where(free, a2, a)
+    r = c[:, None] * w[None, :] + a[:, None] * u - 1
+    s = np.where(a > 0, (r * r).sum(1), np.inf)
+    return s, c, a
+
+
+def _argmin_k(x, y, const: bool) -> float:
+    """Grid over K_RANGE, then golden-section refinement around the best grid point."""
+    grid = np.arange(K_RANGE[0], K_RANGE[1] + 1e-9, 0.02)
+    i = int(np.argmin(_profile(x, y, grid, const)[0]))
+    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    g = (math.sqrt(5) - 1) / 2
+    for _ in range(40):
+        m1, m2 = hi - g * (hi - lo), lo + g * (hi - lo)
+        s1, s2 = _profile(x, y, np.array([m1, m2]), const)[0]
+        lo, hi = (lo, m2) if s1 <= s2 else (m1, hi)
+    return (lo + hi) / 2
+
+
+def _crossing(f, k0: float, edge: float) -> float:
+    """Where f (negative at k0) turns non-negative between k0 and edge; ±inf if it never does."""
+    if f(edge) < 0:
+        return math.copysign(math.inf, edge - k0)
+    a, b = k0, edge
+    for _ in range(50):
+        mid = (a + b) / 2
+        a, b = (mid, b) if f(mid) < 0 else (a, mid)
+    return (a + b) / 2
+
+
+def fit_const(n: np.ndarray, y: np.ndarray) -> dict | None:
+    """The c + a·nᵏ fit of module docstring, or None when the data do not support it."""
+    m = len(n)
+    if m < CONST_MIN_POINTS:
+        return None
+    nmax, ymax = n.max(), y.max()
+    x, ys = n / nmax, y / ymax
+    kc, kp = _argmin_k(x, ys, True), _argmin_k(x, ys, False)
+    s1, c, a = (float(v[0]) for v in _profile(x, ys, np.array([kc]), True))
+    s0 = float(_profile(x, ys, np.array([kp]), False)[0][0])
+    floor = m * REL_FLOOR**2
+    t2 = t975(m - 3) ** 2
+    inside = K_RANGE[0] + 0.02 < kc < K_RANGE[1] - 0.02
+    if not (c > 0 and inside and (s0 - s1) / (max(s1, floor) / (m - 3)) > t2):
+        return None
+    limit = max(s1, floor) * (1 + t2 / (m - 3))
+
+    def excess(k: float) -> float:
+        return float(_profile(x, ys, np.array([k]), True)[0][0]) - limit
+
+    lo, hi = _crossing(excess, kc, K_RANGE[0]), _crossing(excess, kc, K_RANGE[1])
+    return dict(model=CONST, exponent=float(kc), ci_low=float(lo), ci_high=float(hi),
+                const=float(c * ymax), intercept=float(math.log(a * ymax / nmax**kc)))
+
+
 def fit_exponent(n: Sequence[float], y: Sequence[float]) -> dict:
-    """Fit y ∝ n^exponent on log–log axes over the upper range of n (flat head dropped).
+    """Fit y = c + a·nᵏ or y = a·nᵏ, whichever the data support (see the module docstring).
 
     Args:
         n: problem sizes, one per point (any order; repeated n are averaged in log space).
         y: the metric at each n; non-positive or non-finite values are ignored.
 
     Returns:
-        dict with exponent, ci_low, ci_high, intercept (log space), n_min, n_max, points, dropped,
-        note ("" or "insufficient points").
+        dict with model, exponent, ci_low, ci_high, const (c; 0 for a·nᵏ), intercept (log a),
+        n_min, n_max, points, dropped, note ("" or "insufficient points").
     """
     df = pd.DataFrame({"n": np.asarray(n, float), "y": np.asarray(y, float)})
-    df = df[np.isfinite(df.y) & (df.y > 0) & (df.n > 0)]
+    df = df[np.isfinite(df.y) & (df.y > 0) & np.isfinite(df.n) & (df.n > 0)]
     df = df.assign(ly=np.log(df.y)).groupby("n", as_index=False).ly.mean().sort_values("n")
-    out = dict(exponent=math.nan, ci_low=math.nan, ci_high=math.nan, intercept=math.nan,
-               n_min=math.nan, n_max=math.nan, points=len(df), dropped=0,
+    out = dict(model="", exponent=math.nan, ci_low=math.nan, ci_high=math.nan, const=math.nan,
+               intercept=math.nan, n_min=math.nan, n_max=math.nan, points=len(df), dropped=0,
                note="insufficient points")
     if len(df) < MIN_POINTS:
+        return out
+    const = fit_const(df.n.to_numpy(), np.exp(df.ly.to_numpy()))
+    if const is not None:
+        out.update(const, n_min=float(df.n.iloc[0]), n_max=float(df.n.iloc[-1]), note="")
         return out
     drop = drop_flat_head(df.n.to_numpy(), np.exp(df.ly.to_numpy()))
     df = df.iloc[drop:]
@@ -105,54 +226,103 @@ def fit_exponent(n: Sequence[float], y: Sequence[float]) -> dict:
     resid = ly - (intercept + slope * x)
     se = math.sqrt(float((resid**2).sum()) / (m - 2) / sxx)
     half = t975(m - 2) * se
-    out.update(exponent=slope, ci_low=slope - half, ci_high=slope + half, intercept=intercept,
-               n_min=float(df.n.iloc[0]), n_max=float(df.n.iloc[-1]), points=m, dropped=drop,
-               note="")
+    out.update(model=POWER, exponent=slope, ci_low=slope - half, ci_high=slope + half, const=0.0,
+               intercept=intercept, n_min=float(df.n.iloc[0]), n_max=float(df.n.iloc[-1]),
+               points=m, dropped=drop, note="")
     return out
+
+
+def agreement(fit: dict, declared: float) -> str:
+    """"yes", "no", "inconclusive", or "" when nothing is declared (see the module docstring)."""
+    if not math.isfinite(declared):
+        return ""
+    if not math.isfinite(fit["exponent"]):
+        return "inconclusive"
+    if not fit["ci_low"] - AGREE_MARGIN <= declared <= fit["ci_high"] + AGREE_MARGIN:
+        return "no"
+    return "yes" if (fit["ci_high"] - fit["ci_low"]) / 2 <= AGREE_WIDTH else "inconclusive"
+
+
+def _per_note(g: pd.DataFrame) -> str:
+    if g.per.iloc[0] != "sequence":
+        return ""
+    return (f"per sequence: batch varies with n ({g.run_batch.max():g}…{g.run_batch.min():g}),"
+            f" grouped by B·n = {g.tokens.iloc[0]:g} tokens")
 
 
 def scaling_table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per label × metric × setting: the fitted exponent and whether it agrees."""
     rows = []
-    ok = df[df.status == "ok"]
+    df = fit_frame(df)
     for key, g in df.groupby(GROUP, sort=True, dropna=False):
-        good = ok.loc[ok.index.intersection(g.index)]
+        good = g[g.status == "ok"]
         for metric, col in METRICS.items():
             fit = fit_exponent(good.seq_len, good[col])
-            declared = float(g[DECLARED[metric]].dropna().iloc[0]) if \
-                g[DECLARED[metric]].notna().any() else math.nan
-            agrees = (
-                bool(fit["ci_low"] - AGREE_MARGIN <= declared <= fit["ci_high"] + AGREE_MARGIN)
-                if math.isfinite(fit["exponent"]) and math.isfinite(declared) else None
-            )
+            declared = g[DECLARED[metric]].dropna()
+            declared = float(declared.iloc[0]) if len(declared) else math.nan
+            used = good[np.isfinite(good[col]) & (good[col] > 0)]
+            used = used[used.seq_len >= (fit["n_min"] if fit["points"] >= MIN_POINTS else 0)]
+            latency = metric == "latency"
+            note = "; ".join(s for s in (fit["note"], _per_note(g)) if s)
             rows.append({**dict(zip(GROUP, key, strict=True)), "metric": metric, **fit,
-                         "declared": declared, "agrees": agrees})
-    cols = ["label", "metric", "exponent", "ci_low", "ci_high", "n_min", "n_max", "points",
-            "declared", "agrees", "dropped", "note", "intercept", "family", *SETTING]
+                         "declared": declared, "agrees": agreement(fit, declared),
+                         "noisy": int(used.noisy.sum()) if latency else 0,
+                         "contended": int(used.contended.sum()) if latency else 0,
+                         "per": g.per.iloc[0], "note": note})
+    cols = ["label", "metric", "model", "exponent", "ci_low", "ci_high", "n_min", "n_max",
+            "points", "declared", "agrees", "dropped", "noisy", "contended", "per", "note",
+            "const", "intercept", "family", *SETTING]
     return pd.DataFrame(rows, columns=cols)
 
 
-def crossover_n(n: Sequence[float], ratio: Sequence[float]) -> tuple[float, str]:
-    """Smallest n where `ratio` (variant / baseline) falls below 1, interpolated in log–log.
+def _ns(ns) -> str:
+    return ", ".join(f"{n:g}" for n in ns)
 
-    Returns (n, text): text is "≈ N", "below the sweep (< N)", "none within the sweep" or
-    "no common points"; n is NaN unless a crossing lies inside the sweep.
+
+def crossover_n(n: Sequence[float], ratio: Sequence[float], marks: Sequence[str] | None = None,
+                worse: str = "slower") -> tuple[float, str]:
+    """Where `ratio` (variant / baseline) stays below 1, as in the module docstring.
+
+    Args:
+        n, ratio: one value per common point.
+        marks: per point, "" or a mix of "~" (noisy) and "!" (contended), named in the text.
+        worse: the word for ratio ≥ 1 ("slower", "more").
+
+    Returns (n, text): text is "from n≈N", "at every n (from N)", "at no n",
+    "at n=…; slower at n=…" or "no common points", followed by any marked points; n is NaN
+    unless the variant stays better from a crossing inside the sweep.
     """
-    d = pd.DataFrame({"n": np.asarray(n, float), "r": np.asarray(ratio, float)})
+    marks = list(marks) if marks is not None else [""] * len(np.asarray(n))
+    d = pd.DataFrame({"n": np.asarray(n, float), "r": np.asarray(ratio, float), "m": marks})
     d = d[np.isfinite(d.r) & (d.r > 0)].sort_values("n")
     if d.empty:
         return math.nan, "no common points"
     ns, rs = d.n.to_numpy(), d.r.to_numpy()
-    if rs[0] < 1:
-        return math.nan, f"below the sweep (< {ns[0]:g})"
-    for i in range(1, len(ns)):
-        if rs[i] < 1:
-            x0, x1 = math.log(ns[i - 1]), math.log(ns[i])
-            y0, y1 = math.log(rs[i - 1]), math.log(rs[i])
-            x = x0 + (0 - y0) * (x1 - x0) / (y1 - y0)
-            cross = math.exp(x)
-            return cross, f"≈ {cross:.0f}"
-    return math.nan, "none within the sweep"
+    better = rs < 1
+    cross = math.nan
+    if better.all():
+        text = f"at every n (from {ns[0]:g})"
+    elif not better.any():
+        text = "at no n"
+    elif better[better.argmax():].all():  # better from the first better point on
+        i = int(better.argmax())
+        x0, x1 = math.log(ns[i - 1]), math.log(ns[i])
+        y0, y1 = math.log(rs[i - 1]), math.log(rs[i])
+        cross = math.exp(x0 - y0 * (x1 - x0) / (y1 - y0))
+        text = f"from n≈{cross:.0f}"
+    else:
+        text = f"at n={_ns(ns[better])}; {worse} at n={_ns(ns[~better])}"
+    flagged = [(sym, word, d.n[d.m.str.contains(sym, regex=False)])
+               for sym, word in (("!", "contended"), ("~", "noisy"))]
+    extra = [f"{sym} {word} at n={_ns(f)}" for sym, word, f in flagged if len(f)]
+    return cross, text + (f" ({'; '.join(extra)})" if extra else "")
+
+
+def point_marks(frame: pd.DataFrame, suffix: str = "") -> pd.Series:
+    """"~" for a noisy point, "!" for a contended one, from the columns noisy/contended+suffix."""
+    noisy = frame[f"noisy{suffix}"].astype(bool)
+    contended = frame[f"contended{suffix}"].astype(bool)
+    return noisy.map({True: "~", False: ""}) + contended.map({True: "!", False: ""})
 
 
 def oom_frontier(g: pd.DataFrame) -> dict:
@@ -166,32 +336,43 @@ def oom_frontier(g: pd.DataFrame) -> dict:
                 first_oom_n=first, first_oom_status=status)
 
 
+def same_setting(frame: pd.DataFrame, row: dict, label: str | None = None) -> pd.Series:
+    """Rows of `frame` with the setting (and the label, default the row's) of `row`."""
+    mask = frame.label == (row["label"] if label is None else label)
+    for c in SETTING:
+        mask &= frame[c] == row[c]
+    return mask
+
+
 def crossovers_table(df: pd.DataFrame, baseline: str | None) -> pd.DataFrame:
     """One row per label × setting: latency and memory crossovers vs `baseline`, OOM frontier."""
     rows = []
+    df = fit_frame(df)
     ok = df[df.status == "ok"]
-    base = ok[ok.label == baseline] if baseline else ok.iloc[0:0]
     for key, g in df.groupby(GROUP, sort=True, dropna=False):
         row = dict(zip(GROUP, key, strict=True))
-        mine = ok.loc[ok.index.intersection(g.index)]
-        setting = dict(zip(SETTING, key[2:], strict=True))
-        b = base
-        for k, v in setting.items():
-            b = b[b[k] == v]
+        mine = g[g.status == "ok"]
+        b = ok[same_setting(ok, row, baseline)] if baseline else ok.iloc[0:0]
         for metric, col in METRICS.items():
             if baseline is None or row["label"] == baseline:
                 n, text = math.nan, "baseline" if row["label"] == baseline else "no baseline"
             elif b.empty:
                 n, text = math.nan, "no baseline"
-            else:
-                m = mine[["seq_len", col]].merge(b[["seq_len", col]], on="seq_len",
-                                                 suffixes=("", "_base"))
-                n, text = crossover_n(m.seq_len, m[col] / m[f"{col}_base"])
+            else:  # like with like: the same n and the same batch
+                cols = ["seq_len", "run_batch", col, "noisy", "contended"]
+                m = mine[cols].merge(b[cols], on=["seq_len", "run_batch"],
+                                     suffixes=("", "_base"))
+                marks = None
+                if metric == "latency":
+                    marks = (point_marks(m) + point_marks(m, "_base")).to_numpy()
+                n, text = crossover_n(m.seq_len, m[col] / m[f"{col}_base"], marks,
+                                      "slower" if metric == "latency" else "more")
             row[f"{metric}_crossover_n"] = n
             row[f"{metric}_crossover"] = text
         row.update(oom_frontier(g))
+        row["per"] = g.per.iloc[0]
         rows.append(row)
     cols = ["label", "latency_crossover_n", "latency_crossover", "memory_crossover_n",
-            "memory_crossover", "max_ok_n", "first_oom_n", "first_oom_status", "family",
+            "memory_crossover", "max_ok_n", "first_oom_n", "first_oom_status", "per", "family",
             *SETTING]
     return pd.DataFrame(rows, columns=cols)

@@ -1,8 +1,11 @@
 """The report's tables as plain text cells, rendered to markdown (summary.md) and HTML.
 
 Cells: a number for a point that ran, with `~` appended when the point is noisy (p10–p90 spread
-over 10% of the median); the status (oom, skipped, unsupported, error, invalid) for one that did
-not; blank where the sweep has no such point.
+over 10% of the median) and `!` when it is contended (other processes took a real share of the
+CPU while it was timed); the status (oom, skipped, unsupported, error, invalid) for one that did
+not; blank where the sweep has no such point. A speedup is marked when either of its two points
+is; the baseline against itself is exactly 1 and never marked. Where batch varies with n
+(token-budget presets) the tables show latency and memory per sequence, as the fits use them.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from harness.scaling import SETTING
+from harness.scaling import AGREE_WIDTH, CONST, SETTING, same_setting
 
 
 @dataclass
@@ -50,9 +53,26 @@ def settings(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     varying = [c for c in SETTING if df[c].nunique(dropna=False) > 1]
     if not varying:
         return [("", df)]
-    return [(" ".join(f"{c}={v}" for c, v in zip(varying, key if isinstance(key, tuple)
-                                                    else (key,), strict=True)), g)
+    return [(" ".join(setting_name(c, v) for c, v in zip(varying, key if isinstance(key, tuple)
+                                                     else (key,), strict=True)), g)
             for key, g in df.groupby(varying, sort=True)]
+
+
+def setting_name(column: str, value) -> str:
+    """`column=value`, with the token budget of per-sequence fits spelled out."""
+    if column == "tokens":
+        return f"B·n={value:g}" if value else "batch held"
+    if column == "batch" and value == 0:
+        return "batch varies"
+    return f"{column}={value}"
+
+
+def per_note(df: pd.DataFrame) -> str:
+    """The note for tables of a setting fitted per sequence ("" otherwise)."""
+    if "per" not in df or not (df.per == "sequence").any():
+        return ""
+    return ("Batch varies with n (B·n held fixed): latency and memory per sequence (÷ batch), as "
+            "fitted.")
 
 
 def pivot(df: pd.DataFrame, title: str, value: Callable[[pd.Series], str],
@@ -62,7 +82,7 @@ def pivot(df: pd.DataFrame, title: str, value: Callable[[pd.Series], str],
     for name, g in settings(df):
         ns = sorted(g.seq_len.unique())
         t = Table(f"{title} — {name}" if name else title, ["label", *[f"n={n}" for n in ns]],
-                  note=note)
+                  note=" ".join(x for x in (note, per_note(g)) if x))
         for label, lg in g.groupby("label", sort=True):
             by_n = {r.seq_len: r for r in lg.itertuples()}
             cells = []
@@ -79,40 +99,73 @@ def pivot(df: pd.DataFrame, title: str, value: Callable[[pd.Series], str],
     return out
 
 
-def _noisy(r, text: str) -> str:
-    return text + "~" if text and bool(r.noisy) else text
+def _marked(r, text: str, speedup: bool = False) -> str:
+    """`text` with ~ (noisy) and ! (contended) for the point, and for a speedup its baseline's."""
+    if not text:
+        return text
+    noisy, contended = bool(r.noisy), bool(r.contended)
+    if speedup:
+        if r.label == r.baseline:
+            return text
+        noisy |= bool(r.baseline_noisy)
+        contended |= bool(r.baseline_contended)
+    return text + ("~" if noisy else "") + ("!" if contended else "")
+
+
+MARKS = ("~: noisy (p10–p90 spread over 10% of the median); !: contended (other processes took a "
+         "real share of the CPU while it was timed); failed points show their status.")
 
 
 def point_tables(df: pd.DataFrame, baseline: str | None) -> list[Table]:
-    mark = "~: noisy (p10–p90 spread over 10% of the median); failed points show their status."
-    tables = pivot(df, "Median latency (ms)", lambda r: _noisy(r, fmt(r.latency_ms)), mark)
+    """The label × n grids; `df` is a fit frame (harness.scaling.fit_frame) with speedups."""
+    tables = pivot(df, "Median latency (ms)", lambda r: _marked(r, fmt(r.latency_ms)), MARKS)
     if baseline:
         tables += pivot(df, f"Speedup vs {baseline} (×, above 1: faster)",
-                        lambda r: _noisy(r, fmt(r.speedup)))
+                        lambda r: _marked(r, fmt(r.speedup), speedup=True))
     tables += pivot(df, "Peak memory (MB)", lambda r: fmt(r.peak_mem_bytes / 2**20))
     if baseline:
         tables += pivot(df, f"Memory vs {baseline} (×, below 1: less)",
                         lambda r: fmt(r.memory_ratio))
     tables += pivot(df, "Relative error (vs float64)", lambda r: fmt(r.rel_error, 2))
     tables += pivot(df, "Achieved GFLOP/s", lambda r: fmt(r.tflops * 1e3))
+    if (df.kernel.fillna("") != "").any():
+        tables += pivot(df, "Kernel that ran", lambda r: r.kernel if isinstance(r.kernel, str)
+                        else "", "A kernel that changes along a row is a backend fallback.")
     return tables
+
+
+def marked_summary(df: pd.DataFrame) -> str:
+    """The report's first warning: how many points ran noisy or contended ("" when none)."""
+    ok = df[df.status == "ok"]
+    noisy, contended = int(ok.noisy.fillna(False).sum()), int(ok.contended.fillna(False).sum())
+    if not noisy and not contended:
+        return ""
+    return (f"Warning: of {len(ok)} points that ran, {noisy} are noisy (~) and {contended} "
+            f"contended (!): their latency may be inflated, and fits, speedups and crossovers "
+            f"that use them say so. For clean numbers see the README, 'Clean numbers on a shared "
+            f"machine': a quiet machine, a fixed threads=, then the marked points measured again "
+            f"(remove their folders, re-run with resume=true).")
 
 
 def scaling_tables(scaling: pd.DataFrame) -> list[Table]:
     out = []
     for name, g in settings(scaling) if not scaling.empty else []:
         t = Table(f"Fitted exponents — {name}" if name else "Fitted exponents",
-                  ["label", "metric", "exponent", "95% CI", "n range", "points", "declared",
-                   "agrees"])
+                  ["label", "metric", "model", "exponent", "95% CI", "n range", "points",
+                   "declared", "agrees", "marked points"],
+                  note=" ".join(x for x in (
+                      f"agrees: yes / no / inconclusive (the declared exponent is inside an "
+                      f"interval wider than ±{AGREE_WIDTH:g}, or too few points).",
+                      per_note(g)) if x))
         for r in g.itertuples():
             if math.isfinite(r.exponent):
                 exp, ci = f"{r.exponent:.2f}", f"{r.ci_low:.2f} … {r.ci_high:.2f}"
                 rng = f"{r.n_min:g}–{r.n_max:g}"
-                agrees = {True: "yes", False: "no"}.get(r.agrees, "")
             else:
-                exp, ci, rng, agrees = r.note, "", "", ""
-            t.rows.append([r.label, r.metric, exp, ci, rng, str(r.points),
-                           fmt(r.declared), agrees])
+                exp, ci, rng = r.note.split(";")[0], "", ""
+            marked = ", ".join(f"{k} {w}" for k, w in ((r.noisy, "~"), (r.contended, "!")) if k)
+            t.rows.append([r.label, r.metric, r.model, exp, ci, rng, str(r.points),
+                           fmt(r.declared), r.agrees, marked])
         out.append(t)
     return out
 
@@ -121,8 +174,10 @@ def crossover_tables(cross: pd.DataFrame, baseline: str | None) -> list[Table]:
     out = []
     for name, g in settings(cross) if not cross.empty else []:
         t = Table(f"Crossovers vs {baseline} and OOM frontier" + (f" — {name}" if name else ""),
-                  ["label", "faster from n", "less memory from n", "largest n that ran",
-                   "first oom/skipped n"])
+                  ["label", "faster", "less memory", "largest n that ran",
+                   "first oom/skipped n"],
+                  note="'from n≈X': better at every measured n from X on; otherwise where it is "
+                       "better and where not. Compared at the same n and batch.")
         for r in g.itertuples():
             first = f"{r.first_oom_n:g} ({r.first_oom_status})" if math.isfinite(
                 r.first_oom_n) else "none"
@@ -132,44 +187,56 @@ def crossover_tables(cross: pd.DataFrame, baseline: str | None) -> list[Table]:
     return out
 
 
-def _same(frame: pd.DataFrame, row) -> pd.Series:
-    """Rows of `frame` with the label and setting of `row`."""
-    mask = frame.label == row.label
-    for c in SETTING:
-        mask &= frame[c] == getattr(row, c)
-    return mask
+def _exponent(f) -> str:
+    if not math.isfinite(f.exponent):
+        decl = f", declared {f.declared:g}: inconclusive" if math.isfinite(f.declared) else ""
+        return f"{f.metric}: too few points for an exponent{decl}"
+    const = f"{fmt(f.const / 2**20)} MB" if f.metric == "memory" else f"{fmt(f.const)} ms"
+    text = (f"{f.metric} ∝ n^{f.exponent:.2f} (95% CI {f.ci_low:.2f}–{f.ci_high:.2f}"
+            + (f", plus a constant {const}" if f.model == CONST else ""))
+    if f.agrees:
+        word = {"yes": "agrees", "no": "disagrees",
+                "inconclusive": "inconclusive (interval too wide to tell)"}[f.agrees]
+        text += f"; declared {f.declared:g}: {word}"
+    marked = [f"{k} {w}" for k, w in ((f.noisy, "noisy (~)"), (f.contended, "contended (!)"))
+              if k]
+    return text + (f"; fitted points include {' and '.join(marked)}" if marked else "") + ")"
+
+
+def _versus(text: str, better: str) -> str:
+    if text in ("baseline", "no baseline", "no common points"):
+        return f"{text} for {better}" if text == "no common points" else ""
+    return f"{better} {text}"
 
 
 def headlines(df: pd.DataFrame, scaling: pd.DataFrame, cross: pd.DataFrame,
               baseline: str | None) -> list[str]:
-    """One sentence per label × setting: exponents, speed at the largest common n, crossover,
-    how far it ran."""
+    """One sentence per label × setting: exponents, speed at the largest common n, crossovers,
+    error against float64 at the largest n, how far it ran. `df` is a fit frame."""
     out = []
     for r in cross.itertuples():
-        name = r.label
-        setting = " ".join(str(getattr(r, c)) for c in ("dtype", "mode", "device"))
-        same = _same(scaling, r)
-        parts = []
-        for metric in ("latency", "memory"):
-            f = scaling[same & (scaling.metric == metric)]
-            if f.empty or not math.isfinite(f.exponent.iloc[0]):
-                parts.append(f"{metric}: too few points for an exponent")
-                continue
-            f = f.iloc[0]
-            decl = ""
-            if math.isfinite(f.declared):
-                decl = f", declared {f.declared:g} {'✓' if f.agrees else '✗'}"
-            parts.append(f"{metric} ∝ n^{f.exponent:.2f} (95% CI {f.ci_low:.2f}–{f.ci_high:.2f}"
-                         f"{decl})")
-        mine = df[_same(df, r) & (df.status == "ok") & df.speedup.notna()]
-        if baseline and r.label != baseline and not mine.empty:
-            last = mine.sort_values("seq_len").iloc[-1]
-            parts.append(f"{last.speedup:.2f}× the speed of {baseline} at n={last.seq_len}; "
-                         f"faster from n: {r.latency_crossover}")
+        row = r._asdict()
+        setting = " ".join(str(row[c]) for c in ("dtype", "mode", "device"))
+        setting += " causal" if r.causal else " non-causal"
+        if r.per == "sequence":
+            setting += f", per sequence at B·n={r.tokens:g}"
+        parts = [_exponent(f) for f in scaling[same_setting(scaling, row)].itertuples()]
+        mine = df[same_setting(df, row) & (df.status == "ok")].sort_values("seq_len")
+        fast = mine[mine.speedup.notna()]
+        if baseline and r.label != baseline and not fast.empty:
+            last = fast.iloc[-1]
+            mark = _marked(last, "x", speedup=True)[1:]
+            parts.append(f"{last.speedup:.2f}×{mark} the speed of {baseline} at "
+                         f"n={last.seq_len}")
+        parts += [p for p in (_versus(r.latency_crossover, "faster"),
+                              _versus(r.memory_crossover, "less memory")) if p]
+        err = mine[mine.rel_error.notna()]
+        parts.append(f"error vs float64 {err.rel_error.iloc[-1]:.1e} at n={err.seq_len.iloc[-1]}"
+                     if not err.empty else "error vs float64 not measured")
         if math.isfinite(r.first_oom_n):
             parts.append(f"ran up to n={fmt(r.max_ok_n, 9)}, {r.first_oom_status} at "
                          f"n={r.first_oom_n:g}")
         elif math.isfinite(r.max_ok_n):
             parts.append(f"ran up to n={r.max_ok_n:g}")
-        out.append(f"{name} ({setting}): " + "; ".join(parts) + ".")
+        out.append(f"{r.label} ({setting}): " + "; ".join(parts) + ".")
     return out

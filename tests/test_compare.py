@@ -57,3 +57,37 @@ def test_a_sweep_against_itself_shows_no_change(sweeps, tmp_path, capsys):
     a, _ = sweeps
     assert compare.main([str(a), str(a), "--fail-on-regression", "--out", str(tmp_path)]) == 0
     assert "6 matched points (6 same)" in capsys.readouterr().out
+
+
+def _edit(folder: Path, change) -> None:
+    for path in find_records(folder):
+        rec = json.loads(path.read_text())
+        rec["noisy"] = False
+        change(rec)
+        path.write_text(json.dumps(rec))
+
+
+def test_kernel_change_and_contended_points_are_pointed_out(sweeps, tmp_path, capsys):
+    a, _ = sweeps
+    c, d = tmp_path / "c", tmp_path / "d"
+    shutil.copytree(a, c, ignore=shutil.ignore_patterns("compare-*"))
+    shutil.copytree(a, d, ignore=shutil.ignore_patterns("compare-*"))
+    _edit(c, lambda r: r.update(kernel="sdpa:flash_cpu" if r["label"] == "full[sdpa]" else ""))
+
+    def fallback(rec):
+        if rec["label"] == "full[sdpa]":
+            rec["kernel"] = "sdpa:math" if rec["seq_len"] == 256 else "sdpa:flash_cpu"
+        rec["contended"] = rec["label"] == "full[naive]" and rec["seq_len"] == 128
+
+    _edit(d, fallback)
+    assert compare.main([str(c), str(d), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "1 point(s) ran another kernel" in out
+    assert "full[sdpa] n=256 sdpa:flash_cpu → sdpa:math" in out
+    assert "1 point(s) contended in A or B" in out
+    df = pd.read_csv(tmp_path / "out" / "compare.csv").set_index(["label", "seq_len"])
+    assert df.kernel_changed.sum() == 1 and df.loc[("full[sdpa]", 256), "kernel_changed"]
+    assert df.loc[("full[sdpa]", 128), "kernel"] == "sdpa:flash_cpu"
+    assert df.loc[("full[naive]", 128), "note"] == "contended in B"
+    md = (tmp_path / "out" / "compare.md").read_text()
+    assert "| kernel | note |" in md and "kernel changed" in md
