@@ -106,34 +106,26 @@ class Full(Variant):
             return "flex:compiled"
         return self.backend
 
-    def flops(
-        self, shape: Shape, causal: bool = False, device: torch.device | str = "cpu"
-    ) -> float:
-        return full_flops(shape) * self.density(shape.seq_len, causal, device)
+    def flops(self, shape: Shape, causal: bool = False) -> float:
+        return full_flops(shape) * self.density(shape.seq_len, causal)
 
-    def backward_flops(
-        self, shape: Shape, causal: bool = False, device: torch.device | str = "cpu"
-    ) -> float:
+    def backward_flops(self, shape: Shape, causal: bool = False) -> float:
         # Flash-style kernels keep no probabilities: backward recomputes QKᵀ (2.5× forward,
         # FlashAttention's count); naive and sdpa math keep them (2× forward: two gradient
         # matmuls per forward matmul).
         factor = 2.0 if self._materialises else 2.5
-        return factor * self.flops(shape, causal, device)
+        return factor * self.flops(shape, causal)
 
-    def density(
-        self, n: int, causal: bool = False, device: torch.device | str = "cpu"
-    ) -> float | None:
-        """Fraction of the n×n scores the kernel computes. Causal: naive and sdpa math compute
-        all and mask; flex skips the 128×128 blocks above the diagonal; the CPU flash kernel
-        (sdpa auto/flash on CPU) only skips whole 512-key blocks; CUDA kernels skip tiles,
-        modelled as 128×128."""
+    def density(self, n: int, causal: bool = False) -> float | None:
+        """Fraction of the n×n scores counted. Naive and sdpa math compute every score and mask
+        (1.0). The fused kernels are counted by the causal triangle they need, FlashAttention's
+        convention, so causal TFLOP/s compare across kernels: how much of the masked part a
+        kernel still computes is its own inefficiency, seen in its latency (aten's CPU flash
+        kernel runs whole 512-key blocks up to the diagonal: all scores at n <= 512, 3/4 at
+        n = 1024; CUDA kernels and flex skip 128-wide tiles)."""
         if not causal or self._materialises:
             return 1.0
-        on_cuda = torch.device(device).type == "cuda"
-        if self.backend == "sdpa" and not on_cuda:
-            q_tile = 256 if n >= 768 else 64 if n >= 192 else 32
-            return causal_tiled_fraction(n, q_tile, 512)
-        return causal_tiled_fraction(n, 128, 128)
+        return super().density(n, causal)
 
     def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = False) -> int:
         el = torch.empty((), dtype=dtype).element_size()
@@ -188,18 +180,6 @@ def _sdpa_context(backend: str) -> contextlib.AbstractContextManager:
         "math": SDPBackend.MATH,
     }[backend]
     return sdpa_kernel(pinned)
-
-
-def causal_tiled_fraction(n: int, q_tile: int, kv_tile: int) -> float:
-    """Fraction of the n×n scores a causal tiled kernel computes when, for each q_tile rows,
-    it runs whole kv_tile-wide key blocks up to the diagonal (aten's cpu_flash_attention:
-    ``for (n = 0; n < min(m + qBlockSize, kvSize); n += kvSplitSize)``, blocks of kvSplitSize)."""
-    done = 0
-    for m in range(0, n, q_tile):
-        rows = min(q_tile, n - m)
-        keys = min(m + rows, n)
-        done += rows * min(-(-keys // kv_tile) * kv_tile, n)
-    return done / (n * n)
 
 
 def _pinned_sdpa_reasons(
