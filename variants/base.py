@@ -13,27 +13,50 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-Family = Literal["full", "local", "sparse", "linear", "lowrank"]
+Family = Literal["full", "local", "sparse", "linear", "lowrank", "recurrent"]
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
 class Shape:
-    """Problem size of one attention call: q, k, v are (batch, heads, seq_len, head_dim)."""
+    """Problem size of one attention call: q is (batch, heads, q_len, head_dim), k and v are
+    (batch, kv_heads, seq_len, head_dim). kv_heads = 0 means heads (kv_heads < heads: grouped-
+    query attention, 1: multi-query); q_len = 0 means seq_len (q_len < seq_len: the queries are
+    the last q_len positions, causal masks aligned bottom-right)."""
 
     batch: int
     heads: int
     seq_len: int
     head_dim: int
+    kv_heads: int = 0
+    q_len: int = 0
 
     @classmethod
-    def of(cls, q: torch.Tensor) -> Shape:
-        b, h, n, d = q.shape
-        return cls(b, h, n, d)
+    def of(cls, q: torch.Tensor, k: torch.Tensor | None = None) -> Shape:
+        b, h, nq, d = q.shape
+        if k is None:
+            return cls(b, h, nq, d)
+        hkv, nk = k.shape[1], k.shape[2]
+        return cls(b, h, nk, d, 0 if hkv == h else hkv, 0 if nq == nk else nq)
 
     @property
     def bh(self) -> int:
         return self.batch * self.heads
+
+    @property
+    def hkv(self) -> int:
+        """Heads of k and v."""
+        return self.kv_heads or self.heads
+
+    @property
+    def nq(self) -> int:
+        """Query positions."""
+        return self.q_len or self.seq_len
+
+    @property
+    def groups(self) -> int:
+        """Query heads per k/v head."""
+        return self.heads // self.hkv
 
 
 @dataclass
@@ -46,7 +69,8 @@ class Variant:
         time_exponent, memory_exponent: declared growth in n at fixed window/rank/features
             (2.0 for exact attention, 1.0 for linear-cost variants).
         exact: True when the variant is exact softmax attention restricted to `key_mask`
-            (full, local, sparse); False for approximations (linear, low-rank).
+            (full, local, sparse); False for approximations (linear, low-rank) and for the
+            recurrent family, which replaces softmax rather than approximating it.
         no_causal: why the variant has no causal form (empty when it has one).
         at_most_n: names of parameters (a rank, a landmark count) that may not exceed n.
     """
@@ -57,6 +81,8 @@ class Variant:
     memory_exponent: ClassVar[float] = 2.0
     exact: ClassVar[bool] = True
     no_causal: ClassVar[str] = ""  # why the variant has no causal form ("": it has one)
+    no_noncausal: ClassVar[str] = ""  # why it has only a causal form (the recurrent family)
+    no_q_len: ClassVar[str] = ""  # why it cannot take fewer queries than keys ("": it can)
     at_most_n: ClassVar[tuple[str, ...]] = ()  # parameters that may not exceed seq_len
 
     # -- identity -------------------------------------------------------------------------------
@@ -88,7 +114,25 @@ class Variant:
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
     ) -> torch.Tensor:
+        """q (B, H, Nq, D), k and v (B, Hkv, Nk, D) with Hkv dividing H and Nq <= Nk (causal:
+        the queries are the last Nq positions); returns (B, H, Nq, D)."""
         raise NotImplementedError
+
+    def decode_init(self, k: torch.Tensor, v: torch.Tensor) -> Any:
+        """The cache or state after a context k, v of (B, Hkv, n, D): what `decode_step`
+        continues from. Variants without a decode form leave this unimplemented."""
+        raise NotImplementedError(f"{self.name} has no decode form")
+
+    def decode_step(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Any
+    ) -> tuple[torch.Tensor, Any]:
+        """One new token: q (B, H, 1, D), k and v (B, Hkv, 1, D) → its output (B, H, 1, D) and
+        the updated state (causal: the token sees the context and itself)."""
+        raise NotImplementedError(f"{self.name} has no decode form")
+
+    @property
+    def has_decode(self) -> bool:
+        return type(self).decode_step is not Variant.decode_step
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
@@ -104,12 +148,19 @@ class Variant:
         causal: bool,
         mode: str = "fwd",
     ) -> list[str]:
-        """Reasons this point cannot run (mode: fwd | fwd_bwd); an empty list means it runs."""
+        """Reasons this point cannot run (mode: fwd | fwd_bwd | decode); empty: it runs."""
         reasons = []
         if dtype not in FLOAT_DTYPES:
             reasons.append(f"dtype {dtype} not supported (float32, float16, bfloat16)")
         if causal and self.no_causal:
             reasons.append(f"{self.name} has no causal form: {self.no_causal}")
+        if not causal and self.no_noncausal and mode != "decode":
+            reasons.append(f"{self.name} is causal only: {self.no_noncausal}")
+        if shape.nq < shape.seq_len and self.no_q_len:
+            reasons.append(f"{self.name}: q_len < seq_len not supported: {self.no_q_len}")
+        if mode == "decode" and not self.has_decode:
+            why = self.no_causal or "not implemented"
+            reasons.append(f"{self.name} has no decode form: {why}")
         for param in self.at_most_n:
             if getattr(self, param) > shape.seq_len:
                 value = getattr(self, param)
