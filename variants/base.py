@@ -194,6 +194,14 @@ class Variant:
         return 0.5 * (n + 1) / n if causal else 1.0
 
     # -- definition, for references and error ---------------------------------------------------
+    def reference(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+    ) -> torch.Tensor | None:
+        """The variant's own definition in float64, for families that replace softmax rather
+        than approximate it (the recurrent family: its step-by-step recurrence). None (the
+        default): the error is measured against softmax attention (under `key_mask`)."""
+        return None
+
     def key_mask(self, rows: torch.Tensor, n: int, causal: bool) -> torch.Tensor | None:
         """Which keys each query row in `rows` may see, as a (len(rows), n) bool tensor.
 
