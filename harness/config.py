@@ -26,8 +26,8 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 DEVICES = ("auto", "cpu", "cuda")
-MODES = ("fwd", "fwd_bwd")
-Mode = Literal["fwd", "fwd_bwd"]
+MODES = ("fwd", "fwd_bwd", "decode")
+Mode = Literal["fwd", "fwd_bwd", "decode"]
 
 
 class ConfigError(ValueError):
@@ -68,6 +68,9 @@ class RunConfig:
     heads: int = 8
     seq_len: int = 1024
     head_dim: int = 64
+    kv_heads: int = 0  # heads of k and v (0: heads); must divide heads; 1 is multi-query
+    q_len: int = 0  # query positions (0: seq_len); the last q_len of seq_len when causal
+    model: str = ""  # the model-shape preset that set heads, kv_heads, head_dim ("" none)
     dtype: str = "float32"
     device: str = "auto"
     causal: bool = False
@@ -80,6 +83,13 @@ class RunConfig:
     isolate: str | bool = "auto"  # auto (a process per point on CUDA) | true | false
     timing: TimingConfig = field(default_factory=TimingConfig)
     error: ErrorConfig = field(default_factory=ErrorConfig)
+
+    @property
+    def shape(self):
+        from variants.base import Shape
+
+        return Shape(self.batch, self.heads, self.seq_len, self.head_dim, self.kv_heads,
+                     self.q_len)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -204,6 +214,18 @@ def validate(run: RunConfig) -> None:
         value = getattr(run, name)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ConfigError(f"{name}={value!r}: must be a positive integer")
+    for name in ("kv_heads", "q_len"):
+        value = getattr(run, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"{name}={value!r}: must be 0 (the default) or a positive integer")
+    if run.kv_heads and run.heads % run.kv_heads:
+        raise ConfigError(f"kv_heads={run.kv_heads}: must divide heads={run.heads}")
+    if run.q_len > run.seq_len:
+        raise ConfigError(f"q_len={run.q_len}: must be <= seq_len={run.seq_len} (queries are "
+                          f"the last q_len positions)")
+    if run.q_len and run.mode == "decode":
+        raise ConfigError(f"q_len={run.q_len}: mode=decode takes one query per step; leave "
+                          f"q_len at 0")
     if run.dtype not in DTYPES:
         raise ConfigError(f"dtype={run.dtype!r}: expected one of {', '.join(DTYPES)}")
     if run.device not in DEVICES:

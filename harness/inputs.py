@@ -15,6 +15,7 @@ Kinds:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -54,12 +55,20 @@ def make_inputs(
     kind: str = "gaussian",
     requires_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v for one point, drawn in float32 on the CPU from `seed` (same on every device)."""
+    """q, k, v for one point, drawn in float32 on the CPU from `seed` (same on every device).
+
+    Drawn at (B, H, seq_len, D) for all three; then q keeps its last q_len positions and k, v
+    every (H/kv_heads)-th head, so k/v head j is the draw of q head j·H/kv_heads (for `peaked`
+    inputs that head keeps its shared structure). With kv_heads = 0 and q_len = 0 the draw is
+    the same as ever."""
     if kind not in KINDS:
         raise ValueError(f"inputs={kind!r}: expected one of {', '.join(KINDS)}")
     g = torch.Generator(device="cpu").manual_seed(seed)
-    qkv = KINDS[kind](shape, g)
-    return tuple(t.to(device=device, dtype=dtype).requires_grad_(requires_grad) for t in qkv)
+    q, k, v = KINDS[kind](dataclasses.replace(shape, kv_heads=0, q_len=0), g)
+    q = q[:, :, shape.seq_len - shape.nq :]  # (B, H, Nq, D)
+    k, v = k[:, :: shape.groups], v[:, :: shape.groups]  # (B, Hkv, N, D)
+    return tuple(t.to(device=device, dtype=dtype).contiguous().requires_grad_(requires_grad)
+                 for t in (q, k, v))
 
 
 def attention_entropy(q: torch.Tensor, k: torch.Tensor, rows: int = 256, seed: int = 0) -> float:
@@ -70,6 +79,7 @@ def attention_entropy(q: torch.Tensor, k: torch.Tensor, rows: int = 256, seed: i
     n = q.shape[-2]
     g = torch.Generator(device="cpu").manual_seed(seed)
     idx = torch.randperm(n, generator=g)[: min(rows, n)].to(q.device)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped k/v heads
     s = q[..., idx, :].double() @ k.double().transpose(-2, -1) / q.shape[-1] ** 0.5
     logp = torch.log_softmax(s, dim=-1)
     return float(-(logp.exp() * logp).sum(-1).mean())

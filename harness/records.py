@@ -42,6 +42,9 @@ class Record:
     # outcome
     status: Status
     reason: str = ""
+    kv_heads: int = 0  # heads of k and v (0: as many as q)
+    q_len: int = 0  # query positions (0: seq_len)
+    model: str = ""  # model-shape preset
     latency_ms: float = NAN
     latency_p10_ms: float = NAN
     latency_p90_ms: float = NAN
@@ -56,12 +59,14 @@ class Record:
     setup_s: float = NAN  # first call: compilation, block masks, caches; never in latency
     peak_mem_bytes: float = NAN
     predicted_mem_bytes: float = NAN
+    state_bytes: float = NAN  # decode: bytes held by the cache or state at context seq_len
     flops: float = NAN
     tflops: float = NAN
     density: float = NAN
     rel_error: float = NAN
     max_abs_error: float = NAN
     entropy: float = NAN
+    error_ref: str = ""  # what rel_error is against: softmax | masked softmax | own definition
     notes: str = ""  # caveats of an ok point (a CUDA graph that fell back, NVML missing)
     kernel: str = ""  # the kernel that actually ran (SDPA backend, flex compiled, engine path)
     compute_dtype: str = ""  # dtype of the matmuls ("" where not recorded)

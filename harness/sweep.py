@@ -8,6 +8,7 @@ ConfigError for bad input (raised before any work).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import functools
 import gc
@@ -91,6 +92,9 @@ def _run_point_here(run: RunConfig) -> Record:
     """Everything the point does — building the variant, its support check and models, setting
     threads, reading the device — runs inside one guard: a failure anywhere is a row."""
     base = _run_fields(run)
+    if run.mode == "decode":  # one token after its context: causal by nature
+        run = replace(run, causal=True)
+        base["causal"] = True
 
     def finish(status: str, reason: str = "", **fields) -> Record:
         return Record(**base, status=status, reason=reason, **fields)
@@ -102,7 +106,7 @@ def _run_point_here(run: RunConfig) -> Record:
             torch.set_num_threads(run.threads)
         base.update(threads=torch.get_num_threads(), **machine_info(device))
         att = variants.build(run.variant, **run.params)
-        shape = Shape(run.batch, run.heads, run.seq_len, run.head_dim)
+        shape = run.shape
         dtype = run.torch_dtype
         base.update(_variant_fields(run, att, shape))
         reasons = att.not_supported_reasons(shape, dtype, device, run.causal, run.mode)
@@ -117,7 +121,8 @@ def _run_point_here(run: RunConfig) -> Record:
                 predicted_mem_bytes=float(predicted),
             )
         base["density"] = _nan_if_none(att.density(shape.seq_len, run.causal))
-        return _measure(run, att, shape, dtype, device, predicted, finish)
+        measure = _measure_decode if run.mode == "decode" else _measure
+        return measure(run, att, shape, dtype, device, predicted, finish)
     except Exception as exc:
         if is_oom(exc):
             return finish("oom", _short(exc))
@@ -144,7 +149,7 @@ def _measure(run, att: Variant, shape: Shape, dtype, device: str, predicted: int
     if bad:
         return finish("invalid", f"non-finite values in {bad} (first call)", setup_s=setup_s)
 
-    rel, mab = _error(att, q, k, v, out, run)
+    rel, mab, error_ref = _error(att, q, k, v, out, run)
     entropy = attention_entropy(q.detach(), k.detach(), rows=min(run.error.rows or 64, 64))
     del out
     kernel = att.kernel(shape, device, run.causal, grad)
@@ -190,11 +195,114 @@ def _measure(run, att: Variant, shape: Shape, dtype, device: str, predicted: int
         tflops=flops / (timing.median_ms * 1e-3) / 1e12,
         rel_error=rel,
         max_abs_error=mab,
+        error_ref=error_ref,
         entropy=entropy,
         notes=notes,
         **counted,
         **gpu,
     )
+
+
+def _measure_decode(run, att: Variant, shape: Shape, dtype, device: str, predicted: int,
+                    finish):
+    """mode=decode: the cache or state of a context of seq_len tokens is built once (setup);
+    each timed call is one `decode_step` of the next token against that same state, so every
+    repeat does the same work. Latency is per token; `state_bytes` what the state holds."""
+    n = shape.seq_len
+    full = dataclasses.replace(shape, seq_len=n + 1, q_len=0)
+    q, k, v = make_inputs(full, dtype, device, run.seed, run.inputs)
+    q1, k1, v1 = q[:, :, n:], k[:, :, n:], v[:, :, n:]  # the new token
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        state = att.decode_init(k[:, :, :n], v[:, :, :n])
+        _sync(device)
+        setup_s = time.perf_counter() - t0
+
+        def step():
+            return att.decode_step(q1, k1, v1, state)[0]
+
+        out = step()
+        _sync(device)
+    state_bytes = float(tensor_bytes(state))
+    if _non_finite(out, ()):
+        return finish("invalid", "non-finite values in output (first step)", setup_s=setup_s,
+                      state_bytes=state_bytes)
+    full_out = torch.zeros_like(q)
+    full_out[:, :, n:] = out
+    last_row = torch.tensor([n], device=q.device)  # the new token's row of the whole sequence
+    rel, mab, error_ref = _error(att, q, k, v, full_out, run, last_row)
+    kernel = att.kernel(shape, device, True, False)
+
+    def call():
+        with torch.no_grad():
+            return step()
+
+    counted = _dispatch_fields(call, kernel)
+    last: list = [None]
+
+    def timed() -> None:
+        last[0] = call()
+
+    t = run.timing
+    timing = measure_latency(
+        timed, device, warmup=t.warmup, min_reps=t.min_reps, min_time_s=t.min_time_s,
+        max_reps=t.max_reps, max_time_s=t.max_time_s, flush_l2=t.flush_l2,
+        cuda_graph=t.cuda_graph,
+    )
+    bad = _non_finite(last[0], ())
+    last[0] = None
+    if bad:
+        return finish("invalid", "non-finite values in output (a timed step)", setup_s=setup_s)
+    gpu = gpu_state(device)
+    notes = "; ".join(x for x in (timing.note, gpu.pop("notes", "")) if x)
+    peak = peak_memory(call, device)
+    flops = att.decode_flops(shape)
+    return finish(
+        "ok",
+        latency_ms=timing.median_ms,
+        latency_p10_ms=timing.p10_ms,
+        latency_p90_ms=timing.p90_ms,
+        reps=timing.reps,
+        noisy=bool(timing.spread > NOISY_SPREAD),
+        contended=timing.load.contended,
+        others_cpu=timing.load.others_cpu,
+        own_cpu=timing.load.own_cpu,
+        setup_s=setup_s,
+        peak_mem_bytes=float(peak),
+        predicted_mem_bytes=float(predicted),
+        state_bytes=state_bytes,
+        flops=flops,
+        tflops=flops / (timing.median_ms * 1e-3) / 1e12,
+        rel_error=rel,
+        max_abs_error=mab,
+        error_ref=error_ref,
+        notes=notes,
+        **counted,
+        **gpu,
+    )
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of every distinct tensor storage reachable from `obj` (tuples, lists, dicts,
+    dataclasses, objects' attributes): what a decode state holds."""
+    seen: set[int] = set()
+
+    def walk(x) -> int:
+        if isinstance(x, torch.Tensor):
+            key = x.untyped_storage().data_ptr()
+            if key in seen:
+                return 0
+            seen.add(key)
+            return x.untyped_storage().nbytes()
+        if isinstance(x, dict):
+            return sum(walk(y) for y in x.values())
+        if isinstance(x, list | tuple):
+            return sum(walk(y) for y in x)
+        if dataclasses.is_dataclass(x) or hasattr(x, "__dict__"):
+            return sum(walk(y) for y in vars(x).values())
+        return 0
+
+    return walk(obj)
 
 
 def _dispatch_fields(call: Callable[[], object], kernel: str) -> dict:
@@ -233,35 +341,49 @@ def _make_call(att: Variant, q, k, v, causal: bool, grad: bool) -> Callable[[], 
     return fwd_bwd
 
 
-def _error(att: Variant, q, k, v, out, run: RunConfig) -> tuple[float, float]:
-    """Error on sampled query rows against float64 attention: the variant's own masked definition
-    for exact families, full softmax attention for approximations. Never inside latency."""
-    n = q.shape[-2]
+def _error(att: Variant, q, k, v, out, run: RunConfig, rows: torch.Tensor | None = None
+           ) -> tuple[float, float, str]:
+    """Error on sampled query rows against float64 attention, never inside latency: the
+    variant's own definition where it replaces softmax (`Variant.reference`), its masked
+    definition for exact families, full softmax attention for approximations. Returns
+    (rel_error, max_abs_error, what it is against). `rows`: the query rows (default: a seeded
+    sample of `error.rows`)."""
     if not run.error.rows:
-        return math.nan, math.nan
-    g = torch.Generator(device="cpu").manual_seed(run.seed + 7)
-    rows = torch.randperm(n, generator=g)[: min(run.error.rows, n)].sort().values.to(q.device)
-    mask = att.key_mask(rows, n, run.causal) if att.exact else None
+        return math.nan, math.nan, ""
+    nq, nk = q.shape[-2], k.shape[-2]
+    if rows is None:
+        g = torch.Generator(device="cpu").manual_seed(run.seed + 7)
+        rows = torch.randperm(nq, generator=g)[: min(run.error.rows, nq)].sort().values
+        rows = rows.to(q.device)
     q, k, v = q.detach(), k.detach(), v.detach()
     got = out.detach()[..., rows, :]
-    # Bound the float64 score block to ~256 MB by walking over batch·heads.
-    b, h = q.shape[:2]
-    qf, kf, vf, gf = (t.reshape(b * h, 1, *t.shape[-2:]) for t in (q, k, v, got))
-    step = max(1, (256 << 20) // (len(rows) * n * 8 * 2))
+    own = att.reference(q, k, v, run.causal)
+    if own is not None:
+        ref = own[..., rows, :]
+        return rel_error(got, ref), max_abs_error(got, ref), "own definition"
+    mask = att.key_mask(rows + (nk - nq), nk, run.causal) if att.exact else None
+    # Bound the float64 score block to ~256 MB by walking over batch and k/v heads.
+    b, h, hkv = q.shape[0], q.shape[1], k.shape[1]
+    grp = h // hkv
+    qf, gf = (t.reshape(b * hkv, grp, *t.shape[-2:]) for t in (q, got))  # heads of one group
+    kf, vf = (t.reshape(b * hkv, 1, *t.shape[-2:]) for t in (k, v))
+    step = max(1, (256 << 20) // (grp * len(rows) * nk * 8 * 2))
     refs = [
         attention_reference(qf[i : i + step], kf[i : i + step], vf[i : i + step], run.causal,
                             mask, rows)
-        for i in range(0, b * h, step)
+        for i in range(0, b * hkv, step)
     ]
     ref = torch.cat(refs)
-    return rel_error(gf, ref), max_abs_error(gf, ref)
+    what = "masked softmax" if att.exact else "softmax"
+    return rel_error(gf, ref), max_abs_error(gf, ref), what
 
 
 def predicted_bytes(att: Variant, shape: Shape, dtype: torch.dtype, run: RunConfig) -> int:
     """Predicted peak of one measured call, inputs included (×3 for forward+backward)."""
     el = torch.empty((), dtype=dtype).element_size()
-    inputs = 3 * shape.bh * shape.seq_len * shape.head_dim * el
-    fwd = att.memory_bytes(shape, dtype, run.causal)
+    b, d = shape.batch, shape.head_dim
+    inputs = (shape.heads * shape.nq + 2 * shape.hkv * shape.seq_len) * b * d * el
+    fwd = att.memory_bytes(shape, dtype, run.causal)  # decode: its decode_init over the context
     return int(inputs + (fwd * 3 + 2 * inputs if run.mode == "fwd_bwd" else fwd))
 
 
@@ -318,6 +440,9 @@ def _run_fields(run: RunConfig) -> dict:
         heads=run.heads,
         seq_len=run.seq_len,
         head_dim=run.head_dim,
+        kv_heads=run.kv_heads,
+        q_len=run.q_len,
+        model=run.model,
         dtype=run.dtype,
         device=run.device,
         causal=run.causal,

@@ -44,3 +44,14 @@ def test_sweep_preset_composes(name):
         cfg = compose(config_name="config", overrides=[f"+sweep={name}"], return_hydra_config=True)
     assert cfg.hydra.sweeper.params, name
     from_dictconfig(cfg)
+
+
+SHAPE_FILES = sorted(p.stem for p in (CONF / "shape").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SHAPE_FILES)
+def test_model_shape_preset_names_itself_and_its_heads(name):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"+shape={name}"])
+    run = from_dictconfig(cfg)
+    assert run.model == name and run.kv_heads >= 1 and run.heads % run.kv_heads == 0

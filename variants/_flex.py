@@ -21,7 +21,7 @@ class FlexNotCompiled(RuntimeError):
     """flex_attention would run uncompiled: unfused, with all n×n scores materialised."""
 
 
-def _flex_compiled_only(q, k, v, block_mask):
+def _flex_compiled_only(q, k, v, block_mask, enable_gqa=False):
     # Under dynamo this test is the constant True and leaves no trace in the graph. Run as plain
     # Python (dynamo disabled, a force_eager stance, suppress_errors, a cache limit) it stops the
     # call before flex_attention's eager fallback can materialise the scores.
@@ -33,7 +33,7 @@ def _flex_compiled_only(q, k, v, block_mask):
         )
     from torch.nn.attention.flex_attention import flex_attention
 
-    return flex_attention(q, k, v, block_mask=block_mask)
+    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
 @functools.cache
@@ -46,7 +46,8 @@ def _compiled():
 def flex_attention_compiled(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask=None
 ) -> torch.Tensor:
-    """Compiled `flex_attention(q, k, v, block_mask=block_mask)`; q, k, v, out: (B, H, N, D).
+    """Compiled `flex_attention(q, k, v, block_mask=block_mask)`; q (B, H, Nq, D), k and v
+    (B, Hkv, Nk, D) (grouped-query heads natively: enable_gqa), out (B, H, Nq, D).
 
     Its first call per shape and mask compiles (seconds to tens of seconds on CPU), which the
     runner reports as setup time. Dynamo keeps at most ``recompile_limit`` (8) compiled versions
@@ -57,15 +58,16 @@ def flex_attention_compiled(
     from torch._dynamo.exc import FailOnRecompileLimitHit
 
     fn = _compiled()
+    gqa = k.shape[1] != q.shape[1]
     try:
-        out = fn(q, k, v, block_mask)
+        out = fn(q, k, v, block_mask, gqa)
     except FailOnRecompileLimitHit:
         from torch._dynamo.eval_frame import remove_from_cache
 
         remove_from_cache(_flex_compiled_only)
         COUNTS["cache_resets"] += 1
         try:
-            out = fn(q, k, v, block_mask)
+            out = fn(q, k, v, block_mask, gqa)
         except FailOnRecompileLimitHit as exc:
             COUNTS["refused"] += 1
             raise FlexNotCompiled(

@@ -178,6 +178,10 @@ class Variant:
         variants whose backward recomputes (flash-style) or skips constant operands override."""
         return 2.0 * self.flops(shape, causal)
 
+    def decode_flops(self, shape: Shape) -> float:
+        """FLOPs of one decode step against a context of shape.seq_len (NaN: no model)."""
+        return math.nan
+
     def kernel(self, shape: Shape, device: torch.device | str, causal: bool, grad: bool) -> str:
         """The kernel or engine path one call takes at this point (e.g. ``blocksparse:band``).
         The harness adds what it observes at dispatch level (the SDPA backend torch chose)."""
@@ -191,7 +195,7 @@ class Variant:
 
     def density(self, n: int, causal: bool = False) -> float | None:
         """Fraction of the n×n scores this variant computes (None where that has no meaning)."""
-        return 0.5 * (n + 1) / n if causal else 1.0
+        return causal_pairs(n, n, causal) / (n * n)
 
     # -- definition, for references and error ---------------------------------------------------
     def reference(
@@ -212,9 +216,15 @@ class Variant:
 
 
 def full_flops(shape: Shape, causal: bool = False) -> float:
-    """FLOPs of exact attention: QK^T and PV, 2·2·B·H·N²·D (half of it when causal)."""
-    f = 4.0 * shape.bh * shape.seq_len * shape.seq_len * shape.head_dim
-    return f / 2 if causal else f
+    """FLOPs of exact attention: QKᵀ and PV, 2·2·B·H·Nq·Nk·D; causal: only the query–key pairs
+    of the triangle (queries aligned to the last Nq keys)."""
+    return 4.0 * shape.bh * causal_pairs(shape.nq, shape.seq_len, causal) * shape.head_dim
+
+
+def causal_pairs(nq: int, nk: int, causal: bool) -> float:
+    """Query–key pairs attention computes: all nq·nk, or, causal, query i (at position
+    nk − nq + i) sees nk − nq + i + 1 keys."""
+    return float(nq * (nk - nq) + nq * (nq + 1) / 2) if causal else float(nq * nk)
 
 
 def _pow(e: float) -> str:

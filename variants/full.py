@@ -107,7 +107,7 @@ class Full(Variant):
         return self.backend
 
     def flops(self, shape: Shape, causal: bool = False) -> float:
-        return full_flops(shape) * self.density(shape.seq_len, causal)
+        return full_flops(shape, causal and not self._materialises)
 
     def backward_flops(self, shape: Shape, causal: bool = False) -> float:
         # Flash-style kernels keep no probabilities: backward recomputes QKᵀ (2.5× forward,
@@ -129,11 +129,12 @@ class Full(Variant):
 
     def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = False) -> int:
         el = torch.empty((), dtype=dtype).element_size()
-        bh, n, d = shape.bh, shape.seq_len, shape.head_dim
-        out = bh * n * d * el + bh * n * 4  # output + log-sum-exp
-        if self.backend == "naive":
-            return out + 2 * bh * n * n * el + (bh * n * n if causal else 0)  # scores, probs, mask
-        return out + (64 << 20)  # tiled kernels: O(n) plus a bounded workspace
+        bh, nq, nk, d = shape.bh, shape.nq, shape.seq_len, shape.head_dim
+        out = bh * nq * d * el + bh * nq * 4  # output + log-sum-exp
+        if self.backend == "naive":  # scores, probs, mask
+            return out + 2 * bh * nq * nk * el + (nq * nk if causal else 0)
+        lower_right = causal and nq < nk and self.backend == "sdpa"  # a materialised bias
+        return out + (64 << 20) + (nq * nk if lower_right else 0)  # tiled: O(n) + workspace
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
@@ -141,31 +142,121 @@ class Full(Variant):
         if self.backend == "naive":
             return naive_attention(q, k, v, causal)
         if self.backend == "sdpa":
-            with _sdpa_context(self.sdpa_backend):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return _sdpa(q, k, v, causal, self.sdpa_backend)
         if self.backend == "xformers":
-            import xformers.ops as xops
-
-            bias = xops.LowerTriangularMask() if causal else None
-            # xformers wants (B, N, H, D); a transposed view, no copy.
-            out = xops.memory_efficient_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias
-            )
-            return out.transpose(1, 2)
-        block_mask = _causal_block_mask(q.shape[-2], str(q.device)) if causal else None
+            return _xformers(q, k, v, causal)
+        nq, nk = q.shape[-2], k.shape[-2]
+        block_mask = _causal_block_mask(nq, nk, str(q.device)) if causal else None
         return flex_attention_compiled(q, k, v, block_mask)
+
+    def decode_flops(self, shape: Shape) -> float:
+        return 4.0 * shape.bh * (shape.seq_len + 1) * shape.head_dim  # q·K and p·V
+
+    # -- decode: a KV cache -----------------------------------------------------------------
+    def decode_init(self, k: torch.Tensor, v: torch.Tensor) -> KVCache:
+        """The cache after a context k, v (B, Hkv, n, D), with room for CACHE_STEP more tokens
+        (a full cache grows by copying, as a serving engine's would)."""
+        return KVCache.of(k, v)
+
+    def decode_step(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: KVCache
+    ) -> tuple[torch.Tensor, KVCache]:
+        """Append the token's k, v at the cache's length (a slot past the context: the state
+        passed in still holds its own length) and attend over all cached keys."""
+        state = state.append(k, v)
+        kc, vc = state.keys(), state.values()
+        if self.backend == "naive":
+            return naive_attention(q, kc, vc, causal=False), state
+        if self.backend == "sdpa":
+            return _sdpa(q, kc, vc, False, self.sdpa_backend), state
+        if self.backend == "xformers":
+            return _xformers(q, kc, vc, False), state
+        return flex_attention_compiled(q, kc, vc, None), state
+
+
+CACHE_STEP = 256
+
+
+@dataclass(frozen=True)
+class KVCache:
+    """k, v buffers (B, Hkv, capacity, D) holding `length` tokens."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    length: int
+
+    @classmethod
+    def of(cls, k: torch.Tensor, v: torch.Tensor) -> KVCache:
+        b, h, n, d = k.shape
+        kb, vb = (t.new_empty(b, h, n + CACHE_STEP, d) for t in (k, v))
+        kb[:, :, :n], vb[:, :, :n] = k, v
+        return cls(kb, vb, n)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> KVCache:
+        kb, vb = self.k, self.v
+        if self.length == kb.shape[2]:  # full: grow (copy) by CACHE_STEP
+            kb, vb = (torch.cat([t, t.new_empty(*t.shape[:2], CACHE_STEP, t.shape[3])], 2)
+                      for t in (kb, vb))
+        kb[:, :, self.length : self.length + 1] = k
+        vb[:, :, self.length : self.length + 1] = v
+        return KVCache(kb, vb, self.length + 1)
+
+    def keys(self) -> torch.Tensor:
+        return self.k[:, :, : self.length]
+
+    def values(self) -> torch.Tensor:
+        return self.v[:, :, : self.length]
+
+
+def _sdpa(q, k, v, causal: bool, backend: str) -> torch.Tensor:
+    """SDPA with grouped k/v heads natively (enable_gqa) and, for fewer queries than keys, the
+    causal mask aligned bottom-right (is_causal aligns it top-left)."""
+    gqa = k.shape[1] != q.shape[1]
+    with _sdpa_context(backend):
+        if causal and q.shape[-2] != k.shape[-2]:
+            from torch.nn.attention.bias import causal_lower_right
+
+            bias = causal_lower_right(q.shape[-2], k.shape[-2])
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+
+
+def _xformers(q, k, v, causal: bool) -> torch.Tensor:
+    """xformers' memory_efficient_attention; grouped heads as its 5-D (B, N, G, H/G, D) form,
+    fewer queries than keys with its bottom-right causal mask."""
+    import xformers.ops as xops
+
+    b, h, nq, d = q.shape
+    hkv = k.shape[1]
+    bias = None
+    if causal:
+        bias = xops.LowerTriangularMask() if nq == k.shape[-2] else \
+            xops.fmha.attn_bias.LowerTriangularFromBottomRightMask()
+    if hkv == h:  # xformers wants (B, N, H, D); a transposed view, no copy
+        out = xops.memory_efficient_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias
+        )
+        return out.transpose(1, 2)
+    g = h // hkv
+    q5 = q.view(b, hkv, g, nq, d).permute(0, 3, 1, 2, 4)  # (B, Nq, G, H/G, D)
+    k5, v5 = (t.transpose(1, 2)[:, :, :, None].expand(-1, -1, -1, g, -1) for t in (k, v))
+    out = xops.memory_efficient_attention(q5, k5, v5, attn_bias=bias)  # (B, Nq, G, H/G, D)
+    return out.permute(0, 2, 3, 1, 4).reshape(b, h, nq, d)
 
 
 def naive_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
 ) -> torch.Tensor:
-    """softmax(QKᵀ/√d)V with the (B, H, N, N) score matrix materialised."""
-    n = q.shape[-2]
-    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, N, N)
+    """softmax(QKᵀ/√d)V with the score matrix materialised: q (B, H, Nq, D), k, v (B, Hkv, Nk,
+    D); grouped heads by a view (no repeated k/v), causal aligned bottom-right."""
+    b, h, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[-2]
+    qg = q.view(b, hkv, h // hkv, nq, d)  # (B, Hkv, G, Nq, D)
+    scores = (qg @ k[:, :, None].transpose(-2, -1)) * (1.0 / math.sqrt(d))  # (B,Hkv,G,Nq,Nk)
     if causal:
-        mask = torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1)
+        mask = torch.ones(nq, nk, dtype=torch.bool, device=q.device).triu_(nk - nq + 1)
         scores = scores.masked_fill(mask, float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v
+    return (torch.softmax(scores, dim=-1) @ v[:, :, None]).view(b, h, nq, d)
 
 
 def _sdpa_context(backend: str) -> contextlib.AbstractContextManager:
@@ -255,10 +346,12 @@ def _xformers_missing() -> str:
 
 
 @functools.lru_cache(maxsize=32)
-def _causal_block_mask(n: int, device: str):
+def _causal_block_mask(nq: int, nk: int, device: str):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    def causal_mod(b, h, q_idx, kv_idx):
-        return q_idx >= kv_idx
+    offset = nk - nq  # queries are the last nq positions
 
-    return create_block_mask(causal_mod, None, None, n, n, device=device)
+    def causal_mod(b, h, q_idx, kv_idx):
+        return q_idx + offset >= kv_idx
+
+    return create_block_mask(causal_mod, None, None, nq, nk, device=device)
