@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import sys
 from dataclasses import dataclass
@@ -22,7 +23,8 @@ import torch
 import variants
 from variants.base import Shape, Variant
 
-COLUMNS = ("name", "label", "family", "params", "time", "memory", "available", "reason")
+COLUMNS = ("name", "label", "family", "params", "time", "memory", "available", "causal", "gqa",
+           "q_len", "decode", "reason")
 SHAPE = Shape(batch=1, heads=8, seq_len=1024, head_dim=64)
 
 
@@ -35,6 +37,10 @@ class Row:
     time: str
     memory: str
     available: str  # yes | fwd only | no | error
+    causal: str  # yes | no | only: the forms it has (what the variant declares)
+    gqa: str  # yes | no: kv_heads < heads
+    q_len: str  # yes | no: fewer queries than keys
+    decode: str  # yes | no: a decode form (cache or state)
     reason: str
 
 
@@ -61,6 +67,20 @@ def availability(att: Variant, device: str, dtype: torch.dtype) -> tuple[str, st
     return "yes", ""
 
 
+def shapes_supported(att: Variant, device: str, dtype: torch.dtype) -> tuple[str, ...]:
+    """(causal, gqa, q_len, decode) as yes | no | only, from the variant's own reasons."""
+    def runs(shape: Shape, causal: bool, mode: str = "fwd") -> bool:
+        return not att.not_supported_reasons(shape, dtype, device, causal, mode)
+
+    causal = runs(SHAPE, True)
+    causal_text = ("only" if not runs(SHAPE, False) else "yes") if causal else "no"
+    c = causal  # the model-shape forms are asked of the causal form where there is one
+    gqa = runs(dataclasses.replace(SHAPE, kv_heads=2), c)
+    q_len = runs(dataclasses.replace(SHAPE, q_len=SHAPE.seq_len // 4), c)
+    decode = runs(SHAPE, True, "decode")
+    return (causal_text, *("yes" if x else "no" for x in (gqa, q_len, decode)))
+
+
 def rows(device: str, dtype: torch.dtype) -> list[Row]:
     """One row per registered variant (per backend for `full`), in name order."""
     out = []
@@ -69,14 +89,15 @@ def rows(device: str, dtype: torch.dtype) -> list[Row]:
             try:
                 att = variants.build(name, **params)
                 available, reason = availability(att, device, dtype)
+                forms = shapes_supported(att, device, dtype)
             except Exception as exc:  # a broken (plugin) variant is a row, not a crash
-                out.append(Row(name, name, "?", "", "?", "?", "error",
+                out.append(Row(name, name, "?", "", "?", "?", "error", "?", "?", "?", "?",
                                f"{type(exc).__name__}: {exc}"))
                 continue
             cx = att.complexity
             shown = ", ".join(f"{k}={v}" for k, v in att.params().items())
             out.append(Row(name, att.label, att.family, shown, cx["time"], cx["memory"],
-                           available, reason))
+                           available, *forms, reason))
     return out
 
 

@@ -82,7 +82,11 @@ class Variant:
     exact: ClassVar[bool] = True
     no_causal: ClassVar[str] = ""  # why the variant has no causal form ("": it has one)
     no_noncausal: ClassVar[str] = ""  # why it has only a causal form (the recurrent family)
-    no_q_len: ClassVar[str] = ""  # why it cannot take fewer queries than keys ("": it can)
+    # Grouped-query heads (k/v with fewer heads than q) and fewer queries than keys: a variant
+    # declares what it implements; the base class reports the rest unsupported with a reason.
+    supports_gqa: ClassVar[bool] = False
+    supports_q_len: ClassVar[bool] = False
+    no_q_len: ClassVar[str] = "not implemented"  # why q_len < seq_len is unsupported
     at_most_n: ClassVar[tuple[str, ...]] = ()  # parameters that may not exceed seq_len
 
     # -- identity -------------------------------------------------------------------------------
@@ -156,7 +160,9 @@ class Variant:
             reasons.append(f"{self.name} has no causal form: {self.no_causal}")
         if not causal and self.no_noncausal and mode != "decode":
             reasons.append(f"{self.name} is causal only: {self.no_noncausal}")
-        if shape.nq < shape.seq_len and self.no_q_len:
+        if shape.hkv != shape.heads and not self.supports_gqa:
+            reasons.append(f"{self.name}: grouped k/v heads (kv_heads < heads) not implemented")
+        if shape.nq < shape.seq_len and not self.supports_q_len:
             reasons.append(f"{self.name}: q_len < seq_len not supported: {self.no_q_len}")
         if mode == "decode" and not self.has_decode:
             why = self.no_causal or "not implemented"

@@ -34,6 +34,8 @@ class Full(Variant):
 
     name: ClassVar[str] = "full"
     family: ClassVar[str] = "full"
+    supports_gqa: ClassVar[bool] = True
+    supports_q_len: ClassVar[bool] = True
     time_exponent: ClassVar[float] = 2.0
 
     backend: str = "sdpa"
