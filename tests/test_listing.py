@@ -60,5 +60,6 @@ def test_cli_subcommand():
     proc = subprocess.run([sys.executable, "-m", "harness.cli", "list", "--format", "csv"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("name,label,family,params,time,memory,available,causal,gqa,q_len,decode,reason")
+    assert proc.stdout.startswith("name,label,family,params,time,memory,available,causal,gqa,"
+                                  "q_len,decode,reason")
     assert "full[sdpa]" in proc.stdout
