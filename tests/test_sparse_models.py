@@ -78,7 +78,7 @@ def test_bigbird_random_blocks_are_exact_under_causal_and_seeded():
         rows = torch.arange(nb)[:, None]
         ok = drawn >= 0
         # outside the window and the globals, distinct per row
-        assert ((drawn[ok] >= 1)).all()
+        assert (drawn[ok] >= 1).all()
         assert ((drawn - rows).abs()[ok] > 1).all()
         for r in range(nb):
             got = drawn[r][drawn[r] >= 0].tolist()

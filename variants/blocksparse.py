@@ -328,7 +328,8 @@ class BlockSparse(Variant):
         size = torch.bincount(counts)  # query blocks per count
         biased = torch.bincount(counts, weights=cut.double()) > 0
         width = torch.arange(len(size))  # key blocks per row of each group
-        layout = int((size * (1 + width)).sum()) * 8 + int((size * width)[biased].sum()) * b * b * 4
+        indices = int((size * (1 + width)).sum()) * 8  # rows and key blocks, int64
+        layout = indices + int((size * width)[biased].sum()) * b * b * 4  # + float32 biases
         # the largest working set of one chunk, over the groups (no-grad paths)
         work, most = 0, max(1, MERGE_ROWS // b)
         present = size > 0
