@@ -1,7 +1,8 @@
 """Block-sparse exact attention engine: computes only the active (query-block, key-block) pairs.
 
-A pattern names which key blocks each query block sees (an (nb, nb) bool layout) and, at token
-level, which keys each query sees (a predicate, also the FlexAttention ``mask_mod``). Query blocks
+A pattern names which key blocks each query block sees (a block predicate, with a closed-form
+count per query block for the models) and, at token level, which keys each query sees (a
+predicate, also the FlexAttention ``mask_mod``). Query blocks
 with the same number of active key blocks form a group; each group gathers its key/value blocks
 into a contiguous (BH, G, L·b, D) tensor and runs one batched matmul, a softmax over the gathered
 keys and one batched matmul. Only pairs that the predicate cuts (band edges, causal diagonal,
@@ -47,7 +48,8 @@ LAYOUT_TEMP = 32  # bytes per element those slices take while built (int64 tempo
 
 def build_layout(block_allowed, allowed, n: int, block: int, causal: bool) -> Layout:
     """Layout from a block predicate ``block_allowed(I, J, nb)`` and a token predicate
-    ``allowed(q, k)`` (broadcasting int tensors, causal not applied).
+    ``allowed(q, k)`` (broadcasting int tensors, causal not applied; None when the pattern is
+    whole blocks, so that only the causal diagonal and the padding cut pairs).
 
     Memory: the groups (O(active pairs), plus a float32 bias over the pairs of groups that need
     one) and slices of at most LAYOUT_CHUNK elements; never an (nb, nb) tensor.
@@ -94,7 +96,7 @@ def _bias(rows: torch.Tensor, kidx: torch.Tensor, allowed, n: int, b: int, causa
         r, ki = rows[s : s + step], kidx[s : s + step]
         qtok = (r[:, None] * b + ar)[:, :, None]  # (g, b, 1)
         ktok = (ki[:, :, None] * b + ar).view(len(r), 1, c * b)  # (g, 1, L·b)
-        ok = allowed(qtok, ktok) & (ktok < n)
+        ok = ktok < n if allowed is None else allowed(qtok, ktok) & (ktok < n)
         if causal:
             ok = ok & (ktok <= qtok)
         ok = ok | (qtok >= n)  # padded query rows see anything: finite, and discarded
@@ -213,7 +215,8 @@ def _attend_band(qb, kb, vb, q0: int, k0: int, g: int, nkb: int, bias) -> torch.
 class BlockSparse(Variant):
     """Shared base of the block-sparse and local variants. Subclasses define the fields
     ``block`` and ``impl`` and the pattern: `block_allowed` (the block predicate), `row_counts`
-    (its closed-form count per query block) and, for token-level patterns, `allowed`.
+    (its closed-form count per query block) and, for token-level patterns, `allowed` with
+    ``_token_level = True``.
 
     Density, FLOPs and the memory model come from `row_counts` in O(nb) and allocate nothing of
     size nb² or n², so the memory cap is checked before anything large exists; the layout is
@@ -275,8 +278,8 @@ class BlockSparse(Variant):
         the memory cap was checked against `memory_bytes`, which counts it."""
         key = ("layout", n, causal, str(device))
         if key not in self._cache:
-            lay = build_layout(self.block_allowed, lambda q, k: self.allowed(q, k, n), n,
-                               self.block, causal)
+            allowed = (lambda q, k: self.allowed(q, k, n)) if self._token_level else None
+            lay = build_layout(self.block_allowed, allowed, n, self.block, causal)
             groups = tuple(
                 (r.to(device), ki.to(device), None if bi is None else bi.to(device), mg, band)
                 for r, ki, bi, mg, band in lay.groups

@@ -146,8 +146,9 @@ class Fixed(BlockSparse):
 @dataclass
 class BigBird(BlockSparse):
     """BigBird-ITC: `window` sliding blocks (odd, centred), the first `globals` blocks attend to
-    and are attended by everything, `random` blocks per row drawn (seeded) outside the others.
-    Defaults at n=8192: 7.7% density."""
+    and are attended by everything, `random` blocks per row drawn (seeded, without replacement)
+    outside the others. The draw is part of the pattern and costs O(nb·random), so density and
+    FLOPs count it exactly before any layout exists. Defaults at n=8192: 7.7% density."""
 
     name: ClassVar[str] = "bigbird"
     block: int = 64
