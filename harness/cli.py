@@ -36,7 +36,10 @@ def point_folder_of(run: RunConfig) -> str:
     from harness.records import point_folder
     from harness.sweep import point_id
 
-    label = variants.build(run.variant, **run.params).label
+    try:
+        label = variants.build(run.variant, **run.params).label
+    except Exception:  # a point that fails to build still gets its folder (and an error row)
+        label = run.variant
     return point_folder(label, run.seq_len, run.dtype, run.mode, run.causal, point_id(run))
 
 

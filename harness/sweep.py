@@ -209,7 +209,8 @@ def point_id(run: RunConfig) -> str:
     measured (timing, error, max_memory, resume, threads). It names the point's folder."""
     skip = ("timing", "error", "max_memory", "resume", "threads")
     d = {k: v for k, v in run.__dict__.items() if k not in skip}
-    d["params"] = variants.build(run.variant, **run.params).params()
+    with contextlib.suppress(Exception):  # a point that fails to build: params as written
+        d["params"] = variants.build(run.variant, **run.params).params()
     blob = json.dumps(d, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
