@@ -16,15 +16,40 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from harness.config import ConfigError, fail, from_dictconfig
+from harness.config import ConfigError, RunConfig, fail, from_dictconfig
 
 log = logging.getLogger("attnbench")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 # `attnbench <name> ...` runs `<module>.main(argv) -> int` instead of a sweep.
 SUBCOMMANDS = {"report": "harness.report", "compare": "harness.compare", "list": "harness.listing"}
+# resume=true keeps these outcomes; the others (skipped, oom, error, invalid) may change on a
+# second try (another cap, a free machine, a fixed bug) and are measured again.
+KEPT_ON_RESUME = ("ok", "unsupported")
+
+
+def point_folder_of(run: RunConfig) -> str:
+    """The folder of a point inside its sweep folder: readable + its identity (`point_id`)."""
+    import variants
+    from harness.records import point_folder
+    from harness.sweep import point_id
+
+    try:
+        label = variants.build(run.variant, **run.params).label
+    except Exception:  # a point that fails to build still gets its folder (and an error row)
+        label = run.variant
+    return point_folder(label, run.seq_len, run.dtype, run.mode, run.causal, point_id(run))
+
+
+def _point_folder_resolver(*, _root_: DictConfig) -> str:
+    return point_folder_of(from_dictconfig(_root_))
+
+
+# `hydra.sweep.subdir: ${attnbench_point:}` (conf/config.yaml): each job's folder is named by what
+# it measures, under any sweeper and launcher (jobs import this module to run `sweep_job`).
+OmegaConf.register_new_resolver("attnbench_point", _point_folder_resolver, replace=True)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
@@ -46,9 +71,8 @@ def sweep_job(cfg: DictConfig) -> None:
             old = read_record(out_dir / RECORD_FILE)
         except ValueError:
             old = None
-        if old is not None and old.point_id == point_id(run):
-            kept = "(kept: measured before the sweep was interrupted)"
-            print(f"{progress.line(old, job_num)} {kept}", flush=True)
+        if old is not None and old.point_id == point_id(run) and old.status in KEPT_ON_RESUME:
+            print(f"{progress.line(old, job_num)} (kept from an earlier run)", flush=True)
             return
     record = run_point(run)
     write_record(record, out_dir)

@@ -1,7 +1,9 @@
 """One flat record per measured point: a frozen dataclass, saved as JSON, gathered into CSV.
 
-Records are written atomically (temp file + rename) the moment a point is measured, so a sweep
-killed at any moment loses at most the point in progress. No pickle anywhere.
+Records are strict JSON (null, never NaN), written atomically (temp file + rename) the moment a
+point is measured, each into a folder named by what the point measures (`point_folder`), so a
+sweep killed at any moment loses at most the point in progress and no point overwrites another.
+No pickle anywhere.
 """
 
 from __future__ import annotations
@@ -10,7 +12,10 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
+import re
+import secrets
+import socket
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,22 +115,76 @@ FIELDS = [f.name for f in dataclasses.fields(Record)]
 _TYPES = {f.name: f.type for f in dataclasses.fields(Record)}
 
 
-def write_record(record: Record, folder: str | os.PathLike) -> Path:
-    """Write `record` as `folder/result.json` atomically; returns the path."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / RECORD_FILE
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".result.", suffix=".tmp")
+TMP_SUFFIX = ".tmp"
+STALE_TMP_S = 600  # a temp file this old is left over whoever wrote it (a write takes ms)
+
+
+def point_folder(label: str, seq_len: int, dtype: str, mode: str, causal: bool,
+                 point_id: str) -> str:
+    """Folder name of a point inside a sweep folder: readable, then its identity (`point_id`),
+    so that no other point can ever write there. E.g. ``local_w=256-n4096-float32-fwd-<id>``."""
+    slug = re.sub(r"[^A-Za-z0-9.=+-]+", "_", label).strip("_")[:80] or "point"
+    return f"{slug}-n{seq_len}-{dtype}-{mode}{'-causal' if causal else ''}-{point_id}"
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `path` atomically: a temp file beside it (named by host and pid, so that a later
+    `remove_stale_temps` knows whether its writer is gone), fsync, rename. The file gets the
+    permissions of any new file (0666 less the umask), not mkstemp's 0600."""
+    path = Path(path)
+    tmp = path.parent / (f".{path.name}~{socket.gethostname()}~{os.getpid()}~"
+                         f"{secrets.token_hex(4)}{TMP_SUFFIX}")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record.to_dict(), f, indent=1, allow_nan=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_stale_temps(root: str | os.PathLike) -> list[Path]:
+    """Remove the temp files below `root` whose writer is gone: written on this host by a
+    process that no longer runs (a kill mid-write), or older than STALE_TMP_S (another host's,
+    or another tool's). Returns what was removed."""
+    removed, host, now = [], socket.gethostname(), time.time()
+    for tmp in Path(root).rglob(f".*{TMP_SUFFIX}"):
+        parts = tmp.name[: -len(TMP_SUFFIX)].split("~")
+        try:
+            gone = len(parts) == 4 and parts[1] == host and not _alive(int(parts[2]))
+            if gone or now - tmp.stat().st_mtime > STALE_TMP_S:
+                tmp.unlink()
+                removed.append(tmp)
+        except (OSError, ValueError):  # removed meanwhile, or not ours
+            continue
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _strict(value: Any) -> Any:
+    """NaN and ±inf as null: strict JSON, which every parser reads."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def write_record(record: Record, folder: str | os.PathLike) -> Path:
+    """Write `record` as `folder/result.json` (strict JSON, NaN as null) atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {k: _strict(v) for k, v in record.to_dict().items()}
+    return atomic_write_text(folder / RECORD_FILE, json.dumps(data, indent=1, allow_nan=False))
 
 
 def read_record(path: str | os.PathLike) -> Record:
@@ -152,7 +211,7 @@ def read_record(path: str | os.PathLike) -> Record:
                 if isinstance(value, bool) or int(value) != value:
                     raise ValueError
                 clean[key] = int(value)
-            elif kind == "float":
+            elif kind == "float":  # null (strict JSON) and legacy NaN literals read as NaN
                 clean[key] = NAN if value is None else float(value)
             elif kind == "bool":
                 if not isinstance(value, bool):

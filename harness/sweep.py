@@ -422,9 +422,15 @@ def _short(exc: BaseException, limit: int = 300) -> str:
 
 
 def point_id(run: RunConfig) -> str:
-    """A stable id of what a point measures (for resume): hash of the config, seed included."""
-    skip = ("timing", "error", "max_memory", "resume", "threads", "isolate")
+    """A stable id of what a point measures: a hash of the validated config, seed included, with
+    the variant's parameters completed by their defaults (``variant=local`` and
+    ``variant=local variant.window=256`` are one point), less what does not change what is
+    measured (timing, error, max_memory, resume, threads, isolate, the model preset's name).
+    It names the point's folder."""
+    skip = ("timing", "error", "max_memory", "resume", "threads", "isolate", "model")
     d = {k: v for k, v in run.__dict__.items() if k not in skip}
+    with contextlib.suppress(Exception):  # a point that fails to build: params as written
+        d["params"] = variants.build(run.variant, **run.params).params()
     blob = json.dumps(d, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -1,5 +1,5 @@
 """Faults become rows and nothing is lost: OOM, NaN, crashes, the memory cap, kill -9 and resume,
-concurrent writers, bad input before any work."""
+concurrent writers and sweeps, a job that raises, bad input before any work."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 FAST = ["batch=1", "heads=2", "head_dim=8", "timing.min_reps=2", "timing.min_time_s=0",
         "timing.warmup=1", f"hydra.searchpath=[file://{TESTS / 'conf'}]"]
-# Run the CLI with the test-only `faulty` variant registered.
-BOOT = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import fault_variants; "
+# Run the CLI with the test-only `faulty` and `broken_model` variants registered.
+BOOT = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import fault_variants, broken_models; "
         "from harness.cli import main; main()")
 
 
@@ -76,11 +76,104 @@ def test_kill_9_then_resume_measures_only_the_missing_points(tmp_path):
 
     done = attnbench(*sweep, "resume=true")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.count("(kept") == len(before)
+    assert done.stdout.count("(kept from an earlier run)") == len(before)
+    assert "interrupted" not in done.stdout
     assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing re-measured
     df = pd.read_csv(tmp_path / "results.csv")
     assert sorted(df.seq_len) == [16, 24, 32, 40, 48, 56, 64, 72]  # each point exactly once
     assert (df.status == "ok").all()
+    assert not list(tmp_path.rglob("*.tmp"))  # a write cut by the kill left nothing behind
+
+
+def test_resume_with_the_overrides_in_another_order_keeps_every_point(tmp_path):
+    common = ["-m", "variant=faulty", "variant.how=error", "variant.fail_at=0", *FAST,
+              f"hydra.sweep.dir={tmp_path}"]
+    first = attnbench(*common, "seq_len=16,24", "causal=false,true")
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/result.json")}
+    assert len(before) == 4
+    again = attnbench(*common, "causal=true,false", "seq_len=24,16", "resume=true")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("(kept from an earlier run)") == 4
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/result.json")} == before
+    assert len(pd.read_csv(tmp_path / "results.csv")) == 4
+
+
+def test_resume_measures_again_the_outcomes_that_may_change(tmp_path):
+    common = ["-m", "variant=full", "variant.backend=naive,xformers", "seq_len=32,1024", *FAST,
+              f"hydra.sweep.dir={tmp_path}"]
+    first = attnbench(*common, "max_memory=5MB")
+    assert first.returncode == 0, first.stderr[-2000:]
+    df = pd.read_csv(tmp_path / "results.csv").set_index(["label", "seq_len"])
+    assert df.loc[("full[naive]", 1024), "status"] == "skipped"
+    assert df.loc[("full[naive]", 32), "status"] == "ok"
+    # the n=32 point ends as an error this time (same point, another outcome)
+    (path,) = [p for p in tmp_path.glob("*/result.json") if "naive-n32-" in p.parent.name]
+    path.write_text(path.read_text().replace('"status": "ok"', '"status": "error"'))
+    again = attnbench(*common, "max_memory=0", "resume=true")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("(kept from an earlier run)") == 2  # the unsupported xformers
+    df = pd.read_csv(tmp_path / "results.csv").set_index(["label", "seq_len"])
+    assert len(df) == 4
+    assert (df.loc["full[naive]", "status"] == "ok").all()  # skipped and error: measured again
+    assert (df.loc["full[xformers]", "status"] == "unsupported").all()
+
+
+def test_a_second_sweep_into_a_folder_adds_its_points_beside_the_first(tmp_path):
+    common = ["-m", "variant=faulty", "variant.how=error", "variant.fail_at=0", *FAST,
+              f"hydra.sweep.dir={tmp_path}"]
+    first = attnbench(*common, "seq_len=16,24")
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/result.json")}
+    second = attnbench(*common, "seq_len=32,32,40")  # 32 twice: one point, run once
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "[2/2]" in second.stdout and "[3/" not in second.stdout
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # the first sweep's points stay
+    df = pd.read_csv(tmp_path / "results.csv")
+    assert sorted(df.seq_len) == [16, 24, 32, 40]
+
+
+def test_concurrent_sweeps_into_one_folder_lose_nothing(tmp_path):
+    common = ["-m", "variant=faulty", "variant.how=error", "variant.fail_at=0",
+              "variant.sleep_ms=20", *FAST, f"hydra.sweep.dir={tmp_path}"]
+    procs = [subprocess.Popen([sys.executable, "-c", BOOT, *common, f"seq_len={ns}"], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for ns in ("16,24,32,40", "48,56,64,72")]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    df = pd.read_csv(tmp_path / "results.csv")
+    assert sorted(df.seq_len) == [16, 24, 32, 40, 48, 56, 64, 72]
+    assert len(list(tmp_path.glob("*/result.json"))) == 8
+
+
+def test_a_later_batch_with_a_bad_point_stops_before_any_point_runs(tmp_path):
+    kept = tmp_path / "sweep"
+    first = attnbench("-m", "variant=faulty", "variant.how=error", "variant.fail_at=0",
+                      "seq_len=16", *FAST, f"hydra.sweep.dir={kept}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    records = {p: p.read_bytes() for p in kept.rglob("result.json")}
+    for folder in (tmp_path / "new", kept):
+        proc = attnbench("-m", "hydra.sweeper.max_batch_size=1", "seq_len=64,128,0", *FAST,
+                         f"hydra.sweep.dir={folder}")
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines() == [
+            "attnbench: error: seq_len=0: must be a positive integer"]
+        assert "n=64" not in proc.stdout  # not even the first batch ran
+    assert not (tmp_path / "new").exists()
+    assert {p: p.read_bytes() for p in kept.rglob("result.json")} == records
+
+
+def test_a_job_that_raises_still_leaves_results_and_report(tmp_path):
+    proc = attnbench("-m", "hydra.sweeper.max_batch_size=1", "variant=broken_model",
+                     "variant.fail_at=32", "seq_len=16,32,48", *FAST,
+                     f"hydra.sweep.dir={tmp_path}")
+    if proc.returncode:  # the job raised: said so, after the other points were gathered
+        assert "broken memory model at n=32" in proc.stderr
+    assert "[1/3]" in proc.stdout and "[3/3]" in proc.stdout  # later batches still ran
+    df = pd.read_csv(tmp_path / "results.csv")
+    assert {16, 48} <= set(df.seq_len) and (df[df.seq_len != 32].status == "ok").all()
+    assert (tmp_path / "index.html").exists() and (tmp_path / "summary.md").exists()
 
 
 def test_resume_needs_a_named_sweep_folder():

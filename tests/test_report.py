@@ -86,7 +86,7 @@ def test_bad_records_skipped_labels_escaped_failed_points_shown(sweep, tmp_path,
     (folder / "corrupt" / "result.json").write_text('{"variant": "full", "lab')
     (folder / "foreign").mkdir()
     (folder / "foreign" / "result.json").write_text(json.dumps({"loss": 0.1, "step": 3}))
-    rec = read_record(folder / "0" / "result.json")
+    rec = read_record(sorted(folder.glob("full*/result.json"))[0])  # a point of the sweep
     odd = dataclasses.replace(rec, label="x<b>&y", family="local", point_id="odd")
     write_record(odd, folder / "odd")
     oom = dataclasses.replace(rec, seq_len=512, status="oom", reason="out of memory",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -219,6 +220,17 @@ class Variant:
         (and, when causal, every key j <= i). Approximations return None.
         """
         return None
+
+
+FORCE_GPU_PATHS = "ATTNBENCH_FORCE_GPU_PATHS"
+
+
+def gpu_path(device: torch.device | str) -> bool:
+    """Whether a call takes the GPU path: on CUDA, and anywhere when the environment sets
+    ATTNBENCH_FORCE_GPU_PATHS=1 (so the CPU tests cover the paths a GPU runs). The GPU path of a
+    variant is launch-light — its dispatched ops do not grow with batch·heads or n — makes no
+    host syncs, and runs its matmuls in the input dtype (fp32 statistics and accumulators)."""
+    return torch.device(device).type == "cuda" or os.environ.get(FORCE_GPU_PATHS) == "1"
 
 
 def full_flops(shape: Shape, causal: bool = False) -> float:

@@ -1,7 +1,8 @@
 """Block-sparse exact attention engine: computes only the active (query-block, key-block) pairs.
 
-A pattern names which key blocks each query block sees (an (nb, nb) bool layout) and, at token
-level, which keys each query sees (a predicate, also the FlexAttention ``mask_mod``). Query blocks
+A pattern names which key blocks each query block sees (a block predicate, with a closed-form
+count per query block for the models) and, at token level, which keys each query sees (a
+predicate, also the FlexAttention ``mask_mod``). Query blocks
 with the same number of active key blocks form a group; each group gathers its key/value blocks
 into a contiguous (BH, G, L·b, D) tensor and runs one batched matmul, a softmax over the gathered
 keys and one batched matmul. Only pairs that the predicate cuts (band edges, causal diagonal,
@@ -41,34 +42,70 @@ class Layout:
     computed: int  # scores computed that lie inside the n×n matrix
 
 
-def build_layout(block_mask: torch.Tensor, allowed, n: int, block: int, causal: bool) -> Layout:
-    """Layout from an (nb, nb) bool block mask and a token predicate ``allowed(q, k)``."""
-    nb, b = block_mask.shape[0], block
-    dev = block_mask.device
-    counts = block_mask.sum(1)
-    ar = torch.arange(b, device=dev)
-    groups = []
-    for c in torch.unique(counts).tolist():
-        rows = torch.nonzero(counts == c).flatten()  # (G,)
-        kidx = torch.nonzero(block_mask[rows])[:, 1].view(len(rows), c)  # (G, L), sorted
-        qtok = (rows[:, None] * b + ar)[:, :, None]  # (G, b, 1)
-        ktok = (kidx[:, :, None] * b + ar).view(len(rows), 1, c * b)  # (G, 1, L·b)
-        ok = allowed(qtok, ktok) & (ktok < n)
+LAYOUT_CHUNK = 1 << 22  # elements of one (rows, nb) block-mask slice or bias slice at a time
+LAYOUT_TEMP = 32  # bytes per element those slices take while built (int64 temporaries, bools)
+
+
+def build_layout(block_allowed, allowed, n: int, block: int, causal: bool) -> Layout:
+    """Layout from a block predicate ``block_allowed(I, J, nb)`` and a token predicate
+    ``allowed(q, k)`` (broadcasting int tensors, causal not applied; None when the pattern is
+    whole blocks, so that only the causal diagonal and the padding cut pairs).
+
+    Memory: the groups (O(active pairs), plus a float32 bias over the pairs of groups that need
+    one) and slices of at most LAYOUT_CHUNK elements; never an (nb, nb) tensor.
+    """
+    b = block
+    nb = -(-n // b)
+    keys = torch.arange(nb)
+    found: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    step = max(1, LAYOUT_CHUNK // nb)
+    for s in range(0, nb, step):
+        rows = torch.arange(s, min(nb, s + step))
+        mask = block_allowed(rows[:, None], keys[None, :], nb)  # (rows, nb)
+        if causal:
+            mask = mask & (keys[None, :] <= rows[:, None])
+        counts = mask.sum(1)
+        for c in torch.unique(counts).tolist():
+            sel = counts == c
+            kidx = torch.nonzero(mask[sel])[:, 1].view(-1, c)  # (G, L), sorted
+            found.setdefault(c, []).append((rows[sel], kidx))
+    inside = (n - torch.arange(nb) * b).clamp(0, b)  # real tokens per block
+    groups, computed = [], 0
+    for c in sorted(found):
+        rows = torch.cat([r for r, _ in found[c]])  # (G,)
+        kidx = torch.cat([k for _, k in found[c]])  # (G, L)
+        computed += int((inside[rows] * inside[kidx].sum(1)).sum())
+        bias = _bias(rows, kidx, allowed, n, b, causal)
+        shift = torch.arange(len(rows))
+        band = bool(
+            (rows == rows[0] + shift).all()
+            and (kidx == kidx[0, 0] + shift[:, None] + torch.arange(c)).all()
+        )
+        groups.append((rows, kidx, bias, _merge(rows, kidx, max(1, MERGE_ROWS // b)), band))
+    return Layout(n, b, nb, tuple(groups), computed)
+
+
+def _bias(rows: torch.Tensor, kidx: torch.Tensor, allowed, n: int, b: int, causal: bool):
+    """Additive (G, b, L·b) float32 bias, -inf on the pairs the token predicate, the causal
+    diagonal or the padding cut; None when the group has no cut pair. Built in slices."""
+    g, c = kidx.shape
+    ar = torch.arange(b)
+    bias = None
+    step = max(1, LAYOUT_CHUNK // (b * c * b))
+    for s in range(0, g, step):
+        r, ki = rows[s : s + step], kidx[s : s + step]
+        qtok = (r[:, None] * b + ar)[:, :, None]  # (g, b, 1)
+        ktok = (ki[:, :, None] * b + ar).view(len(r), 1, c * b)  # (g, 1, L·b)
+        ok = ktok < n if allowed is None else allowed(qtok, ktok) & (ktok < n)
         if causal:
             ok = ok & (ktok <= qtok)
         ok = ok | (qtok >= n)  # padded query rows see anything: finite, and discarded
-        bias = None
-        if not bool(ok.all()):
-            bias = torch.zeros(ok.shape, device=dev).masked_fill_(~ok, float("-inf"))
-        shift = torch.arange(len(rows), device=dev)
-        band = bool(
-            (rows == rows[0] + shift).all()
-            and (kidx == kidx[0, 0] + shift[:, None] + torch.arange(c, device=dev)).all()
-        )
-        groups.append((rows, kidx, bias, _merge(rows, kidx, max(1, MERGE_ROWS // b)), band))
-    inside = (n - torch.arange(nb, device=dev) * b).clamp(0, b)  # real tokens per block
-    computed = int((inside[:, None] * inside[None, :] * block_mask).sum())
-    return Layout(n, b, nb, tuple(groups), computed)
+        if bool(ok.all()):
+            continue
+        if bias is None:  # slices before this one had no cut pair: their bias stays 0
+            bias = torch.zeros(g, b, c * b)
+        bias[s : s + step].masked_fill_(~ok, float("-inf"))
+    return bias
 
 
 def _merge(rows: torch.Tensor, kidx: torch.Tensor, most: int) -> int:
@@ -177,7 +214,13 @@ def _attend_band(qb, kb, vb, q0: int, k0: int, g: int, nkb: int, bias) -> torch.
 @dataclass
 class BlockSparse(Variant):
     """Shared base of the block-sparse and local variants. Subclasses define the fields
-    ``block`` and ``impl`` and the pattern (`block_layout`, optionally `allowed`)."""
+    ``block`` and ``impl`` and the pattern: `block_allowed` (the block predicate), `row_counts`
+    (its closed-form count per query block) and, for token-level patterns, `allowed` with
+    ``_token_level = True``.
+
+    Density, FLOPs and the memory model come from `row_counts` in O(nb) and allocate nothing of
+    size nb² or n², so the memory cap is checked before anything large exists; the layout is
+    built on the first call, and `memory_bytes` counts it."""
 
     family: ClassVar[str] = "sparse"
     time_exponent: ClassVar[float] = 1.0
@@ -195,15 +238,31 @@ class BlockSparse(Variant):
         """Subclasses raise ValueError naming the offending field."""
 
     # -- the pattern ----------------------------------------------------------------------------
-    def block_layout(self, nb: int, causal: bool) -> torch.Tensor:
-        """(nb, nb) bool: key blocks each query block sees (causal already applied)."""
+    def block_allowed(self, i: torch.Tensor, j: torch.Tensor, nb: int) -> torch.Tensor:
+        """Whether query block i sees key block j (broadcasting int tensors; causal not applied),
+        for a sequence of nb blocks."""
         raise NotImplementedError
+
+    def row_counts(self, nb: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Closed form in O(nb), never an (nb, nb) tensor: per query block, how many key blocks
+        it sees (nb,) int64, and whether the last key block is one of them (nb,) bool."""
+        raise NotImplementedError
+
+    def block_layout(self, nb: int, causal: bool) -> torch.Tensor:
+        """(nb, nb) bool: key blocks each query block sees (causal applied). O(nb²): for
+        FlexAttention's table and tests, never for the models (those use `row_counts`)."""
+        out = torch.empty(nb, nb, dtype=torch.bool)
+        keys, step = torch.arange(nb), max(1, LAYOUT_CHUNK // max(nb, 1))
+        for s in range(0, nb, step):  # in slices: no (nb, nb) int64 temporaries
+            rows = torch.arange(s, min(nb, s + step))[:, None]
+            m = self.block_allowed(rows, keys[None, :], nb)
+            out[s : s + step] = m & (keys <= rows) if causal else m
+        return out
 
     def allowed(self, q: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:
         """Token predicate (broadcasting int tensors q, k), causal not applied. Default: the
-        non-causal block layout, i.e. whole blocks."""
-        table = self._table(n)
-        return table[q // self.block, k // self.block]
+        block predicate, i.e. whole blocks."""
+        return self.block_allowed(q // self.block, k // self.block, self._nb(n))
 
     def _table(self, n: int) -> torch.Tensor:
         key = ("table", n)
@@ -215,10 +274,12 @@ class BlockSparse(Variant):
         return -(-n // self.block)
 
     def layout(self, n: int, causal: bool, device: torch.device | str = "cpu") -> Layout:
+        """The engine's layout, built on the CPU (then moved) the first time it is needed: after
+        the memory cap was checked against `memory_bytes`, which counts it."""
         key = ("layout", n, causal, str(device))
-        if key not in self._cache:  # built on the CPU, then moved
-            bm = self.block_layout(self._nb(n), causal)
-            lay = build_layout(bm, lambda q, k: self.allowed(q, k, n), n, self.block, causal)
+        if key not in self._cache:
+            allowed = (lambda q, k: self.allowed(q, k, n)) if self._token_level else None
+            lay = build_layout(self.block_allowed, allowed, n, self.block, causal)
             groups = tuple(
                 (r.to(device), ki.to(device), None if bi is None else bi.to(device), mg, band)
                 for r, ki, bi, mg, band in lay.groups
@@ -226,35 +287,66 @@ class BlockSparse(Variant):
             self._cache[key] = dataclasses.replace(lay, groups=groups)
         return self._cache[key]
 
-    # -- contract -------------------------------------------------------------------------------
+    # -- models: closed form from `row_counts`, O(nb) ------------------------------------------
+    def computed(self, n: int, causal: bool = False) -> int:
+        """Scores computed inside the n×n matrix: whole active blocks (the causal diagonal and
+        band edges included), equal to `layout(n, causal).computed` without building it."""
+        b = self.block
+        counts, last = self.row_counts(self._nb(n), causal)
+        inside = (n - torch.arange(len(counts)) * b).clamp(0, b)  # real tokens per query block
+        keys = counts * b - last.long() * (len(counts) * b - n)  # real keys each query block sees
+        return int((inside * keys).sum())
+
     def key_mask(self, rows: torch.Tensor, n: int, causal: bool) -> torch.Tensor:
-        q, k = rows[:, None].cpu(), torch.arange(n)[None, :]
-        mask = self.allowed(q, k, n)
-        if causal:
-            mask = mask & (k <= q)
-        return mask.to(rows.device)
+        q, k = rows.cpu(), torch.arange(n)[None, :]
+        step = max(1, LAYOUT_CHUNK // max(n, 1))  # slices: int64 temporaries stay small
+        parts = []
+        for s in range(0, len(q), step):
+            qs = q[s : s + step, None]
+            mask = self.allowed(qs, k, n)
+            parts.append(mask & (k <= qs) if causal else mask)
+        out = torch.cat(parts) if parts else torch.zeros(0, n, dtype=torch.bool)
+        return out.to(rows.device)
 
     def density(self, n: int, causal: bool = False) -> float:
-        return self.layout(n, causal).computed / (n * n)
+        return self.computed(n, causal) / (n * n)
 
     def flops(self, shape: Shape, causal: bool = False) -> float:
-        return 4.0 * shape.bh * shape.head_dim * self.layout(shape.seq_len, causal).computed
+        return 4.0 * shape.bh * shape.head_dim * self.computed(shape.seq_len, causal)
 
     def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = False) -> int:
+        """Upper estimate of one forward's peak, the first call's layout included (it is built
+        then and kept): closed form from `row_counts`, nothing of size nb² or n² allocated."""
         el = torch.empty((), dtype=dtype).element_size()
-        bh, n, d = shape.bh, shape.seq_len, shape.head_dim
-        padded = bh * self._nb(n) * self.block * d * 4
-        b = self.block
-        work = 0  # the largest working set of one chunk, over the groups (no-grad paths)
-        for _, ki, bi, mg, _ in self.layout(n, causal).groups:
-            if bi is None:  # fused sdpa: gathered k, v (budgeted), gathered q and output
-                kv = max(CHUNK_BYTES, 2 * bh * ki.shape[1] * b * d * 4)
-                work = max(work, kv + 2 * padded)
-            else:  # tile scores and their softmax + gathered k, v
-                tile = max(CHUNK_BYTES, bh * mg * b * ki.shape[1] * b * 4)
-                work = max(work, 2 * tile + 2 * tile * d // b)
-        # padded q, k, v + pieces, cat, reorder + one chunk's working set + output
-        return int(6 * padded + work + bh * n * d * el)
+        bh, n, d, b = shape.bh, shape.seq_len, shape.head_dim, self.block
+        nb = self._nb(n)
+        padded = bh * nb * b * d * 4
+        out = bh * n * d * el
+        if self.impl == "flex":  # the (nb, nb) block table, then FlexAttention's own kernel
+            return int(nb * nb + LAYOUT_CHUNK * LAYOUT_TEMP + 2 * padded + out)
+        counts, last = self.row_counts(nb, causal)
+        # Groups are the query blocks with equal counts; a group carries a bias over all its
+        # pairs when any of its rows has a cut pair (an upper bound for token-level patterns).
+        cut = torch.ones_like(last) if causal or self._token_level else last & (n % b != 0)
+        size = torch.bincount(counts)  # query blocks per count
+        biased = torch.bincount(counts, weights=cut.double()) > 0
+        width = torch.arange(len(size))  # key blocks per row of each group
+        indices = int((size * (1 + width)).sum()) * 8  # rows and key blocks, int64
+        layout = indices + int((size * width)[biased].sum()) * b * b * 4  # + float32 biases
+        # the largest working set of one chunk, over the groups (no-grad paths)
+        work, most = 0, max(1, MERGE_ROWS // b)
+        present = size > 0
+        if (present & ~biased).any():  # fused sdpa: gathered k, v (budgeted), gathered q, out
+            c = int(width[present & ~biased].max())
+            work = max(CHUNK_BYTES, 2 * bh * c * b * d * 4) + 2 * padded
+        if (present & biased).any():  # tile scores and their softmax + gathered k, v
+            c = int(width[present & biased].max())
+            tile = max(CHUNK_BYTES, bh * most * b * c * b * 4)
+            work = max(work, 2 * tile + 2 * tile * d // b)
+        building = min(nb * nb, LAYOUT_CHUNK) * LAYOUT_TEMP  # slices while the layout is built
+        # padded q, k, v + pieces, cat, reorder + one chunk's working set (or the layout's
+        # slices, freed before it) + output + the layout itself
+        return int(6 * padded + max(work, building) + out + layout)
 
     def not_supported_reasons(
         self,

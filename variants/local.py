@@ -46,10 +46,16 @@ class Local(BlockSparse):
             "impl": self.impl if self.impl != "blocked" else None,
         })
 
-    def block_layout(self, nb: int, causal: bool) -> torch.Tensor:
-        m = -(-self.window // self.block)  # key blocks each side that the band reaches
-        rel = torch.arange(nb)[:, None] - torch.arange(nb)[None, :]  # I − J
-        return (rel >= 0) & (rel <= m) if causal else rel.abs() <= m
+    def _reach(self) -> int:
+        return -(-self.window // self.block)  # key blocks each side that the band reaches
+
+    def block_allowed(self, i: torch.Tensor, j: torch.Tensor, nb: int) -> torch.Tensor:
+        return (i - j).abs() <= self._reach()
+
+    def row_counts(self, nb: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        i, m = torch.arange(nb), self._reach()
+        lo, hi = (i - m).clamp(min=0), i if causal else (i + m).clamp(max=nb - 1)
+        return hi - lo + 1, hi == nb - 1
 
     def allowed(self, q: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:
         return (q - k).abs() <= self.window

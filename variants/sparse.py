@@ -22,12 +22,28 @@ from variants import register
 from variants.blocksparse import BlockSparse
 
 
-def _rel(nb: int) -> torch.Tensor:
-    return torch.arange(nb)[:, None] - torch.arange(nb)[None, :]  # (nb, nb): I − J
+def _band(nb: int, causal: bool, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query block I: the key blocks [lo, hi] of the band |I − J| ≤ width (causal: J ≤ I)."""
+    i = torch.arange(nb)
+    return (i - width).clamp(min=0), i if causal else (i + width).clamp(max=nb - 1)
 
 
-def _causal(mask: torch.Tensor, causal: bool) -> torch.Tensor:
-    return mask & (_rel(mask.shape[0]) >= 0) if causal else mask
+def _congruent(c: torch.Tensor, s: int, a: torch.Tensor, z: torch.Tensor | int) -> torch.Tensor:
+    """How many J in [a, z] have J ≡ c (mod s) (z ≥ a − 1)."""
+    return torch.div(z - c, s, rounding_mode="floor") - torch.div(a - 1 - c, s,
+                                                                    rounding_mode="floor")
+
+
+def _band_and_globals(nb: int, causal: bool, width: int, g: int):
+    """row_counts of |I − J| ≤ width, or I < g, or J < g (causal: J ≤ I)."""
+    i = torch.arange(nb)
+    lo, hi = _band(nb, causal, width)
+    g = min(g, nb)
+    counts = hi - lo + 1 + lo.clamp(max=g)  # the band, and the global blocks below it
+    last = hi == nb - 1
+    glob = i < g  # global rows see every block
+    counts = torch.where(glob, i + 1 if causal else torch.full_like(i, nb), counts)
+    return counts, last | (glob & (not causal))
 
 
 def _positive(obj, *fields: str, allow_zero: tuple[str, ...] = ()) -> None:
@@ -65,9 +81,19 @@ class Strided(BlockSparse):
         flex = ",flex" if self.impl == "flex" else ""
         return f"strided[b={self.block},w={self.window},s={self.stride}{flex}]"
 
-    def block_layout(self, nb: int, causal: bool) -> torch.Tensor:
-        rel = _rel(nb)
-        return _causal((rel.abs() <= self.window) | (rel % self.stride == 0), causal)
+    def block_allowed(self, i: torch.Tensor, j: torch.Tensor, nb: int) -> torch.Tensor:
+        rel = i - j
+        return (rel.abs() <= self.window) | (rel % self.stride == 0)
+
+    def row_counts(self, nb: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        i = torch.arange(nb)
+        lo, hi = _band(nb, causal, self.window)
+        top = i if causal else nb - 1
+        # the band, plus the blocks J ≡ I (mod stride) in [0, top] outside it
+        counts = hi - lo + 1 + _congruent(i, self.stride, 0, top) - _congruent(
+            i, self.stride, lo, hi)
+        last = (hi == nb - 1) | (((nb - 1 - i) % self.stride == 0) & (not causal))
+        return counts, last
 
 
 @register
@@ -97,18 +123,32 @@ class Fixed(BlockSparse):
         flex = ",flex" if self.impl == "flex" else ""
         return f"fixed[b={self.block},s={self.stride},c={self.summary}{flex}]"
 
-    def block_layout(self, nb: int, causal: bool) -> torch.Tensor:
-        i, j = torch.arange(nb)[:, None], torch.arange(nb)[None, :]
-        same_chunk = (i // self.stride) == (j // self.stride)
-        return _causal(same_chunk | (j % self.stride >= self.stride - self.summary), causal)
+    def block_allowed(self, i: torch.Tensor, j: torch.Tensor, nb: int) -> torch.Tensor:
+        s, c = self.stride, self.summary
+        return (i // s == j // s) | (j % s >= s - c)
+
+    def row_counts(self, nb: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        s, c = self.stride, self.summary
+        i = torch.arange(nb)
+        lo = i // s * s  # the query block's chunk is [lo, hi]
+        hi = i if causal else (lo + s - 1).clamp(max=nb - 1)
+        top = i if causal else torch.full_like(i, nb - 1)
+
+        def summaries(z: torch.Tensor) -> torch.Tensor:  # summary blocks in [0, z], z ≥ -1
+            return (z + 1) // s * c + ((z + 1) % s - (s - c)).clamp(min=0)
+
+        counts = hi - lo + 1 + summaries(top) - summaries(hi) + summaries(lo - 1)
+        last = (hi == nb - 1) | (((nb - 1) % s >= s - c) & (not causal))
+        return counts, last
 
 
 @register
 @dataclass
 class BigBird(BlockSparse):
     """BigBird-ITC: `window` sliding blocks (odd, centred), the first `globals` blocks attend to
-    and are attended by everything, `random` blocks per row drawn (seeded) outside the others.
-    Defaults at n=8192: 7.7% density."""
+    and are attended by everything, `random` blocks per row drawn (seeded, without replacement)
+    outside the others. The draw is part of the pattern and costs O(nb·random), so density and
+    FLOPs count it exactly before any layout exists. Defaults at n=8192: 7.7% density."""
 
     name: ClassVar[str] = "bigbird"
     block: int = 64
@@ -131,14 +171,44 @@ class BigBird(BlockSparse):
             "impl": "flex" if self.impl == "flex" else None,
         })
 
-    def block_layout(self, nb: int, causal: bool) -> torch.Tensor:
-        i, j = torch.arange(nb)[:, None], torch.arange(nb)[None, :]
-        fixed = ((i - j).abs() <= self.window // 2) | (i < self.globals) | (j < self.globals)
-        gen = torch.Generator().manual_seed(self.seed)
-        draw = torch.rand(nb, nb, generator=gen).masked_fill_(fixed, -1.0)
-        top = draw.topk(min(self.random, nb), dim=1)
-        rand = torch.zeros(nb, nb, dtype=torch.bool).scatter_(1, top.indices, top.values >= 0)
-        return _causal(fixed | rand, causal)
+    def block_allowed(self, i: torch.Tensor, j: torch.Tensor, nb: int) -> torch.Tensor:
+        g = self.globals
+        fixed = ((i - j).abs() <= self.window // 2) | (i < g) | (j < g)
+        drawn = self._random(nb)[i]  # (..., random)
+        return fixed | (drawn == j.unsqueeze(-1)).any(-1)
+
+    def row_counts(self, nb: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        counts, last = _band_and_globals(nb, causal, self.window // 2, self.globals)
+        drawn = self._random(nb)  # exact: the draw itself, O(nb·random)
+        valid = drawn >= 0
+        if causal:
+            valid &= drawn <= torch.arange(nb)[:, None]
+        return counts + valid.sum(1), last | (valid & (drawn == nb - 1)).any(1)
+
+    def _random(self, nb: int) -> torch.Tensor:
+        """(nb, random) int64: each query block's random key blocks, drawn (seeded) without
+        replacement among the blocks outside its window and the globals; -1 where fewer are
+        left. O(nb·random²) work and O(nb·random) memory."""
+        key = ("random", nb)
+        if key in self._cache:
+            return self._cache[key]
+        i, r, h = torch.arange(nb), self.random, self.window // 2
+        g = min(self.globals, nb)
+        lo, hi = (i - h).clamp(min=g), (i + h).clamp(max=nb - 1)  # the window outside globals
+        avail = torch.where(i < g, 0, (nb - g) - (hi - lo + 1))  # candidates per row
+        u = torch.rand(nb, r, generator=torch.Generator().manual_seed(self.seed),
+                       dtype=torch.float64)
+        pos = torch.full((nb, r), -1, dtype=torch.long)  # positions among the candidates
+        for t in range(r):  # sequential draw without replacement, every row at once
+            left = avail - t
+            p = (u[:, t] * left.clamp(min=1)).long().clamp(max=(left - 1).clamp(min=0))
+            for taken in pos[:, :t].sort(1).values.unbind(1):  # skip the positions taken
+                p = p + (p >= taken).long()
+            pos[:, t] = torch.where(left > 0, p, -1)
+        below = lo - g  # candidates below the window: g .. lo-1; the rest: hi+1 ..
+        drawn = torch.where(pos < below[:, None], g + pos, hi[:, None] + 1 + pos - below[:, None])
+        self._cache[key] = drawn.masked_fill_(pos < 0, -1)
+        return self._cache[key]
 
     def _fit_reasons(self, n: int) -> list[str]:
         need = self.globals + self.window + self.random
@@ -169,10 +239,15 @@ class Longformer(BlockSparse):
         flex = ",flex" if self.impl == "flex" else ""
         return f"longformer[b={self.block},w={self.window},g={self.global_tokens}{flex}]"
 
-    def block_layout(self, nb: int, causal: bool) -> torch.Tensor:
-        i, j = torch.arange(nb)[:, None], torch.arange(nb)[None, :]
-        m, g = -(-self.window // self.block), -(-self.global_tokens // self.block)
-        return _causal(((i - j).abs() <= m) | (i < g) | (j < g), causal)
+    def _blocks(self) -> tuple[int, int]:  # window and global blocks
+        return -(-self.window // self.block), -(-self.global_tokens // self.block)
+
+    def block_allowed(self, i: torch.Tensor, j: torch.Tensor, nb: int) -> torch.Tensor:
+        m, g = self._blocks()
+        return ((i - j).abs() <= m) | (i < g) | (j < g)
+
+    def row_counts(self, nb: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return _band_and_globals(nb, causal, *self._blocks())
 
     def allowed(self, q: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:
         g = self.global_tokens
