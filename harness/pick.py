@@ -114,6 +114,8 @@ def _none(kind: str) -> str:
         return "none exact"
     if kind.startswith("within "):
         return f"none {kind}"
+    if kind == "fastest recurrent":
+        return "no recurrent variant ran"
     return "none ran"
 
 
@@ -144,13 +146,13 @@ def num(x: float) -> str:
         return ""
     if abs(x) >= 100:
         return f"{x:.0f}"
-    return f"{x:.3g}"
+    return f"{x:#.3g}".rstrip(".")
 
 
 def error_text(r) -> str:
     """rel_error as people read it: a percentage for approximations, 3e-07 near rounding."""
     if r.family in NOT_COMPARABLE:
-        return "error n/c (own definition)"
+        return "error not comparable"
     e = r.rel_error
     if not isinstance(e, float) or not math.isfinite(e):
         return "error not measured"
@@ -254,7 +256,7 @@ def sentences(picks: pd.DataFrame, baseline: str | None) -> list[str]:
             parts.append(text)
         if same:
             parts.append(f"nothing faster within {' or '.join(same)}")
-        timed = g[g.pick != "leanest"]
+        timed = g[(g.pick != "leanest") & (g.label != "")]
         unclean = timed.note == "no clean candidate"
         if unclean.all() and len(timed):
             tail = " Every point at this n is noisy or contended: measure again."
