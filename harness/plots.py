@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -115,6 +116,14 @@ def _panel_legend(ax) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False,
                   ncol=1, handlelength=2.2)
+
+
+def _suptitle(fig, text: str) -> float:
+    """The figure's title, wrapped to the figure's width (about 14 characters an inch); returns
+    the top of the room left for the panels (a figure fraction)."""
+    text = textwrap.fill(text, max(40, int(fig.get_figwidth() * 14)))
+    fig.suptitle(text, fontsize=10)
+    return 1 - (0.15 + 0.18 * (text.count("\n") + 1)) / fig.get_figheight()
 
 
 def _num(v: float) -> str:
@@ -268,9 +277,9 @@ def scaling_plot(df, scaling, styles, metric, folder: Path, baseline: str | None
     notes = ["per sequence where batch varies with n"] if (df.per == "sequence").any() else []
     notes += ["hollow: noisy or contended"] if metric == "latency" else []
     notes += ["grey: the baseline", "dashed: the fit"]
-    fig.suptitle(f"{unit.split(' (')[0]} vs sequence length n, by family ({'; '.join(notes)})",
-                 fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    top = _suptitle(fig, f"{unit.split(' (')[0]} vs sequence length n, by family "
+                         f"({'; '.join(notes)})")
+    fig.tight_layout(rect=(0, 0, 1, top))
     return _save(fig, folder, metric)
 
 
@@ -306,10 +315,10 @@ def speedup_plot(df, styles, baseline: str, folder: Path,
         ax.set_ylim(min(lo, 0.8), max(hi, 1.25))  # the line at 1 always inside
         tidy_log(ax, df.seq_len.unique())
         _panel_legend(ax)
-    fig.suptitle(f"speedup over {baseline} vs sequence length n (above 1: faster; dotted: the "
-                 f"crossover when it stays faster; hollow: noisy or contended, either side)",
-                 fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    top = _suptitle(fig, f"speedup over {baseline} vs sequence length n (above 1: faster; "
+                         f"dotted: the crossover when it stays faster; hollow: noisy or "
+                         f"contended, either side)")
+    fig.tight_layout(rect=(0, 0, 1, top))
     return _save(fig, folder, "speedup")
 
 
@@ -357,9 +366,9 @@ def pareto_plot(df, styles, folder: Path) -> list[Path]:
     skipped = df[(df.status == "ok") & df.family.isin(NOT_COMPARABLE)]
     note = "; recurrent variants not shown: their error is against their own recurrence" if len(
         skipped) else ""
-    fig.suptitle("error vs latency (lower left is better; dotted: the pick table's exact, 1% "
-                 f"and 10% budgets; hollow: noisy or contended{note})", fontsize=10)
-    _legend(fig, axes, top=0.93)
+    top = _suptitle(fig, "error vs latency (lower left is better; dotted: the pick table's "
+                         f"exact, 1% and 10% budgets; hollow: noisy or contended{note})")
+    _legend(fig, axes, top=top)
     return _save(fig, folder, "pareto")
 
 
