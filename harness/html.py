@@ -23,7 +23,8 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em a
 max-width:1200px;padding:0 1em;color:#222}
 h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;margin:.5em 0 1em;font-size:.85em}
-th,td{border:1px solid #ddd;padding:.2em .5em;text-align:right;white-space:nowrap}
+th,td{border:1px solid #ddd;padding:.2em .5em;text-align:right}td:first-child{white-space:nowrap}
+.wide{overflow-x:auto}
 th:first-child,td:first-child{text-align:left}th{background:#f4f4f4}
 td.bad{color:#b00}td.noisy{color:#a60}td.contended{color:#c40;font-weight:600}
 code,pre{background:#f6f6f6;padding:.1em .3em}
@@ -34,7 +35,7 @@ ul.answer li{margin:.3em 0}
 table.pick{font-size:.82em}table.pick td{text-align:left;vertical-align:top;white-space:normal;
 min-width:9em}table.pick td:first-child{min-width:0;font-weight:600;text-align:right}
 table.pick td b{font-size:1.1em}table.pick td.none{color:#888;font-style:italic}
-table.pick .marked{color:#b45a00}
+table.pick .marked{color:#b45a00}table.pick th{text-align:left}
 """
 
 SCRIPT = """
@@ -70,8 +71,8 @@ def table_html(t: Table) -> str:
     rows = ["<tr>" + "".join(_cell(c, t.kind) for c in row) + "</tr>" for row in t.rows]
     note = f'<p class="note">{escape(t.note)}</p>' if t.note else ""
     cls = f' class="{escape(t.kind)}"' if t.kind else ""
-    return (f"<h3>{escape(t.title)}</h3>{note}<table{cls}><thead><tr>{head}</tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table>")
+    return (f'<h3>{escape(t.title)}</h3>{note}<div class="wide"><table{cls}><thead><tr>{head}'
+            f"</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
 
 
 def image(name: str, paths: Sequence[Path]) -> str:
