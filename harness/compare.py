@@ -10,6 +10,11 @@ Each point also shows the kernel that ran ("A → B" when it changed: a silent b
 e.g. sdpa:flash_cpu → sdpa:math, is a common cause of a regression) and a note when either side
 was contended (other processes took a real share of the CPU: its latency may be inflated) or
 noisy. Kernel changes and contended points are counted in the printed summary.
+
+Everything is written into a new folder — `--out`, default `compare-<A>-vs-<B>-<timestamp>` beside
+B — never into A or B (a sweep folder holds only its own records and report): compare.csv,
+compare.md, the ratio plot (compare.png, .svg) and index.html, a page with the summary, the plot
+and the table.
 """
 
 from __future__ import annotations
@@ -18,11 +23,14 @@ import argparse
 import math
 import sys
 import warnings
+from datetime import datetime
+from html import escape
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from harness import html
 from harness.gather import records_frame
 from harness.plots import label_styles, safe_name, tidy_log
 from harness.tables import Table, fmt, markdown
@@ -130,13 +138,42 @@ def ratio_plot(m: pd.DataFrame, name_a: str, name_b: str, path: Path) -> list[Pa
     return paths
 
 
+def default_out(a: Path, b: Path) -> Path:
+    """A new folder beside B: compare-<A>-vs-<B>-<timestamp>, with -2, -3 … if it exists."""
+    a, b = a.resolve(), b.resolve()
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = b.parent / f"compare-{safe_name(a.name)}-vs-{safe_name(b.name)}-{stamp}"
+    out, i = base, 1
+    while out.exists():
+        i += 1
+        out = base.with_name(f"{base.name}-{i}")
+    return out
+
+
+def inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def page(name_a: str, name_b: str, lines: list[str], table: Table, plot: list[Path]) -> str:
+    """index.html of a comparison: the summary lines, the ratio plot, the table."""
+    title = f"attnbench compare: B = {name_b} vs A = {name_a}"
+    body = [f"<h1>{escape(title)}</h1>", "<ul>"]
+    body += [f"<li>{escape(x)}</li>" for x in lines]
+    body.append("</ul>")
+    body.append(html.image("B / A latency per point", plot))
+    body.append(html.table_html(table))
+    return html.document(title, "\n".join(body))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="attnbench compare",
                                 description="Compare two sweeps point by point (B against A).")
     p.add_argument("a", type=Path, help="the reference sweep folder")
     p.add_argument("b", type=Path, help="the sweep to judge")
     p.add_argument("--out", type=Path, default=None,
-                   help="where to write (default: B/compare-vs-<A name>)")
+                   help="where to write (default: a new folder beside B, "
+                        "compare-<A>-vs-<B>-<timestamp>); never inside A or B")
     p.add_argument("--fail-on-regression", action="store_true",
                    help="exit 1 when any point got slower beyond the spread (or now fails)")
     args = p.parse_args(argv)
@@ -151,33 +188,42 @@ def main(argv: list[str] | None = None) -> int:
         for w in caught:
             print(str(w.message), file=sys.stderr)
     name_a, name_b = args.a.resolve().name, args.b.resolve().name
-    out = args.out or args.b / f"compare-vs-{safe_name(name_a)}"
+    out = args.out or default_out(args.a, args.b)
+    for folder in (args.a, args.b):
+        if inside(out, folder):
+            print(f"attnbench: error: --out {out} is inside the sweep {folder}: write the "
+                  f"comparison elsewhere", file=sys.stderr)
+            return 2
     out.mkdir(parents=True, exist_ok=True)
     m = compare_frames(*frames)
     m.to_csv(out / "compare.csv", index=False)
     table = ratio_table(m, name_a, name_b)
     text = markdown(table)
     (out / "compare.md").write_text(text, encoding="utf-8")
-    ratio_plot(m, name_a, name_b, out / "compare")
+    plot = ratio_plot(m, name_a, name_b, out / "compare")
     print(text)
     only_a, only_b = len(frames[0]) - len(m), len(frames[1]) - len(m)
     counts = m.verdict.value_counts().to_dict()
     summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no common points"
-    print(f"attnbench: {len(m)} matched points ({summary}); {only_a} only in {name_a}, "
-          f"{only_b} only in {name_b}; wrote {out}")
+    lines = [f"{len(m)} matched points ({summary}); {only_a} only in {name_a}, {only_b} only in "
+             f"{name_b}"]
     changed = m[m.kernel_changed]
     if len(changed):
-        print(f"attnbench: {len(changed)} point(s) ran another kernel in {name_b} (a silent "
-              f"backend fallback is a common cause of a regression): " + "; ".join(
-                  f"{r.label} n={r.seq_len} {r.kernel}" for r in changed.itertuples()))
+        lines.append(f"{len(changed)} point(s) ran another kernel in {name_b} (a silent backend "
+                     f"fallback is a common cause of a regression): " + "; ".join(
+                         f"{r.label} n={r.seq_len} {r.kernel}" for r in changed.itertuples()))
     contended = int((m.contended_a.fillna(False).astype(bool)
                      | m.contended_b.fillna(False).astype(bool)).sum())
     if contended:
-        print(f"attnbench: {contended} point(s) contended in A or B: their latency may be "
-              f"inflated; measure them again on a quiet machine before trusting a verdict")
+        lines.append(f"{contended} point(s) contended in A or B: their latency may be inflated; "
+                     f"measure them again on a quiet machine before trusting a verdict")
     geo = m.ratio[np.isfinite(m.ratio)]
     if len(geo):
-        print(f"attnbench: geometric mean ratio {math.exp(np.log(geo).mean()):.3f}")
+        lines.append(f"geometric mean ratio {math.exp(np.log(geo).mean()):.3f}")
+    (out / "index.html").write_text(page(name_a, name_b, lines, table, plot), encoding="utf-8")
+    lines[0] += f"; wrote {out}"
+    for line in lines:
+        print(f"attnbench: {line}")
     regressions = int(m.regression.sum())
     if regressions and args.fail_on_regression:
         print(f"attnbench: {regressions} regression(s)", file=sys.stderr)

@@ -1,5 +1,6 @@
-"""The report of one sweep folder: results.csv, scaling.csv, crossovers.csv, summary.md, plots/,
-index.html. Written by the multirun callback and by `attnbench report DIR [--baseline LABEL]`.
+"""The report of one sweep folder: results.csv, pick.csv, scaling.csv, crossovers.csv, summary.md,
+plots/, index.html. Written by the multirun callback and by `attnbench report DIR [--baseline
+LABEL]`. It answers first: which variant to pick at each n for an error budget (harness/pick.py).
 
 Speedup = baseline latency / variant latency, memory ratio = variant peak / baseline peak, both at
 the same shape and setting. Exponents and their two models, intervals, agreement, per-sequence
@@ -23,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from harness import html, plots, tables
+from harness import html, pick, plots, tables
 from harness.gather import RESULTS_CSV, records_frame
 from harness.records import Record, find_records
 from harness.scaling import (
@@ -39,7 +40,7 @@ from harness.scaling import (
 
 DEFAULT_BASELINE = "full[sdpa]"
 SHAPE = ["batch", "heads", "seq_len", "head_dim", "dtype", "device", "mode", "causal", "inputs"]
-FILES = ["results.csv", "scaling.csv", "crossovers.csv", "summary.md", "index.html"]
+FILES = ["results.csv", "pick.csv", "scaling.csv", "crossovers.csv", "summary.md", "index.html"]
 
 METHOD = (
     f"Exponents: with at least {CONST_MIN_POINTS} sizes, y = c + a·n^k (a constant for fixed "
@@ -169,36 +170,46 @@ def build_report(folder: str | os.PathLike, baseline: str | None = None,
     df = with_derived(raw, base)
     rep = Report(out, used=len(df), skipped=skipped, baseline=base)
 
+    picks = pick.pick_table(df)  # at the same shape: speedups as measured, never per sequence
     pts = fit_frame(df)  # per sequence where batch varies with n; what fits, tables, plots see
     scaling = scaling_table(pts)
     cross = crossovers_table(pts, base)
-    for name, frame in [(RESULTS_CSV, df), ("scaling.csv", scaling), ("crossovers.csv", cross)]:
+    for name, frame in [(RESULTS_CSV, df), ("pick.csv", picks), ("scaling.csv", scaling),
+                        ("crossovers.csv", cross)]:
         rep.files.append(_write(out / name, frame.to_csv(index=False)))
 
-    figs = plots.all_plots(pts, scaling, base, out / "plots")
+    figs = plots.all_plots(pts, scaling, base, out / "plots", cross)
     rep.files += [p for _, paths in figs for p in paths]
+    answer = pick.sentences(picks, base)
+    pick_ts = tables.pick_tables(picks, base)
     sections = [
         ("Points", tables.point_tables(pts, base)),
         ("Scaling", tables.scaling_tables(scaling)),
         ("Crossovers and OOM frontier", tables.crossover_tables(cross, base)),
     ]
-    intro = [p for p in [tables.marked_summary(df)] if p] + [
+    warning = tables.marked_summary(df)
+    intro = [p for p in [warning] if p] + [
         f"{len(df)} points from {folder} ({len(skipped)} bad records skipped); "
         f"baseline {base or 'none (no full-attention variant in the sweep)'}.",
         METHOD,
     ]
     heads = tables.headlines(pts, scaling, cross, base)
     command = sweep_command(folder)
-    md = [f"# attnbench report: {folder.name}", "", *[f"{p}\n" for p in intro]]
-    if command:
-        md += ["```", command, "```", ""]
-    md += ["## Headlines", "", *[f"- {h}" for h in heads], ""]
+    md = [f"# attnbench report: {folder.name}", ""]
+    md += [f"{warning}\n"] if warning else []
+    md += ["## Which attention to use", "", *[f"- {a}" for a in answer], ""]
+    md += [tables.markdown(t) for t in pick_ts] + [pick.RULES, ""]
+    md += ["## Plots", "", *[f"![{t}](plots/{paths[0].name})" for t, paths in figs], ""]
+    md += ["## Headlines, variant by variant", "", *[f"- {h}" for h in heads], ""]
     for heading, ts in sections:
         md += [f"## {heading}", "", *[tables.markdown(t) for t in ts]]
-    md += ["## Plots", "", *[f"![{t}](plots/{paths[0].name})" for t, paths in figs]]
+    md += ["## How this was measured", "", *[f"{p}\n" for p in intro[1 if warning else 0:]]]
+    if command:
+        md += ["```", command, "```", ""]
     rep.files.append(_write(out / "summary.md", "\n".join(md) + "\n"))
     page = html.page(f"attnbench report: {folder.name}", intro, machine(df),
-                     command or "(no multirun.yaml: command unknown)", sections, figs, heads)
+                     command or "(no multirun.yaml: command unknown)", sections, figs, heads,
+                     answer=answer, picks=pick_ts, rules=pick.RULES)
     rep.files.append(_write(out / "index.html", page))
     return rep
 

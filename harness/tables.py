@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from harness import pick
 from harness.scaling import AGREE_WIDTH, CONST, SETTING, same_setting
 
 
@@ -25,6 +26,7 @@ class Table:
     header: list[str]
     rows: list[list[str]] = field(default_factory=list)
     note: str = ""
+    kind: str = ""  # "pick": cells of several lines, the first one the answer
 
 
 def markdown(t: Table) -> str:
@@ -239,4 +241,30 @@ def headlines(df: pd.DataFrame, scaling: pd.DataFrame, cross: pd.DataFrame,
         elif math.isfinite(r.max_ok_n):
             parts.append(f"ran up to n={r.max_ok_n:g}")
         out.append(f"{r.label} ({setting}): " + "; ".join(parts) + ".")
+    return out
+
+
+def pick_tables(picks: pd.DataFrame, baseline: str | None) -> list[Table]:
+    """The pick table (harness/pick.py): one table per setting, one row per n, one column per
+    pick; each cell the winner, its latency, speedup, memory and error, and any marked point."""
+    if picks.empty:
+        return []
+    keys = [c for c in pick.KEYS if c in picks and c != "seq_len"]
+    varying = [c for c in keys if picks[c].nunique(dropna=False) > 1]
+    out = []
+    for key, g in picks.groupby(keys, sort=True, dropna=False):
+        k = dict(zip(keys, key, strict=True))
+        kinds = list(dict.fromkeys(g.pick))
+        tol = pick.exact_tol(k["dtype"])
+        names = {"fastest exact": f"fastest exact (error ≤ {tol:.0e})",
+                 "fastest": "fastest (any error)",
+                 "leanest": f"leanest (peak memory{', × ' + baseline if baseline else ''})",
+                 "fastest recurrent": "fastest recurrent (error not comparable)"}
+        t = Table(f"Pick — {pick.setting_text(k, varying)}",
+                  ["n", *[names.get(kd, f"fastest {kd}") for kd in kinds]], kind="pick")
+        for n, gn in g.groupby("seq_len", sort=True):
+            by = {r.pick: r for r in gn.itertuples()}
+            t.rows.append([f"{n:g}", *[pick.cell(by[kd], baseline) if kd in by else ""
+                                       for kd in kinds]])
+        out.append(t)
     return out

@@ -32,18 +32,41 @@ def sweeps(tmp_path_factory) -> tuple[Path, Path]:
     return a, b
 
 
+def _tree(folder: Path) -> dict[str, float]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime for p in folder.rglob("*")}
+
+
 def test_compare_flags_the_slowdown_and_ignores_noise(sweeps, capsys):
     a, b = sweeps
+    before = _tree(a), _tree(b)
     assert compare.main([str(a), str(b)]) == 0
     out = capsys.readouterr().out
     assert "slower" in out and "6 matched points (3 same, 3 slower)" in out
-    folder = b / "compare-vs-run_A"
+    assert (_tree(a), _tree(b)) == before  # nothing written into A or B
+    made = sorted(b.parent.glob("compare-run_A-vs-run_B-*"))
+    assert len(made) == 1 and str(made[0]) in out
+    folder = made[0]
     df = pd.read_csv(folder / "compare.csv")
     naive, sdpa = df[df.label == "full[naive]"], df[df.label == "full[sdpa]"]
     assert (naive.verdict == "slower").all() and naive.ratio.tolist() == pytest.approx([2.0] * 3)
     assert (sdpa.verdict == "same").all()
     assert (folder / "compare.png").read_bytes()[:4] == b"\x89PNG"
     assert (folder / "compare.svg").exists() and (folder / "compare.md").exists()
+    page = (folder / "index.html").read_text()
+    assert page.count("data:image/png;base64,") == 1 and "run&lt;B&gt;" in page
+    assert "6 matched points (3 same, 3 slower)" in page
+    # a second run makes a new folder, never reuses or overwrites the first
+    assert compare.main([str(a), str(b)]) == 0
+    assert len(list(b.parent.glob("compare-run_A-vs-run_B-*"))) == 2
+
+
+def test_compare_never_writes_into_a_or_b(sweeps, capsys):
+    a, b = sweeps
+    for inside in (b, b / "cmp", a / "x"):
+        assert compare.main([str(a), str(b), "--out", str(inside)]) == 2
+        assert "inside the sweep" in capsys.readouterr().err
+    assert not (b / "cmp").exists() and not (a / "x").exists()
+    assert not (b / "compare.csv").exists()
 
 
 def test_fail_on_regression_exit_code(sweeps, tmp_path, capsys):
@@ -62,7 +85,7 @@ def test_a_sweep_against_itself_shows_no_change(sweeps, tmp_path, capsys):
 def _edit(folder: Path, change) -> None:
     for path in find_records(folder):
         rec = json.loads(path.read_text())
-        rec["noisy"] = False
+        rec["noisy"] = rec["contended"] = False  # the tiny sweep ran on a busy machine, maybe
         change(rec)
         path.write_text(json.dumps(rec))
 

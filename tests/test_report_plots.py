@@ -1,0 +1,113 @@
+"""The plots of a sweep of exact, approximate and recurrent variants: files, panels, ticks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from test_report_rules import _rec, _write
+
+from harness import plots, report
+
+NS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+def _sweep() -> list:
+    e = dict(time_exponent=1.0, memory_exponent=1.0)
+    recs = []
+    for n in NS:
+        recs += [
+            _rec(n=n, latency_ms=1e-5 * n**2, rel_error=3e-7),
+            _rec("full[naive]", n, latency_ms=3e-5 * n**2, rel_error=4e-7),
+            _rec("local[w=256]", n, family="local", latency_ms=0.01 * n, rel_error=2e-7,
+                 noisy=n == 4096, **e),
+            _rec("local[w=64]", n, family="local", latency_ms=0.004 * n, rel_error=2e-7, **e),
+            _rec("nystrom[m=64]", n, family="lowrank", latency_ms=0.003 * n, rel_error=0.02, **e),
+            _rec("performer[m=256]", n, family="linear", latency_ms=0.005 * n, rel_error=1.8,
+                 contended=n == 1024, **e),
+            _rec("linear", n, family="linear", latency_ms=0.001 * n, rel_error=0.8, **e),
+            _rec("retention", n, family="recurrent", latency_ms=0.002 * n, rel_error=1e-9, **e),
+        ]
+    return recs
+
+
+@pytest.fixture(scope="module")
+def drawn(tmp_path_factory):
+    """The report of the sweep, with every figure kept (plots._save spied) for inspection."""
+    figs = {}
+    save = plots._save
+
+    def spy(fig, folder, stem):
+        figs[stem] = fig
+        return save(fig, folder, stem)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(plots, "_save", spy)
+    folder = _write(tmp_path_factory.mktemp("plots") / "s", _sweep())
+    try:
+        report.build_report(folder)
+    finally:
+        mp.undo()
+    return folder, figs
+
+
+def _labels(axis) -> list[str]:
+    lo, hi = sorted(axis.get_view_interval())
+    locs = axis.get_majorticklocs()
+    texts = [t.get_text() for t in axis.get_ticklabels()]
+    return [t for x, t in zip(locs, texts, strict=True) if t and lo <= x <= hi]
+
+
+def test_every_plot_written(drawn):
+    folder, figs = drawn
+    for stem in ("latency", "memory", "speedup", "pareto", "exponents"):
+        assert (folder / "plots" / f"{stem}.png").stat().st_size > 1000
+        assert (folder / "plots" / f"{stem}.svg").stat().st_size > 1000
+    assert set(figs) == {"latency", "memory", "speedup", "pareto", "exponents"}
+
+
+def test_small_multiples_by_family_with_the_baseline_in_each(drawn):
+    _, figs = drawn
+    axes = [ax for ax in figs["latency"].axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == ["full", "linear", "local", "lowrank", "recurrent"]
+    for ax in axes:
+        names = ax.get_legend_handles_labels()[1]
+        assert "full[sdpa] (baseline)" in names, ax.get_title()
+    linear = axes[1].get_legend_handles_labels()[1]
+    assert set(linear) == {"full[sdpa] (baseline)", "linear", "performer[m=256]"}
+    # within a panel, labels differ in colour and marker
+    lines = {ln.get_label(): ln for ln in axes[2].get_lines()}
+    a, b = lines["local[w=256]"], lines["local[w=64]"]
+    assert a.get_color() != b.get_color() and a.get_marker() != b.get_marker()
+
+
+def test_error_axis_has_few_readable_ticks(drawn):
+    _, figs = drawn
+    axes = [ax for ax in figs["pareto"].axes if ax.get_visible()]
+    assert len(axes) == len(NS)  # one panel per n
+    for ax in axes:
+        ys, xs = _labels(ax.yaxis), _labels(ax.xaxis)
+        assert 2 <= len(ys) <= 8, ys
+        assert 2 <= len(xs) <= 8, xs
+        # 1e-7 … 1 in one panel: exact and approximate variants both inside the axis
+        lo, hi = ax.get_ylim()
+        assert lo < 3e-7 and hi > 1.8
+    # recurrent variants are not on the error plot: their error is not comparable
+    names = {t.get_text() for t in figs["pareto"].legends[0].get_texts()}
+    assert "retention" not in names and "linear" in names
+
+
+def test_speedup_legend_names_the_crossover(drawn):
+    _, figs = drawn
+    names = [n for ax in figs["speedup"].axes for n in ax.get_legend_handles_labels()[1]]
+    assert any(n.startswith("local[w=256]: faster from n≈") for n in names), names
+    assert "full[naive]: faster at no n" in names
+
+
+@pytest.mark.parametrize("lo, hi", [(1e-9, 3.0), (2e-7, 2.0), (0.5, 900.0), (70.0, 90.0),
+                                    (1e-3, 1e6), (3.0, 30.0), (1e-30, 1e3)])
+def test_log_ticks_are_few_and_inside(lo, hi):
+    t = plots.log_ticks(lo, hi)
+    assert 2 <= len(t) <= plots.MAX_TICKS, t
+    assert all(lo * (1 - 1e-9) <= x <= hi * (1 + 1e-9) for x in t)
+    assert t == sorted(t) and not any(math.isnan(x) for x in t)
