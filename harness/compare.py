@@ -35,8 +35,8 @@ from harness.gather import records_frame
 from harness.plots import label_styles, safe_name, tidy_log
 from harness.tables import Table, fmt, markdown
 
-KEY = ["label", "batch", "heads", "seq_len", "head_dim", "dtype", "device", "mode", "causal",
-       "inputs"]
+KEY = ["label", "batch", "heads", "kv_heads", "q_len", "seq_len", "head_dim", "dtype", "device",
+       "mode", "causal", "inputs"]
 COLS = ["family", "status", "latency_ms", "latency_p10_ms", "latency_p90_ms", "peak_mem_bytes",
         "kernel", "noisy", "contended"]
 

@@ -39,7 +39,8 @@ from harness.scaling import (
 )
 
 DEFAULT_BASELINE = "full[sdpa]"
-SHAPE = ["batch", "heads", "seq_len", "head_dim", "dtype", "device", "mode", "causal", "inputs"]
+SHAPE = ["batch", "heads", "kv_heads", "q_len", "seq_len", "head_dim", "dtype", "device", "mode",
+         "causal", "inputs"]
 FILES = ["results.csv", "pick.csv", "scaling.csv", "crossovers.csv", "summary.md", "index.html"]
 
 METHOD = (

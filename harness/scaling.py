@@ -52,7 +52,8 @@ METRICS = {"latency": "latency_ms", "memory": "peak_mem_bytes"}
 DECLARED = {"latency": "time_exponent", "memory": "memory_exponent"}
 PER_SEQUENCE = ["latency_ms", "latency_p10_ms", "latency_p90_ms", "peak_mem_bytes"]
 # What makes two points comparable apart from n (tokens: the budget B·n, 0 when batch is held).
-SETTING = ["dtype", "mode", "device", "causal", "batch", "heads", "head_dim", "inputs", "tokens"]
+SETTING = ["dtype", "mode", "device", "causal", "batch", "heads", "kv_heads", "q_len", "head_dim",
+           "inputs", "tokens"]
 GROUP = ["label", "family", *SETTING]
 FAILED_BY_SIZE = ("oom", "skipped")
 
