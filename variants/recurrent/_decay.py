@@ -256,22 +256,24 @@ def decay_flops(shape: Shape, ha: int, per_dim: bool, chunk: int) -> float:
 
 
 def decay_memory(shape: Shape, ha: int, per_dim: bool, chunk: int, el: int, cast: bool) -> int:
-    """Upper estimate of the bytes one `chunk_decay` forward allocates (el bytes per element)."""
-    b, h, hkv, d, n = shape.batch, shape.heads, shape.hkv, shape.head_dim, shape.seq_len
-    L = chunk_length(chunk, shape.nq, per_dim)
-    c = -(-n // L) + 1
-    npad, dd = c * L, d if per_dim else 1
-    words = (h + 2 * hkv) * n * d * (2 if cast else 1)  # casts (and the prefix/suffix split)
-    words += (h + 2 * hkv) * npad * d  # padded copies
-    words += 6 * ha * npad * dd + 2 * ha * npad  # log-decays, their sums, exps, gains
-    words += 2 * max(ha, hkv) * npad * d  # keys decayed to the chunk end, gate inputs
-    words += 4 * ha * c * d * d  # chunk updates, states before each chunk (list and stack)
+    """Upper estimate of the bytes one forward allocates (el bytes per element): gates and the
+    context's state over all n positions, the chunked form over the last nq."""
+    b, h, hkv, d, n, nq = (shape.batch, shape.heads, shape.hkv, shape.head_dim, shape.seq_len,
+                           shape.nq)
+    L = chunk_length(chunk, nq, per_dim)
+    c = -(-nq // L)
+    npad, dd, hk = c * L, d if per_dim else 1, max(ha, hkv)
+    words = (h * nq + 2 * hkv * n) * d if cast else 0  # q, k, v in the compute dtype
+    words += hkv * n * d + 6 * ha * n * dd + 2 * ha * n  # scaled k; log-decays, sums, gains
+    words += (h + 2 * hkv) * (npad - nq + L) * d  # padded copies (none when L divides nq)
+    words += 2 * hk * (npad + L) * d  # keys decayed to their chunk end
+    words += 4 * ha * (c + 2) * d * d  # chunk updates, states before each chunk, list and stack
     words += 4 * h * npad * d  # decayed queries, inter, intra, their sum
     if per_dim:
         words += 4 * h * c * L * L + 3 * max(h, ha) * npad * d  # tree levels: blocks, cats
     else:
         words += (3 * h + 4 * ha) * c * L * L  # scores, segment sums, mask, decay matrix
-    words += h * n * d  # the output
+    words += h * nq * d  # the output
     return int(b * words * el)
 
 
@@ -290,6 +292,7 @@ class DecayRNN(Variant):
     per_dim: ClassVar[bool] = False  # decays per key dimension (gla) or a scalar per head
     per_query_head: ClassVar[bool] = True  # decays per query head, or per k/v head
     fla_op: ClassVar[str] = ""  # the flash-linear-attention op of the `fla` impl
+    input_gain: ClassVar[bool] = False  # a gain g_t on k_tᵀv_t (mamba2's Δ_t)
 
     chunk: int = 64
     impl: str = "chunk"
@@ -419,9 +422,9 @@ class DecayRNN(Variant):
     def flops(self, shape: Shape, causal: bool = False) -> float:
         gates = self.gate_flops(shape)
         if self.impl == "recurrent":
-            d = shape.head_dim
-            return gates + 2.0 * shape.batch * shape.seq_len * self._ha(shape) * d * d + \
-                2.0 * shape.batch * shape.nq * shape.heads * d * d
+            d, upd = shape.head_dim, self._ha(shape) if self.input_gain else shape.hkv
+            return gates + 2.0 * shape.batch * shape.seq_len * upd * d * d + \
+                2.0 * shape.batch * shape.nq * shape.heads * d * d  # k_tᵀv_t, then q_t S_t
         return gates + decay_flops(shape, self._ha(shape), self.per_dim, self.chunk)
 
     def backward_flops(self, shape: Shape, causal: bool = False) -> float:
@@ -431,8 +434,7 @@ class DecayRNN(Variant):
     def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = False) -> int:
         ct = compute_dtype(dtype)
         el = torch.empty((), dtype=ct).element_size()
-        cast = ct != dtype or shape.nq < shape.seq_len
-        return decay_memory(shape, self._ha(shape), self.per_dim, self.chunk, el, cast)
+        return decay_memory(shape, self._ha(shape), self.per_dim, self.chunk, el, ct != dtype)
 
     # -- flash-linear-attention (CUDA) ----------------------------------------------------------
     def fla_call(self, q, k, v, log_a, gain, state):

@@ -34,6 +34,7 @@ class Mamba2(DecayRNN):
 
     name: ClassVar[str] = "mamba2"
     fla_op: ClassVar[str] = "chunk_simple_gla"
+    input_gain: ClassVar[bool] = True
 
     seed: int = 0
 
