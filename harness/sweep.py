@@ -214,7 +214,7 @@ def _measure_decode(run, att: Variant, shape: Shape, dtype, device: str, predict
     q1, k1, v1 = q[:, :, n:], k[:, :, n:], v[:, :, n:]  # the new token
     t0 = time.perf_counter()
     with torch.no_grad():
-        state = att.decode_init(k[:, :, :n], v[:, :, :n])
+        state = att.decode_init(k[:, :, :n], v[:, :, :n], heads=shape.heads)
         _sync(device)
         setup_s = time.perf_counter() - t0
 

@@ -34,7 +34,7 @@ def test_every_variant_listed_and_full_per_backend(capsys):
     assert full["full[flex]"]["available"] == "fwd only"
     assert full["full[sdpa:cudnn]"]["available"] == "no"
     for r in rows:
-        assert r["family"] in ("full", "local", "sparse", "linear", "lowrank"), r
+        assert r["family"] in ("full", "local", "sparse", "linear", "lowrank", "recurrent"), r
         assert (r["available"] == "yes") == (r["reason"] == ""), r
 
 

@@ -107,7 +107,7 @@ def test_decode_steps_equal_the_rows_of_the_causal_forward(name):
     with torch.no_grad():
         rows = att(q, k, v, causal=True)
         start = n - 10
-        state = att.decode_init(k[:, :, :start], v[:, :, :start])
+        state = att.decode_init(k[:, :, :start], v[:, :, :start], heads=h)
         for t in range(start, n):  # ten consecutive steps
             out, state = att.decode_step(q[:, :, t : t + 1], k[:, :, t : t + 1],
                                          v[:, :, t : t + 1], state)

@@ -123,9 +123,11 @@ class Variant:
         the queries are the last Nq positions); returns (B, H, Nq, D)."""
         raise NotImplementedError
 
-    def decode_init(self, k: torch.Tensor, v: torch.Tensor) -> Any:
+    def decode_init(self, k: torch.Tensor, v: torch.Tensor, heads: int | None = None) -> Any:
         """The cache or state after a context k, v of (B, Hkv, n, D): what `decode_step`
-        continues from. Variants without a decode form leave this unimplemented."""
+        continues from. `heads`: the query heads H (k alone does not tell them; a state that
+        differs per query head needs them); None means Hkv. Variants without a decode form
+        leave this unimplemented."""
         raise NotImplementedError(f"{self.name} has no decode form")
 
     def decode_step(

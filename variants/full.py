@@ -155,7 +155,9 @@ class Full(Variant):
         return 4.0 * shape.bh * (shape.seq_len + 1) * shape.head_dim  # q·K and p·V
 
     # -- decode: a KV cache -----------------------------------------------------------------
-    def decode_init(self, k: torch.Tensor, v: torch.Tensor) -> KVCache:
+    def decode_init(
+        self, k: torch.Tensor, v: torch.Tensor, heads: int | None = None
+    ) -> KVCache:
         """The cache after a context k, v (B, Hkv, n, D), with room for CACHE_STEP more tokens
         (a full cache grows by copying, as a serving engine's would)."""
         return KVCache.of(k, v)
