@@ -55,9 +55,14 @@ def test_gpu_path_is_launch_light_and_sync_free(name, causal, monkeypatch):
     att = _att(name, causal)
     small, syncs = _ops(att, 1, 1, 1024, causal)
     wide, _ = _ops(att, 2, 8, 1024, causal)
+    wider, _ = _ops(att, 4, 16, 1024, causal)
     long, long_syncs = _ops(att, 1, 1, 4096, causal)
     assert syncs == 0 and long_syncs == 0, "host syncs inside a call"
-    assert wide == small, f"ops grow with batch·heads: {small} → {wide}"
+    # Size-1 batch and head dims let torch skip a copy here and there (einsum, reshape): allow
+    # a difference of 2 ops against B=H=1, none between two wider shapes. A loop over heads
+    # would add at least 8 ops.
+    assert abs(wide - small) <= 2, f"ops grow with batch·heads: {small} → {wide}"
+    assert wider == wide, f"ops grow with batch·heads: {wide} → {wider}"
     growth = getattr(att, "ops_grow_with_n", False)  # a chunked recurrence's loop, declared
     if not growth:
         assert long <= small, f"ops grow with n: {small} → {long}"

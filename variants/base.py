@@ -85,6 +85,9 @@ class Variant:
     no_noncausal: ClassVar[str] = ""  # why it has only a causal form (the recurrent family)
     # Grouped-query heads (k/v with fewer heads than q) and fewer queries than keys: a variant
     # declares what it implements; the base class reports the rest unsupported with a reason.
+    # A chunked recurrence passes its state chunk by chunk: its ops per call grow with n/chunk
+    # (never with batch·heads); it says so here and the launch-light test allows it.
+    ops_grow_with_n: ClassVar[bool] = False
     supports_gqa: ClassVar[bool] = False
     supports_q_len: ClassVar[bool] = False
     no_q_len: ClassVar[str] = "not implemented"  # why q_len < seq_len is unsupported

@@ -289,6 +289,9 @@ class DecayRNN(Variant):
     memory_exponent: ClassVar[float] = 1.0
     exact: ClassVar[bool] = False
     no_noncausal: ClassVar[str] = "a recurrence runs forward in time"
+    supports_gqa: ClassVar[bool] = True
+    supports_q_len: ClassVar[bool] = True
+    ops_grow_with_n: ClassVar[bool] = True  # the state is passed chunk by chunk (n/L steps)
     per_dim: ClassVar[bool] = False  # decays per key dimension (gla) or a scalar per head
     per_query_head: ClassVar[bool] = True  # decays per query head, or per k/v head
     fla_op: ClassVar[str] = ""  # the flash-linear-attention op of the `fla` impl
