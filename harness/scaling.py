@@ -89,6 +89,8 @@ def fit_frame(df: pd.DataFrame) -> pd.DataFrame:
     df = df.copy()
     for col in ("noisy", "contended"):
         df[col] = df[col].astype("boolean").fillna(False).astype(bool) if col in df else False
+    for col in ("kv_heads", "q_len"):  # tables from before model shapes: 0 (= heads, seq_len)
+        df[col] = df[col].fillna(0).astype(int) if col in df else 0
     df["run_batch"], df["tokens"], df["per"] = df["batch"], 0, "call"
     rest = [c for c in GROUP if c not in ("batch", "tokens")]
     parts = []
