@@ -1,4 +1,7 @@
-"""Linear-family variants (linear, performer) against their own exact formulas, in float64."""
+"""Linear-family variants (linear, performer) against their own exact formulas, in float64.
+
+Performer is checked against FAVOR+ written here from the paper, not from the variant's helpers.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import pytest
 import torch
 
 import variants
+from harness.inputs import make_inputs
 from variants._prefix import compute_dtype, linear_attention
 from variants.reference import attention_reference, rel_error
 from variants.testing import assert_matches, random_qkv
@@ -31,10 +35,53 @@ def kernel_reference(att):
     return ref
 
 
+def favor_reference(att, eps=0.0):
+    """FAVOR+ from its definition (https://arxiv.org/abs/2009.14794, eq. (7) positive random
+    features and Lemma 1), with the variant's random features w (rows ω₁..ω_m):
+
+    φ(x) = exp(ωᵢᵀx − ‖x‖²/2)/√m for x = q/d^¼, k/d^¼, so E[φ(q)ᵀφ(k)] = exp(qᵀk/√d);
+    out = φ(Q)(φ(K)ᵀV) / (φ(Q)(φ(K)ᵀ1) + eps); causal: both sums over j <= i (prefix sums).
+    No max-shifts: float64 has the range at these sizes. Half inputs compute in float32.
+    """
+
+    def ref(q, k, v, causal):
+        dtype, ct = q.dtype, compute_dtype(q.dtype)
+        q, k, v = q.to(ct), k.to(ct), v.to(ct)
+        d = q.shape[-1]
+        w = att.projection(d, "cpu", torch.float64).to(ct)  # (m, D)
+        m = w.shape[0]
+
+        def phi(x):
+            x = x / d**0.25
+            return torch.exp(x @ w.T - (x * x).sum(-1, keepdim=True) / 2) / math.sqrt(m)
+
+        qf, kf = phi(q), phi(k)  # (B, H, N, m)
+        if causal:
+            s = torch.cumsum(kf[..., :, None] * v[..., None, :], dim=2)  # (B, H, N, m, D)
+            z = torch.cumsum(kf, dim=2)  # (B, H, N, m)
+            num = (qf[..., None, :] @ s)[..., 0, :]  # (B, H, N, D)
+            den = (qf * z).sum(-1, keepdim=True)
+        else:
+            num = qf @ (kf.transpose(-2, -1) @ v)
+            den = qf @ kf.sum(-2).unsqueeze(-1)  # (B, H, N, 1)
+        return (num / (den + eps)).to(dtype)
+
+    return ref
+
+
 VARIANTS = {
     "linear": lambda: variants.build("linear", chunk=16),
     "performer": lambda: variants.build("performer", features=48, chunk=16, seed=3),
 }
+REFERENCES = {"linear": kernel_reference, "performer": favor_reference}
+
+
+def _qkv(kind, dtype, b=2, h=3, n=75, d=32, seed=None):
+    """gaussian: N(0, 1) q, k, v; peaked: the harness's clustered q, k (large q·k/√d)."""
+    if kind == "gaussian":
+        return random_qkv(b, h, n, d, dtype, seed=seed)
+    seed = int(torch.randint(0, 2**31, ())) if seed is None else seed
+    return make_inputs(variants.Shape(b, h, n, d), torch.float64, "cpu", seed, "peaked")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -43,7 +90,7 @@ VARIANTS = {
 def test_matches_own_formula(name, causal, dtype):
     att = VARIANTS[name]()
     q, k, v = random_qkv(2, 3, 75, 16, dtype)  # 75: not a multiple of the chunk
-    assert_matches(att, q, k, v, causal, reference=kernel_reference(att))
+    assert_matches(att, q, k, v, causal, reference=REFERENCES[name](att))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -52,7 +99,7 @@ def test_no_grad_path_matches_own_formula(name, dtype):
     """Without autograd, non-causal performer takes its tiled path; same formula, same budget."""
     att = VARIANTS[name]()
     q, k, v = random_qkv(2, 3, 75, 16, dtype)
-    assert_matches(att, q, k, v, False, reference=kernel_reference(att), grads=False)
+    assert_matches(att, q, k, v, False, reference=REFERENCES[name](att), grads=False)
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
@@ -62,7 +109,7 @@ def test_causal_chunks_equal_quadratic(name, chunk):
     att.chunk = chunk
     q, k, v = random_qkv(1, 2, 64 + 13, 8)
     out = att(q, k, v, causal=True)
-    ref = kernel_reference(att)(q, k, v, True)
+    ref = REFERENCES[name](att)(q, k, v, True)
     assert rel_error(out, ref) < 1e-12
 
 
@@ -76,6 +123,57 @@ def test_prefix_kernel_against_cumulative_sums(n):
     norm = torch.cumsum(kf, dim=2)
     ref = (qf[..., None, :] @ state)[..., 0, :] / ((qf * norm).sum(-1, keepdim=True) + 1e-6)
     assert rel_error(linear_attention(qf, kf, v, True, 16, 1e-6), ref) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("kind", ["gaussian", "peaked"])
+def test_performer_is_favor_plus(kind, causal, dtype):
+    """Output and gradients within rounding of FAVOR+ computed from its definition in float64,
+    on inputs whose scores are O(1) (gaussian) and large (peaked: max-shifts far from 0)."""
+    att = variants.build("performer", features=64, chunk=16, seed=1)
+    q, k, v = (t.to(dtype) for t in _qkv(kind, torch.float64))
+    assert_matches(att, q, k, v, causal, reference=favor_reference(att))
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "peaked"])
+@pytest.mark.parametrize("grads", [False, True], ids=["tiled", "autograd"])
+def test_performer_is_favor_plus_at_benchmark_width(kind, grads):
+    """d=64, m=256 as in the benchmark; without autograd the tiled path (exp2, per-tile shifts)."""
+    att = variants.build("performer", features=256)
+    q, k, v = (t.float() for t in _qkv(kind, torch.float64, 1, 2, 512, 64))
+    assert_matches(att, q, k, v, False, reference=favor_reference(att), grads=grads)
+    out, ref = att(q, k, v), favor_reference(att)(q.double(), k.double(), v.double(), False)
+    assert abs(out.norm() / ref.norm() - 1) < 1e-5
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("grads", [False, True], ids=["no_grad", "grad"])
+def test_performer_eps_is_in_unshifted_units(causal, grads):
+    """eps is added to φ(q)·Σφ(k) itself: a large eps changes the output exactly as the formula
+    says, whichever max-shifts the variant applies inside."""
+    att = variants.build("performer", features=32, chunk=16, seed=2, eps=5.0)
+    q, k, v = random_qkv(1, 2, 40, 16)
+    assert_matches(att, q, k, v, causal, reference=favor_reference(att, eps=5.0), grads=grads)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("eps", [0.0, 1e-6])
+def test_performer_extreme_scores_stay_bounded(causal, eps):
+    """q, k scaled by 30: most features underflow in float32. FAVOR+ weights are positive, so
+    each output is a convex combination of the v rows (shrunk towards 0 by eps): it must stay
+    within their range, and no gradient may be NaN (no 0/0, no inf reaching autograd)."""
+    att = variants.build("performer", features=64, chunk=16, eps=eps)
+    q, k, v = random_qkv(1, 2, 64, 32, torch.float32, seed=4)
+    q, k = (30 * t for t in (q, k))
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    for out in (att(q, k, v, causal), att(q.detach(), k.detach(), v.detach(), causal)):
+        assert torch.isfinite(out).all()
+        lo, hi = v.detach().amin(-2, keepdim=True), v.detach().amax(-2, keepdim=True)
+        assert ((out >= lo.clamp_max(0) - 1e-5) & (out <= hi.clamp_min(0) + 1e-5)).all()
+    att(q, k, v, causal).sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
 def test_performer_features_are_positive_and_orthogonal():

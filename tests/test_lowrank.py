@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import variants
 from harness.memory import peak_memory
@@ -26,6 +27,21 @@ def linformer_reference(att):
         e, f = att.projections(q.shape[-2], q.device, ct)
         scores = q.to(ct) @ (e @ k.to(ct)).transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B,H,N,k)
         return (torch.softmax(scores, -1) @ (f @ v.to(ct))).to(q.dtype)
+
+    return ref
+
+
+def linformer_mean_reference(k_proj):
+    """Linformer with E = F = mean-pooling: softmax(Q K̄ᵀ/√d) V̄, K̄ and V̄ the means of k_proj
+    contiguous segments of K and V (torch.tensor_split's: the first n mod k one longer)."""
+
+    def ref(q, k, v, causal):
+        ct = compute_dtype(q.dtype)
+        q, k, v = q.to(ct), k.to(ct), v.to(ct)
+        kbar, vbar = (torch.stack([s.mean(-2) for s in x.tensor_split(k_proj, dim=-2)], dim=-2)
+                      for x in (k, v))  # (B, H, k, D)
+        scores = q @ kbar.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        return (torch.softmax(scores, -1) @ vbar).to(q.dtype)
 
     return ref
 
@@ -58,6 +74,58 @@ def test_linformer_matches_own_formula(n, dtype):
     att = variants.build("linformer", k=24, seed=5)
     q, k, v = random_qkv(2, 3, n, 16, dtype)
     assert_matches(att, q, k, v, False, reference=linformer_reference(att))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [64, 77])
+def test_linformer_mean_projection_matches_definition(n, dtype):
+    att = variants.build("linformer", k=24, projection="mean")
+    q, k, v = random_qkv(2, 3, n, 16, dtype)
+    assert_matches(att, q, k, v, False, reference=linformer_mean_reference(24))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_linformer_uniform_projection_matches_own_formula(dtype):
+    att = variants.build("linformer", k=24, projection="uniform", seed=3)
+    q, k, v = random_qkv(2, 3, 77, 16, dtype)
+    assert_matches(att, q, k, v, False, reference=linformer_reference(att))
+
+
+def test_linformer_projection_distributions():
+    """gaussian: N(0, 1/k) (unchanged default); uniform: U(−1/√k, 1/√k) as lucidrains/linformer
+    initialises its (n, k) parameters; mean: rows average contiguous segments."""
+    k, n = 16, 4096
+    e_g, _ = variants.build("linformer", k=k).projections(n, "cpu", torch.float64)
+    e_u, f_u = variants.build("linformer", k=k, projection="uniform").projections(
+        n, "cpu", torch.float64)
+    e_m, f_m = variants.build("linformer", k=k, projection="mean").projections(
+        n - 3, "cpu", torch.float64)
+    assert abs(float(e_g.var()) * k - 1) < 0.05
+    assert float(e_u.abs().max()) <= k**-0.5 and abs(float(e_u.var()) * 3 * k - 1) < 0.05
+    assert not torch.equal(e_u, f_u) and torch.equal(e_m, f_m)
+    torch.testing.assert_close(e_m.sum(-1), torch.ones(k, dtype=torch.float64))
+    assert ((e_m > 0).sum(0) == 1).all()  # every position in exactly one segment
+
+
+def test_linformer_random_projections_inflate_values():
+    """Why rel_error against softmax is large for untrained random E, F: each row of FV sums n
+    random-signed rows of V with weights of variance 1/k (uniform: 1/3k), so its norm is about
+    √(n/k) (√(n/3k)) times a row's of V; mean-pooling keeps FV within the range of V."""
+    n, k, d = 4096, 64, 16
+    v = random_qkv(1, 1, n, d, seed=0)[2]
+    row_norm = math.sqrt(d)  # of one row of V
+    for proj, lo, hi in [("gaussian", 0.8, 1.2), ("uniform", 0.8 / 3**0.5, 1.2 / 3**0.5)]:
+        _, f = variants.build("linformer", k=k, projection=proj).projections(n, "cpu", v.dtype)
+        rows = (f @ v).norm(dim=-1) / row_norm  # (1, 1, k)
+        assert lo * math.sqrt(n / k) < float(rows.mean()) < hi * math.sqrt(n / k), proj
+    _, f = variants.build("linformer", k=k, projection="mean").projections(n, "cpu", v.dtype)
+    assert float((f @ v).abs().max()) <= float(v.abs().max())
+
+
+def test_linformer_labels():
+    assert variants.build("linformer", k=256).label == "linformer[k=256]"
+    assert variants.build("linformer", k=64, projection="mean").label == (
+        "linformer[k=64,projection=mean]")
 
 
 def test_linformer_projections_deterministic_per_n():
@@ -117,8 +185,8 @@ def test_nystrom_landmarks_pad_like_the_official_code():
 
 @pytest.mark.parametrize(
     "name, params, field",
-    [("linformer", {"k": 0}, "k"), ("nystrom", {"landmarks": 0}, "landmarks"),
-     ("nystrom", {"iters": -1}, "iters")],
+    [("linformer", {"k": 0}, "k"), ("linformer", {"projection": "xavier"}, "projection"),
+     ("nystrom", {"landmarks": 0}, "landmarks"), ("nystrom", {"iters": -1}, "iters")],
 )
 def test_params_validated(name, params, field):
     with pytest.raises(ValueError, match=field):
@@ -153,6 +221,38 @@ def test_contract(name):
     ratio = att.flops(variants.Shape(1, 8, 16384, 64)) / att.flops(shape)
     assert 1.9 < ratio < 2.1  # linear in n
     assert att.memory_bytes(shape, torch.float32) > 0
+
+
+_SDPA_CPU = {  # FlopCounterMode has no formula for the CPU flash kernels: torch's own conventions
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+        lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda go, q, k, v, *a, out_shape=None, **kw: sdpa_backward_flop_count(go, q, k, v),
+}
+
+
+def _counted(fn):
+    with FlopCounterMode(display=False, custom_mapping=_SDPA_CPU) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize(
+    "name, causal", [(n, c) for n, (_, cs) in sorted(LINEAR_COST.items()) for c in cs]
+)
+def test_flop_models_match_dispatch_count(name, causal):
+    """flops() and backward_flops() against the matmuls torch dispatches, forward on both paths
+    (autograd and no-grad); performer, linformer backward ≈ 1.5, 1.75 × forward (constant W, E)."""
+    att = variants.build(name, **LINEAR_COST[name][0])
+    shape = variants.Shape(1, 2, 256, 16)
+    q, k, v = random_qkv(1, 2, 256, 16, torch.float32, requires_grad=True)
+    outs = []
+    fwd = _counted(lambda: outs.append(att(q, k, v, causal)))
+    bwd = _counted(lambda: outs[0].backward(torch.randn_like(outs[0])))
+    no_grad = _counted(lambda: att(q.detach(), k.detach(), v.detach(), causal))
+    model_fwd, model_bwd = att.flops(shape, causal), att.backward_flops(shape, causal)
+    assert fwd == pytest.approx(model_fwd, rel=0.01) and no_grad == pytest.approx(fwd, rel=0.01)
+    assert bwd == pytest.approx(model_bwd, rel=0.01), (bwd / fwd, model_bwd / model_fwd)
 
 
 def _peak(att, n, causal):

@@ -18,13 +18,19 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def linear_attention(
-    qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor, causal: bool, chunk: int, eps: float
+    qf: torch.Tensor,
+    kf: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    chunk: int,
+    eps: float | torch.Tensor,
 ) -> torch.Tensor:
     """out_i = Σ_j φq_i·φk_j v_j / (Σ_j φq_i·φk_j + eps), j over all keys (or j <= i if causal).
 
     Args:
         qf, kf: (B, H, N, F) non-negative features; v: (B, H, N, D).
         chunk: chunk length L of the causal path.
+        eps: a float, or a (B, H, N, 1) tensor: one per query row.
     Returns:
         (B, H, N, D).
     """

@@ -1,7 +1,19 @@
 """Linformer (Wang et al. 2020, https://arxiv.org/abs/2006.04768): K, V projected to k rows.
 
-softmax(Q (EK)ᵀ/√d)(FV) with E, F (k × n) i.i.d. N(0, 1/k), drawn from (seed, n) and shared
-across batch and heads: the same projections for a given n on every call and device.
+softmax(Q (EK)ᵀ/√d)(FV) with E, F (k × n) shared across batch and heads, a function of
+(projection, seed, n, k): the same projections for a given n on every call and device.
+`projection` says how E, F are set, since this benchmark does not train them:
+
+- ``gaussian`` (default): i.i.d. N(0, 1/k), the random projection of the paper's Theorem 1.
+- ``uniform``: i.i.d. U(−1/√k, 1/√k), the initialisation of lucidrains/linformer.
+- ``mean``: E = F = mean-pooling of n into k contiguous segments (⌈n/k⌉ positions in the first
+  n mod k, ⌊n/k⌋ in the rest), what a user would try first. Stored dense and applied as a
+  matmul, as a learned E is: the cost is Linformer's, not that of pooling.
+
+rel_error against softmax attention measures these untrained projections, not Linformer as
+trained: with random E, F each row of FV sums n random-signed values, so its norm, and the
+output's, grows like √(n/k) (rel_error 217 at n=8192, k=256 for ``gaussian``); read the error of
+an approximation with untrained parameters as that of its initialisation only.
 """
 
 from __future__ import annotations
@@ -21,7 +33,8 @@ from variants.base import Shape, Variant
 @register
 @dataclass
 class Linformer(Variant):
-    """Low-rank attention along the sequence. Args: k (projected length), seed. Non-causal."""
+    """Low-rank attention along the sequence. Args: k (projected length), seed, projection
+    (gaussian | uniform | mean: how E, F are set). Non-causal."""
 
     name: ClassVar[str] = "linformer"
     family: ClassVar[str] = "lowrank"
@@ -33,10 +46,15 @@ class Linformer(Variant):
 
     k: int = 256
     seed: int = 0
+    projection: str = "gaussian"
 
     def __post_init__(self) -> None:
         if self.k <= 0:
             raise ValueError(f"k={self.k}: must be positive")
+        if self.projection not in PROJECTIONS:
+            raise ValueError(
+                f"projection={self.projection!r}: expected one of {', '.join(PROJECTIONS)}"
+            )
 
     @property
     def label(self) -> str:
@@ -45,8 +63,9 @@ class Linformer(Variant):
     def projections(
         self, n: int, device: torch.device | str, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """E, F: (k, n) each, a function of (seed, n, k) only."""
-        return _projections(self.seed, n, self.k, str(torch.device(device)), dtype)
+        """E, F: (k, n) each, a function of (projection, seed, n, k) only."""
+        dev = str(torch.device(device))
+        return _projections(self.projection, self.seed, n, self.k, dev, dtype)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
@@ -64,6 +83,12 @@ class Linformer(Variant):
         bh, n, d = shape.bh, shape.seq_len, shape.head_dim
         return 2.0 * bh * (2 * self.k * n * d + 2 * n * self.k * d)  # E K, F V; QKᵀ, PV
 
+    def backward_flops(self, shape: Shape, causal: bool = False) -> float:
+        """E, F are constants: E K and F V need only Eᵀ dK̃, Fᵀ dṼ (1× forward). SDPA's backward
+        recomputes QK̃ᵀ, then dP = dO Ṽᵀ, dṼ = Pᵀ dO, dQ = dS K̃, dK̃ = dSᵀ Q: 5 of 2nkd."""
+        bh, n, d = shape.bh, shape.seq_len, shape.head_dim
+        return 2.0 * bh * (2 * self.k * n * d + 5 * n * self.k * d)
+
     def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = False) -> int:
         el = torch.empty((), dtype=compute_dtype(dtype)).element_size()
         bh, n, d, k = shape.bh, shape.seq_len, shape.head_dim, self.k
@@ -75,12 +100,24 @@ class Linformer(Variant):
         return None
 
 
+PROJECTIONS = ("gaussian", "uniform", "mean")
+
+
 @functools.lru_cache(maxsize=8)
 def _projections(
-    seed: int, n: int, k: int, device: str, dtype: torch.dtype
+    kind: str, seed: int, n: int, k: int, device: str, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drawn on the CPU in float32 (the same numbers on every device), cached where used."""
+    """Made on the CPU in float32 (the same numbers on every device), cached where used."""
+    if kind == "mean":
+        sizes = torch.full((k,), n // k).add_(torch.arange(k) < n % k)  # first n mod k: +1
+        seg = torch.repeat_interleave(torch.arange(k), sizes)  # (n,): segment of each position
+        e = torch.zeros(k, n).index_put_((seg, torch.arange(n)), 1.0 / sizes[seg].float())
+        e = e.to(device, dtype)
+        return e, e
     g = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + n) % (2**63))
-    e = torch.randn(k, n, generator=g) / k**0.5
-    f = torch.randn(k, n, generator=g) / k**0.5
+    if kind == "uniform":
+        e, f = (torch.rand(k, n, generator=g).mul_(2).sub_(1).div_(k**0.5) for _ in range(2))
+    else:
+        e = torch.randn(k, n, generator=g) / k**0.5
+        f = torch.randn(k, n, generator=g) / k**0.5
     return e.to(device, dtype), f.to(device, dtype)

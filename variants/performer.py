@@ -1,8 +1,12 @@
 """Performer, FAVOR+ (Choromanski et al. 2021, https://arxiv.org/abs/2009.14794).
 
-Positive orthogonal random features φ(x) = exp(wᵀx − |x|²/2 − c)/√m on x = q/d^¼ (and k/d^¼),
-so that E[φ(q)·φ(k)] ∝ exp(q·k/√d). As in the paper's code, c is a max subtracted in the
-exponent: per query row for queries, per batch-head for keys; both cancel in the normalisation.
+Positive orthogonal random features φ(x) = exp(wᵀx − |x|²/2)/√m on x = q/d^¼ (and k/d^¼), so
+that E[φ(q)·φ(k)] = exp(q·k/√d); out = φ(Q)(φ(K)ᵀV) / (φ(Q)(φ(K)ᵀ1) + eps). As in the paper's
+code, exp is taken after max-shifts: one per query row, one per batch-head for keys. Both cancel
+exactly between numerator and normaliser, and `eps` is scaled by the same factors, so it is added
+in unshifted units: the output (and its gradient) is that of the formula, whatever the shifts.
+With the default eps = 0 that is FAVOR+ itself; a normaliser whose every term underflowed is
+floored at √tiny (in shifted units), so output and gradients stay finite, never 0/0.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from variants.base import Shape, Variant
 @register
 @dataclass
 class Performer(Variant):
-    """FAVOR+ softmax-kernel attention. Args: features (m), seed, chunk (causal), eps."""
+    """FAVOR+ softmax-kernel attention. Args: features (m), seed, chunk (causal), eps (added to
+    the unshifted normaliser φ(q)·Σφ(k), as in `linear`; 0: none)."""
 
     name: ClassVar[str] = "performer"
     family: ClassVar[str] = "linear"
@@ -33,7 +38,7 @@ class Performer(Variant):
     features: int = 256
     seed: int = 0
     chunk: int = 128
-    eps: float = 1e-6
+    eps: float = 0.0
 
     def __post_init__(self) -> None:
         if self.features <= 0:
@@ -52,10 +57,10 @@ class Performer(Variant):
         return _orthogonal_features(self.seed, self.features, d).to(device, dtype)
 
     def feature_map(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """φ(q), φ(k): (B, H, N, m) in the compute dtype (float32 for half inputs)."""
-        ct = compute_dtype(q.dtype)
-        w = self.projection(q.shape[-1], q.device, ct)
-        return _features(q.to(ct), w, is_query=True), _features(k.to(ct), w, is_query=False)
+        """φ(q), φ(k) up to positive factors that cancel in the output (one per query row, one
+        per batch-head for keys): (B, H, N, m) in the compute dtype (float32 for half inputs)."""
+        qf, kf, _ = self._shifted_features(q, k)
+        return qf, kf
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
@@ -65,13 +70,39 @@ class Performer(Variant):
             ct = compute_dtype(q.dtype)
             w = self.projection(q.shape[-1], q.device, ct)
             return _forward_tiled(q.to(ct), k.to(ct), v.to(ct), w, self.eps).to(q.dtype)
-        qf, kf = self.feature_map(q, k)  # (B, H, N, m)
-        out = linear_attention(qf, kf, v.to(qf.dtype), causal, self.chunk, self.eps)
+        qf, kf, log_c = self._shifted_features(q, k)  # (B, H, N, m), (B, H, N, m), (B, H, N, 1)
+        floor = _floor(self.eps, log_c, 1 / math.log(2))
+        out = linear_attention(qf, kf, v.to(qf.dtype), causal, self.chunk, floor)
         return out.to(q.dtype)
+
+    def _shifted_features(
+        self, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """φ̃(q), φ̃(k) with max 1 per query row and per batch-head, and log c (B, H, N, 1) with
+        φ(q_i)·φ(k_j) = c_i φ̃(q_i)·φ̃(k_j). Only the max-shifts are detached: the output does not
+        depend on them, so autograd at fixed shifts gives the formula's own gradient."""
+        ct = compute_dtype(q.dtype)
+        q, k = q.to(ct), k.to(ct)
+        d, m = q.shape[-1], self.features
+        w = self.projection(d, q.device, ct) * d**-0.25  # (m, D)
+        c = 0.5 / math.sqrt(d)
+        half_q, half_k = ((x * x).sum(-1, keepdim=True).mul_(c) for x in (q, k))  # |x/d^¼|²/2
+        lq = q @ w.T  # (B, H, N, m): wᵀq/d^¼, i.e. log √m φ(q) + half_q (constant along m)
+        lk = (k @ w.T).sub_(half_k)  # (B, H, N, m): log √m φ(k)
+        cq = lq.detach().amax(-1, keepdim=True)  # (B, H, N, 1)
+        ck = lk.detach().amax(dim=(-2, -1), keepdim=True)  # (B, H, 1, 1)
+        log_c = (cq - half_q).add_(ck - math.log(m))
+        return lq.sub_(cq).exp_(), lk.sub_(ck).exp_(), log_c
 
     def flops(self, shape: Shape, causal: bool = False) -> float:
         bh, n, d, m = shape.bh, shape.seq_len, shape.head_dim, self.features
         return 2.0 * bh * 2 * n * d * m + linear_flops(bh, n, m, d, causal, self.chunk)
+
+    def backward_flops(self, shape: Shape, causal: bool = False) -> float:
+        """The projections q W/d^¼, k W/d^¼ need only dq, dk (W is constant): 1× their forward;
+        the normalised products have both operands differentiable: 2×."""
+        bh, n, d, m = shape.bh, shape.seq_len, shape.head_dim, self.features
+        return 2.0 * bh * 2 * n * d * m + 2 * linear_flops(bh, n, m, d, causal, self.chunk)
 
     def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = False) -> int:
         el = torch.empty((), dtype=compute_dtype(dtype)).element_size()
@@ -84,13 +115,15 @@ class Performer(Variant):
         return None
 
 
-def _features(x: torch.Tensor, w: torch.Tensor, is_query: bool) -> torch.Tensor:
-    m, d = w.shape
-    proj = x @ (w * d**-0.25).transpose(0, 1)  # (B, H, N, m): wᵀ(x/d^¼)
-    dims = (-1,) if is_query else (-2, -1)
-    shift = proj.detach().amax(dim=dims, keepdim=True) + 0.5 * math.log(m)  # max, and the 1/√m
-    half_sq = (x * x).sum(-1, keepdim=True).mul_(0.5 / math.sqrt(d))  # |x/d^¼|²/2, (B, H, N, 1)
-    return proj.sub_(half_sq + shift).exp_()  # one pass over (B, H, N, m), then exp in place
+def _floor(eps: float, log_c: torch.Tensor, log2_base: float) -> torch.Tensor:
+    """eps in shifted units, eps/c (log_c in a base with log₂ base = `log2_base`), at least √tiny
+    (2⁻⁶³ in float32): a normaliser whose terms all underflowed gives a bounded output and
+    gradients below overflow (1/den² stays finite), never 0/0; at ordinary scales the shifted
+    normaliser is > 1e-6 (measured at n=8192, causal too), so the floor changes nothing."""
+    f = torch.finfo(log_c.dtype)
+    log2_eps = math.log2(eps) if eps > 0 else -math.inf
+    expo = (log_c * -log2_base).add_(log2_eps)
+    return torch.exp2(expo.clamp(0.5 * math.log2(f.tiny), math.log2(f.max) - 1))
 
 
 def _forward_tiled(
@@ -108,17 +141,19 @@ def _forward_tiled(
     qf, kf, vf = (t.reshape(b * h, n, d) for t in (q, k, v))  # (BH, N, D)
     c = 0.5 * l2e / math.sqrt(d)
     half_q, half_k = ((t * t).sum(-1, keepdim=True).mul_(c) for t in (qf, kf))  # (BH, N, 1)
-    log_m = 0.5 * math.log(m) * l2e
     out = torch.empty_like(qf)
     rows = max(1, _TILE // m)
     for i in range(b * h):
-        pk = kf[i] @ wt  # (N, m): φ(K) of head i, shift = its max (one per batch-head)
-        pk = pk.sub_(half_k[i] + (pk.amax() + log_m)).exp2_()
-        state, norm = pk.T @ vf[i], pk.sum(0)[:, None]  # (m, D): Σ φ(k)vᵀ; (m, 1): Σ φ(k)
-        for r in range(0, n, rows):  # φ(Q) in row tiles, shift = each row's max
+        pk = kf[i] @ wt  # (N, m): log₂ √m φ(k) + |k'|²/2·log₂e, for keys of head i
+        ck = (pk.amax(-1, keepdim=True) - half_k[i]).amax()  # max over keys and features
+        pk = pk.sub_(half_k[i] + ck).exp2_()  # φ̃(K), max 1
+        state, norm = pk.T @ vf[i], pk.sum(0)[:, None]  # (m, D): Σ φ̃(k)vᵀ; (m, 1): Σ φ̃(k)
+        for r in range(0, n, rows):  # φ̃(Q) in row tiles, shift = each row's max
             pq = qf[i, r : r + rows] @ wt  # (rows, m)
-            pq = pq.sub_(half_q[i, r : r + rows] + (pq.amax(-1, keepdim=True) + log_m)).exp2_()
-            torch.div(pq @ state, (pq @ norm).add_(eps), out=out[i, r : r + rows])
+            cq = pq.amax(-1, keepdim=True)
+            pq = pq.sub_(cq).exp2_()
+            floor = _floor(eps, cq.sub_(half_q[i, r : r + rows]).add_(ck - math.log2(m)), 1.0)
+            torch.div(pq @ state, (pq @ norm).add_(floor), out=out[i, r : r + rows])
     return out.view(b, h, n, d)
 
 
