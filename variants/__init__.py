@@ -103,5 +103,6 @@ from variants import (  # noqa: E402,F401
     local,
     nystrom,
     performer,
+    recurrent,
     sparse,
 )

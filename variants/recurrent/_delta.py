@@ -1,0 +1,348 @@
+"""The delta rule, chunked with the WY/UT representation, and the shared base of its variants.
+
+Per k/v head, with the state S (d_k × d_v), row vectors q_t, k_t (L2-normalised), v_t and
+o_t = q_t S_t (Yang et al. 2024, https://arxiv.org/abs/2406.06484; gated: Yang et al. 2025,
+https://arxiv.org/abs/2412.06464, §3):
+
+    S_t = α_t S_{t−1} + β_t k_tᵀ (v_t − α_t k_t S_{t−1})     (α_t = 1: DeltaNet)
+
+Chunked form, chunks of C tokens, γ_i = Σ_{j≤i} log α_j inside the chunk, Γ_ij = e^(γ_i − γ_j)
+for i ≥ j (0 above the diagonal), β = diag(β_i):
+    UT transform  (I + tril(β (K Kᵀ ⊙ Γ), −1)) [U | W] = β [V | e^γ K]    (one triangular solve)
+    state         S' = e^(γ_C) S + K̃ᵀ (U − W S),  K̃ = e^(γ_C − γ) K      (the chunk loop)
+    output        O = e^γ Q S + (Q Kᵀ ⊙ Γ ⊙ M)(U − W S),  M causal (diagonal included)
+Everything but the state passing is batched over B·H·chunks; the chunk loop (sequential by
+nature) is one fused matmul per chunk: S' = (e^(γ_C) I − K̃ᵀW) S + K̃ᵀU, both factors formed
+beforehand for all chunks at once. The output is rearranged as (e^γ Q − P W) S + P U,
+P = Q Kᵀ ⊙ Γ ⊙ M, so it needs the states only in one batched matmul after the loop.
+
+The state depends only on k, v and the gates (drawn from k), so grouped-query heads share it:
+the engine runs per k/v head and folds the query heads of a group into the rows of the chunk.
+The per-step form (`recurrent_delta`) is the float64 reference, the decode step and the
+`impl=recurrent` benchmark form, never the prefill path.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from variants._prefix import compute_dtype
+from variants.base import Shape, Variant
+
+IMPLS = ("chunk", "recurrent", "fla")
+
+
+@functools.lru_cache(maxsize=32)
+def gate_weights(
+    seed: int, hkv: int, d: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fixed gate parameters per k/v head, drawn in float64 on the CPU from `seed` and cached per
+    (device, dtype): w (Hkv, D, 2) ~ N(0, 1/D) (column 0 → β, column 1 → α), A (Hkv,) ~ U(0, 16)
+    and b (Hkv,) = softplus⁻¹(dt), dt ~ logU(1e-3, 1e-1) (the Gated DeltaNet / Mamba-2 init)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    w = torch.randn(hkv, d, 2, generator=g, dtype=torch.float64) / math.sqrt(d)
+    a = torch.rand(hkv, generator=g, dtype=torch.float64) * 16
+    lo, hi = math.log(1e-3), math.log(1e-1)
+    dt = torch.exp(torch.rand(hkv, generator=g, dtype=torch.float64) * (hi - lo) + lo)
+    b = dt + torch.log(-torch.expm1(-dt))
+    return tuple(t.to(device, dtype) for t in (w, a, b))  # type: ignore[return-value]
+
+
+def chunk_delta(
+    q: torch.Tensor | None,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor | None,
+    state: torch.Tensor | None = None,
+    chunk: int = 64,
+    final: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The chunked delta rule (module docstring) over one segment.
+
+    Args:
+        q: (B, Hkv, G, N, D) L2-normalised queries, G per k/v head; None: states only.
+        k: (B, Hkv, N, D) L2-normalised; v: (B, Hkv, N, Dv); beta: (B, Hkv, N) in (0, 1).
+        g: (B, Hkv, N) log α_t <= 0, or None (DeltaNet).
+        state: (B, Hkv, D, Dv) before the segment (None: zeros). final: also return the state
+            after the segment.
+    Returns:
+        (B, Hkv, G, N, Dv) or None, and the final state or None.
+    """
+    b, hkv, n, d = k.shape
+    dv = v.shape[-1]
+    c = max(1, min(chunk, n))
+    pad = -n % c  # zero keys (β = 0, no decay) leave the state as it is; padded queries dropped
+    if pad:
+        k, v, beta = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad)), F.pad(beta, (0, pad))
+        g = None if g is None else F.pad(g, (0, pad))
+        q = None if q is None else F.pad(q, (0, 0, 0, pad))
+    nc, bh = (n + pad) // c, b * hkv
+    kc = k.reshape(bh, nc, c, d)  # (BHkv, nc, C, D)
+    vc = v.reshape(bh, nc, c, dv)
+    bc = beta.reshape(bh, nc, c, 1)
+    causal = torch.ones(c, c, dtype=torch.bool, device=k.device).tril_()
+    if g is not None:
+        gam = g.reshape(bh, nc, c).cumsum(-1)  # γ_i, (BHkv, nc, C)
+        decay = (gam[..., :, None] - gam[..., None, :]).masked_fill(~causal, -math.inf).exp()
+        eg = gam.exp()[..., None]  # e^γ_i, (BHkv, nc, C, 1)
+        last = gam[..., -1:, None]  # γ_C, (BHkv, nc, 1, 1)
+    a = kc @ kc.transpose(-1, -2)  # (BHkv, nc, C, C); only its strict lower part is read
+    if g is not None:
+        a = a * decay
+    rhs = torch.cat([vc, kc if g is None else kc * eg], -1) * bc  # (BHkv, nc, C, Dv + D)
+    x = torch.linalg.solve_triangular(a * bc, rhs, upper=False, unitriangular=True)  # [U | W]
+    kt = kc if g is None else kc * (last - gam[..., None]).exp()  # K̃ = e^(γ_C − γ) K
+    y = kt.transpose(-1, -2) @ x  # (BHkv, nc, D, Dv + D): [K̃ᵀU | K̃ᵀW]
+    eye = torch.eye(d, dtype=k.dtype, device=k.device)
+    carry = (eye if g is None else eye * last.exp()) - y[..., dv:]  # (BHkv, nc, D, D)
+    add = y[..., :dv]  # (BHkv, nc, D, Dv)
+    s = k.new_zeros(bh, d, dv) if state is None else state.reshape(bh, d, dv)
+    states = [s]  # the state before each chunk; one fused matmul per chunk (sequential)
+    for i in range(nc if final else nc - 1):
+        s = torch.baddbmm(add[:, i], carry[:, i], s)
+        states.append(s)
+    s_out = states[-1].reshape(b, hkv, d, dv) if final else None
+    if q is None:
+        return None, s_out
+    grp = q.shape[2]
+    qc = q.reshape(b, hkv, grp, nc, c, d).transpose(2, 3).reshape(bh, nc, grp * c, d)
+    p = (qc @ kc.transpose(-1, -2)).view(bh, nc, grp, c, c)  # (BHkv, nc, G, C, C)
+    p = p.tril() if g is None else p * decay[:, :, None]
+    p = p.view(bh, nc, grp * c, c)
+    z = p @ x  # (BHkv, nc, G·C, Dv + D): [P U | P W]
+    qe = qc if g is None else (qc.view(bh, nc, grp, c, d) * eg[:, :, None]).view_as(qc)
+    qt = qe - z[..., dv:]  # e^γ Q − P W
+    st = torch.stack(states[:nc], 1)  # (BHkv, nc, D, Dv)
+    out = torch.baddbmm(z[..., :dv].reshape(bh * nc, grp * c, dv),
+                        qt.reshape(bh * nc, grp * c, d), st.view(bh * nc, d, dv))
+    out = out.view(b, hkv, nc, grp, c, dv).transpose(2, 3).reshape(b, hkv, grp, nc * c, dv)
+    return out[..., :n, :], s_out
+
+
+def recurrent_delta(
+    q: torch.Tensor | None,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor | None,
+    state: torch.Tensor | None = None,
+    chunk: int = 0,
+    final: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The per-step recurrence, same arguments as `chunk_delta` (`chunk` unused); returns the
+    outputs (None when q is None) and the final state. A loop over the N steps: the reference,
+    the decode form and `impl=recurrent`."""
+    b, hkv, n, d = k.shape
+    s = k.new_zeros(b, hkv, d, v.shape[-1]) if state is None else state
+    outs = []
+    for t in range(n):
+        kt = k[:, :, t, None, :]  # (B, Hkv, 1, D)
+        if g is not None:
+            s = s * g[:, :, t, None, None].exp()  # α_t S_{t−1}
+        u = beta[:, :, t, None, None] * (v[:, :, t, None, :] - kt @ s)  # (B, Hkv, 1, Dv)
+        s = s + kt.transpose(-1, -2) @ u
+        if q is not None:
+            outs.append(q[:, :, :, t] @ s)  # (B, Hkv, G, Dv)
+    return (torch.stack(outs, 3) if q is not None else None), s
+
+
+def run_delta(step, qn, kn, v, beta, g, chunk: int) -> torch.Tensor:
+    """`step` (chunk_delta or recurrent_delta) over the keys before the Nq queries without
+    outputs, then over the last Nq with them; qn (B, Hkv, G, Nq, D) → (B, Hkv, G, Nq, Dv)."""
+    p = kn.shape[2] - qn.shape[3]
+    state = None
+    if p:
+        cut = [None if t is None else t[:, :, :p] for t in (kn, v, beta, g)]
+        _, state = step(None, *cut, None, chunk, final=True)
+    rest = [None if t is None else t[:, :, p:] for t in (kn, v, beta, g)]
+    return step(qn, *rest, state, chunk)[0]
+
+
+def delta_flops(bh: int, groups: int, n: int, d: int, chunk: int, final: bool,
+                queries: bool) -> float:
+    """Matmul FLOPs of `chunk_delta` over bh = B·Hkv (a C×C solve against m columns: C²·m)."""
+    c = max(1, min(chunk, n))
+    nc, e = -(-n // c), 2 * d  # Dv = D; e: the width of [U | W]
+    f = nc * (2 * c * c * d + c * c * e + 2 * d * c * e)  # K Kᵀ, the solve, K̃ᵀ[U | W]
+    f += (nc if final else nc - 1) * 2 * d * d * d  # the chunk loop
+    if queries:  # P, P [U | W], (e^γ Q − P W) S
+        f += nc * groups * (2 * c * c * d + 2 * c * c * e + 2 * c * d * d)
+    return float(bh * f)
+
+
+def solve_flops(bh: int, n: int, d: int, chunk: int) -> float:
+    c = max(1, min(chunk, n))
+    return float(bh * -(-n // c) * c * c * 2 * d)
+
+
+@dataclass
+class DeltaRule(Variant):
+    """Shared contract of `deltanet` and `gated_deltanet` (they differ in the decay `log_alpha`
+    and the fla kernel). Gates come from k before its normalisation, per k/v head h:
+    β_t = σ(k_t·w_h[:, 0]) and (gated) log α_t = −A_h·softplus(k_t·w_h[:, 1] + b_h), with the
+    fixed parameters of `gate_weights(seed, ...)`: a point is reproducible from its inputs.
+
+    Args: chunk (chunk length C), impl (chunk | recurrent | fla), seed (gate parameters).
+    """
+
+    family: ClassVar[str] = "recurrent"
+    time_exponent: ClassVar[float] = 1.0
+    memory_exponent: ClassVar[float] = 1.0
+    exact: ClassVar[bool] = False
+    no_noncausal: ClassVar[str] = "a recurrence runs forward in time"
+    gated: ClassVar[bool] = False
+    fla_module: ClassVar[str] = ""
+
+    chunk: int = 64
+    impl: str = "chunk"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.chunk <= 0:
+            raise ValueError(f"chunk={self.chunk}: must be positive")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl={self.impl!r}: one of {', '.join(IMPLS)}")
+
+    @property
+    def label(self) -> str:
+        return self._label({"impl": None if self.impl == "chunk" else self.impl})
+
+    def gates(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """β (B, Hkv, N) and log α (B, Hkv, N) or None, from raw k in its (compute) dtype."""
+        w, a, b = gate_weights(self.seed, k.shape[1], k.shape[-1], k.device, k.dtype)
+        x = k @ (w if self.gated else w[..., :1])  # (B, Hkv, N, 1 or 2)
+        beta = torch.sigmoid(x[..., 0])
+        if not self.gated:
+            return beta, None
+        return beta, -a[:, None] * F.softplus(x[..., 1] + b[:, None])
+
+    def _inputs(self, q, k, v):
+        ct = compute_dtype(q.dtype)
+        kf = k.to(ct)
+        beta, g = self.gates(kf)
+        b, h, nq, d = q.shape
+        qn = F.normalize(q.to(ct), dim=-1).view(b, k.shape[1], h // k.shape[1], nq, d)
+        return qn, F.normalize(kf, dim=-1), v.to(ct), beta, g
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
+    ) -> torch.Tensor:
+        if not causal:
+            raise ValueError(f"{self.name} is causal only: {self.no_noncausal}")
+        if self.impl == "fla":
+            return self._fla(q, k, v)
+        step = recurrent_delta if self.impl == "recurrent" else chunk_delta
+        out = run_delta(step, *self._inputs(q, k, v), self.chunk)
+        return out.reshape(q.shape).to(q.dtype)
+
+    def fla_kernel(self, q, k, v, beta, g, **kw):
+        """The subclass's fla call on (B, T, H, D) tensors; returns (out, final state)."""
+        raise NotImplementedError
+
+    def _fla(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """fla's chunked kernel (CUDA, half inputs, Hkv = H): our normalised q, k and gates, scale
+        1 (o_t = q_t S_t, as in the papers; fla's default is 1/√d), the context as an initial state."""
+        beta, g = self.gates(k.float())  # (B, H, N)
+        qn, kn = (F.normalize(t, dim=-1).transpose(1, 2) for t in (q, k))  # (B, T, H, D)
+        vt, bt = v.transpose(1, 2), beta.transpose(1, 2).to(q.dtype)
+        gt = None if g is None else g.transpose(1, 2)  # (B, T, H), log α in float32
+        p = k.shape[2] - q.shape[2]
+        kw = {"scale": 1.0, "use_qk_l2norm_in_kernel": False}
+        state = None
+        if p:  # the context: its keys stand in for queries whose outputs are dropped
+            _, state = self.fla_kernel(kn[:, :p], kn[:, :p], vt[:, :p], bt[:, :p],
+                                       None if gt is None else gt[:, :p], initial_state=None,
+                                       output_final_state=True, **kw)
+        out, _ = self.fla_kernel(qn, kn[:, p:], vt[:, p:], bt[:, p:],
+                                 None if gt is None else gt[:, p:], initial_state=state,
+                                 output_final_state=False, **kw)
+        return out.transpose(1, 2).to(q.dtype)
+
+    def decode_init(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The state (B, Hkv, D, Dv) in the compute dtype after the context, chunked."""
+        ct = compute_dtype(k.dtype)
+        kf = k.to(ct)
+        beta, g = self.gates(kf)
+        _, s = chunk_delta(None, F.normalize(kf, dim=-1), v.to(ct), beta, g, None, self.chunk,
+                           final=True)
+        return s
+
+    def decode_step(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        qn, kn, vc, beta, g = self._inputs(q, k, v)
+        out, s = recurrent_delta(qn, kn, vc, beta, g, state)
+        return out.reshape(q.shape).to(q.dtype), s
+
+    def reference(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+    ) -> torch.Tensor:
+        """The float64 per-step recurrence over all Nk steps; the last Nq outputs."""
+        q, k, v = (t.double() for t in (q, k, v))
+        return run_delta(recurrent_delta, *self._inputs(q, k, v), 0).reshape(q.shape)
+
+    # -- what it supports, costs ----------------------------------------------------------------
+    def not_supported_reasons(
+        self, shape: Shape, dtype: torch.dtype, device: torch.device | str, causal: bool,
+        mode: str = "fwd",
+    ) -> list[str]:
+        reasons = super().not_supported_reasons(shape, dtype, device, causal, mode)
+        if self.impl == "fla" and mode != "decode":
+            if importlib.util.find_spec("fla") is None:
+                reasons.append("fla (flash-linear-attention) not importable")
+            if torch.device(device).type != "cuda":
+                reasons.append("fla: Triton kernels need CUDA")
+            if dtype == torch.float32:
+                reasons.append(f"fla: {self.fla_module} rejects float32 (bf16/fp16 only)")
+            if shape.groups > 1:
+                reasons.append("fla: k heads must equal q heads (expanding would copy k/v)")
+        return reasons
+
+    def flops(self, shape: Shape, causal: bool = False) -> float:
+        bh, g, d = shape.batch * shape.hkv, shape.groups, shape.head_dim
+        p, nq = shape.seq_len - shape.nq, shape.nq
+        f = 2.0 * bh * shape.seq_len * d * (2 if self.gated else 1)  # gate projections
+        if self.impl == "recurrent":  # k S, kᵀ u per step; q S per step and query head
+            return f + bh * (4.0 * shape.seq_len * d * d + 2.0 * g * nq * d * d)
+        if p:
+            f += delta_flops(bh, g, p, d, self.chunk, final=True, queries=False)
+        return f + delta_flops(bh, g, nq, d, self.chunk, final=False, queries=True)
+
+    def backward_flops(self, shape: Shape, causal: bool = False) -> float:
+        """2× the forward, plus the solves' backward (a solve and a matmul: 3× a forward solve)."""
+        if self.impl == "recurrent":
+            return 2.0 * self.flops(shape, causal)
+        bh, d, p = shape.batch * shape.hkv, shape.head_dim, shape.seq_len - shape.nq
+        extra = solve_flops(bh, shape.nq, d, self.chunk) + (
+            solve_flops(bh, p, d, self.chunk) if p else 0.0)
+        return 2.0 * self.flops(shape, causal) + extra
+
+    def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = True) -> int:
+        """Upper estimate: every intermediate of `forward` counted as live at once."""
+        el = torch.empty((), dtype=compute_dtype(dtype)).element_size()
+        bh, g, d, n = shape.batch * shape.hkv, shape.groups, shape.head_dim, shape.seq_len
+        c = max(1, min(self.chunk, n))
+        np_ = (-(-n // c) + 1) * c  # padded, both segments
+        words = (g + 3) * n * d + 4 * n  # q, k, v in the compute dtype, gates
+        if self.impl == "recurrent":
+            return int(bh * el * (words + 3 * g * n * d + 4 * n * d))  # outputs, per-step states
+        words += 3 * np_ * d + np_ * (4 + 6 * c)  # padded copies; γ, Γ, K Kᵀ and its products
+        words += np_ * 6 * 2 * d  # right side, [U | W], scaled keys (+ e^γ K)
+        words += np_ // c * d * 10 * d  # K̃ᵀ[U | W], carry, two copies of the states
+        words += g * np_ * (3 * d + 3 * c + 2 * 2 * d + 3 * d)  # Q, P, P[U|W], Q̃, outputs
+        return int(bh * el * words)
+
+    def kernel(self, shape: Shape, device: torch.device | str, causal: bool, grad: bool) -> str:
+        return {"chunk": "chunk-wy", "recurrent": "recurrent"}.get(
+            self.impl, f"fla:{self.fla_module}")
+
+    def density(self, n: int, causal: bool = False) -> None:
+        return None
