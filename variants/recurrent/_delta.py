@@ -248,8 +248,9 @@ class DeltaRule(Variant):
         raise NotImplementedError
 
     def _fla(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """fla's chunked kernel (CUDA, half inputs, Hkv = H): our normalised q, k and gates, scale
-        1 (o_t = q_t S_t, as in the papers; fla's default is 1/√d), the context as an initial state."""
+        """fla's chunked kernel (CUDA, half inputs, Hkv = H) on our normalised q, k and gates;
+        scale 1 (o_t = q_t S_t as in the papers; fla's default is 1/√d); the context before the
+        queries enters as fla's initial state."""
         beta, g = self.gates(k.float())  # (B, H, N)
         qn, kn = (F.normalize(t, dim=-1).transpose(1, 2) for t in (q, k))  # (B, T, H, D)
         vt, bt = v.transpose(1, 2), beta.transpose(1, 2).to(q.dtype)
