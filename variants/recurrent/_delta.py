@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -106,8 +107,9 @@ def chunk_delta(
     add = y[..., :dv]  # (BHkv, nc, D, Dv)
     s = k.new_zeros(bh, d, dv) if state is None else state.reshape(bh, d, dv)
     states = [s]  # the state before each chunk; one fused matmul per chunk (sequential)
-    for i in range(nc if final else nc - 1):
-        s = torch.baddbmm(add[:, i], carry[:, i], s)
+    steps = zip(add.unbind(1), carry.unbind(1), strict=True)  # per-chunk views, in two ops
+    for add_i, carry_i in itertools.islice(steps, nc if final else nc - 1):
+        s = torch.baddbmm(add_i, carry_i, s)
         states.append(s)
     s_out = states[-1].reshape(b, hkv, d, dv) if final else None
     if q is None:
