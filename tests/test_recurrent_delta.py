@@ -9,6 +9,9 @@ variants' documented draw) are shared.
 
 from __future__ import annotations
 
+import sys
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -155,6 +158,42 @@ def test_fla_says_why_not_here(name):
     assert "CUDA" in text and "float32" in text and "k heads" in text
     assert att.kernel(Shape(1, 4, 64, 16), "cuda", True, False).startswith("fla:")
     assert variants.build(name).kernel(Shape(1, 4, 64, 16), "cpu", True, False) == "chunk-wy"
+
+
+def _fake_fla(monkeypatch):
+    """fla's chunk kernels as their docstrings define them, (B, T, H, ·) layout, o = scale·q S,
+    state (B, H, K, V), g = log α: checks our call (layout, scale, context state) on the CPU."""
+
+    def run(q, k, v, beta, g=None, scale=None, initial_state=None, output_final_state=False,
+            use_qk_l2norm_in_kernel=False):
+        assert scale == 1.0 and not use_qk_l2norm_in_kernel
+        b, t, h, dk = q.shape
+        s = q.new_zeros(b, h, dk, v.shape[-1]) if initial_state is None else initial_state
+        outs = []
+        for i in range(t):
+            if g is not None:
+                s = s * g[:, i].exp()[..., None, None]
+            u = beta[:, i, :, None] * (v[:, i] - (k[:, i, :, None, :] @ s)[..., 0, :])
+            s = s + k[:, i, :, :, None] * u[..., None, :]
+            outs.append(scale * (q[:, i, :, None, :] @ s)[..., 0, :])
+        return torch.stack(outs, 1), (s if output_final_state else None)
+
+    mods = {m: types.ModuleType(m) for m in
+            ("fla", "fla.ops", "fla.ops.delta_rule", "fla.ops.gated_delta_rule")}
+    mods["fla.ops.delta_rule"].chunk_delta_rule = run
+    mods["fla.ops.gated_delta_rule"].chunk_gated_delta_rule = (
+        lambda q, k, v, g, beta, **kw: run(q, k, v, beta, g=g, **kw))
+    for name, mod in mods.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fla_call_matches_chunked(name, monkeypatch):
+    _fake_fla(monkeypatch)
+    q, k, v = random_qkv(2, 3, 45, 8)
+    want = variants.build(name)(q, k, v, causal=True)
+    got = variants.build(name, impl="fla")(q[:, :, -20:], k, v, causal=True)  # context → state
+    assert rel_error(got, want[:, :, -20:]) < 1e-12
 
 
 @pytest.mark.parametrize("name", NAMES)

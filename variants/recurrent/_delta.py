@@ -305,10 +305,11 @@ class DeltaRule(Variant):
         """fla's chunked kernel (CUDA, half inputs, Hkv = H) on our normalised q, k and gates;
         scale 1 (o_t = q_t S_t as in the papers; fla's default is 1/√d); the context before the
         queries enters as fla's initial state."""
-        beta, g = self.gates(k.float())  # (B, H, N)
-        qn, kn = (F.normalize(t, dim=-1).transpose(1, 2) for t in (q, k))  # (B, T, H, D)
+        ct = compute_dtype(q.dtype)
+        beta, g = self.gates(k.to(ct))  # (B, H, N), in float32 for half inputs
+        qn, kn = (F.normalize(t.to(ct), dim=-1).to(t.dtype).transpose(1, 2) for t in (q, k))
         vt, bt = v.transpose(1, 2), beta.transpose(1, 2).to(q.dtype)
-        gt = None if g is None else g.transpose(1, 2)  # (B, T, H), log α in float32
+        gt = None if g is None else g.transpose(1, 2)  # (B, T, H), log α
         p = k.shape[2] - q.shape[2]
         kw = {"scale": 1.0, "use_qk_l2norm_in_kernel": False}
         state = None
