@@ -228,6 +228,17 @@ def test_flops_model_counts_gqa_and_fewer_queries(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_decode_flops_model(name):
+    att = variants.build(name)
+    q = torch.randn(2, 4, 1, 16)
+    k, v = torch.randn(2, 2, 2, 40, 16).unbind(0)
+    state = att.decode_init(k, v, heads=4)
+    with torch.no_grad():
+        counted = count_call(lambda: att.decode_step(q, k[:, :, :1], v[:, :, :1], state)).flops
+    assert att.decode_flops(Shape(2, 4, 40, 16, kv_heads=2)) == counted
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_launch_light(name):
     """No host syncs; ops per call independent of B·H (the only loop is over chunks)."""
     att = variants.build(name, chunk=16)

@@ -252,6 +252,11 @@ class DeltaRule(Variant):
     memory_exponent: ClassVar[float] = 1.0
     exact: ClassVar[bool] = False
     no_noncausal: ClassVar[str] = "a recurrence runs forward in time"
+    # Declared for the contract on main (grouped heads, q_len < seq_len, the chunk loop's n/C
+    # ops); plain class attributes where the base class does not read them yet.
+    supports_gqa: ClassVar[bool] = True
+    supports_q_len: ClassVar[bool] = True
+    ops_grow_with_n: ClassVar[bool] = True
     gated: ClassVar[bool] = False
     fla_module: ClassVar[str] = ""
 
@@ -322,8 +327,11 @@ class DeltaRule(Variant):
                                  output_final_state=False, **kw)
         return out.transpose(1, 2).to(q.dtype)
 
-    def decode_init(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The state (B, Hkv, D, Dv) in the compute dtype after the context, chunked."""
+    def decode_init(
+        self, k: torch.Tensor, v: torch.Tensor, heads: int | None = None
+    ) -> torch.Tensor:
+        """The state (B, Hkv, D, Dv) in the compute dtype after the context, chunked. One state
+        per k/v head (the gates come from k): `heads` is not needed."""
         ct = compute_dtype(k.dtype)
         kf = k.to(ct)
         beta, g = self.gates(kf)
@@ -372,6 +380,12 @@ class DeltaRule(Variant):
             f += delta_flops(bh, g, p, d, self.chunk, final=True, queries=False, initial=False)
         return f + delta_flops(bh, g, nq, d, self.chunk, final=False, queries=True,
                                initial=p > 0)
+
+    def decode_flops(self, shape: Shape) -> float:
+        """One `decode_step`: gate projections, k S and kᵀu per k/v head, q S per query head."""
+        bh, d = shape.batch * shape.hkv, shape.head_dim
+        return float(bh * (2 * d * (2 if self.gated else 1) + 4 * d * d)
+                     + shape.batch * shape.heads * 2 * d * d)
 
     def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = True) -> int:
         """Upper estimate: the normalised inputs and gates, plus every intermediate of the larger
