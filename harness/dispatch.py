@@ -5,10 +5,12 @@ counts what ``torch.utils.flop_counter.FlopCounterMode`` misses: in-place and ``
 (``addmm_``, ``bmm.out``, ``baddbmm``) and the fused SDPA kernels (the CPU flash op and its
 backward). Run once per point, outside the timed region (the mode slows every op down).
 
-FLOPs are matmul FLOPs (multiply-add = 2), the convention of every variant's `flops` model. A
-fused attention op counts its QKᵀ and PV (its causal form only the triangle it needs; the
-score blocks on the diagonal that a tiled kernel computes in full are not counted); its backward
-counts 2.5× that (flash-style: QKᵀ recomputed, then dP, dV, dQ, dK).
+FLOPs are matmul FLOPs (multiply-add = 2), the convention of every variant's `flops` model; a
+C×C triangular solve against m columns (``linalg_solve_triangular``, ``triangular_solve``)
+counts C²·m, a multiply-add per entry of the triangle and column. A fused attention op counts
+its QKᵀ and PV (its causal form only the triangle it needs; the score blocks on the diagonal
+that a tiled kernel computes in full are not counted); its backward counts 2.5× that
+(flash-style: QKᵀ recomputed, then dP, dV, dQ, dK).
 """
 
 from __future__ import annotations
@@ -123,6 +125,8 @@ def _flops(func, name: str, args, kwargs) -> tuple[float, torch.dtype | None]:
         return 2.0 * math.prod(_shape(a)), a.dtype
     elif name in SDPA_KERNELS or name in _SDPA_BACKWARD:
         return _attention_flops(func, name, args, kwargs), args[0].dtype
+    elif name in ("linalg_solve_triangular", "triangular_solve"):
+        return _solve_flops(func, name, args, kwargs)
     else:
         return 0.0, None
     sa, sb = _shape(a), _shape(b)
@@ -130,6 +134,20 @@ def _flops(func, name: str, args, kwargs) -> tuple[float, torch.dtype | None]:
         return 0.0, None
     batch = math.prod(sa[:-2]) if name != "addbmm" else sa[0]
     return 2.0 * batch * sa[-2] * sa[-1] * sb[-1], a.dtype
+
+
+def _solve_flops(func, name: str, args, kwargs) -> tuple[float, torch.dtype | None]:
+    """A C×C triangular solve against m right-hand columns: C²·m (half a matmul's 2·C²·m)."""
+    if name == "triangular_solve":  # triangular_solve(B, A, ...)
+        b, a, left = args[0], args[1], True
+    else:  # linalg_solve_triangular(A, B, *, upper, left, unitriangular)
+        a, b, left = args[0], args[1], bool(_arg(func, args, kwargs, "left"))
+    sa, sb = _shape(a), _shape(b)
+    if len(sa) < 2 or len(sb) < 2:
+        return 0.0, None
+    batch = math.prod(torch.broadcast_shapes(sa[:-2], sb[:-2]))
+    m = sb[-1] if left else sb[-2]
+    return float(batch * sa[-1] * sa[-1] * m), a.dtype
 
 
 def _attention_flops(func, name: str, args, kwargs) -> float:

@@ -1,3 +1,5 @@
-"""Recurrent family: linear RNNs with a matrix state, each with a chunked and a per-step form."""
+"""Recurrent family: linear RNNs with a matrix state (decay-gated: retnet, gla, mamba2; the
+delta rule: deltanet, gated_deltanet), each with a chunked form for prefill and training and a
+per-step form for decode, checked against its float64 step-by-step recurrence."""
 
-from variants.recurrent import gla, mamba2, retnet  # noqa: F401
+from variants.recurrent import deltanet, gated_deltanet, gla, mamba2, retnet  # noqa: F401

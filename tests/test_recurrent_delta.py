@@ -1,0 +1,276 @@
+"""deltanet and gated_deltanet against the delta rule as the papers write it, in float64.
+
+`paper_reference` is written from the papers (Schlag et al. 2021, arXiv 2102.11174; Yang et al.
+2025, arXiv 2412.06464), independently of the engine: the state in their d_v × d_k convention,
+S_t = α_t S_{t−1}(I − β_t k_t k_tᵀ) + β_t v_t k_tᵀ, o_t = S_t q_t, one step at a time with the
+d×d transition matrix built explicitly. Only the fixed gate parameters (`gate_weights`, the
+variants' documented draw) are shared.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import variants
+from harness.dispatch import count_call
+from harness.memory import peak_memory
+from variants.base import Shape
+from variants.recurrent._delta import gate_weights
+from variants.reference import rel_error
+from variants.testing import assert_matches, random_qkv
+
+NAMES = ["deltanet", "gated_deltanet"]
+
+
+def paper_reference(att):
+    """The recurrence of the papers in the dtype of its inputs; grouped k/v heads repeated."""
+
+    def ref(q, k, v, causal):
+        assert causal
+        b, h, nq, d = q.shape
+        hkv, n = k.shape[1], k.shape[2]
+        w, a, bias = gate_weights(att.seed, hkv, d, q.device, q.dtype)
+        x = torch.einsum("bhnd,hde->bhne", k, w)  # gates from the raw keys, per k/v head
+        beta = torch.sigmoid(x[..., 0])
+        alpha = torch.ones_like(beta)
+        if att.name == "gated_deltanet":
+            alpha = torch.exp(-a[:, None] * F.softplus(x[..., 1] + bias[:, None]))
+        k, v, beta, alpha = (t.repeat_interleave(h // hkv, dim=1) for t in (k, v, beta, alpha))
+        qn = q / q.norm(dim=-1, keepdim=True)
+        kn = k / k.norm(dim=-1, keepdim=True)
+        eye = torch.eye(d, dtype=q.dtype, device=q.device)
+        s = q.new_zeros(b, h, d, d)  # d_v × d_k
+        outs = []
+        for t in range(n):
+            kt, vt = kn[:, :, t, :, None], v[:, :, t, :, None]  # columns (B, H, D, 1)
+            bt, at = beta[:, :, t, None, None], alpha[:, :, t, None, None]
+            s = at * s @ (eye - bt * kt @ kt.transpose(-1, -2)) + bt * vt @ kt.transpose(-1, -2)
+            if t >= n - nq:
+                outs.append(s @ qn[:, :, t - (n - nq), :, None])  # S_t q_t, (B, H, D, 1)
+        return torch.cat(outs, -1).transpose(-1, -2)  # (B, H, Nq, D)
+
+    return ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", NAMES)
+def test_chunked_matches_paper_recurrence(name, dtype):
+    att = variants.build(name, chunk=16)
+    q, k, v = random_qkv(2, 3, 75, 16, dtype)  # 75: not a multiple of the chunk
+    assert_matches(att, q, k, v, causal=True, reference=paper_reference(att))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_recurrent_impl_matches_paper_recurrence(name):
+    att = variants.build(name, impl="recurrent")
+    q, k, v = random_qkv(1, 2, 29, 8, torch.float32)
+    assert_matches(att, q, k, v, causal=True, reference=paper_reference(att))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reference_is_the_paper_recurrence(name):
+    att = variants.build(name)
+    q, k, v = random_qkv(2, 2, 41, 8)
+    assert rel_error(att.reference(q, k, v, True), paper_reference(att)(q, k, v, True)) < 1e-13
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 64, 200])
+@pytest.mark.parametrize("name", NAMES)
+def test_chunked_equals_recurrent(name, chunk):
+    q, k, v = random_qkv(2, 2, 77, 8)
+    out = variants.build(name, chunk=chunk)(q, k, v, causal=True)
+    rec = variants.build(name, impl="recurrent")(q, k, v, causal=True)
+    assert rel_error(out, rec) < 1e-12
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_grouped_heads_match_repeated_reference(name):
+    att = variants.build(name, chunk=16)
+    q = random_qkv(2, 6, 53, 16, torch.float32)[0]
+    _, k, v = random_qkv(2, 2, 53, 16, torch.float32)
+    assert_matches(att, q, k, v, causal=True, reference=paper_reference(att))
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+@pytest.mark.parametrize("name", NAMES)
+def test_fewer_queries_are_the_last_rows(name, kv_heads):
+    att = variants.build(name, chunk=16)
+    q = random_qkv(2, 4, 70, 8)[0]
+    _, k, v = random_qkv(2, kv_heads, 70, 8)
+    full = att(q, k, v, causal=True)
+    for m in (1, 13, 33):
+        assert rel_error(att(q[:, :, -m:], k, v, causal=True), full[:, :, -m:]) < 1e-12
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fewer_queries_match_paper_recurrence(name):
+    att = variants.build(name, chunk=16)
+    q = random_qkv(1, 4, 21, 16, torch.float32)[0]
+    _, k, v = random_qkv(1, 2, 60, 16, torch.float32)
+    assert_matches(att, q, k, v, causal=True, reference=paper_reference(att))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("name", NAMES)
+def test_decode_continues_the_forward(name, dtype):
+    """decode_init on the first n − 10 tokens, then ten steps: each equals its causal row."""
+    att = variants.build(name, chunk=16)
+    n = 75
+    q = random_qkv(2, 4, n, 16, dtype)[0]
+    _, k, v = random_qkv(2, 2, n, 16, dtype)
+    full = att(q, k, v, causal=True)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    state = att.decode_init(k[:, :, : n - 10], v[:, :, : n - 10])
+    for t in range(n - 10, n):
+        out, state = att.decode_step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1],
+                                     state)
+        assert out.shape == (2, 4, 1, 16) and out.dtype == dtype
+        assert rel_error(out, full[:, :, t : t + 1]) < tol, t
+    state = att.decode_init(k[:, :, : n - 1], v[:, :, : n - 1])  # the last row, from n − 1
+    out, _ = att.decode_step(q[:, :, -1:], k[:, :, -1:], v[:, :, -1:], state)
+    assert rel_error(out, full[:, :, -1:]) < tol
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_noncausal_is_unsupported(name):
+    att = variants.build(name)
+    shape = Shape(1, 2, 64, 16)
+    reasons = att.not_supported_reasons(shape, torch.float32, "cpu", causal=False)
+    assert reasons and "causal only" in reasons[0]
+    assert not att.not_supported_reasons(shape, torch.float32, "cpu", causal=True)
+    assert not att.not_supported_reasons(shape, torch.float32, "cpu", False, mode="decode")
+    q, k, v = random_qkv(1, 2, 8, 4)
+    with pytest.raises(ValueError, match="causal only"):
+        att(q, k, v, causal=False)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fla_says_why_not_here(name):
+    att = variants.build(name, impl="fla")
+    reasons = att.not_supported_reasons(Shape(1, 4, 64, 16, kv_heads=2), torch.float32, "cpu",
+                                        True)
+    text = "; ".join(reasons)
+    assert "CUDA" in text and "float32" in text and "k heads" in text
+    assert att.kernel(Shape(1, 4, 64, 16), "cuda", True, False).startswith("fla:")
+    assert variants.build(name).kernel(Shape(1, 4, 64, 16), "cpu", True, False) == "chunk-wy"
+
+
+def _fake_fla(monkeypatch):
+    """fla's chunk kernels as their docstrings define them, (B, T, H, ·) layout, o = scale·q S,
+    state (B, H, K, V), g = log α: checks our call (layout, scale, context state) on the CPU."""
+
+    def run(q, k, v, beta, g=None, scale=None, initial_state=None, output_final_state=False,
+            use_qk_l2norm_in_kernel=False):
+        assert scale == 1.0 and not use_qk_l2norm_in_kernel
+        b, t, h, dk = q.shape
+        s = q.new_zeros(b, h, dk, v.shape[-1]) if initial_state is None else initial_state
+        outs = []
+        for i in range(t):
+            if g is not None:
+                s = s * g[:, i].exp()[..., None, None]
+            u = beta[:, i, :, None] * (v[:, i] - (k[:, i, :, None, :] @ s)[..., 0, :])
+            s = s + k[:, i, :, :, None] * u[..., None, :]
+            outs.append(scale * (q[:, i, :, None, :] @ s)[..., 0, :])
+        return torch.stack(outs, 1), (s if output_final_state else None)
+
+    mods = {m: types.ModuleType(m) for m in
+            ("fla", "fla.ops", "fla.ops.delta_rule", "fla.ops.gated_delta_rule")}
+    mods["fla.ops.delta_rule"].chunk_delta_rule = run
+    mods["fla.ops.gated_delta_rule"].chunk_gated_delta_rule = (
+        lambda q, k, v, g, beta, **kw: run(q, k, v, beta, g=g, **kw))
+    for name, mod in mods.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fla_call_matches_chunked(name, monkeypatch):
+    _fake_fla(monkeypatch)
+    q, k, v = random_qkv(2, 3, 45, 8)
+    want = variants.build(name)(q, k, v, causal=True)
+    got = variants.build(name, impl="fla")(q[:, :, -20:], k, v, causal=True)  # context → state
+    assert rel_error(got, want[:, :, -20:]) < 1e-12
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gates_are_fixed_by_the_seed(name):
+    q, k, v = random_qkv(1, 2, 40, 8)
+    a, b = variants.build(name), variants.build(name, seed=1)
+    assert rel_error(a(q, k, v, causal=True), variants.build(name)(q, k, v, causal=True)) == 0
+    assert rel_error(a(q, k, v, causal=True), b(q, k, v, causal=True)) > 1e-3
+    w = gate_weights(0, 2, 8, torch.device("cpu"), torch.float32)
+    assert w is gate_weights(0, 2, 8, torch.device("cpu"), torch.float32)  # cached per dtype
+    beta, log_alpha = a.gates(k)
+    assert ((beta > 0) & (beta < 1)).all()
+    if name == "gated_deltanet":
+        assert (log_alpha < 0).all()
+    else:
+        assert log_alpha is None
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_flops_model_counts_gqa_and_fewer_queries(name):
+    """The FLOP model against the dispatch count where test_flops does not go."""
+    att = variants.build(name, chunk=16)
+    shape = Shape(2, 4, 150, 16, kv_heads=2, q_len=37)
+    q = torch.randn(2, 4, 37, 16, requires_grad=True)
+    k, v = (torch.randn(2, 2, 150, 16, requires_grad=True) for _ in range(2))
+    with torch.no_grad():
+        fwd = count_call(lambda: att(q, k, v, causal=True))
+    both = count_call(lambda: att(q, k, v, causal=True).sum().backward())
+    model = att.flops(shape, True)
+    assert abs(model - fwd.flops) <= 0.02 * fwd.flops
+    assert abs(model + att.backward_flops(shape, True) - both.flops) <= 0.1 * both.flops
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_decode_flops_model(name):
+    att = variants.build(name)
+    q = torch.randn(2, 4, 1, 16)
+    k, v = torch.randn(2, 2, 2, 40, 16).unbind(0)
+    state = att.decode_init(k, v, heads=4)
+    with torch.no_grad():
+        counted = count_call(lambda: att.decode_step(q, k[:, :, :1], v[:, :, :1], state)).flops
+    assert att.decode_flops(Shape(2, 4, 40, 16, kv_heads=2)) == counted
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_launch_light(name):
+    """No host syncs; ops per call independent of B·H (the only loop is over chunks)."""
+    att = variants.build(name, chunk=16)
+
+    def ops(b, h, n):
+        q, k, v = random_qkv(b, h, n, 8, torch.float32)
+        with torch.no_grad():
+            att(q, k, v, causal=True)  # the gate parameters are drawn once, then cached
+            c = count_call(lambda: att(q, k, v, causal=True))
+        assert c.host_syncs == 0
+        return c.ops
+
+    assert ops(2, 2, 100) == ops(3, 4, 100)
+    assert ops(2, 2, 200) - ops(2, 2, 100) == 13 - 7  # one op (a baddbmm) per extra chunk
+
+
+@pytest.mark.parametrize("impl", ["chunk", "recurrent"])
+@pytest.mark.parametrize("name", NAMES)
+def test_memory_model_bounds_the_peak(name, impl):
+    att = variants.build(name, impl=impl)
+    for shape in (Shape(1, 4, 1000, 32, kv_heads=2), Shape(2, 4, 300, 32, q_len=100)):
+        q = torch.randn(shape.batch, shape.heads, shape.nq, shape.head_dim)
+        k, v = torch.randn(2, shape.batch, shape.hkv, shape.seq_len, shape.head_dim).unbind(0)
+        with torch.no_grad():
+            peak = peak_memory(lambda: att(q, k, v, causal=True))  # noqa: B023
+        predicted = att.memory_bytes(shape, torch.float32, True)
+        assert peak <= predicted <= 2.5 * peak, (shape, peak, predicted)
+
+
+def test_labels_show_non_defaults():
+    assert variants.build("deltanet").label == "deltanet"
+    assert variants.build("gated_deltanet", impl="recurrent").label == "gated_deltanet[recurrent]"
+    assert variants.build("deltanet", chunk=32).label == "deltanet[chunk=32]"
+    with pytest.raises(ValueError):
+        variants.build("deltanet", impl="nope")
