@@ -30,6 +30,8 @@ VARIANTS = [  # (name, params): adding a recurrent variant is one line
     ("retnet", {}),
     ("gla", {}),
     ("mamba2", {}),
+    ("deltanet", {}),
+    ("gated_deltanet", {}),
 ]
 
 

@@ -43,11 +43,11 @@ def _reference(att, kv_heads: int):
     """The variant's definition with k/v heads repeated: its own float64 formula, its masked
     softmax, or (approximations) its own quadratic definition via the test helpers."""
     def ref(q, k, v, causal):
+        own = att.reference(q, k, v, causal)  # a family's own float64 definition takes the
+        if own is not None:  # grouped heads itself (gates drawn per k/v head stay per k/v head)
+            return own.to(q.dtype)
         g = q.shape[1] // k.shape[1]
         k, v = (t.repeat_interleave(g, dim=1) for t in (k, v))
-        own = att.reference(q, k, v, causal)
-        if own is not None:
-            return own.to(q.dtype)
         if att.exact:
             nq, nk = q.shape[-2], k.shape[-2]
             rows = torch.arange(nq) + (nk - nq)
