@@ -140,13 +140,17 @@ def marked_summary(df: pd.DataFrame) -> str:
     """The report's first warning: how many points ran noisy or contended ("" when none)."""
     ok = df[df.status == "ok"]
     noisy, contended = int(ok.noisy.fillna(False).sum()), int(ok.contended.fillna(False).sum())
-    if not noisy and not contended:
+    # records from before contention was measured (or without /proc/stat) cannot say
+    unknown = int(ok.others_cpu.isna().sum()) if "others_cpu" in ok else len(ok)
+    if not noisy and not contended and not unknown:
         return ""
+    unmeasured = (f" Contention was not measured for {unknown} of them (records from before "
+                  f"it was, or no /proc/stat): they cannot be told clean.") if unknown else ""
     return (f"Warning: of {len(ok)} points that ran, {noisy} are noisy (~) and {contended} "
             f"contended (!): their latency may be inflated, and fits, speedups and crossovers "
-            f"that use them say so. For clean numbers see the README, 'Clean numbers on a shared "
-            f"machine': a quiet machine, a fixed threads=, then the marked points measured again "
-            f"(remove their folders, re-run with resume=true).")
+            f"that use them say so.{unmeasured} For clean numbers see the README, 'Clean numbers "
+            f"on a shared machine': a quiet machine, a fixed threads=, then the marked points "
+            f"measured again (remove their folders, re-run with resume=true).")
 
 
 def scaling_tables(scaling: pd.DataFrame) -> list[Table]:

@@ -17,8 +17,8 @@ def _rec(label="full[sdpa]", n=1024, batch=1, family="full", **kw) -> Record:
     base = dict(variant=label.split("[")[0], label=label, family=family, params="{}", batch=batch,
                 heads=2, seq_len=n, head_dim=16, dtype="float32", device="cpu", causal=False,
                 mode="fwd", inputs="gaussian", seed=0, status="ok", reps=5,
-                time_exponent=2.0, memory_exponent=2.0, threads=2,
-                timestamp="2026-01-01T00:00:00", point_id=f"{label}-{n}-{batch}")
+                time_exponent=2.0, memory_exponent=2.0, threads=2, others_cpu=0.01,
+                own_cpu=0.95, timestamp="2026-01-01T00:00:00", point_id=f"{label}-{n}-{batch}")
     base.update(kw)
     if base["status"] == "ok":
         lat = base.setdefault("latency_ms", 1.0)
@@ -40,6 +40,12 @@ def _md(folder) -> str:
 
 def _headline(md: str, label: str) -> str:
     return next(line for line in md.splitlines() if line.startswith(f"- {label} ("))
+
+
+def test_unmeasured_contention_is_said_not_read_as_clean(tmp_path):
+    recs = [_rec(n=n, others_cpu=NAN, own_cpu=NAN) for n in (1024, 2048, 4096)]
+    report.build_report(_write(tmp_path / "s", recs))
+    assert "Contention was not measured for 3 of them" in _md(tmp_path / "s")
 
 
 def test_headlines_say_only_what_the_data_show(tmp_path):
