@@ -15,7 +15,8 @@ matmul rate measured here in a fraction of a second, so a memory- or overhead-bo
 longer than estimated; times the calls a point makes (warm-up, then repeats until timing.min_reps
 and timing.min_time_s are met, at most timing.max_reps / timing.max_time_s, plus the first call,
 the dispatch count and the memory measurement), plus a fixed overhead per point (the job, its
-inputs, the float64 error, the record) and a compile allowance for FlexAttention points.
+inputs, the float64 error, the record), a compile allowance for FlexAttention points, and a
+fixed cost for start-up and the report. It assumes a quiet machine.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 
 from harness.config import ConfigError, RunConfig, default_max_memory, fail, resolve_device
 
+SWEEP_OVERHEAD_S = 10.0  # start-up, composing every point, gathering and the report
 POINT_OVERHEAD_S = 0.5  # Hydra job, inputs, float64 error, dispatch count, record
 COMPILE_S = {"cpu": 30.0, "cuda": 15.0}  # torch.compile of a FlexAttention point (first call)
 EXTRA_CALLS = 3  # first call (setup), the dispatch count, the memory measurement
@@ -70,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
 def plan(overrides: list[str]) -> tuple[list[Planned], str]:
     """The sweep's points, checked by the sweeper's code, each with its predicted memory,
     outcome and estimated seconds; and the sweep folder (not created)."""
+    from hydra.types import RunMode
     from omegaconf import OmegaConf
 
     from harness.cli import hydra_loader, precheck, sweep_argv
-    from hydra.types import RunMode
     from hydra_plugins.attnbench_sweeper import check_sweep_folder, checked_points
 
     precheck(overrides, multirun=True)  # what the real command checks before Hydra starts
@@ -174,7 +176,7 @@ def matmul_rate(device: str, dtype: str) -> float:
 def render(planned: list[Planned], sweep_dir: str, overrides: list[str], single: bool) -> str:
     counts = {o: sum(p.outcome == o for p in planned) for o in
               ("run", "skipped", "unsupported", "error")}
-    total = sum(p.seconds for p in planned)
+    total = sum(p.seconds for p in planned) + SWEEP_OVERHEAD_S * (len(planned) > 1)
     rows = [("#", "label", "shape B×H×N×D", "dtype", "mode", "causal", "pred. peak", "outcome",
              "est.", "why")]
     for i, p in enumerate(planned, 1):
@@ -204,8 +206,9 @@ def render(planned: list[Planned], sweep_dir: str, overrides: list[str], single:
         "Time: each point's FLOPs (the variant's own models) at the matmul rate measured here, "
         "times its calls (warm-up, repeats until timing.min_reps and timing.min_time_s, at most "
         f"timing.max_reps and timing.max_time_s, {EXTRA_CALLS} more), plus "
-        f"{POINT_OVERHEAD_S:g} s per point and {COMPILE_S['cpu']:g} s (CPU) / "
-        f"{COMPILE_S['cuda']:g} s (GPU) per FlexAttention compile. Memory- or overhead-bound "
+        f"{POINT_OVERHEAD_S:g} s per point, {COMPILE_S['cpu']:g} s (CPU) / "
+        f"{COMPILE_S['cuda']:g} s (GPU) per FlexAttention compile and {SWEEP_OVERHEAD_S:g} s "
+        "for start-up and the report. Assumes a quiet machine; memory- or overhead-bound "
         "points take longer.",
         "Run it: attnbench " + ("" if single and len(planned) == 1 else "-m ")
         + " ".join(overrides),
