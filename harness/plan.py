@@ -190,7 +190,7 @@ def render(planned: list[Planned], sweep_dir: str, overrides: list[str], single:
                      _bytes(p.predicted) if p.predicted >= 0 else "-", p.outcome,
                      _seconds(p.seconds) if p.outcome == "run" else "-", p.reason))
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]) - 1)]
-    lines = [f"attnbench plan: {len(planned)} points: "
+    lines = [f"attnbench plan: {len(planned)} point{'s' if len(planned) != 1 else ''}: "
              + ", ".join(f"{n} {o}" for o, n in counts.items() if n)
              + f"; about {_seconds(total)} in all (rough)"]
     if single and len(planned) == 1:
