@@ -1,5 +1,11 @@
 # attnbench quick start:  make bench  (set up and run the default sweep)  ·  make test  (set up and test)
 #
+# make bench ARGS="..." adds ARGS to the default sweep: they override the preset's keys, it stays a
+# sweep (`make bench ARGS="seq_len=512"`: every variant at n=512; `ARGS="variant=full,local"`:
+# those two over the preset's n). SWEEP=<preset in conf/sweep/> picks another preset (default:
+# default_gpu with CUDA, default_cpu without). `make plan` takes the same ARGS and SWEEP and prints
+# what `make bench` would run, running nothing. For anything else, call .venv/bin/attnbench.
+#
 # Set-up creates .venv/ at the repo root. Where the python running make already has torch (a GPU
 # box), the venv sees it (--system-site-packages) and a constraints file pins it: it is reused,
 # never replaced. Elsewhere it installs $(TORCH_SPEC), the CPU build here, so no CUDA wheels.
@@ -12,15 +18,16 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= test
 ARGS ?=
+SWEEP ?=
 comma := ,
 PIP_EXTRAS := $(subst $(eval) ,$(comma),$(strip $(filter-out xformers,$(subst $(comma), ,$(EXTRAS)))))
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: setup bench test lint clean
+.PHONY: setup bench plan test lint clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml setup.py Makefile
 	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
 	  echo "setup: reusing the torch already installed for $(PYTHON)"; \
 	  $(PYTHON) -m venv --system-site-packages $(VENV); \
@@ -36,8 +43,13 @@ $(STAMP): pyproject.toml Makefile
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
+DEFAULT_SWEEP = $$($(BIN)/python -c "from harness.cli import default_sweep; print(default_sweep())")
+
 bench: setup
-	$(BIN)/attnbench $(ARGS)
+	$(BIN)/attnbench -m +sweep=$(or $(SWEEP),$(DEFAULT_SWEEP)) $(ARGS)
+
+plan: setup
+	$(BIN)/attnbench plan -m +sweep=$(or $(SWEEP),$(DEFAULT_SWEEP)) $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q $(ARGS)

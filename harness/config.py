@@ -310,8 +310,18 @@ def default_max_memory(device: str = "cpu") -> int:
         return (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) // 2
 
 
-def check_writable(folder: Path, field: str) -> None:
-    """Raise ConfigError unless `folder` can be created and written to."""
+def check_writable(folder: Path, field: str, create: bool = True) -> None:
+    """Raise ConfigError unless `folder` can be created and written to. `create=False` only
+    looks (the folder, or its nearest existing parent, must be a writable folder) and creates
+    nothing."""
+    if not create:
+        existing = folder.absolute()
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"{field}={str(folder)!r}: not writable ({existing} is not a "
+                              f"writable folder)")
+        return
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".attnbench-write-test-{os.getpid()}"
@@ -319,6 +329,20 @@ def check_writable(folder: Path, field: str) -> None:
         probe.unlink()
     except OSError as exc:
         raise ConfigError(f"{field}={str(folder)!r}: not writable ({exc.strerror})") from None
+
+
+def conf_dir() -> str:
+    """attnbench's Hydra config folder, found through the package that is running: an installed
+    distribution ships it inside the package as `harness/conf` (setup.py maps the repository's
+    top-level conf/ there at build time); in a checkout or an editable install it is the
+    repository's conf/, beside this package."""
+    from importlib.resources import files
+
+    package = files(__package__ or "harness")
+    shipped = package.joinpath("conf")
+    if shipped.joinpath("config.yaml").is_file():
+        return str(shipped)
+    return str(Path(str(package)).parent / "conf")
 
 
 def explain_hydra_error(exc: BaseException) -> str:

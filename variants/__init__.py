@@ -97,6 +97,7 @@ def build(name: str, **params: Any) -> Variant:
 
 # Built-in variants register themselves on import.
 from variants import (  # noqa: E402,F401
+    custom,
     full,
     linear,
     linformer,

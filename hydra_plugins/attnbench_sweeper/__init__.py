@@ -5,12 +5,17 @@ cartesian product of the overrides, the same batches of `max_batch_size`), plus:
   runs, whatever the batch size, so a bad value in the 200th point stops the sweep at once with
   one line naming the field; then the sweep folder is checked writable (and, for `resume=true`,
   named). Nothing is created before these checks pass, and nothing is ever deleted.
+- a variant parameter (`variant.window=64,256`) applies to each selected variant that has it; a
+  variant without it ignores it, and a parameter that none of them has is a one-line error;
 - points that measure the same thing (same `point_id`) run once;
 - a job that raises does not stop the later batches, and the records of every point that ran
   are gathered into results.csv and the report before the error is re-raised (Hydra skips
   `on_multirun_end` after a job error).
+
+`checked_points` and `check_sweep_folder` are what `attnbench plan` runs too.
 """
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +32,12 @@ from omegaconf.errors import OmegaConfBaseException
 from harness import progress
 from harness.config import (
     ConfigError,
+    RunConfig,
     check_writable,
     explain_hydra_error,
     fail,
     from_dictconfig,
+    unknown_key,
 )
 
 log = logging.getLogger("attnbench")
@@ -49,16 +56,14 @@ ConfigStore.instance().store(group="hydra/sweeper", name="attnbench", node=Valid
 class ValidatingSweeper(BasicSweeper):
     def sweep(self, arguments: list[str]) -> Any:
         assert self.config is not None and self.launcher is not None
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        assert self.hydra_context is not None
         try:
-            points = self._checked_points(arguments)
-            if self.config.get("resume") and not _named_sweep_dir(self.config):
-                raise ConfigError(
-                    "resume=true: name the sweep folder to resume with hydra.sweep.dir=DIR"
-                )
-            check_writable(sweep_dir, "hydra.sweep.dir")  # the first thing that creates it
+            checked = checked_points(self.config, self.hydra_context.config_loader,
+                                     [*self._parse_config(), *arguments])
+            sweep_dir = check_sweep_folder(self.config)  # the first thing that creates it
         except ConfigError as exc:  # Hydra would print a traceback hint; one line is enough
             fail(str(exc))
+        points = [p.overrides for p in checked]
         size = self.max_batch_size if self.max_batch_size not in (None, -1) else len(points)
         self.overrides = [points[i : i + size] for i in range(0, len(points), size)]
         self.batch_index = 0
@@ -82,29 +87,120 @@ class ValidatingSweeper(BasicSweeper):
             _ = failed[0].return_value  # re-raises the first job's exception, as Hydra does
         return returns
 
-    def _checked_points(self, arguments: list[str]) -> list[list[str]]:
-        """Every point's overrides, each composed and checked; duplicates (same point id) once."""
-        from harness.sweep import point_id
 
-        assert self.config is not None and self.hydra_context is not None
-        loader = self.hydra_context.config_loader
-        parser = OverridesParser.create(config_loader=loader)
-        overrides = parser.parse_overrides([*self._parse_config(), *arguments])
-        everything = self.split_arguments(overrides, None)[0]
-        points, seen = [], set()
-        for point in everything:
-            try:
-                cfg = loader.load_sweep_config(self.config, list(point))
-            except (HydraException, OmegaConfBaseException) as exc:
-                raise ConfigError(explain_hydra_error(exc)) from None
-            pid = point_id(from_dictconfig(cfg))
-            if pid not in seen:
-                seen.add(pid)
-                points.append(point)
-        if len(points) < len(everything):
-            log.info("attnbench: points that measure the same thing run once (%d distinct)",
-                     len(points))
+@dataclass(frozen=True)
+class Point:
+    """One point of a sweep: the overrides its job is launched with, and its checked config."""
+
+    overrides: list[str]
+    run: RunConfig
+    point_id: str
+
+
+def checked_points(config: DictConfig, loader: Any, arguments: list[str]) -> list[Point]:
+    """Every point of the sweep `arguments` (the sweeper's params, then the command line),
+    composed and checked, in order; points that measure the same thing once. Raises ConfigError
+    (one line) for the first bad point.
+
+    Args:
+        config: the sweep's master config (Hydra's, or one composed the same way).
+        loader: Hydra's config loader (globs need the config groups).
+        arguments: overrides, sweeps included (`seq_len=512,1024`, `variant=glob(*)`).
+    """
+    from harness.sweep import point_id
+
+    parser = OverridesParser.create(config_loader=loader)
+    try:
+        overrides = parser.parse_overrides(arguments)
+        everything = BasicSweeper.split_arguments(overrides, None)[0]
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(explain_hydra_error(exc)) from None
+    everything = fit_variant_params(config, loader, everything)
+    points, seen = [], set()
+    for point in everything:
+        try:
+            cfg = loader.load_sweep_config(config, list(point))
+        except (HydraException, OmegaConfBaseException) as exc:
+            raise ConfigError(explain_hydra_error(exc)) from None
+        run = from_dictconfig(cfg)
+        pid = point_id(run)
+        if pid not in seen:
+            seen.add(pid)
+            points.append(Point(list(point), run, pid))
+    if len(points) < len(everything):
+        log.info("attnbench: points that measure the same thing run once (%d distinct)",
+                 len(points))
+    return points
+
+
+def is_variant_param(override: str) -> bool:
+    """`variant.window=64` (a plain override of a variant's parameter, not `variant.name`)."""
+    key = override.split("=", 1)[0]
+    return key.startswith("variant.") and key != "variant.name" and "@" not in key
+
+
+def fit_variant_params(config: DictConfig, loader: Any,
+                       points: list[list[str]]) -> list[list[str]]:
+    """Each point without the variant parameters its variant does not have: in
+    `variant=local,strided,full variant.window=64,256`, `window` sets local's and strided's window
+    and full ignores it (its otherwise identical points then measure the same thing: run once).
+    Raises ConfigError naming a parameter that no selected variant has."""
+    if not any(is_variant_param(o) for point in points for o in point):
         return points
+    default = str(config.hydra.runtime.choices.get("variant", ""))
+    params: dict[str, Optional[set[str]]] = {}  # noqa: UP045 - option → its parameters
+    used: set[str] = set()
+    asked: dict[str, None] = {}
+    out = []
+    for point in points:
+        choice = next((o.split("=", 1)[1] for o in reversed(point)
+                       if o.split("=", 1)[0] == "variant"), default)
+        if choice not in params:
+            params[choice] = _params_of(config, loader, choice)
+        have = params[choice]
+        kept = []
+        for o in point:
+            if is_variant_param(o):
+                key = o.split("=", 1)[0].removeprefix("variant.")
+                asked[key] = None
+                if have is not None and key not in have:
+                    continue
+                used.add(key)
+            kept.append(o)
+        out.append(kept)
+    for key in asked:
+        if key not in used:
+            allowed = set().union(*(p for p in params.values() if p is not None))
+            names = ", ".join(sorted(c for c, p in params.items() if p is not None))
+            raise ConfigError(unknown_key(f"variant.{key}", allowed, f"parameter of {names}"))
+    return out
+
+
+def _params_of(config: DictConfig, loader: Any, choice: str) -> Optional[set[str]]:  # noqa: UP045
+    """The parameters of the variant config `variant/<choice>.yaml` (None: it does not compose,
+    and the point's own check will say why)."""
+    import variants
+
+    try:
+        cfg = loader.load_sweep_config(config, [f"variant={choice}"] if choice else [])
+        node = OmegaConf.to_container(cfg.variant, resolve=False)
+        name = node.pop("name")
+        try:
+            return {f.name for f in dataclasses.fields(variants.get(name))}
+        except KeyError:
+            return set(node)
+    except Exception:  # a bad option: left to the point's own composition and check
+        return None
+
+
+def check_sweep_folder(config: DictConfig, create: bool = True) -> Path:
+    """The sweep folder, checked: `resume=true` needs it named; it must be writable (`create`:
+    by creating it and writing a probe; otherwise only looked at, nothing created)."""
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    if config.get("resume") and not _named_sweep_dir(config):
+        raise ConfigError("resume=true: name the sweep folder to resume with hydra.sweep.dir=DIR")
+    check_writable(sweep_dir, "hydra.sweep.dir", create=create)
+    return sweep_dir
 
 
 def _done(returns: list[list[JobReturn]]) -> int:

@@ -1,0 +1,111 @@
+"""The command explains itself (--help, --version, did-you-mean), `plan` shows a sweep without
+running it, and a variant parameter applies across the variants of a sweep that have it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["batch=1", "heads=2", "head_dim=16", "timing.min_reps=2", "timing.min_time_s=0",
+        "timing.warmup=1"]
+
+
+def attnbench(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "harness.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("attnbench: error: "), lines[0]
+    return lines[0]
+
+
+def test_help_is_attnbenchs_own_page():
+    proc = attnbench("--help")
+    assert proc.returncode == 0, proc.stderr
+    page = proc.stdout
+    assert page.startswith("usage: attnbench")
+    for word in ("list", "plan", "report", "compare", "variant=", "seq_len=", "dtype=",
+                 "mode=", "max_memory=", "hydra.sweep.dir=", "results/", "--hydra-help",
+                 "--version"):
+        assert word in page, word
+    assert page.index("Subcommands") < page.rindex("--hydra-help")  # ours first, then Hydra's
+    hydra_page = attnbench("--hydra-help")
+    assert hydra_page.returncode == 0 and "Hydra" in hydra_page.stdout, hydra_page.stderr
+
+
+def test_version_names_attnbench_and_torch():
+    proc = attnbench("--version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("attnbench ") and f"torch {torch.__version__}" in proc.stdout
+
+
+def test_unknown_command_gets_did_you_mean():
+    line = one_error_line(attnbench("lst"))
+    assert "'lst'" in line and "did you mean list?" in line
+    line = one_error_line(attnbench("comprae", "a", "b"))
+    assert "did you mean compare?" in line
+
+
+def test_plan_prints_the_points_and_creates_nothing(tmp_path):
+    proc = attnbench("plan", "-m", "variant=full,local,linformer", "seq_len=64,128", *TINY,
+                     cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.startswith("attnbench plan: 6 points: 4 run, 2 unsupported"), out
+    for label in ("full[sdpa]", "local[w=256]", "linformer[k=256]"):
+        assert label in out
+    assert "1×2×64×16" in out and "1×2×128×16" in out
+    assert "k=256 > seq_len=64" in out  # linformer's own reason
+    assert "MiB" in out or "KiB" in out  # predicted peak memory
+    assert "(rough)" in out and "matmul rate" in out
+    assert list(tmp_path.iterdir()) == []  # no results/ folder, nothing else
+
+
+def test_plan_says_what_max_memory_would_skip(tmp_path):
+    proc = attnbench("plan", "variant=full", "seq_len=64", *TINY, "max_memory=1KB",
+                     f"hydra.sweep.dir={tmp_path}/s")
+    assert proc.returncode == 0, proc.stderr
+    assert "1 skipped" in proc.stdout and "> max_memory" in proc.stdout
+    assert not (tmp_path / "s").exists()
+
+
+def test_plan_refuses_a_bad_point_in_one_line(tmp_path):
+    line = one_error_line(attnbench("plan", "-m", "seq_len=64,0", *TINY, cwd=tmp_path))
+    assert line.startswith("attnbench: error: seq_len=0")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_variant_parameter_applies_to_the_variants_that_have_it(tmp_path):
+    out = tmp_path / "sweep"
+    proc = attnbench("-m", "variant=local,strided,full", "variant.window=1,2", "seq_len=128",
+                     *TINY, f"hydra.sweep.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = pd.read_csv(out / "results.csv")
+    assert (df.status == "ok").all(), df[["label", "status", "reason"]]
+    assert sorted(df.label) == sorted(["local[w=1]", "local[w=2]", "strided[b=64,w=1,s=32]",
+                                       "strided[b=64,w=2,s=32]", "full[sdpa]"])  # full once
+
+
+def test_a_parameter_no_selected_variant_has_is_one_line(tmp_path):
+    line = one_error_line(attnbench("-m", "variant=full,linear", "variant.window=64,256",
+                                    "seq_len=64", f"hydra.sweep.dir={tmp_path}/s"))
+    assert line.startswith("attnbench: error: variant.window:") and "full, linear" in line
+    assert not (tmp_path / "s").exists()
+    line = one_error_line(attnbench("-m", "variant=full,local", "variant.windw=64",
+                                    f"hydra.sweep.dir={tmp_path}/s"))
+    assert "variant.windw" in line and "did you mean variant.window?" in line
+    line = one_error_line(attnbench("variant=full", "variant.window=64",
+                                    f"hydra.run.dir={tmp_path}/r"))
+    assert line.startswith("attnbench: error: variant.window:")
+    assert list(tmp_path.iterdir()) == []
