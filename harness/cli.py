@@ -251,6 +251,9 @@ def _is_sweep(arg: str) -> bool:
         return True
 
 
+USER_ARGV: list[str] = []
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help", "help"):
@@ -268,6 +271,8 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"attnbench's configs are missing: no config.yaml in {CONF_DIR} (a broken install?)")
     if not argv:
         argv = ["--multirun", f"+sweep={default_sweep()}"]
+    global USER_ARGV
+    USER_ARGV = list(argv)  # as typed: what an interrupted sweep's resume command repeats
     flags = [a for a in argv if a.startswith("-")]
     if not flags:  # a single run: check before Hydra starts
         precheck(argv)

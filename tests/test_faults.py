@@ -4,6 +4,7 @@ concurrent writers and sweeps, a job that raises, bad input before any work."""
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -256,3 +257,31 @@ def test_oom_in_process_releases_and_continues():
     assert run(32, "nonfinite").status == "ok"
     rec = run(48, "error")
     assert rec.status == "error" and rec.reason.startswith("ValueError: boom")
+
+
+def test_ctrl_c_keeps_what_was_measured_and_prints_the_resume_command(tmp_path):
+    sweep = ["-m", "variant=faulty", "variant.how=error", "variant.fail_at=0",
+             "variant.sleep_ms=40", "seq_len=16,24,32,40,48,56,64,72", *FAST,
+             f"hydra.sweep.dir={tmp_path}"]
+    proc = subprocess.Popen([sys.executable, "-c", BOOT, *sweep], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while len(list(tmp_path.glob("*/result.json"))) < 3 and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    kept = len(list(tmp_path.glob("*/result.json")))
+    assert 3 <= kept < 8, "the sweep was not interrupted mid-way"
+    assert f"{kept} point(s) kept" in err
+    assert len(pd.read_csv(tmp_path / "results.csv")) == kept  # gathered, with its report
+    assert (tmp_path / "index.html").exists()
+    command = shlex.split(err.split("Resume with:")[1].strip().splitlines()[0])
+    assert command[0] == "attnbench" and "resume=true" in command
+    assert f"hydra.sweep.dir={tmp_path}" in command
+    done = attnbench(*command[1:])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("(kept from an earlier run)") == kept
+    assert sorted(pd.read_csv(tmp_path / "results.csv").seq_len) == [16, 24, 32, 40, 48, 56,
+                                                                       64, 72]

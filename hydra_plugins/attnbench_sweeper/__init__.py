@@ -77,6 +77,8 @@ class ValidatingSweeper(BasicSweeper):
                 results = list(self.launcher.launch(batch, initial_job_idx=_done(returns)))
                 failed += [r for r in results if r.status == JobStatus.FAILED]
                 returns.append(results)
+        except KeyboardInterrupt:  # Ctrl-C: keep what was measured, say how to go on
+            _interrupted(sweep_dir)
         except BaseException:
             _finish(sweep_dir)
             raise
@@ -216,6 +218,29 @@ def _finish(sweep_dir: Path) -> None:
     except Exception:
         log.exception("attnbench: gathering %s failed; run `attnbench report %s`",
                       sweep_dir, sweep_dir)
+
+
+def _interrupted(sweep_dir: Path) -> None:
+    """After Ctrl-C: results.csv and the report of what was measured, how many points were
+    kept and the exact command that resumes; exit 130 (128 + SIGINT), no traceback."""
+    import shlex
+    import signal
+    import sys
+
+    from harness.cli import USER_ARGV
+    from harness.records import find_records
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not tear the gather
+    _finish(sweep_dir)
+    kept = len(find_records(sweep_dir))
+    typed = USER_ARGV or sys.argv[1:]
+    args = [a for a in typed if not a.startswith(("resume=", "hydra.sweep.dir="))]
+    if "-m" not in args and "--multirun" not in args:
+        args.insert(0, "-m")
+    command = shlex.join(["attnbench", *args, "resume=true", f"hydra.sweep.dir={sweep_dir}"])
+    print(f"attnbench: interrupted; {kept} point(s) kept in {sweep_dir} (results.csv and the "
+          f"report are written). Resume with:\n  {command}", file=sys.stderr, flush=True)
+    raise SystemExit(130)
 
 
 def _save_yaml(config: DictConfig, path: Path) -> None:
