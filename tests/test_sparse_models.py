@@ -1,5 +1,6 @@
-"""Block-sparse and local models: closed-form density, FLOPs and memory equal what the layout
-computes, at awkward n, and a point far beyond the memory cap allocates nothing large."""
+"""Block-sparse and local models: closed-form density, FLOPs and memory equal what the layouts
+compute (the CPU layout and the GPU path's buckets), at awkward n, and a point far beyond the
+memory cap allocates nothing large."""
 
 from __future__ import annotations
 
@@ -58,7 +59,14 @@ def test_closed_form_counts_equal_the_layout(name, causal):
             inside = (n - torch.arange(nb) * b).clamp(0, b)
             assert computed == int((inside[:, None] * inside[None, :] * table).sum())
             assert density == computed / n**2, (kw, n)
-            assert flops == 4.0 * 6 * 16 * computed, (kw, n)
+            # FLOPs count what runs: every computed block pair in full (padding included)
+            pairs = att.layout(n, causal).pairs
+            assert pairs == int(table.sum()), (kw, n)
+            assert flops == 4.0 * 6 * 16 * b * b * pairs, (kw, n)
+            # the GPU path's padded buckets, from the same closed form
+            gpu = att.gpu_layout(n, causal)
+            assert sum(ki.numel() for _, ki, _, _ in gpu.buckets) == att.pairs(
+                Shape(2, 3, n, 16), causal, device="cuda"), (kw, n)
 
 
 @pytest.mark.parametrize("name", PATTERNS)
