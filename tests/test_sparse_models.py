@@ -22,7 +22,8 @@ PATTERNS = sorted(n for n in variants.names() if issubclass(variants.get(n), Blo
 # strides larger than the sequence, blocks of one token, globals beyond the end.
 PARAMS = {
     "local": [dict(window=5, block=4), dict(window=0, block=8), dict(window=16, block=16),
-              dict(window=100, block=3), dict(window=2, block=1)],
+              dict(window=100, block=3), dict(window=2, block=1), dict(window=5, block=4, sinks=3),
+              dict(window=0, block=8, sinks=20), dict(window=3, block=2, sinks=1)],
     "strided": [dict(block=4, window=1, stride=3), dict(block=3, window=0, stride=1),
                 dict(block=5, window=2, stride=7), dict(block=1, window=3, stride=4)],
     "fixed": [dict(block=4, stride=3, summary=1), dict(block=3, stride=5, summary=5),

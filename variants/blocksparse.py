@@ -241,7 +241,8 @@ def _query_blocks(q: torch.Tensor, hkv: int, n: int, b: int, q0: int, work) -> t
     nbq = -(-n // b) - q0
     front = n - nq - q0 * b
     t = q.to(work) * (1.0 / math.sqrt(d))
-    t = F.pad(t, (0, 0, front, nbq * b - nq - front))
+    if front or nbq * b != nq:
+        t = F.pad(t, (0, 0, front, nbq * b - nq - front))
     if h == hkv:
         return t.view(bsz * h, nbq, b, d)
     t = t.view(bsz, hkv, h // hkv, nbq, b, d).transpose(2, 3)  # (B, Hkv, nbq, G, b, D)

@@ -66,7 +66,7 @@ class Local(BlockSparse):
         i, m, gs = torch.arange(nb), self._reach(), self._sink_blocks(nb)
         lo, hi = (i - m).clamp(min=0), i if causal else (i + m).clamp(max=nb - 1)
         # the band, the sink blocks below it and (not causal) those above it
-        counts = hi - lo + 1 + lo.clamp(max=gs) + (gs - 1 - hi).clamp(min=0)
+        counts = hi - lo + 1 + lo.clamp(max=gs) + (0 if causal else (gs - 1 - hi).clamp(min=0))
         return counts, (hi == nb - 1) | (gs == nb and not causal)
 
     def allowed(self, q, k, n: int, causal: bool = False) -> torch.Tensor:
