@@ -145,3 +145,14 @@ def test_flex_sinks_and_fewer_queries(causal):
     q, _, _ = random_qkv(1, 4, 150, 16, dtype=torch.float32)
     _, k, v = random_qkv(1, 2, 200, 16, dtype=torch.float32)
     assert_matches(att, q, k, v, causal=causal, reference=_reference(att), grads=False)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_gpu_path_memory_model_is_an_upper_bound(name, monkeypatch):
+    monkeypatch.setenv(FORCE_GPU_PATHS, "1")
+    att = variants.build(name)
+    q, k, v = random_qkv(1, 4, 4096, 64, dtype=torch.float32, seed=0)
+    with torch.no_grad():
+        peak = peak_memory(lambda: att(q, k, v))
+    predicted = att.memory_bytes(Shape(1, 4, 4096, 64), torch.float32, device="cuda")
+    assert peak <= predicted <= 3 * peak, (peak, predicted)
