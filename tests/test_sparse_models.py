@@ -1,5 +1,6 @@
-"""Block-sparse and local models: closed-form density, FLOPs and memory equal what the layout
-computes, at awkward n, and a point far beyond the memory cap allocates nothing large."""
+"""Block-sparse and local models: closed-form density, FLOPs and memory equal what the layouts
+compute (the CPU layout and the GPU path's buckets), at awkward n, and a point far beyond the
+memory cap allocates nothing large."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ PATTERNS = sorted(n for n in variants.names() if issubclass(variants.get(n), Blo
 # strides larger than the sequence, blocks of one token, globals beyond the end.
 PARAMS = {
     "local": [dict(window=5, block=4), dict(window=0, block=8), dict(window=16, block=16),
-              dict(window=100, block=3), dict(window=2, block=1)],
+              dict(window=100, block=3), dict(window=2, block=1), dict(window=5, block=4, sinks=3),
+              dict(window=0, block=8, sinks=20), dict(window=3, block=2, sinks=1)],
     "strided": [dict(block=4, window=1, stride=3), dict(block=3, window=0, stride=1),
                 dict(block=5, window=2, stride=7), dict(block=1, window=3, stride=4)],
     "fixed": [dict(block=4, stride=3, summary=1), dict(block=3, stride=5, summary=5),
@@ -58,7 +60,14 @@ def test_closed_form_counts_equal_the_layout(name, causal):
             inside = (n - torch.arange(nb) * b).clamp(0, b)
             assert computed == int((inside[:, None] * inside[None, :] * table).sum())
             assert density == computed / n**2, (kw, n)
-            assert flops == 4.0 * 6 * 16 * computed, (kw, n)
+            # FLOPs count what runs: every computed block pair in full (padding included)
+            pairs = att.layout(n, causal).pairs
+            assert pairs == int(table.sum()), (kw, n)
+            assert flops == 4.0 * 6 * 16 * b * b * pairs, (kw, n)
+            # the GPU path's padded buckets, from the same closed form
+            gpu = att.gpu_layout(n, causal)
+            assert sum(ki.numel() for _, ki, _, _ in gpu.buckets) == att.pairs(
+                Shape(2, 3, n, 16), causal, device="cuda"), (kw, n)
 
 
 @pytest.mark.parametrize("name", PATTERNS)

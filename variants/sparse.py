@@ -81,7 +81,7 @@ class Strided(BlockSparse):
         flex = ",flex" if self.impl == "flex" else ""
         return f"strided[b={self.block},w={self.window},s={self.stride}{flex}]"
 
-    def block_allowed(self, i: torch.Tensor, j: torch.Tensor, nb: int) -> torch.Tensor:
+    def block_allowed(self, i, j, nb: int, causal: bool = False) -> torch.Tensor:
         rel = i - j
         return (rel.abs() <= self.window) | (rel % self.stride == 0)
 
@@ -123,7 +123,7 @@ class Fixed(BlockSparse):
         flex = ",flex" if self.impl == "flex" else ""
         return f"fixed[b={self.block},s={self.stride},c={self.summary}{flex}]"
 
-    def block_allowed(self, i: torch.Tensor, j: torch.Tensor, nb: int) -> torch.Tensor:
+    def block_allowed(self, i, j, nb: int, causal: bool = False) -> torch.Tensor:
         s, c = self.stride, self.summary
         return (i // s == j // s) | (j % s >= s - c)
 
@@ -147,8 +147,9 @@ class Fixed(BlockSparse):
 class BigBird(BlockSparse):
     """BigBird-ITC: `window` sliding blocks (odd, centred), the first `globals` blocks attend to
     and are attended by everything, `random` blocks per row drawn (seeded, without replacement)
-    outside the others. The draw is part of the pattern and costs O(nb·random), so density and
-    FLOPs count it exactly before any layout exists. Defaults at n=8192: 7.7% density."""
+    outside the others (causal: among the earlier blocks). The draw is part of the pattern
+    and costs O(nb·random), so density and FLOPs count it exactly before any layout exists.
+    Defaults at n=8192: 7.7% density."""
 
     name: ClassVar[str] = "bigbird"
     block: int = 64
@@ -171,31 +172,32 @@ class BigBird(BlockSparse):
             "impl": "flex" if self.impl == "flex" else None,
         })
 
-    def block_allowed(self, i: torch.Tensor, j: torch.Tensor, nb: int) -> torch.Tensor:
+    def block_allowed(self, i, j, nb: int, causal: bool = False) -> torch.Tensor:
         g = self.globals
         fixed = ((i - j).abs() <= self.window // 2) | (i < g) | (j < g)
-        drawn = self._random(nb)[i]  # (..., random)
+        drawn = self._random(nb, causal)[i]  # (..., random)
         return fixed | (drawn == j.unsqueeze(-1)).any(-1)
 
     def row_counts(self, nb: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
         counts, last = _band_and_globals(nb, causal, self.window // 2, self.globals)
-        drawn = self._random(nb)  # exact: the draw itself, O(nb·random)
+        drawn = self._random(nb, causal)  # exact: the draw itself, O(nb·random)
         valid = drawn >= 0
-        if causal:
-            valid &= drawn <= torch.arange(nb)[:, None]
         return counts + valid.sum(1), last | (valid & (drawn == nb - 1)).any(1)
 
-    def _random(self, nb: int) -> torch.Tensor:
+    def _random(self, nb: int, causal: bool = False) -> torch.Tensor:
         """(nb, random) int64: each query block's random key blocks, drawn (seeded) without
         replacement among the blocks outside its window and the globals; -1 where fewer are
-        left. O(nb·random²) work and O(nb·random) memory."""
-        key = ("random", nb)
+        left. Causal: drawn among the blocks before its window, so that a row depends on its
+        own index only (the seeded uniforms of row I are the same for every nb), as decode
+        needs. O(nb·random²) work and O(nb·random) memory."""
+        key = ("random", nb, causal)
         if key in self._cache:
             return self._cache[key]
         i, r, h = torch.arange(nb), self.random, self.window // 2
         g = min(self.globals, nb)
         lo, hi = (i - h).clamp(min=g), (i + h).clamp(max=nb - 1)  # the window outside globals
-        avail = torch.where(i < g, 0, (nb - g) - (hi - lo + 1))  # candidates per row
+        below = lo - g  # candidates below the window: g .. lo-1; the rest: hi+1 ..
+        avail = torch.where(i < g, 0, below if causal else (nb - g) - (hi - lo + 1))
         u = torch.rand(nb, r, generator=torch.Generator().manual_seed(self.seed),
                        dtype=torch.float64)
         pos = torch.full((nb, r), -1, dtype=torch.long)  # positions among the candidates
@@ -205,7 +207,6 @@ class BigBird(BlockSparse):
             for taken in pos[:, :t].sort(1).values.unbind(1):  # skip the positions taken
                 p = p + (p >= taken).long()
             pos[:, t] = torch.where(left > 0, p, -1)
-        below = lo - g  # candidates below the window: g .. lo-1; the rest: hi+1 ..
         drawn = torch.where(pos < below[:, None], g + pos, hi[:, None] + 1 + pos - below[:, None])
         self._cache[key] = drawn.masked_fill_(pos < 0, -1)
         return self._cache[key]
@@ -242,13 +243,13 @@ class Longformer(BlockSparse):
     def _blocks(self) -> tuple[int, int]:  # window and global blocks
         return -(-self.window // self.block), -(-self.global_tokens // self.block)
 
-    def block_allowed(self, i: torch.Tensor, j: torch.Tensor, nb: int) -> torch.Tensor:
+    def block_allowed(self, i, j, nb: int, causal: bool = False) -> torch.Tensor:
         m, g = self._blocks()
         return ((i - j).abs() <= m) | (i < g) | (j < g)
 
     def row_counts(self, nb: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
         return _band_and_globals(nb, causal, *self._blocks())
 
-    def allowed(self, q: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:
+    def allowed(self, q, k, n: int, causal: bool = False) -> torch.Tensor:
         g = self.global_tokens
         return ((q - k).abs() <= self.window) | (q < g) | (k < g)
