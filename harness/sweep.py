@@ -14,6 +14,7 @@ import functools
 import gc
 import hashlib
 import importlib
+import inspect
 import json
 import logging
 import math
@@ -175,9 +176,9 @@ def _measure(run, att: Variant, shape: Shape, dtype, device: str, predicted: int
     for x in inputs:  # the measured call's own gradients count in its peak
         x.grad = None
     peak = peak_memory(call, device)
-    flops = att.flops(shape, run.causal)
+    flops = on_device(att.flops, device)(shape, run.causal)
     if grad:
-        flops += att.backward_flops(shape, run.causal)
+        flops += on_device(att.backward_flops, device)(shape, run.causal)
     return finish(
         "ok",
         latency_ms=timing.median_ms,
@@ -383,7 +384,8 @@ def predicted_bytes(att: Variant, shape: Shape, dtype: torch.dtype, run: RunConf
     el = torch.empty((), dtype=dtype).element_size()
     b, d = shape.batch, shape.head_dim
     inputs = (shape.heads * shape.nq + 2 * shape.hkv * shape.seq_len) * b * d * el
-    fwd = att.memory_bytes(shape, dtype, run.causal)  # decode: its decode_init over the context
+    device = resolve_device(run.device)  # decode: its decode_init over the context
+    fwd = on_device(att.memory_bytes, device)(shape, dtype, run.causal)
     return int(inputs + (fwd * 3 + 2 * inputs if run.mode == "fwd_bwd" else fwd))
 
 
@@ -393,6 +395,15 @@ OOM_MESSAGES = ("out of memory", "can't allocate memory", "DefaultCPUAllocator",
                 "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
                 "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE", "CUFFT_ALLOC_FAILED",
                 "CUSOLVER_STATUS_ALLOC_FAILED", "CUDA error: out of memory")
+
+
+def on_device(model: Callable, device: str) -> Callable:
+    """A variant's model (`flops`, `backward_flops`, `memory_bytes`) for `device`: models whose
+    GPU path differs (padded block buckets) take an optional `device`; the base contract's
+    models do not, and are called as they are."""
+    if "device" in inspect.signature(model).parameters:
+        return functools.partial(model, device=device)
+    return model
 
 
 def is_oom(exc: BaseException) -> bool:
