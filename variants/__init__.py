@@ -101,6 +101,8 @@ from variants import (  # noqa: E402,F401
     linear,
     linformer,
     local,
+    moba,
+    nsa,
     nystrom,
     performer,
     sparse,
