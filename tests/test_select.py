@@ -98,9 +98,9 @@ def _loop(name: str, params: dict, q, k, v) -> torch.Tensor:
                     params["sel_count"], params["window"])
 
 
-def _inputs(h=4, hkv=2, n=75, nq=75, seed=0, dtype=torch.float64):
-    q, _, _ = random_qkv(1, h, n, 16, dtype=dtype, seed=seed)
-    _, k, v = random_qkv(1, hkv, n, 16, dtype=dtype, seed=seed + 1)
+def _inputs(h=4, hkv=2, n=75, nq=75, seed=0, dtype=torch.float64, d=16):
+    q, _, _ = random_qkv(1, h, n, d, dtype=dtype, seed=seed)
+    _, k, v = random_qkv(1, hkv, n, d, dtype=dtype, seed=seed + 1)
     return q[:, :, n - nq :].contiguous(), k, v
 
 
@@ -191,7 +191,7 @@ def test_flop_model_matches_the_dispatch_count(name, params):
 def test_memory_model_bounds_the_measured_peak(name):
     att = variants.build(name)
     shape = Shape(1, 4, 2048, 64, kv_heads=2)
-    q, k, v = _inputs(h=4, hkv=2, n=2048, nq=2048, seed=10, dtype=torch.float32)
+    q, k, v = _inputs(h=4, hkv=2, n=2048, nq=2048, seed=10, dtype=torch.float32, d=64)
     with torch.no_grad():
         att(q, k, v, causal=True)
         peak = peak_memory(lambda: att(q, k, v, causal=True))

@@ -45,11 +45,13 @@ class Part:
             and last block, which bounds the padding by 2 tiles.
     """
 
-    idx: torch.Tensor
+    idx: torch.Tensor | None
     block: int
     masked: bool = False
     window: int = -1
     own: bool = False
+    runs: int = 0  # own parts: items are `runs` runs of consecutive positions (0: gather them)
+    pos0: int = 0  # the position of each run's first item
 
 
 def capacity(pairs: int, nb: int, block: int, own: bool = False) -> tuple[int, int]:
@@ -70,6 +72,14 @@ def capacity(pairs: int, nb: int, block: int, own: bool = False) -> tuple[int, i
 def part_rows(items: int, slots: int, n: int, block: int, own: bool = False) -> int:
     """Rows one part computes (padding included: the capacity is static)."""
     return capacity(items * slots, -(-n // block), block, own)[1]
+
+
+def own_rows(runs: int, nq: int, n: int, block: int) -> int:
+    """Rows the own-block part computes for `runs` runs of nq consecutive queries (the last at
+    n − 1): the diagonal's padded query blocks, or the gathered layout when nq < block."""
+    if nq >= block:
+        return runs * (-(-n // block) - (n - nq) // block) * block
+    return part_rows(runs * nq, 1, n, block, own=True)
 
 
 def part_bytes(z: int, items: int, g: int, slots: int, n: int, block: int, d: int,
@@ -111,7 +121,9 @@ def select_attention(
     """
     work = work or q.dtype
     with torch.no_grad():
-        lays = [_Layout(p, qpos, k.shape[1], q.shape[2], work) for p in parts]
+        z, m, g = q.shape[:3]
+        lays = [_Diagonal(z, m, g, p.runs, p.pos0, k.shape[1], p.block, work, q.device)
+                if p.runs else _Layout(p, qpos, k.shape[1], g, work) for p in parts]
     out = _SelectAttention.apply(q.to(work), k.to(work), v.to(work), lays, fused)
     return out.to(q.dtype)
 
@@ -169,30 +181,23 @@ def _stat(work: torch.dtype) -> torch.dtype:
 
 
 class _SelectAttention(torch.autograd.Function):
-    """Tiles forward (per-row output and log-sum-exp), merged per item; the backward feeds each
-    row its item's merged output, gradient and total log-sum-exp, so the tiles' flash-style
+    """Pieces forward (per-row output and log-sum-exp), merged per item; the backward feeds each
+    row its item's merged output, gradient and total log-sum-exp, so the pieces' flash-style
     backward yields the exact gradients of softmax over the union (then index_add back)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, lays: list[_Layout], fused: bool):
+    def forward(ctx, q, k, v, lays: list, fused: bool):
         z, m, g, d = q.shape
         qf, blocks = q.reshape(z * m, g * d), {}
-        outs, lses = [], []
-        for lay in lays:
-            qr, kt, vt = _tiles(qf, k, v, lay, blocks)
-            o, lse = _tile_forward(qr, kt, vt, lay.mask, fused)  # (Zt,1,T·G,D), (Zt,1,T·G)
-            lse = lse.reshape(-1, g).masked_fill(~lay.real, NEG)  # (Z·rows, G)
-            outs.append(o.reshape(-1, g, d))
-            lses.append(lse)
-        # each item's total log-sum-exp over its rows in every part: max, then sum of exp
-        stat = lses[0].dtype
-        top = torch.full((z * m, g), NEG, dtype=stat, device=q.device)
+        outs, lses = zip(*(lay.forward(qf, k, v, blocks, fused) for lay in lays), strict=True)
+        # each item's total log-sum-exp over its rows in every piece: max, then sum of exp
+        top = torch.full((z * m, g), NEG, dtype=lses[0].dtype, device=q.device)
         for lay, lse in zip(lays, lses, strict=True):
             top.scatter_reduce_(0, lay.q_index[:, None].expand(-1, g), lse, "amax")
         tot = torch.zeros_like(top)
         ws = []
         for lay, lse in zip(lays, lses, strict=True):
-            w = (lse - top.index_select(0, lay.q_index)).exp_()  # (Z·rows, G)
+            w = (lse - top.index_select(0, lay.q_index)).exp_()  # (rows, G)
             tot.index_add_(0, lay.q_index, w)
             ws.append(w)
         total = top + tot.log()  # (Z·M, G)
@@ -213,21 +218,38 @@ class _SelectAttention(torch.autograd.Function):
         gq = torch.zeros_like(qf)
         gk, gv = torch.zeros_like(k), torch.zeros_like(v)
         for lay in ctx.lays:
-            t, tiles, rows, nb, b, n = lay.shape[4:]
-            qr, kt, vt = _tiles(qf, k, v, lay, blocks)
-
-            def rows_of(x: torch.Tensor, lay=lay, t=t, tiles=tiles) -> torch.Tensor:
-                return x.index_select(0, lay.q_index).view(z * tiles, 1, t * g, -1)
-
-            do = rows_of(dx).mul_(lay.real.reshape(z * tiles, 1, t * g, 1))  # padding: dO = 0
-            lse = rows_of(total)[..., 0].contiguous()  # (Zt, 1, T·G)
-            dq, dk, dv = _tile_backward(do, qr, kt, vt, rows_of(ox), lse, lay.mask, ctx.fused)
-            gq.index_add_(0, lay.q_index, dq.view(z * rows, g * d))
-            for acc, x in ((gk, dk), (gv, dv)):
-                acc_b = x.new_zeros(z * nb, b, d).index_add_(0, lay.k_index,
-                                                             x.view(z * tiles, b, d))
-                acc += acc_b.view(z, nb * b, d)[:, :n]
+            lay.backward(qf, k, v, blocks, dx, ox, total, (gq, gk, gv), ctx.fused)
         return gq.view(q.shape), gk, gv, None, None
+
+
+def _forward(self, qf, k, v, blocks, fused):
+    """A layout's tiles: per-row output (rows, G, D) and log-sum-exp (rows, G) (not real: NEG)."""
+    g, d = self.shape[3], k.shape[-1]
+    qr, kt, vt = _tiles(qf, k, v, self, blocks)
+    o, lse = _tile_forward(qr, kt, vt, self.mask, fused)  # (Zt, 1, T·G, D), (Zt, 1, T·G)
+    return o.reshape(-1, g, d), lse.reshape(-1, g).masked_fill(~self.real, NEG)
+
+
+def _backward(self, qf, k, v, blocks, dx, ox, total, grads, fused):
+    z, g = self.shape[0], self.shape[3]
+    t, tiles, rows, nb, b, n = self.shape[4:]
+    d = k.shape[-1]
+    gq, gk, gv = grads
+    qr, kt, vt = _tiles(qf, k, v, self, blocks)
+
+    def rows_of(x: torch.Tensor) -> torch.Tensor:
+        return x.index_select(0, self.q_index).view(z * tiles, 1, t * g, -1)
+
+    do = rows_of(dx).mul_(self.real.reshape(z * tiles, 1, t * g, 1))  # padding: dO = 0
+    lse = rows_of(total)[..., 0].contiguous()  # (Zt, 1, T·G)
+    dq, dk, dv = _tile_backward(do, qr, kt, vt, rows_of(ox), lse, self.mask, fused)
+    gq.index_add_(0, self.q_index, dq.view(z * rows, g * d))
+    for acc, x in ((gk, dk), (gv, dv)):
+        acc_b = x.new_zeros(z * nb, b, d).index_add_(0, self.k_index, x.view(z * tiles, b, d))
+        acc += acc_b.view(z, nb * b, d)[:, :n]
+
+
+_Layout.forward, _Layout.backward = _forward, _backward
 
 
 def _tiles(qf, k, v, lay: _Layout, blocks: dict):
@@ -242,6 +264,61 @@ def _tiles(qf, k, v, lay: _Layout, blocks: dict):
     qr = qf.index_select(0, lay.q_index).view(z * tiles, 1, t * g, d)
     kt, vt = (x.index_select(0, lay.k_index).view(z * tiles, 1, b, d) for x in (kb, vb))
     return qr, kt, vt
+
+
+class _Diagonal:
+    """The own blocks of items at consecutive positions, without gathers: q (Z, runs, Nq, G, D)
+    padded to whole blocks, each query block against its own key block (a view of k) with the
+    causal mask of one block; per-row output and log-sum-exp in item order."""
+
+    def __init__(self, z: int, m: int, g: int, runs: int, pos0: int, n: int, block: int,
+                 work, device) -> None:
+        nq, b = m // runs, block
+        self.first = pos0 // b
+        self.front = pos0 - self.first * b  # padded query rows before the first
+        self.nbq = -(-n // b) - self.first  # query blocks
+        self.geo = (z, m, g, runs, nq, n, b)
+        self.q_index = torch.arange(z * m, device=device)
+        causal = torch.ones(b, b, dtype=torch.bool, device=device).triu_(1)  # j > r: hidden
+        mask = torch.where(causal, torch.tensor(NEG, dtype=work, device=device),
+                           torch.tensor(0.0, dtype=work, device=device))
+        self.mask = mask[:, None].expand(b, g, b).reshape(1, 1, b * g, b)
+
+    def _pad(self, x: torch.Tensor, width: int) -> torch.Tensor:
+        z, _, g, runs, nq, _, b = self.geo
+        rows = self.nbq * b
+        x = F.pad(x.reshape(z, runs, nq, width), (0, 0, self.front, rows - self.front - nq))
+        return x.view(z * runs * self.nbq, 1, b * g, width // g)
+
+    def _unpad(self, x: torch.Tensor, width: int) -> torch.Tensor:
+        z, m, _, runs, nq, _, b = self.geo
+        x = x.reshape(z, runs, self.nbq * b, width)[:, :, self.front : self.front + nq]
+        return x.reshape(z * m, width)
+
+    def _keys(self, x: torch.Tensor) -> torch.Tensor:
+        z, runs, b = self.geo[0], self.geo[3], self.geo[6]
+        x = x[:, self.first * b :]
+        x = F.pad(x, (0, 0, 0, self.nbq * b - x.shape[1])).view(z, 1, self.nbq, b, -1)
+        return x.expand(-1, runs, -1, -1, -1).reshape(z * runs * self.nbq, 1, b, x.shape[-1])
+
+    def forward(self, qf, k, v, blocks, fused):
+        g, d = self.geo[2], k.shape[-1]
+        o, lse = _tile_forward(self._pad(qf, g * d), self._keys(k), self._keys(v), self.mask,
+                               fused)
+        return self._unpad(o, g * d).view(-1, g, d), self._unpad(lse, g)
+
+    def backward(self, qf, k, v, blocks, dx, ox, total, grads, fused):
+        z, _, g, runs, _, n, b = self.geo
+        d = k.shape[-1]
+        gq, gk, gv = grads
+        lse = self._pad(total, g)[..., 0].contiguous()  # padding rows: dO = 0, nothing flows
+        dq, dk, dv = _tile_backward(self._pad(dx, g * d), self._pad(qf, g * d), self._keys(k),
+                                    self._keys(v), self._pad(ox, g * d), lse, self.mask, fused)
+        gq += self._unpad(dq, g * d)
+        start = self.first * b
+        for acc, x in ((gk, dk), (gv, dv)):
+            x = x.view(z, runs, self.nbq * b, d).sum(1)[:, : n - start]
+            acc[:, start:] += x
 
 
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -307,10 +384,14 @@ def top_blocks(score: torch.Tensor, own: torch.Tensor, count: int,
     return idx.masked_fill_(vals == -math.inf, -1)
 
 
-def own_and_rest(idx: torch.Tensor, block: int) -> list[Part]:
+def own_and_rest(idx: torch.Tensor, block: int, runs: int, pos0: int) -> list[Part]:
     """The engine's parts for a `top_blocks` selection: the own block (slot 0, causal mask) and
-    the other slots (wholly visible blocks: no mask)."""
-    parts = [Part(idx[..., :1], block, masked=True, own=True)]
+    the other slots (wholly visible blocks: no mask). The items are `runs` runs of consecutive
+    positions from pos0: with at least a block of them the own blocks run as the diagonal (no
+    gather, no layout)."""
+    diagonal = idx.shape[1] // runs >= block
+    parts = [Part(None if diagonal else idx[..., :1], block, masked=True, own=True,
+                  runs=runs if diagonal else 0, pos0=pos0)]
     if idx.shape[-1] > 1:
         parts.append(Part(idx[..., 1:], block))
     return parts

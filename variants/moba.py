@@ -19,6 +19,7 @@ from variants._select import (
     block_means,
     dense_reference,
     own_and_rest,
+    own_rows,
     part_bytes,
     part_rows,
     select_attention,
@@ -77,8 +78,8 @@ class MoBA(Variant):
         with torch.no_grad():
             means = block_means(kz, self.block, _gate_dtype(q))  # (Z, nb, D)
             idx = self._route(items[:, :, 0], means, qpos)
-        out = select_attention(items, kz, vz, qpos, own_and_rest(idx, self.block), _work(q),
-                               not gpu_path(q.device))
+        out = select_attention(items, kz, vz, qpos, own_and_rest(idx, self.block, h // hkv,
+                               n - nq), _work(q), not gpu_path(q.device))
         return out.view(b, h, nq, d)
 
     def _route(self, qi: torch.Tensor, means: torch.Tensor, qpos: torch.Tensor) -> torch.Tensor:
@@ -109,8 +110,8 @@ class MoBA(Variant):
         means = state.means[:, :, : full + 1].reshape(z, full + 1, d)  # slot `full`: own block
         idx = self._route(qi[:, :, 0], means, qpos)
         kc, vc = kv.keys().reshape(z, p + 1, d), kv.values().reshape(z, p + 1, d)
-        out = select_attention(qi, kc, vc, qpos, own_and_rest(idx, self.block), _work(q),
-                               not gpu_path(q.device)).view(b, h, 1, d)
+        out = select_attention(qi, kc, vc, qpos, own_and_rest(idx, self.block, h // hkv, p),
+                               _work(q), not gpu_path(q.device)).view(b, h, 1, d)
         buf, done = state.means, full
         if (p + 1) % self.block == 0:  # the own block is complete: its mean joins the router
             if done == buf.shape[2]:
@@ -159,7 +160,7 @@ class MoBA(Variant):
         _, m, _, s = self._sizes(shape)
         n = shape.seq_len
         rest = part_rows(m, s - 1, n, self.block) if s > 1 else 0
-        return part_rows(m, 1, n, self.block, own=True) + rest
+        return own_rows(shape.groups, shape.nq, n, self.block) + rest
 
     def flops(self, shape: Shape, causal: bool = False) -> float:
         z, m, nb, _ = self._sizes(shape)

@@ -32,6 +32,7 @@ from variants._select import (
     Part,
     dense_reference,
     own_and_rest,
+    own_rows,
     part_bytes,
     part_rows,
     select_attention,
@@ -113,7 +114,8 @@ class NSA(Variant):
         o_cmp, p_cmp = self._compressed(qi.to(work), kc.to(work), vc.to(work), qpos)
         with torch.no_grad():
             idx = self._select(p_cmp, qpos, n)  # (Z, Nq, S)
-        o_sel = select_attention(qi, kz, vz, qpos, own_and_rest(idx, self.sel_block), work, fused)
+        parts = own_and_rest(idx, self.sel_block, 1, n - qi.shape[1])
+        o_sel = select_attention(qi, kz, vz, qpos, parts, work, fused)
         o_win = select_attention(qi, kz, vz, qpos, [self._window_part(qpos, n, kz.shape[0])],
                                  work, fused)
         g_cmp, g_slc, g_win = GATES
@@ -239,7 +241,7 @@ class NSA(Variant):
         """Engine rows per k/v head: own block, other selected blocks, window blocks."""
         n, m, _, s, ws = self._geometry(shape)
         rest = part_rows(m, s - 1, n, self.sel_block) if s > 1 else 0
-        return (part_rows(m, 1, n, self.sel_block, own=True) + rest
+        return (own_rows(1, m, n, self.sel_block) + rest
                 + part_rows(m, ws, n, self.sel_block))
 
     def flops(self, shape: Shape, causal: bool = False) -> float:
