@@ -365,35 +365,48 @@ def block_means(k: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor
 
 def top_blocks(score: torch.Tensor, own: torch.Tensor, count: int,
                forced: torch.Tensor | None = None) -> torch.Tensor:
-    """Indices of the `count` highest-scoring blocks among those not in the future, the own
-    block first and always selected (and `forced` ones, next); -1 where fewer blocks exist.
+    """The `count` highest-scoring blocks before each item's own block (`forced` ones first);
+    -1 where fewer exist. The own block is not among them: it is always selected, apart.
 
     Args:
         score: (..., M, C) block scores (modified in place).
-        own: (M,) each item's own block; blocks after it are in its future.
-        forced: optional (M, C) bool of blocks always selected (not in the future).
+        own: (M,) each item's own block; it and the blocks after it are excluded.
+        forced: optional (M, C) bool of blocks always selected.
     Returns:
-        (..., M, min(count, C)) int64; slot 0 is the own block.
+        (..., M, min(count, C)) int64, in no particular order.
     """
     col = torch.arange(score.shape[-1], device=score.device)
-    score.masked_fill_(col > own[:, None], -math.inf)
+    before = col < own[:, None]
+    score.masked_fill_(~before, -math.inf)
     if forced is not None:
-        score.masked_fill_(forced & (col < own[:, None]), torch.finfo(score.dtype).max)
-    score.masked_fill_(col == own[:, None], math.inf)
-    vals, idx = score.topk(min(count, score.shape[-1]), dim=-1)
+        score.masked_fill_(forced & before, torch.finfo(score.dtype).max)
+    count = min(count, score.shape[-1])
+    if count > 4:
+        vals, idx = score.topk(count, dim=-1, sorted=False)
+    else:  # a few passes of max beat topk on the CPU
+        picks = []
+        for _ in range(count):
+            vals, i = score.max(-1, keepdim=True)
+            picks.append(torch.where(vals == -math.inf, -1, i))
+            score.scatter_(-1, i, -math.inf)
+        return torch.cat(picks, -1) if picks else score.new_zeros(*score.shape[:-1], 0,
+                                                                   dtype=torch.long)
     return idx.masked_fill_(vals == -math.inf, -1)
 
 
-def own_and_rest(idx: torch.Tensor, block: int, runs: int, pos0: int) -> list[Part]:
-    """The engine's parts for a `top_blocks` selection: the own block (slot 0, causal mask) and
-    the other slots (wholly visible blocks: no mask). The items are `runs` runs of consecutive
-    positions from pos0: with at least a block of them the own blocks run as the diagonal (no
-    gather, no layout)."""
-    diagonal = idx.shape[1] // runs >= block
-    parts = [Part(None if diagonal else idx[..., :1], block, masked=True, own=True,
-                  runs=runs if diagonal else 0, pos0=pos0)]
-    if idx.shape[-1] > 1:
-        parts.append(Part(idx[..., 1:], block))
+def own_and_rest(rest: torch.Tensor, own: torch.Tensor, block: int, runs: int,
+                 pos0: int) -> list[Part]:
+    """The engine's parts: each item's own block (`own` (M,), with the causal mask) and the
+    `rest` (Z, M, S) from `top_blocks` (wholly visible blocks: no mask). The items are `runs`
+    runs of consecutive positions from pos0: with at least a block of them the own blocks run
+    as the diagonal (no gather, no layout)."""
+    z, m = rest.shape[:2]
+    if m // runs >= block:
+        parts = [Part(None, block, masked=True, own=True, runs=runs, pos0=pos0)]
+    else:
+        parts = [Part(own[:, None].expand(z, m, 1), block, masked=True, own=True)]
+    if rest.shape[-1]:
+        parts.append(Part(rest, block))
     return parts
 
 

@@ -78,14 +78,15 @@ class MoBA(Variant):
         with torch.no_grad():
             means = block_means(kz, self.block, _gate_dtype(q))  # (Z, nb, D)
             idx = self._route(items[:, :, 0], means, qpos)
-        out = select_attention(items, kz, vz, qpos, own_and_rest(idx, self.block, h // hkv,
-                               n - nq), _work(q), not gpu_path(q.device))
+        parts = own_and_rest(idx, qpos // self.block, self.block, h // hkv, n - nq)
+        out = select_attention(items, kz, vz, qpos, parts, _work(q), not gpu_path(q.device))
         return out.view(b, h, nq, d)
 
     def _route(self, qi: torch.Tensor, means: torch.Tensor, qpos: torch.Tensor) -> torch.Tensor:
-        """(Z, M, D) queries, (Z, C, D) block means → (Z, M, S) selected blocks (-1: empty)."""
+        """(Z, M, D) queries, (Z, C, D) block means → (Z, M, topk − 1) blocks selected besides
+        each query's own (-1: empty slot)."""
         gate = qi.to(means.dtype) @ means.transpose(-1, -2)  # (Z, M, C): q·mean(K_block)
-        return top_blocks(gate, qpos // self.block, self.topk)
+        return top_blocks(gate, qpos // self.block, self.topk - 1)
 
     # -- decode: a KV cache and the means of the complete blocks -------------------------------
     def decode_init(self, k: torch.Tensor, v: torch.Tensor) -> MobaCache:
@@ -110,8 +111,9 @@ class MoBA(Variant):
         means = state.means[:, :, : full + 1].reshape(z, full + 1, d)  # slot `full`: own block
         idx = self._route(qi[:, :, 0], means, qpos)
         kc, vc = kv.keys().reshape(z, p + 1, d), kv.values().reshape(z, p + 1, d)
-        out = select_attention(qi, kc, vc, qpos, own_and_rest(idx, self.block, h // hkv, p),
-                               _work(q), not gpu_path(q.device)).view(b, h, 1, d)
+        parts = own_and_rest(idx, qpos // self.block, self.block, h // hkv, p)
+        out = select_attention(qi, kc, vc, qpos, parts, _work(q), not gpu_path(q.device))
+        out = out.view(b, h, 1, d)
         buf, done = state.means, full
         if (p + 1) % self.block == 0:  # the own block is complete: its mean joins the router
             if done == buf.shape[2]:
@@ -123,13 +125,16 @@ class MoBA(Variant):
 
     # -- definition -----------------------------------------------------------------------------
     def select(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """The selection in float64: (B, H, Nq, S) blocks of each query (-1: empty slot)."""
+        """The selection in float64: (B, H, Nq, topk) blocks of each query, its own first (-1:
+        empty slot)."""
         b, h, nq, d = q.shape
         hkv, n = k.shape[1], k.shape[2]
         means = block_means(k.reshape(b * hkv, n, d), self.block, torch.float64)
         qi = q.reshape(b * hkv, h // hkv * nq, d)
         qpos = torch.arange(qi.shape[1], device=q.device) % nq + (n - nq)
-        return self._route(qi, means, qpos).view(b, h, nq, -1)
+        rest = self._route(qi, means, qpos)
+        own = (qpos // self.block)[None, :, None].expand(rest.shape[0], -1, 1)
+        return torch.cat([own, rest], -1).view(b, h, nq, -1)
 
     def definition(self, q, k, v, causal: bool = True, dtype=torch.float64) -> torch.Tensor:
         """Dense softmax in `dtype` under the float64 selection: each query sees the keys of its
@@ -153,13 +158,13 @@ class MoBA(Variant):
     def _sizes(self, shape: Shape) -> tuple[int, int, int, int]:
         z, m = shape.batch * shape.hkv, shape.groups * shape.nq
         nb = -(-shape.seq_len // self.block)
-        return z, m, nb, min(self.topk, nb)
+        return z, m, nb, min(self.topk - 1, nb)  # slots besides the own block
 
     def _rows(self, shape: Shape) -> int:
         """Rows the engine computes per k/v head: the own-block part and the other slots."""
         _, m, _, s = self._sizes(shape)
         n = shape.seq_len
-        rest = part_rows(m, s - 1, n, self.block) if s > 1 else 0
+        rest = part_rows(m, s, n, self.block) if s else 0
         return own_rows(shape.groups, shape.nq, n, self.block) + rest
 
     def flops(self, shape: Shape, causal: bool = False) -> float:
@@ -184,8 +189,8 @@ class MoBA(Variant):
         n, d = shape.seq_len, shape.head_dim
         router = z * (nb * d * 8 + m * nb * 8 + m * s * 16)  # means, scores, top-k
         engine = part_bytes(z, m, 1, 1, n, self.block, d, True, own=True)
-        if s > 1:
-            engine += part_bytes(z, m, 1, s - 1, n, self.block, d, False)
+        if s:
+            engine += part_bytes(z, m, 1, s, n, self.block, d, False)
         return int(router + engine + 2 * shape.bh * shape.nq * d * max(el, 4))
 
     def density(self, n: int, causal: bool = False) -> float:

@@ -114,7 +114,7 @@ class NSA(Variant):
         o_cmp, p_cmp = self._compressed(qi.to(work), kc.to(work), vc.to(work), qpos)
         with torch.no_grad():
             idx = self._select(p_cmp, qpos, n)  # (Z, Nq, S)
-        parts = own_and_rest(idx, self.sel_block, 1, n - qi.shape[1])
+        parts = own_and_rest(idx, qpos // self.sel_block, self.sel_block, 1, n - qi.shape[1])
         o_sel = select_attention(qi, kz, vz, qpos, parts, work, fused)
         o_win = select_attention(qi, kz, vz, qpos, [self._window_part(qpos, n, kz.shape[0])],
                                  work, fused)
@@ -150,7 +150,7 @@ class NSA(Variant):
         own = qpos // self.sel_block
         col = torch.arange(nbs, device=p.device)
         forced = (col == 0) | (col == own[:, None] - 1)
-        return top_blocks(score, own, self.sel_count, forced)
+        return top_blocks(score, own, self.sel_count - 1, forced)  # besides the own block
 
     def _window_part(self, qpos: torch.Tensor, n: int, z: int) -> Part:
         """The window's key blocks (of l′ keys): those holding t − w … t, masked to the window."""
@@ -203,7 +203,9 @@ class NSA(Variant):
         with torch.no_grad():
             _, p64 = self._compressed(*(x.detach().double() for x in (qi, self._compress(kz),
                                                                       self._compress(vz))), qpos)
-            sel = self._select(p64, qpos, n).view(b, hkv, 1, nq, -1)
+            rest = self._select(p64, qpos, n)
+            own = (qpos // self.sel_block)[None, :, None].expand(z, -1, 1)
+            sel = torch.cat([own, rest], -1).view(b, hkv, 1, nq, -1)
             sel = sel.expand(-1, -1, g, -1, -1).reshape(b, h, nq, -1)
         o_cmp, _ = self._compressed(qi.to(dtype), self._compress(kz.to(dtype)),
                                     self._compress(vz.to(dtype)), qpos)
@@ -233,14 +235,14 @@ class NSA(Variant):
         n, m = shape.seq_len, shape.nq
         c = (n - self.cmp_block) // self.cmp_stride + 1 if n >= self.cmp_block else 0
         nbs = -(-n // self.sel_block)
-        s = min(self.sel_count, nbs)
+        s = min(self.sel_count - 1, nbs)  # slots besides the own block
         ws = self.window // self.sel_block + 2
         return n, m, c, s, ws
 
     def _rows(self, shape: Shape) -> int:
         """Engine rows per k/v head: own block, other selected blocks, window blocks."""
         n, m, _, s, ws = self._geometry(shape)
-        rest = part_rows(m, s - 1, n, self.sel_block) if s > 1 else 0
+        rest = part_rows(m, s, n, self.sel_block) if s else 0
         return (own_rows(1, m, n, self.sel_block) + rest
                 + part_rows(m, ws, n, self.sel_block))
 
@@ -269,7 +271,7 @@ class NSA(Variant):
         cmp = z * (2 * c * d * 4 + 3 * m * g * c * 4 + m * (c + 3 * nbs) * 8)  # scores, p, sel
         b = self.sel_block
         engine = max(part_bytes(z, m, g, 1, n, b, d, True, own=True)
-                     + (part_bytes(z, m, g, s - 1, n, b, d, False) if s > 1 else 0),
+                     + (part_bytes(z, m, g, s, n, b, d, False) if s else 0),
                      part_bytes(z, m, g, ws, n, b, d, True))
         return int(cmp + engine + 4 * shape.bh * m * d * max(el, 4))
 
