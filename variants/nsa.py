@@ -126,21 +126,24 @@ class NSA(Variant):
         (zero before the first block completes) and the probabilities (Z, Nq, G, C), detached."""
         z, nq, g, d = qi.shape
         c = kc.shape[1]
-        sc = (qi.reshape(z, nq * g, d) @ kc.transpose(-1, -2)).view(z, nq, g, c)
+        qs = qi.reshape(z, nq * g, d) * (1.0 / math.sqrt(d))
+        sc = (qs @ kc.transpose(-1, -2)).view(z, nq, g, c)
         ends = torch.arange(c, device=qi.device) * self.cmp_stride + self.cmp_block - 1
         hidden = ends > qpos[:, None]  # (Nq, C)
         stat = torch.float64 if qi.dtype == torch.float64 else torch.float32
-        sc = (sc.to(stat) * (1.0 / math.sqrt(d))).masked_fill(hidden[:, None], NEG)
-        p = torch.softmax(sc, -1) * (~hidden).any(-1)[:, None, None]  # none visible: zero
+        sc = sc.to(stat).masked_fill_(hidden[:, None], NEG)  # bmm's backward needs no output
+        p = torch.softmax(sc, -1)  # rows that see no block: uniform, zeroed below
         o = (p.to(qi.dtype).view(z, nq * g, c) @ vc).view(z, nq, g, d)
-        return o, p.detach()
+        seen = (~hidden).any(-1)[:, None, None]  # (Nq, 1, 1)
+        return o * seen, p.detach()
 
     def _select(self, p_cmp: torch.Tensor, qpos: torch.Tensor, n: int) -> torch.Tensor:
         """Top-n selection blocks from the compressed probabilities (Z, Nq, G, C): eq. 9 by
         overlap, eq. 10 summed over the group's heads, the first and 2 local blocks forced."""
         a, c = self.sel_block // self.cmp_stride, self.cmp_block // self.cmp_stride
         nbs = -(-n // self.sel_block)
-        p = p_cmp.sum(2)  # (Z, Nq, C)
+        seen = (qpos >= self.cmp_block - 1)[:, None]  # a compression block is complete
+        p = p_cmp.sum(2) * seen  # (Z, Nq, C)
         right = max(0, a * nbs + a + c - p.shape[-1])
         p = F.pad(p, (c - 1, right))  # block j ← compression blocks a·j − c + 1 + o
         prof = p.new_zeros(a + c - 1)  # pairs (m, n) with m + n = o: the overlap in strides
