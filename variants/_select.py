@@ -50,8 +50,9 @@ class Part:
     masked: bool = False
     window: int = -1
     own: bool = False
-    runs: int = 0  # own parts: items are `runs` runs of consecutive positions (0: gather them)
+    runs: int = 0  # items are `runs` runs of consecutive positions: no gather (0: gather them)
     pos0: int = 0  # the position of each run's first item
+    reach: int = 0  # with runs: key blocks i − reach … i for query block i (idx is None)
 
 
 def capacity(pairs: int, nb: int, block: int, own: bool = False) -> tuple[int, int]:
@@ -78,8 +79,13 @@ def own_rows(runs: int, nq: int, n: int, block: int) -> int:
     """Rows the own-block part computes for `runs` runs of nq consecutive queries (the last at
     n − 1): the diagonal's padded query blocks, or the gathered layout when nq < block."""
     if nq >= block:
-        return runs * (-(-n // block) - (n - nq) // block) * block
+        return runs * band_rows(nq, n, block)
     return part_rows(runs * nq, 1, n, block, own=True)
+
+
+def band_rows(nq: int, n: int, block: int) -> int:
+    """Padded query rows of a run of nq consecutive queries (the last at n − 1) in blocks."""
+    return (-(-n // block) - (n - nq) // block) * block
 
 
 def part_bytes(z: int, items: int, g: int, slots: int, n: int, block: int, d: int,
@@ -122,7 +128,7 @@ def select_attention(
     work = work or q.dtype
     with torch.no_grad():
         z, m, g = q.shape[:3]
-        lays = [_Diagonal(z, m, g, p.runs, p.pos0, k.shape[1], p.block, work, q.device)
+        lays = [_Diagonal(z, m, g, p, k.shape[1], work, q.device)
                 if p.runs else _Layout(p, qpos, k.shape[1], g, work) for p in parts]
     out = _SelectAttention.apply(q.to(work), k.to(work), v.to(work), lays, fused)
     return out.to(q.dtype)
@@ -267,39 +273,51 @@ def _tiles(qf, k, v, lay: _Layout, blocks: dict):
 
 
 class _Diagonal:
-    """The own blocks of items at consecutive positions, without gathers: q (Z, runs, Nq, G, D)
-    padded to whole blocks, each query block against its own key block (a view of k) with the
-    causal mask of one block; per-row output and log-sum-exp in item order."""
+    """Items at consecutive positions without gathers: q (Z, runs, Nq, G, D) padded to whole
+    blocks; each query block against key blocks i − reach … i (reach 0: its own block, a view of
+    k; else a band, one unfold copy) under the causal (and window) mask; per-row output and
+    log-sum-exp in item order. The flash layout is (Z·runs, query blocks, b·G, D)."""
 
-    def __init__(self, z: int, m: int, g: int, runs: int, pos0: int, n: int, block: int,
-                 work, device) -> None:
-        nq, b = m // runs, block
-        self.first = pos0 // b
-        self.front = pos0 - self.first * b  # padded query rows before the first
+    def __init__(self, z: int, m: int, g: int, part: Part, n: int, work, device) -> None:
+        runs, b, r = part.runs, part.block, part.reach
+        nq = m // runs
+        self.first = part.pos0 // b
+        self.front = part.pos0 - self.first * b  # padded query rows before the first
         self.nbq = -(-n // b) - self.first  # query blocks
-        self.geo = (z, m, g, runs, nq, n, b)
+        self.geo = (z, m, g, runs, nq, n, b, r)
         self.q_index = torch.arange(z * m, device=device)
-        causal = torch.ones(b, b, dtype=torch.bool, device=device).triu_(1)  # j > r: hidden
-        mask = torch.where(causal, torch.tensor(NEG, dtype=work, device=device),
+        blocks = 1 if r == 0 and part.window < 0 else self.nbq  # one mask fits every block
+        qpos = ((torch.arange(blocks, device=device) + self.first) * b)[:, None] + torch.arange(
+            b, device=device)  # (blocks, b)
+        kpos = qpos[:, :1] - r * b + torch.arange((r + 1) * b, device=device)  # (blocks, Lk)
+        rel = qpos[:, :, None] - kpos[:, None, :]  # (blocks, b, Lk)
+        hidden = (rel < 0) | (kpos[:, None, :] < 0)
+        if part.window >= 0:
+            hidden |= rel > part.window
+        mask = torch.where(hidden, torch.tensor(NEG, dtype=work, device=device),
                            torch.tensor(0.0, dtype=work, device=device))
-        self.mask = mask[:, None].expand(b, g, b).reshape(1, 1, b * g, b)
+        self.mask = mask[:, :, None].expand(blocks, b, g, (r + 1) * b).reshape(
+            1, blocks, b * g, (r + 1) * b)
 
     def _pad(self, x: torch.Tensor, width: int) -> torch.Tensor:
-        z, _, g, runs, nq, _, b = self.geo
+        z, _, g, runs, nq, _, b, _ = self.geo
         rows = self.nbq * b
         x = F.pad(x.reshape(z, runs, nq, width), (0, 0, self.front, rows - self.front - nq))
-        return x.view(z * runs * self.nbq, 1, b * g, width // g)
+        return x.view(z * runs, self.nbq, b * g, width // g)
 
     def _unpad(self, x: torch.Tensor, width: int) -> torch.Tensor:
-        z, m, _, runs, nq, _, b = self.geo
+        z, m, _, runs, nq, _, b, _ = self.geo
         x = x.reshape(z, runs, self.nbq * b, width)[:, :, self.front : self.front + nq]
         return x.reshape(z * m, width)
 
     def _keys(self, x: torch.Tensor) -> torch.Tensor:
-        z, runs, b = self.geo[0], self.geo[3], self.geo[6]
-        x = x[:, self.first * b :]
-        x = F.pad(x, (0, 0, 0, self.nbq * b - x.shape[1])).view(z, 1, self.nbq, b, -1)
-        return x.expand(-1, runs, -1, -1, -1).reshape(z * runs * self.nbq, 1, b, x.shape[-1])
+        z, runs, n, b, r = (self.geo[i] for i in (0, 3, 5, 6, 7))
+        d, lk = x.shape[-1], (r + 1) * b
+        x = F.pad(x, (0, 0, r * b, (self.first + self.nbq) * b - n))  # token t at t + r·b
+        x = x[:, self.first * b :]  # band of query block i: rows i·b … i·b + Lk
+        x = x.view(z, self.nbq, b, d) if r == 0 else \
+            x.unfold(1, lk, b).transpose(-1, -2).contiguous()  # (Z, nbq, Lk, D)
+        return x[:, None].expand(-1, runs, -1, -1, -1).reshape(z * runs, self.nbq, lk, d)
 
     def forward(self, qf, k, v, blocks, fused):
         g, d = self.geo[2], k.shape[-1]
@@ -308,7 +326,7 @@ class _Diagonal:
         return self._unpad(o, g * d).view(-1, g, d), self._unpad(lse, g)
 
     def backward(self, qf, k, v, blocks, dx, ox, total, grads, fused):
-        z, _, g, runs, _, n, b = self.geo
+        z, _, g, runs, _, n, b, r = self.geo
         d = k.shape[-1]
         gq, gk, gv = grads
         lse = self._pad(total, g)[..., 0].contiguous()  # padding rows: dO = 0, nothing flows
@@ -317,8 +335,13 @@ class _Diagonal:
         gq += self._unpad(dq, g * d)
         start = self.first * b
         for acc, x in ((gk, dk), (gv, dv)):
-            x = x.view(z, runs, self.nbq * b, d).sum(1)[:, : n - start]
-            acc[:, start:] += x
+            x = x.view(z, runs, self.nbq, (r + 1) * b, d).sum(1)
+            band = x.new_zeros(z, (self.nbq + r) * b, d)  # token t at start − r·b + row
+            for o in range(r + 1):  # the band's o-th key block of query block i: block i − r + o
+                band[:, o * b : (o + self.nbq) * b] += x[:, :, o * b : (o + 1) * b].reshape(
+                    z, self.nbq * b, d)
+            lo = start - r * b  # token of the band's first row (negative: front padding)
+            acc[:, max(lo, 0) :] += band[:, max(-lo, 0) : max(-lo, 0) + n - max(lo, 0)]
 
 
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu

@@ -30,6 +30,7 @@ from variants import register
 from variants._select import (
     NEG,
     Part,
+    band_rows,
     dense_reference,
     own_and_rest,
     own_rows,
@@ -156,8 +157,13 @@ class NSA(Variant):
         return top_blocks(score, own, self.sel_count - 1, forced)  # besides the own block
 
     def _window_part(self, qpos: torch.Tensor, n: int, z: int) -> Part:
-        """The window's key blocks (of l′ keys): those holding t − w … t, masked to the window."""
+        """The window's key blocks (of l′ keys): those holding t − w … t, masked to the window;
+        a band of ⌈w/l′⌉ + 1 blocks per query block when there is at least a block of queries,
+        else gathered per query."""
         bw = self.sel_block
+        if len(qpos) >= bw:
+            return Part(None, bw, masked=True, window=self.window, runs=1, pos0=n - len(qpos),
+                        reach=-(-self.window // bw))
         slots = self.window // bw + 2
         idx = qpos[:, None] // bw - torch.arange(slots, device=qpos.device)  # (Nq, S)
         idx = idx.masked_fill(idx < ((qpos - self.window).clamp(min=0) // bw)[:, None], -1)
@@ -246,8 +252,11 @@ class NSA(Variant):
         """Engine rows per k/v head: own block, other selected blocks, window blocks."""
         n, m, _, s, ws = self._geometry(shape)
         rest = part_rows(m, s, n, self.sel_block) if s else 0
-        return (own_rows(1, m, n, self.sel_block) + rest
-                + part_rows(m, ws, n, self.sel_block))
+        if m >= self.sel_block:  # the band: ⌈w/l′⌉ + 1 key blocks per query block
+            win = band_rows(m, n, self.sel_block) * (-(-self.window // self.sel_block) + 1)
+        else:
+            win = part_rows(m, ws, n, self.sel_block)
+        return own_rows(1, m, n, self.sel_block) + rest + win
 
     def flops(self, shape: Shape, causal: bool = False) -> float:
         z, g, d = shape.batch * shape.hkv, shape.groups, shape.head_dim
