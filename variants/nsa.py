@@ -144,13 +144,13 @@ class NSA(Variant):
         a, c = self.sel_block // self.cmp_stride, self.cmp_block // self.cmp_stride
         nbs = -(-n // self.sel_block)
         seen = (qpos >= self.cmp_block - 1)[:, None]  # a compression block is complete
-        p = p_cmp.sum(2) * seen  # (Z, Nq, C)
-        right = max(0, a * nbs + a + c - p.shape[-1])
-        p = F.pad(p, (c - 1, right))  # block j ← compression blocks a·j − c + 1 + o
-        prof = p.new_zeros(a + c - 1)  # pairs (m, n) with m + n = o: the overlap in strides
-        for m in range(a):
-            prof[m : m + c] += 1
-        score = (p.unfold(-1, a + c - 1, a)[..., :nbs, :] * prof).sum(-1)  # (Z, Nq, nbs)
+        p = p_cmp.sum(2).mul_(seen)  # (Z, Nq, C)
+        # Σ_{m<a} Σ_{r<c} p[a·j − (c − 1) + m + r]: a box of c, then boxes of a at stride a
+        p = F.pad(p, (c - 1, max(0, a * nbs - p.shape[-1])))
+        box = p[..., : a * nbs].clone()
+        for r in range(1, c):
+            box += p[..., r : r + a * nbs]
+        score = box.view(*box.shape[:-1], nbs, a).sum(-1)  # (Z, Nq, nbs)
         own = qpos // self.sel_block
         col = torch.arange(nbs, device=p.device)
         forced = (col == 0) | (col == own[:, None] - 1)
