@@ -15,7 +15,11 @@ static shapes and no host reads:
 The row capacity is a static bound (pairs + (blocks + 1)·(T − 1)), so shapes, FLOPs and the op
 count are known before the call and independent of batch·heads and n; cost is ∝ the selected
 blocks. A query item is G query rows sharing one selection (NSA: the heads of a k/v group; MoBA:
-one head, G = 1).
+one head, G = 1). Where the blocks follow from the position alone (the own block, a sliding
+window) and the queries are consecutive, a piece runs without gathers: each query block against
+its own key block (a view) or a band of key blocks (one unfold), under one causal/window mask.
+On the CPU the tiles run through aten's flash-attention kernels (forward and backward); the GPU
+path (`fused=False`) runs the same pieces as explicit matmuls.
 """
 
 from __future__ import annotations
