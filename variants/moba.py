@@ -89,7 +89,10 @@ class MoBA(Variant):
         return top_blocks(gate, qpos // self.block, self.topk - 1)
 
     # -- decode: a KV cache and the means of the complete blocks -------------------------------
-    def decode_init(self, k: torch.Tensor, v: torch.Tensor) -> MobaCache:
+    def decode_init(self, k: torch.Tensor, v: torch.Tensor, heads: int | None = None
+                    ) -> MobaCache:
+        """The cache after a context k, v (B, Hkv, n, D); `heads` (main's contract) is not
+        needed: the step routes from its own query heads."""
         b, hkv, n, d = k.shape
         full = n // self.block
         means = k.new_zeros(b, hkv, full + CACHE_STEP // self.block + 1, d, dtype=_gate_dtype(k))

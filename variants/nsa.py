@@ -170,7 +170,10 @@ class NSA(Variant):
         return Part(idx.expand(z, -1, -1), bw, masked=True, window=self.window)
 
     # -- decode: a KV cache and the complete compressed blocks ---------------------------------
-    def decode_init(self, k: torch.Tensor, v: torch.Tensor) -> NsaCache:
+    def decode_init(self, k: torch.Tensor, v: torch.Tensor, heads: int | None = None
+                    ) -> NsaCache:
+        """The cache after a context k, v (B, Hkv, n, D); `heads` (main's contract) is not
+        needed: the step routes from its own query heads."""
         b, hkv, n, d = k.shape
         kc, vc = (self._compress(x.reshape(b * hkv, n, d)) for x in (k, v))
         room = CACHE_STEP // self.cmp_stride + 1
