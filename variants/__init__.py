@@ -102,6 +102,8 @@ from variants import (  # noqa: E402,F401
     linear,
     linformer,
     local,
+    moba,
+    nsa,
     nystrom,
     performer,
     recurrent,

@@ -1,0 +1,215 @@
+"""MoBA and NSA against their definitions written from the papers, token by token in float64.
+
+The loop references below share no code with the variants: they rebuild the selection per query
+token (MoBA: q·mean(K_block), the own block forced; NSA: mean-pooled compression, eq. 9 by
+overlap, eq. 10 over the k/v group, the first and 2 local blocks forced) and the attention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import variants
+from harness.dispatch import count_call
+from harness.memory import peak_memory
+from variants.base import FORCE_GPU_PATHS, Shape
+from variants.reference import attention_reference, rel_error
+from variants.testing import assert_matches, random_qkv
+
+MOBA = {"block": 16, "topk": 3}
+NSA = {"cmp_block": 16, "cmp_stride": 8, "sel_block": 16, "sel_count": 4, "window": 20}
+NSA_WIDE = {"cmp_block": 16, "cmp_stride": 8, "sel_block": 32, "sel_count": 3, "window": 40}
+CASES = [("moba", MOBA), ("nsa", NSA), ("nsa", NSA_WIDE)]
+IDS = ["moba", "nsa", "nsa-wide"]
+
+
+def _softmax_over(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+    """q (D,), keys/vals (L, D) → (D,); zero when there is no key."""
+    if len(keys) == 0:
+        return torch.zeros_like(q)
+    return torch.softmax(keys @ q / math.sqrt(len(q)), 0) @ vals
+
+
+def moba_loop(q, k, v, block: int, topk: int) -> torch.Tensor:
+    b, h, nq, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    out = torch.zeros(b, h, nq, d, dtype=torch.float64)
+    for bi in range(b):
+        for hi in range(h):
+            kk, vv = k[bi, hi // (h // hkv)], v[bi, hi // (h // hkv)]
+            for t in range(nq):
+                p = n - nq + t
+                own = p // block
+                qt = q[bi, hi, t]
+                past = [kk[j * block : (j + 1) * block].mean(0) @ qt for j in range(own)]
+                chosen = sorted(range(own), key=lambda j: -float(past[j]))[: topk - 1]
+                keys = [j for j in range(p + 1) if j // block in {own, *chosen}]
+                out[bi, hi, t] = _softmax_over(qt, kk[keys], vv[keys])
+    return out
+
+
+def nsa_loop(q, k, v, lc: int, d: int, lp: int, count: int, w: int) -> torch.Tensor:
+    b, h, nq, dim = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    g = h // hkv
+    a, c = lp // d, lc // d
+    out = torch.zeros(b, h, nq, dim, dtype=torch.float64)
+    for bi in range(b):
+        for kh in range(hkv):
+            kk, vv = k[bi, kh], v[bi, kh]
+            for t in range(nq):
+                p = n - nq + t
+                blocks = [i for i in range(n) if i * d + lc <= p + 1]  # complete: i·d + l − 1 <= p
+                kc = torch.stack([kk[i * d : i * d + lc].mean(0) for i in blocks]) if blocks \
+                    else kk[:0]
+                vc = torch.stack([vv[i * d : i * d + lc].mean(0) for i in blocks]) if blocks \
+                    else vv[:0]
+                own = p // lp
+                imp = [0.0] * (own + 1)
+                for hi in range(kh * g, (kh + 1) * g):
+                    p_cmp = torch.softmax(kc @ q[bi, hi, t] / math.sqrt(dim), 0) if blocks \
+                        else kc[:, 0]
+                    for j in range(own + 1):  # eq. 9, aligned on block j's tokens (overlap)
+                        for m in range(a):
+                            for r in range(c):
+                                i = a * j - (c - 1) + m + r
+                                if 0 <= i < len(blocks):
+                                    imp[j] += float(p_cmp[i])
+                forced = {0, own, own - 1} & set(range(own + 1))
+                rest = sorted(set(range(own + 1)) - forced, key=lambda j: -imp[j])
+                chosen = forced | set(rest[: max(0, count - len(forced))])
+                sel = [j for j in range(p + 1) if j // lp in chosen]
+                win = list(range(max(0, p - w), p + 1))
+                for hi in range(kh * g, (kh + 1) * g):
+                    qt = q[bi, hi, t]
+                    out[bi, hi, t] = (_softmax_over(qt, kc, vc)
+                                      + _softmax_over(qt, kk[sel], vv[sel])
+                                      + _softmax_over(qt, kk[win], vv[win])) / 3
+    return out
+
+
+def _loop(name: str, params: dict, q, k, v) -> torch.Tensor:
+    if name == "moba":
+        return moba_loop(q, k, v, params["block"], params["topk"])
+    return nsa_loop(q, k, v, params["cmp_block"], params["cmp_stride"], params["sel_block"],
+                    params["sel_count"], params["window"])
+
+
+def _inputs(h=4, hkv=2, n=75, nq=75, seed=0, dtype=torch.float64, d=16):
+    q, _, _ = random_qkv(1, h, n, d, dtype=dtype, seed=seed)
+    _, k, v = random_qkv(1, hkv, n, d, dtype=dtype, seed=seed + 1)
+    return q[:, :, n - nq :].contiguous(), k, v
+
+
+@pytest.mark.parametrize(("name", "params"), CASES, ids=IDS)
+@pytest.mark.parametrize(("hkv", "nq"), [(2, 75), (4, 75), (1, 23)], ids=["gqa", "mha", "mqa-q"])
+def test_forward_and_reference_equal_the_paper_loop(name, params, hkv, nq):
+    att = variants.build(name, **params)
+    q, k, v = _inputs(hkv=hkv, nq=nq)  # n = 75: not a multiple of any block
+    want = _loop(name, params, q, k, v)
+    with torch.no_grad():
+        torch.testing.assert_close(att.reference(q, k, v, True), want, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(att(q, k, v, causal=True), want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("forced", ["0", "1"], ids=["cpu-path", "gpu-path"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("name", "params"), CASES, ids=IDS)
+def test_matches_its_definition_forward_and_gradients(name, params, dtype, forced, monkeypatch):
+    monkeypatch.setenv(FORCE_GPU_PATHS, forced)
+    att = variants.build(name, **params)
+    q, k, v = _inputs(n=203, nq=203, seed=3, dtype=dtype)
+
+    def definition(q, k, v, causal):  # selection in float64, the attention in q's dtype
+        return att.definition(q, k, v, causal, dtype=q.dtype)
+
+    assert_matches(att, q, k, v, True, reference=definition)
+
+
+@pytest.mark.parametrize(("name", "params"), CASES, ids=IDS)
+def test_decode_steps_equal_the_rows_of_the_forward(name, params):
+    att = variants.build(name, **params)
+    q, k, v = _inputs(n=90, nq=90, seed=5)
+    with torch.no_grad():
+        rows = att(q, k, v, causal=True)
+        state = att.decode_init(k[:, :, :45], v[:, :, :45])
+        for t in range(45, 90):  # crosses block and compression-block boundaries
+            out, state = att.decode_step(q[:, :, t : t + 1], k[:, :, t : t + 1],
+                                         v[:, :, t : t + 1], state)
+            torch.testing.assert_close(out, rows[:, :, t : t + 1], rtol=1e-9, atol=1e-12)
+
+
+def test_decode_state_is_not_advanced_by_a_step():
+    for name, params in CASES:
+        att = variants.build(name, **params)
+        q, k, v = _inputs(n=64, nq=64, seed=6)  # the step completes a block and a cmp block
+        state = att.decode_init(k[:, :, :63], v[:, :, :63])
+        one = (x[:, :, 63:] for x in (q, k, v))
+        a, _ = att.decode_step(*one, state)
+        b_, _ = att.decode_step(*(x[:, :, 63:] for x in (q, k, v)), state)
+        torch.testing.assert_close(a, b_, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("nq", [75, 20])
+def test_moba_with_every_block_selected_is_full_causal_attention(nq):
+    att = variants.build("moba", block=16, topk=5)  # n = 75: 5 blocks
+    q, k, v = _inputs(nq=nq, seed=7)
+    want = attention_reference(q, k, v, causal=True)
+    torch.testing.assert_close(att(q, k, v, causal=True), want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(att.reference(q, k, v, True), want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(("name", "params"), CASES, ids=IDS)
+def test_approximates_softmax_attention(name, params):
+    """Not exact softmax: its error against full causal softmax is real but bounded."""
+    att = variants.build(name, **params)
+    q, k, v = _inputs(n=203, nq=203, seed=8)
+    with torch.no_grad():
+        err = rel_error(att(q, k, v, causal=True), attention_reference(q, k, v, causal=True))
+    assert 1e-3 < err < 1.0
+
+
+@pytest.mark.parametrize(("name", "params"), CASES, ids=IDS)
+def test_flop_model_matches_the_dispatch_count(name, params):
+    att = variants.build(name, **params)
+    shape = Shape(2, 4, 203, 16, kv_heads=2)
+    q, k, v = _inputs(h=4, hkv=2, n=203, nq=203, seed=9, dtype=torch.float32)
+    q, k, v = (torch.cat([x, x]).requires_grad_() for x in (q, k, v))  # batch 2
+    with torch.no_grad():
+        fwd = count_call(lambda: att(q, k, v, causal=True)).flops
+    both = count_call(lambda: att(q, k, v, causal=True).sum().backward()).flops
+    model = att.flops(shape, True)
+    assert abs(model - fwd) <= 0.1 * fwd, (model, fwd)
+    model_bwd = att.backward_flops(shape, True)
+    assert abs(model_bwd - (both - fwd)) <= 0.1 * (both - fwd), (model_bwd, both - fwd)
+
+
+@pytest.mark.parametrize("name", ["moba", "nsa"])
+def test_memory_model_bounds_the_measured_peak(name):
+    att = variants.build(name)
+    shape = Shape(1, 4, 2048, 64, kv_heads=2)
+    q, k, v = _inputs(h=4, hkv=2, n=2048, nq=2048, seed=10, dtype=torch.float32, d=64)
+    with torch.no_grad():
+        att(q, k, v, causal=True)
+        peak = peak_memory(lambda: att(q, k, v, causal=True))
+    predicted = att.memory_bytes(shape, torch.float32, True)
+    assert peak <= predicted <= 4 * peak, (peak, predicted)
+
+
+def test_non_causal_is_a_reason_not_a_crash():
+    for name in ("moba", "nsa"):
+        att = variants.build(name)
+        reasons = att.not_supported_reasons(Shape(1, 2, 256, 16), torch.float32, "cpu", False)
+        assert reasons and "causal only" in reasons[0]
+        with pytest.raises(ValueError, match="causal only"):
+            att(*random_qkv(1, 2, 64, 16, seed=0), causal=False)
+
+
+def test_parameters_are_checked():
+    with pytest.raises(ValueError, match="topk"):
+        variants.build("moba", topk=0)
+    with pytest.raises(ValueError, match="cmp_stride"):
+        variants.build("nsa", cmp_block=32, cmp_stride=12)
