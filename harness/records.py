@@ -72,6 +72,7 @@ class Record:
     max_abs_error: float = NAN
     entropy: float = NAN
     error_ref: str = ""  # what rel_error is against: softmax | masked softmax | own definition
+    softmax_rel_error: float = NAN  # own-definition approximations (moba, nsa): vs full softmax
     notes: str = ""  # caveats of an ok point (a CUDA graph that fell back, NVML missing)
     kernel: str = ""  # the kernel that actually ran (SDPA backend, flex compiled, engine path)
     compute_dtype: str = ""  # dtype of the matmuls ("" where not recorded)

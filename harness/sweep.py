@@ -151,6 +151,7 @@ def _measure(run, att: Variant, shape: Shape, dtype, device: str, predicted: int
         return finish("invalid", f"non-finite values in {bad} (first call)", setup_s=setup_s)
 
     rel, mab, error_ref = _error(att, q, k, v, out, run)
+    softmax_rel = _softmax_error(att, q, k, v, out, run, error_ref)
     entropy = attention_entropy(q.detach(), k.detach(), rows=min(run.error.rows or 64, 64))
     del out
     kernel = att.kernel(shape, device, run.causal, grad)
@@ -197,6 +198,7 @@ def _measure(run, att: Variant, shape: Shape, dtype, device: str, predicted: int
         rel_error=rel,
         max_abs_error=mab,
         error_ref=error_ref,
+        softmax_rel_error=softmax_rel,
         entropy=entropy,
         notes=notes,
         **counted,
@@ -232,6 +234,7 @@ def _measure_decode(run, att: Variant, shape: Shape, dtype, device: str, predict
     full_out[:, :, n:] = out
     last_row = torch.tensor([n], device=q.device)  # the new token's row of the whole sequence
     rel, mab, error_ref = _error(att, q, k, v, full_out, run, last_row)
+    softmax_rel = _softmax_error(att, q, k, v, full_out, run, error_ref, last_row)
     kernel = att.kernel(shape, device, True, False)
 
     def call():
@@ -277,6 +280,7 @@ def _measure_decode(run, att: Variant, shape: Shape, dtype, device: str, predict
         rel_error=rel,
         max_abs_error=mab,
         error_ref=error_ref,
+        softmax_rel_error=softmax_rel,
         notes=notes,
         **counted,
         **gpu,
@@ -342,8 +346,8 @@ def _make_call(att: Variant, q, k, v, causal: bool, grad: bool) -> Callable[[], 
     return fwd_bwd
 
 
-def _error(att: Variant, q, k, v, out, run: RunConfig, rows: torch.Tensor | None = None
-           ) -> tuple[float, float, str]:
+def _error(att: Variant, q, k, v, out, run: RunConfig, rows: torch.Tensor | None = None,
+           softmax: bool = False) -> tuple[float, float, str]:
     """Error on sampled query rows against float64 attention, never inside latency: the
     variant's own definition where it replaces softmax (`Variant.reference`), its masked
     definition for exact families, full softmax attention for approximations. Returns
@@ -358,11 +362,11 @@ def _error(att: Variant, q, k, v, out, run: RunConfig, rows: torch.Tensor | None
         rows = rows.to(q.device)
     q, k, v = q.detach(), k.detach(), v.detach()
     got = out.detach()[..., rows, :]
-    own = att.reference(q, k, v, run.causal)
+    own = None if softmax else att.reference(q, k, v, run.causal)
     if own is not None:
         ref = own[..., rows, :]
         return rel_error(got, ref), max_abs_error(got, ref), "own definition"
-    mask = att.key_mask(rows + (nk - nq), nk, run.causal) if att.exact else None
+    mask = att.key_mask(rows + (nk - nq), nk, run.causal) if att.exact and not softmax else None
     # Bound the float64 score block to ~256 MB by walking over batch and k/v heads.
     b, h, hkv = q.shape[0], q.shape[1], k.shape[1]
     grp = h // hkv
@@ -377,6 +381,16 @@ def _error(att: Variant, q, k, v, out, run: RunConfig, rows: torch.Tensor | None
     ref = torch.cat(refs)
     what = "masked softmax" if att.exact else "softmax"
     return rel_error(gf, ref), max_abs_error(gf, ref), what
+
+
+def _softmax_error(att: Variant, q, k, v, out, run: RunConfig, error_ref: str,
+                   rows: torch.Tensor | None = None) -> float:
+    """For variants measured against their own definition that approximate softmax (MoBA's
+    and NSA's selections), also the error against full softmax; the recurrent family replaces
+    softmax, where that number would mean nothing (NaN)."""
+    if error_ref != "own definition" or att.family == "recurrent":
+        return math.nan
+    return _error(att, q, k, v, out, run, rows, softmax=True)[0]
 
 
 def predicted_bytes(att: Variant, shape: Shape, dtype: torch.dtype, run: RunConfig) -> int:
