@@ -4,7 +4,9 @@ Points match on label, shape (batch, heads, seq_len, head_dim), dtype, device, m
 inputs. ratio = B latency / A latency (above 1: B is slower). A change counts only beyond the
 measured spread: "slower" when B's p10 is above A's p90 (the p10–p90 intervals do not overlap),
 "faster" when B's p90 is below A's p10; otherwise "same". A point that ran in A and failed in B is
-"now <status>" and counts as a regression. `--fail-on-regression` exits 1 when any point regressed.
+"now <status>" and counts as a regression, as does a point of A that B lacks ("missing in B").
+`--fail-on-regression` exits 1 when any point regressed; a folder that does not exist or holds no
+readable record is one line and exit 2.
 
 Each point also shows the kernel that ran ("A → B" when it changed: a silent backend fallback,
 e.g. sdpa:flash_cpu → sdpa:math, is a common cause of a regression) and a note when either side
@@ -42,6 +44,8 @@ COLS = ["family", "status", "latency_ms", "latency_p10_ms", "latency_p90_ms", "p
 
 
 def verdict(r) -> str:
+    if not isinstance(r.status_b, str):  # measured in A, absent from B
+        return "missing in B"
     if r.status_a == "ok" and r.status_b != "ok":
         return f"now {r.status_b}"
     if r.status_a != "ok" and r.status_b == "ok":
@@ -74,8 +78,9 @@ def _note(r) -> str:
 
 
 def compare_frames(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
-    """One row per point present in both sweeps, with ratios and a verdict."""
-    m = a[KEY + COLS].merge(b[KEY + COLS], on=KEY, suffixes=("_a", "_b"), how="inner")
+    """One row per point of A (with B's, or "missing in B"), with ratios and a verdict; a point
+    of A that B lacks, or that ran in A and not in B, is a regression."""
+    m = a[KEY + COLS].merge(b[KEY + COLS], on=KEY, suffixes=("_a", "_b"), how="left")
     m["family"] = m.family_a
     m["ratio"] = m.latency_ms_b / m.latency_ms_a
     m["memory_ratio"] = m.peak_mem_bytes_b / m.peak_mem_bytes_a
@@ -84,7 +89,7 @@ def compare_frames(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     m["kernel_changed"] = (ka != "") & (kb != "") & (ka != kb)
     m["kernel"] = [_kernel(r) for r in m.itertuples()] if not m.empty else []
     m["note"] = [_note(r) for r in m.itertuples()] if not m.empty else []
-    m["regression"] = (m.verdict == "slower") | (
+    m["regression"] = (m.verdict == "slower") | (m.verdict == "missing in B") | (
         m.verdict.str.startswith("now ") & (m.verdict != "now ok"))
     return m.sort_values(KEY).reset_index(drop=True)
 
@@ -187,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
             frames.append(records_frame(folder))
         for w in caught:
             print(str(w.message), file=sys.stderr)
+        if frames[-1].empty:
+            print(f"attnbench: error: no readable records in {folder}", file=sys.stderr)
+            return 2
     name_a, name_b = args.a.resolve().name, args.b.resolve().name
     out = args.out or default_out(args.a, args.b)
     for folder in (args.a, args.b):

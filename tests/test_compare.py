@@ -114,3 +114,22 @@ def test_kernel_change_and_contended_points_are_pointed_out(sweeps, tmp_path, ca
     assert df.loc[("full[naive]", 128), "note"] == "contended in B"
     md = (tmp_path / "out" / "compare.md").read_text()
     assert "| kernel | note |" in md and "kernel changed" in md
+
+
+def test_a_point_missing_from_b_is_a_regression_and_an_empty_folder_is_exit_2(
+        sweeps, tmp_path, capsys):
+    a, _ = sweeps
+    b = tmp_path / "b"
+    shutil.copytree(a, b, ignore=shutil.ignore_patterns("compare-*"))
+    gone = sorted(b.glob("*/result.json"))[0]
+    gone.unlink()
+    code = compare.main([str(a), str(b), "--out", str(tmp_path / "out"), "--fail-on-regression"])
+    assert code == 1
+    df = pd.read_csv(tmp_path / "out" / "compare.csv")
+    assert (df.verdict == "missing in B").sum() == 1 and df.regression.sum() >= 1
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    capsys.readouterr()
+    assert compare.main([str(a), str(empty), "--out", str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no readable records" in err[0]
