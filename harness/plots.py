@@ -403,6 +403,11 @@ def all_plots(df: pd.DataFrame, scaling: pd.DataFrame, baseline: str | None,
               folder: Path, cross: pd.DataFrame | None = None) -> list[tuple[str, list[Path]]]:
     """Write every figure into `folder`; returns (title, [png, svg]) pairs in page order."""
     sns.set_theme(style="whitegrid", context="notebook", font_scale=0.85)
+    # labels are text: a `$` in a plugin's label must not start matplotlib's mathtext
+    df, scaling = (f.assign(label=f.label.astype(str).str.replace("$", r"\$", regex=False))
+                   for f in (df, scaling))
+    if cross is not None and not cross.empty:
+        cross = cross.assign(label=cross.label.astype(str).str.replace("$", r"\$", regex=False))
     df = df.assign(setting=setting_names(df), peak_mb=df.peak_mem_bytes / 2**20)
     names = setting_names(scaling) if not scaling.empty else pd.Series(dtype=str)
     scaling = scaling.assign(setting=names)

@@ -154,3 +154,19 @@ def test_report_never_crashes(tmp_path, case):
     for name in report.FILES:
         assert (folder / name).exists(), name
     assert _md(folder).startswith("# attnbench report")
+
+
+def test_report_survives_hostile_values_and_labels_are_text(tmp_path):
+    """Values the record reader accepts never crash the report: infinite latency, huge n,
+    labels with plot markup ($, _, ^) and table markup (|, *)."""
+    recs = [_rec(n=n, latency_ms=1e-6 * n ** 2) for n in (1024, 2048, 4096)]
+    recs += [_rec("evil[$\\frac$_|*]", n, family="local", latency_ms=lat, time_exponent=1.0,
+                  memory_exponent=1.0)
+             for n, lat in ((1024, float("inf")), (2048, 2.0), (4096, 3.0))]
+    recs += [_rec("huge", 2**40, family="linear", latency_ms=5.0, time_exponent=1.0,
+                  memory_exponent=1.0, peak_mem_bytes=1e18)]
+    folder = _write(tmp_path / "s", recs)
+    report.build_report(folder)
+    md = _md(folder)
+    assert "evil[$\\frac$_\\|*]" in md  # a table cell escapes only what markdown needs
+    assert (folder / "index.html").exists() and list((folder / "plots").glob("*.png"))
