@@ -101,8 +101,8 @@ def test_resume_with_the_overrides_in_another_order_keeps_every_point(tmp_path):
 
 
 def test_resume_measures_again_the_outcomes_that_may_change(tmp_path):
-    common = ["-m", "variant=full", "variant.backend=naive,xformers", "seq_len=32,1024", *FAST,
-              f"hydra.sweep.dir={tmp_path}"]
+    common = ["-m", "variant=full", "variant.backend=naive,xformers", "seq_len=32,1024",
+              "device=cpu", *FAST, f"hydra.sweep.dir={tmp_path}"]
     first = attnbench(*common, "max_memory=5MB")
     assert first.returncode == 0, first.stderr[-2000:]
     df = pd.read_csv(tmp_path / "results.csv").set_index(["label", "seq_len"])

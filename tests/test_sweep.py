@@ -29,7 +29,7 @@ def attnbench(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 def test_multirun_gathers_exactly_the_expected_rows(tmp_path):
     out = tmp_path / "sweep"
     proc = attnbench(
-        "-m", "variant=full", "variant.backend=naive,sdpa,xformers", "seq_len=64,96",
+        "-m", "variant=full", "variant.backend=naive,sdpa,xformers", "seq_len=64,96", "device=cpu",
         "causal=false,true", *TINY, f"hydra.sweep.dir={out}",
     )
     assert proc.returncode == 0, proc.stderr
