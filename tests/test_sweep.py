@@ -94,3 +94,24 @@ def test_record_roundtrip_and_corrupt_record_skipped(tmp_path):
     text = " ".join(str(w.message) for w in caught)
     assert str(tmp_path / "b" / "result.json") in text and "seq_len" in text
     assert isinstance(recs[0], Record)
+
+
+def test_decode_multirun_with_grouped_heads(tmp_path):
+    out = tmp_path / "sweep"
+    proc = attnbench("-m", "variant=full,linformer,retnet", "mode=decode", "kv_heads=1,2",
+                     "seq_len=64,128", "heads=4", "batch=1", "head_dim=16",
+                     "timing.min_reps=2", "timing.min_time_s=0", "timing.warmup=1",
+                     f"hydra.sweep.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    df = pd.read_csv(out / "results.csv")
+    assert len(df) == 3 * 2 * 2 and set(df.kv_heads) == {1, 2}
+    assert (df["mode"] == "decode").all() and df.causal.all()
+    ok = df[df.variant != "linformer"]
+    assert (ok.status == "ok").all(), ok[["label", "status", "reason"]]
+    assert (ok.state_bytes > 0).all() and (ok.rel_error < 1e-4).all()
+    full = ok[ok.variant == "full"].set_index(["kv_heads", "seq_len"]).state_bytes
+    assert full[(2, 128)] > full[(2, 64)] and full[(1, 64)] < full[(2, 64)]  # cache ∝ n·Hkv
+    rnn = ok[ok.variant == "retnet"].set_index(["kv_heads", "seq_len"]).state_bytes
+    assert rnn[(2, 128)] == rnn[(2, 64)]  # a recurrent state does not grow with the context
+    lf = df[df.variant == "linformer"]
+    assert (lf.status == "unsupported").all() and lf.reason.str.contains("decode").all()
