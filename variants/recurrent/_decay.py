@@ -36,9 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from variants._prefix import compute_dtype as _half_to_float
-from variants.base import Shape, Variant
-
-IMPLS = ("chunk", "recurrent", "fla")
+from variants.base import Shape
+from variants.recurrent._base import Recurrent
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -278,37 +277,16 @@ def decay_memory(shape: Shape, ha: int, per_dim: bool, chunk: int, el: int, cast
 
 
 @dataclass
-class DecayRNN(Variant):
+class DecayRNN(Recurrent):
     """Base of the decay-gated linear RNNs. Subclasses define `gates` (and `fla_call`).
 
     Args: chunk (chunk length L), impl (chunk | recurrent | fla).
     """
 
-    family: ClassVar[str] = "recurrent"
-    time_exponent: ClassVar[float] = 1.0
-    memory_exponent: ClassVar[float] = 1.0
-    exact: ClassVar[bool] = False
-    no_noncausal: ClassVar[str] = "a recurrence runs forward in time"
-    supports_gqa: ClassVar[bool] = True
-    supports_q_len: ClassVar[bool] = True
-    ops_grow_with_n: ClassVar[bool] = True  # the state is passed chunk by chunk (n/L steps)
     per_dim: ClassVar[bool] = False  # decays per key dimension (gla) or a scalar per head
     per_query_head: ClassVar[bool] = True  # decays per query head, or per k/v head
     fla_op: ClassVar[str] = ""  # the flash-linear-attention op of the `fla` impl
     input_gain: ClassVar[bool] = False  # a gain g_t on k_tᵀv_t (mamba2's Δ_t)
-
-    chunk: int = 64
-    impl: str = "chunk"
-
-    def __post_init__(self) -> None:
-        if self.chunk <= 0:
-            raise ValueError(f"chunk={self.chunk}: must be positive")
-        if self.impl not in IMPLS:
-            raise ValueError(f"impl={self.impl!r}: expected one of {', '.join(IMPLS)}")
-
-    @property
-    def label(self) -> str:
-        return self._label({"impl": None if self.impl == "chunk" else self.impl})
 
     def gates(self, k: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """log a (B, Ha, N, Dd) and the input gain (B, Ha, N) or None, from k (B, Hkv, N, D)

@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 
 from variants._prefix import compute_dtype
-from variants.base import Shape, Variant
+from variants.base import Shape
+from variants.recurrent._base import Recurrent
 
-IMPLS = ("chunk", "recurrent", "fla")
 SOLVE_BLOCK = 16  # rows of the diagonal blocks `unit_lower_solve` inverts by doubling
 
 
@@ -238,7 +238,7 @@ def solve_flops(c: int, m: int) -> float:
 
 
 @dataclass
-class DeltaRule(Variant):
+class DeltaRule(Recurrent):
     """Shared contract of `deltanet` and `gated_deltanet` (they differ in the decay `log_alpha`
     and the fla kernel). Gates come from k before its normalisation, per k/v head h:
     β_t = σ(k_t·w_h[:, 0]) and (gated) log α_t = −A_h·softplus(k_t·w_h[:, 1] + b_h), with the
@@ -247,32 +247,10 @@ class DeltaRule(Variant):
     Args: chunk (chunk length C), impl (chunk | recurrent | fla), seed (gate parameters).
     """
 
-    family: ClassVar[str] = "recurrent"
-    time_exponent: ClassVar[float] = 1.0
-    memory_exponent: ClassVar[float] = 1.0
-    exact: ClassVar[bool] = False
-    no_noncausal: ClassVar[str] = "a recurrence runs forward in time"
-    # Declared for the contract on main (grouped heads, q_len < seq_len, the chunk loop's n/C
-    # ops); plain class attributes where the base class does not read them yet.
-    supports_gqa: ClassVar[bool] = True
-    supports_q_len: ClassVar[bool] = True
-    ops_grow_with_n: ClassVar[bool] = True
     gated: ClassVar[bool] = False
     fla_module: ClassVar[str] = ""
 
-    chunk: int = 64
-    impl: str = "chunk"
     seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.chunk <= 0:
-            raise ValueError(f"chunk={self.chunk}: must be positive")
-        if self.impl not in IMPLS:
-            raise ValueError(f"impl={self.impl!r}: one of {', '.join(IMPLS)}")
-
-    @property
-    def label(self) -> str:
-        return self._label({"impl": None if self.impl == "chunk" else self.impl})
 
     def gates(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """β (B, Hkv, N) and log α (B, Hkv, N) or None, from raw k in its (compute) dtype."""
