@@ -16,7 +16,6 @@ import math
 import os
 import shlex
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ import yaml
 
 from harness import html, pick, plots, tables
 from harness.gather import RESULTS_CSV, records_frame
-from harness.records import Record, find_records
+from harness.records import Record, atomic_write_text, find_records
 from harness.scaling import (
     AGREE_MARGIN,
     AGREE_WIDTH,
@@ -141,11 +140,7 @@ def machine(df: pd.DataFrame) -> dict[str, str]:
 
 
 def _write(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, text)  # readable like any new file, never torn
 
 
 def build_report(folder: str | os.PathLike, baseline: str | None = None,

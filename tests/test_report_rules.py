@@ -170,3 +170,16 @@ def test_report_survives_hostile_values_and_labels_are_text(tmp_path):
     md = _md(folder)
     assert "evil[$\\frac$_\\|*]" in md  # a table cell escapes only what markdown needs
     assert (folder / "index.html").exists() and list((folder / "plots").glob("*.png"))
+
+
+def test_report_files_are_readable_like_normal_files(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        folder = _write(tmp_path / "s", [_rec(n=n) for n in (1024, 2048, 4096)])
+        report.build_report(folder)
+    finally:
+        os.umask(old)
+    for name in ("results.csv", "pick.csv", "scaling.csv", "summary.md", "index.html"):
+        assert (folder / name).stat().st_mode & 0o777 == 0o644, name
