@@ -99,14 +99,17 @@ def _causal(
     scores.view(b, hkv, c, g, L, L).tril_()  # each head's block masked within the chunk
     num = scores @ vm  # (B, Hkv, C, G·L, D)
     den = scores.sum(-1, keepdim=True, dtype=acc)  # (B, Hkv, C, G·L, 1)
-    # states of chunks 0..C-2, prefix-summed (exclusive: chunk i sees chunks < i) in acc
+    # states of chunks 0..C-2 (and the context's, if any), prefix-summed in acc: chunk i sees
+    # the context and chunks < i
     states = (km[:, :, :-1].transpose(-2, -1) @ vm[:, :, :-1]).to(acc)  # (B, Hkv, C-1, F, D)
-    prev = F.pad(states, (0, 0, 0, 0, 1, 0)).cumsum_(2)  # (B, Hkv, C, F, D)
-    zprev = F.pad(kc[:, :, :-1].sum(-2), (0, 0, 1, 0)).cumsum_(2)  # (B, Hkv, C, F)
+    norms = kc[:, :, :-1].sum(-2)  # (B, Hkv, C-1, F)
+    s0 = z0 = None
     if pre:  # the context before the first query: one more state, added to every chunk's
         s0, z0 = context_state(kf[..., :pre, :], v[..., :pre, :], mm)
-        prev += s0.to(acc)[:, :, None]
-        zprev += z0[:, :, None, :, 0]
+        s0, z0 = s0.to(acc), z0[..., 0]
+    launch_light = gpu_path(qf.device)
+    prev, zprev = _exclusive_prefix(states, s0, launch_light), _exclusive_prefix(norms, z0,
+                                                                                launch_light)
     num = num.to(acc).add_(qm @ prev.to(mm))
     den += qc @ zprev.unsqueeze(-1)  # (B, Hkv, C, G·L, 1)
 
@@ -116,6 +119,23 @@ def _causal(
         return x[:, :, :nq]
 
     return unfold(num), unfold(den)
+
+
+def _exclusive_prefix(
+    x: torch.Tensor, first: torch.Tensor | None, launch_light: bool
+) -> torch.Tensor:
+    """(B, Hkv, C, ...): `first` (or 0) plus the sums of x[:, :, :i] (x: (B, Hkv, C-1, ...)).
+    Launch-light: one cumsum. Otherwise a loop of C adds: a CPU's cumsum over a middle dimension
+    runs ~20x slower than the adds (8 MiB of states: 19 ms against 0.8-1.3 ms on this CPU)."""
+    if first is None:
+        first = x.new_zeros(x.shape[:2] + x.shape[3:])
+    if launch_light:
+        return torch.cat([first[:, :, None], x], dim=2).cumsum_(2)
+    acc, out = first, [first]
+    for xi in x.unbind(2):  # differentiable: unbind's backward is one stack, not C scatters
+        acc = acc + xi
+        out.append(acc)
+    return torch.stack(out, dim=2)
 
 
 def linear_flops(shape: Shape, f: int, causal: bool, chunk: int) -> float:

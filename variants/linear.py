@@ -80,7 +80,10 @@ class Linear(Variant):
 
     def kernel(self, shape: Shape, device, causal: bool, grad: bool) -> str:
         path = self._path(device, causal, grad)
-        return f"chunked[L={min(self.chunk, shape.nq)}]" if path == "chunked" else path
+        if path != "chunked":
+            return path
+        prefix = "cumsum" if gpu_path(device) else "loop"  # over chunks: _prefix._exclusive_prefix
+        return f"chunked[L={min(self.chunk, shape.nq)},{prefix}]"
 
     # -- decode: the recurrent state ------------------------------------------------------------
     def decode_init(

@@ -101,7 +101,10 @@ class Performer(Variant):
 
     def kernel(self, shape: Shape, device, causal: bool, grad: bool) -> str:
         path = self._path(device, causal, grad)
-        return f"chunked[L={min(self.chunk, shape.nq)}]" if path == "chunked" else path
+        if path != "chunked":
+            return path
+        prefix = "cumsum" if gpu_path(device) else "loop"  # over chunks: _prefix._exclusive_prefix
+        return f"chunked[L={min(self.chunk, shape.nq)},{prefix}]"
 
     def _logits(self, x: torch.Tensor, mm: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """wᵀx/d^¼ (B, ·, N, m) and |x/d^¼|²/2 (B, ·, N, 1), in the compute dtype; the projection
