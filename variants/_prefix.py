@@ -12,8 +12,9 @@ prefix-summed over chunks in one cumsum, so the ops per call do not grow with n 
 is O(n·L + n/L·F·D): one state per chunk, never one per position.
 
 Precision: the matmuls run in `mm` (the compute dtype on a CPU; on the GPU path the input dtype,
-whose GEMMs accumulate in fp32); normalisers, prefix sums and the division in the features'
-dtype (float32 for half inputs). The normaliser never goes through a half-precision matmul.
+whose GEMMs accumulate in fp32, bfloat16 for float16 inputs: `mm_dtype`); normalisers, prefix
+sums and the division in the features' dtype (float32 for half inputs). The normaliser never goes
+through a half-precision matmul.
 """
 
 from __future__ import annotations
@@ -29,10 +30,16 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def mm_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+def mm_dtype(dtype: torch.dtype, device: torch.device | str, states: bool = False) -> torch.dtype:
     """The matmuls' dtype: the input dtype on the GPU path (tensor cores; fp32 accumulation inside
-    the GEMM), the compute dtype elsewhere (a CPU has no faster half GEMM to trade range for)."""
-    return dtype if gpu_path(device) else compute_dtype(dtype)
+    the GEMM), the compute dtype elsewhere (a CPU has no faster half GEMM to trade range for).
+    `states`: the matmuls form un-normalised sums (the linear family's Σ φ(k)ᵀv over up to n
+    keys, performer's shifted features down to 1e-8, and 1/normaliser in their gradients), which
+    leave float16's range (max 65504, normals from 6e-5): float16 inputs run them in bfloat16,
+    at the same tensor-core rate with float32's range."""
+    if not gpu_path(device):
+        return compute_dtype(dtype)
+    return torch.bfloat16 if states and dtype == torch.float16 else dtype
 
 
 def linear_attention(

@@ -69,7 +69,7 @@ class Linear(Variant):
             ct = compute_dtype(q.dtype)
             return _forward_tiled(q.to(ct), k.to(ct), v.to(ct), self.eps).to(q.dtype)
         qf, kf = self.feature_map(q, k)  # (B, H, Nq, D), (B, Hkv, Nk, D)
-        mm = mm_dtype(q.dtype, q.device)
+        mm = mm_dtype(q.dtype, q.device, states=True)
         return linear_attention(qf, kf, v, causal, self.chunk, self.eps, mm).to(q.dtype)
 
     def _path(self, device, causal: bool, grad: bool) -> str:

@@ -129,27 +129,27 @@ def _forward_tiled(
 ) -> torch.Tensor:
     """The same products as `forward`'s batched path, without autograd (CPU): the (n, m) and
     (m, n) kernels are made, softmaxed in place and consumed one cache-sized tile at a time, so
-    they never go through main memory (2.3x faster at n=8192, m=256 on a 2-core CPU). Kernel 3
-    is per k/v head with the group's G·m query landmarks as rows; kernel 1 per query head."""
+    they never go through main memory (2.3x faster at n=8192, m=256 on a 2-core CPU). Grouped
+    heads: query head i reads k/v head i // G (no copy)."""
     b, h, n, d = q.shape
     hkv = k.shape[1]
     scale = 1.0 / math.sqrt(d)
     ql, kl = landmarks(q, m) * scale, landmarks(k, m)  # (B, H, m, D), (B, Hkv, m, D)
-    qlf = ql.reshape(b * hkv, -1, d)  # (B·Hkv, G·m, D)
-    k2 = torch.softmax(qlf @ kl.reshape(b * hkv, m, d).transpose(1, 2), dim=-1)  # (·, G·m, m)
-    kf, vf = (t.reshape(b * hkv, n, d) for t in (k, v))  # (B·Hkv, N, D)
-    k3v = q.new_empty(b * hkv, qlf.shape[1], d)
-    for i in range(b * hkv):  # kernel 3 of one k/v head, (G·m, N): softmax over all keys, · V
-        s = qlf[i] @ kf[i].T
-        torch.mm(torch.softmax(s, dim=-1, out=s), vf[i], out=k3v[i])
-    w = iterative_pinv(k2.view(b, h, m, m), iters).view(b * h, m, m) @ k3v.view(b * h, m, d)
-    qf = q.reshape(b * h, n, d)
-    klt = (kl * scale).transpose(-2, -1)  # (B, Hkv, D, m)
     g = h // hkv
+    qlf = ql.reshape(b * h, m, d)  # (B·H, m, D)
+    k2 = torch.softmax(ql.reshape(b, hkv, -1, d) @ kl.transpose(-2, -1), dim=-1)  # (B,Hkv,G·m,m)
+    kf, vf = (t.reshape(b * hkv, n, d) for t in (k, v))  # (B·Hkv, N, D)
+    k3v = q.new_empty(b * h, m, d)
+    for i in range(b * h):  # kernel 3 of one query head, (m, N): softmax over all keys, then · V
+        s = qlf[i] @ kf[i // g].T
+        torch.mm(torch.softmax(s, dim=-1, out=s), vf[i // g], out=k3v[i])
+    w = iterative_pinv(k2.view(b, h, m, m), iters).view(b * h, m, m) @ k3v
+    qf = q.reshape(b * h, n, d)
+    klt = (kl * scale).reshape(b * hkv, m, d).transpose(1, 2)  # (B·Hkv, D, m)
     out = torch.empty_like(qf)
     rows = max(1, _TILE // m)
     for i in range(b * h):  # kernel 1 in row tiles of (rows, m), each times w
-        kt = klt[i // h, (i % h) // g]
+        kt = klt[i // g]
         for r in range(0, n, rows):
             s = qf[i, r : r + rows] @ kt
             torch.mm(torch.softmax(s, dim=-1, out=s), w[i], out=out[i, r : r + rows])

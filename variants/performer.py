@@ -88,7 +88,7 @@ class Performer(Variant):
             ct = compute_dtype(q.dtype)
             wt = _projection(self.seed, self.features, q.shape[-1], str(q.device), ct, True)
             return _forward_tiled(q.to(ct), k.to(ct), v.to(ct), wt, self.eps).to(q.dtype)
-        mm = mm_dtype(q.dtype, q.device)
+        mm = mm_dtype(q.dtype, q.device, states=True)
         qf, kf, log_c = self._shifted_features(q, k, mm)  # (B,H,Nq,m), (B,Hkv,Nk,m), (B,H,Nq,1)
         floor = _floor(self.eps, log_c, 1 / math.log(2))
         return linear_attention(qf, kf, v, causal, self.chunk, floor, mm).to(q.dtype)
