@@ -20,11 +20,13 @@ from variants.testing import assert_matches, random_qkv
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def kernel_reference(att):
-    """normalise(φ(Q)φ(K)ᵀ, causal mask) V computed quadratically with the variant's features."""
+def kernel_reference(att, ct_of=compute_dtype):
+    """normalise(φ(Q)φ(K)ᵀ, causal mask) V computed quadratically with the variant's features,
+    in `ct_of(input dtype)` (default the CPU path's compute dtype; the identity for the naive
+    same-dtype budget of the GPU path)."""
 
     def ref(q, k, v, causal):
-        ct = compute_dtype(q.dtype)
+        ct = ct_of(q.dtype)
         qf, kf = att.feature_map(q, k)
         a = qf.to(ct) @ kf.to(ct).transpose(-2, -1)  # (B, H, N, N)
         if causal:
@@ -35,17 +37,18 @@ def kernel_reference(att):
     return ref
 
 
-def favor_reference(att, eps=0.0):
+def favor_reference(att, eps=0.0, ct_of=compute_dtype):
     """FAVOR+ from its definition (https://arxiv.org/abs/2009.14794, eq. (7) positive random
     features and Lemma 1), with the variant's random features w (rows ω₁..ω_m):
 
     φ(x) = exp(ωᵢᵀx − ‖x‖²/2)/√m for x = q/d^¼, k/d^¼, so E[φ(q)ᵀφ(k)] = exp(qᵀk/√d);
     out = φ(Q)(φ(K)ᵀV) / (φ(Q)(φ(K)ᵀ1) + eps); causal: both sums over j <= i (prefix sums).
-    No max-shifts: float64 has the range at these sizes. Half inputs compute in float32.
+    No max-shifts: float64 has the range at these sizes. Half inputs compute in `ct_of(dtype)`
+    (default float32).
     """
 
     def ref(q, k, v, causal):
-        dtype, ct = q.dtype, compute_dtype(q.dtype)
+        dtype, ct = q.dtype, ct_of(q.dtype)
         q, k, v = q.to(ct), k.to(ct), v.to(ct)
         d = q.shape[-1]
         w = att.projection(d, "cpu", torch.float64).to(ct)  # (m, D)

@@ -19,12 +19,13 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPE = variants.Shape(1, 2, 64, 16)
 
 
-def linformer_reference(att):
-    """softmax(Q (EK)ᵀ/√d)(FV) with the variant's projections, dense."""
+def linformer_reference(att, ct_of=compute_dtype):
+    """softmax(Q (EK)ᵀ/√d)(FV) with the variant's projections over the keys, dense, in
+    `ct_of(input dtype)`."""
 
     def ref(q, k, v, causal):
-        ct = compute_dtype(q.dtype)
-        e, f = att.projections(q.shape[-2], q.device, ct)
+        ct = ct_of(q.dtype)
+        e, f = att.projections(k.shape[-2], q.device, ct)
         scores = q.to(ct) @ (e @ k.to(ct)).transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B,H,N,k)
         return (torch.softmax(scores, -1) @ (f @ v.to(ct))).to(q.dtype)
 
@@ -54,9 +55,9 @@ def segment_means(x, m):
     return torch.stack(rows, dim=-2)  # (B, H, m, D)
 
 
-def nystrom_reference(m, pinv):
+def nystrom_reference(m, pinv, ct_of=compute_dtype):
     def ref(q, k, v, causal):
-        ct = compute_dtype(q.dtype)
+        ct = ct_of(q.dtype)
         q, k, v = q.to(ct), k.to(ct), v.to(ct)
         s = 1 / math.sqrt(q.shape[-1])
         ql, kl = segment_means(q, m), segment_means(k, m)

@@ -1,9 +1,20 @@
-"""Normalised linear attention φ(Q)φ(K)ᵀV shared by the linear-family variants.
+"""Normalised linear attention φ(Q)φ(K)ᵀV shared by the linear-family variants, batched form.
+
+Model shapes: q features (B, H, Nq, F), k features and v (B, Hkv, Nk, ·). The state is per k/v
+head; the G = H/Hkv query heads of a group are folded into its rows (a view of q, never a copy of
+k or v). The queries are the last Nq positions: the first Nk − Nq keys only build the state the
+causal chunks start from.
 
 Causal form by chunked prefix sums: inside a chunk of L positions the masked quadratic form;
-across chunks the running state S = Σ φ(k)ᵀ[v, 1] (F × (D+1) per batch-head) of all earlier
-chunks. The per-chunk states are formed in one batched matmul and prefix-summed over chunks,
-so memory is O(n·L + n/L·F·D): one state per chunk, never one per position.
+across chunks the running state S = Σ φ(k)ᵀv (F × D per batch and k/v head) and normaliser
+z = Σ φ(k) of all earlier chunks. The per-chunk states are formed in one batched matmul and
+prefix-summed over chunks in one cumsum, so the ops per call do not grow with n or B·H and memory
+is O(n·L + n/L·F·D): one state per chunk, never one per position.
+
+Precision: the matmuls run in `mm` (the compute dtype on a CPU; on the GPU path the input dtype,
+whose GEMMs accumulate in fp32, bfloat16 for float16 inputs: `mm_dtype`); normalisers, prefix
+sums and the division in the features' dtype (float32 for half inputs). The normaliser never goes
+through a half-precision matmul.
 """
 
 from __future__ import annotations
@@ -11,10 +22,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from variants.base import Shape, gpu_path
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half inputs (features, prefix sums and the pseudo-inverse need the range)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def mm_dtype(dtype: torch.dtype, device: torch.device | str, states: bool = False) -> torch.dtype:
+    """The matmuls' dtype: the input dtype on the GPU path (tensor cores; fp32 accumulation inside
+    the GEMM), the compute dtype elsewhere (a CPU has no faster half GEMM to trade range for).
+    `states`: the matmuls form un-normalised sums (the linear family's Σ φ(k)ᵀv over up to n
+    keys, performer's shifted features down to 1e-8, and 1/normaliser in their gradients), which
+    leave float16's range (max 65504, normals from 6e-5): float16 inputs run them in bfloat16,
+    at the same tensor-core rate with float32's range."""
+    if not gpu_path(device):
+        return compute_dtype(dtype)
+    return torch.bfloat16 if states and dtype == torch.float16 else dtype
 
 
 def linear_attention(
@@ -24,67 +49,131 @@ def linear_attention(
     causal: bool,
     chunk: int,
     eps: float | torch.Tensor,
+    mm: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """out_i = Σ_j φq_i·φk_j v_j / (Σ_j φq_i·φk_j + eps), j over all keys (or j <= i if causal).
+    """out_i = Σ_j φq_i·φk_j v_j / (Σ_j φq_i·φk_j + eps), j over all keys (or, causal, the keys
+    up to query i's position Nk − Nq + i).
 
     Args:
-        qf, kf: (B, H, N, F) non-negative features; v: (B, H, N, D).
+        qf: (B, H, Nq, F), kf: (B, Hkv, Nk, F) non-negative features; v: (B, Hkv, Nk, D).
         chunk: chunk length L of the causal path.
-        eps: a float, or a (B, H, N, 1) tensor: one per query row.
+        eps: a float, or a (B, H, Nq, 1) tensor: one per query row.
+        mm: dtype of the matmuls (default: the features' dtype).
     Returns:
-        (B, H, N, D).
+        (B, H, Nq, D) in the features' dtype.
     """
+    b, h, nq, f = qf.shape
+    hkv, d = v.shape[1], v.shape[3]
+    mm = mm or qf.dtype
     if not causal:
-        num = qf @ (kf.transpose(-2, -1) @ v)  # (B, H, N, F) @ (B, H, F, D)
-        den = qf @ kf.sum(-2).unsqueeze(-1)  # (B, H, N, 1)
-        return num / den.add_(eps)
-    d = v.shape[-1]
-    v1 = F.pad(v, (0, 1), value=1.0)  # (B, H, N, D+1): the ones column carries the normaliser
-    num = _causal(qf, kf, v1, chunk)
-    return num[..., :d] / (num[..., d:] + eps)
+        s, z = context_state(kf, v, mm)  # (B, Hkv, F, D), (B, Hkv, F, 1)
+        rows = qf.reshape(b, hkv, -1, f)  # (B, Hkv, G·Nq, F): the group's query heads as rows
+        num = (rows.to(mm) @ s).to(qf.dtype)
+        den = rows @ z  # (B, Hkv, G·Nq, 1), in the features' dtype
+        return (num / den.add_(_rows(eps, b, hkv))).view(b, h, nq, d)
+    num, den = _causal(qf, kf, v, chunk, mm)
+    return num / den.add_(eps)
 
 
-def _causal(qf: torch.Tensor, kf: torch.Tensor, v1: torch.Tensor, chunk: int) -> torch.Tensor:
-    b, h, n, f = qf.shape
-    e = v1.shape[-1]
-    L = min(chunk, n)
-    pad = -n % L  # zero rows: padded keys add nothing, padded queries are dropped
+def context_state(
+    kf: torch.Tensor, v: torch.Tensor, mm: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """S = φ(K)ᵀV (B, Hkv, F, D) in `mm`, z = Σφ(k) (B, Hkv, F, 1) in kf's dtype: one matmul."""
+    return kf.to(mm).transpose(-2, -1) @ v.to(mm), kf.sum(-2).unsqueeze(-1)
+
+
+def _rows(eps: float | torch.Tensor, b: int, hkv: int) -> float | torch.Tensor:
+    return eps.reshape(b, hkv, -1, 1) if isinstance(eps, torch.Tensor) else eps
+
+
+def _causal(
+    qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor, chunk: int, mm: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Numerator (B, H, Nq, D) and normaliser (B, H, Nq, 1) of the causal form, chunked."""
+    b, h, nq, f = qf.shape
+    hkv, nk, d = v.shape[1], v.shape[2], v.shape[3]
+    g, pre, acc = h // hkv, nk - nq, qf.dtype
+    kq, vq = kf[..., pre:, :], v[..., pre:, :]  # the keys at the query positions
+    L = min(chunk, nq)
+    pad = -nq % L  # zero rows: padded keys add nothing, padded queries are dropped
     if pad:
-        qf, kf, v1 = (F.pad(t, (0, 0, 0, pad)) for t in (qf, kf, v1))
-    c = (n + pad) // L
-    qc = qf.reshape(b, h, c, L, f)  # (B, H, C, L, F)
-    kc = kf.reshape(b, h, c, L, f)
-    vc = v1.reshape(b, h, c, L, e)  # (B, H, C, L, D+1)
-    scores = (qc @ kc.transpose(-2, -1)).tril_()  # (B, H, C, L, L), masked within the chunk
-    out = scores @ vc  # (B, H, C, L, D+1)
-    if c > 1:
-        states = kc[:, :, :-1].transpose(-2, -1) @ vc[:, :, :-1]  # (B, H, C-1, F, D+1)
-        prev = states.cumsum_(2)  # state after chunks 0..c-1, for chunks 1..C-1
-        out[:, :, 1:] += qc[:, :, 1:] @ prev  # carried state from earlier chunks
-    return out.reshape(b, h, c * L, e)[:, :, :n]
+        qf, kq, vq = (F.pad(t, (0, 0, 0, pad)) for t in (qf, kq, vq))
+    c = (nq + pad) // L
+    qc = qf.view(b, hkv, g, c, L, f).transpose(2, 3).reshape(b, hkv, c, g * L, f)  # G·L rows
+    kc = kq.reshape(b, hkv, c, L, f)  # (B, Hkv, C, L, F)
+    qm, km, vm = qc.to(mm), kc.to(mm), vq.reshape(b, hkv, c, L, d).to(mm)
+    scores = qm @ km.transpose(-2, -1)  # (B, Hkv, C, G·L, L)
+    scores.view(b, hkv, c, g, L, L).tril_()  # each head's block masked within the chunk
+    num = scores @ vm  # (B, Hkv, C, G·L, D)
+    den = scores.sum(-1, keepdim=True, dtype=acc)  # (B, Hkv, C, G·L, 1)
+    # states of chunks 0..C-2 (and the context's, if any), prefix-summed in acc: chunk i sees
+    # the context and chunks < i
+    states = (km[:, :, :-1].transpose(-2, -1) @ vm[:, :, :-1]).to(acc)  # (B, Hkv, C-1, F, D)
+    norms = kc[:, :, :-1].sum(-2)  # (B, Hkv, C-1, F)
+    s0 = z0 = None
+    if pre:  # the context before the first query: one more state, added to every chunk's
+        s0, z0 = context_state(kf[..., :pre, :], v[..., :pre, :], mm)
+        s0, z0 = s0.to(acc), z0[..., 0]
+    launch_light = gpu_path(qf.device)
+    prev, zprev = _exclusive_prefix(states, s0, launch_light), _exclusive_prefix(norms, z0,
+                                                                                launch_light)
+    num = num.to(acc).add_(qm @ prev.to(mm))
+    den += qc @ zprev.unsqueeze(-1)  # (B, Hkv, C, G·L, 1)
+
+    def unfold(x: torch.Tensor) -> torch.Tensor:  # (B, Hkv, C, G·L, E) → (B, H, Nq, E)
+        e = x.shape[-1]
+        x = x.view(b, hkv, c, g, L, e).transpose(2, 3).reshape(b, h, c * L, e)
+        return x[:, :, :nq]
+
+    return unfold(num), unfold(den)
 
 
-def linear_flops(bh: int, n: int, f: int, d: int, causal: bool, chunk: int) -> float:
-    """Matmul FLOPs of `linear_attention` (features excluded; multiply-add = 2)."""
-    e = d + 1
+def _exclusive_prefix(
+    x: torch.Tensor, first: torch.Tensor | None, launch_light: bool
+) -> torch.Tensor:
+    """(B, Hkv, C, ...): `first` (or 0) plus the sums of x[:, :, :i] (x: (B, Hkv, C-1, ...)).
+    Launch-light: one cumsum. Otherwise a loop of C adds: a CPU's cumsum over a middle dimension
+    runs ~20x slower than the adds (8 MiB of states: 19 ms against 0.8-1.3 ms on this CPU)."""
+    if first is None:
+        first = x.new_zeros(x.shape[:2] + x.shape[3:])
+    if launch_light:
+        return torch.cat([first[:, :, None], x], dim=2).cumsum_(2)
+    acc, out = first, [first]
+    for xi in x.unbind(2):  # differentiable: unbind's backward is one stack, not C scatters
+        acc = acc + xi
+        out.append(acc)
+    return torch.stack(out, dim=2)
+
+
+def linear_flops(shape: Shape, f: int, causal: bool, chunk: int) -> float:
+    """Matmul FLOPs of `linear_attention` with F features (features excluded; multiply-add 2)."""
+    b, h, hkv, d = shape.batch, shape.heads, shape.hkv, shape.head_dim
+    nq, nk = shape.nq, shape.seq_len
+    if not causal:  # state, queries against it, normaliser
+        return 2.0 * b * (hkv * nk * f * d + h * nq * f * d + h * nq * f)
+    L = min(chunk, nq)
+    c = -(-nq // L)
+    intra = 2 * h * c * L * L * (f + d)  # masked scores and their product with v
+    inter = 2 * h * c * L * f * (d + 1)  # queries against the carried state and normaliser
+    states = 2 * hkv * ((c - 1) * L + nk - nq) * f * d  # chunk states and the context's
+    return float(b * (intra + inter + states))
+
+
+def linear_memory(shape: Shape, f: int, causal: bool, chunk: int, el: int, mm_el: int) -> int:
+    """Upper estimate of the bytes `linear_attention` allocates: `el` bytes per element of the
+    features' dtype, `mm_el` of the matmuls' (the casts to it: none when equal)."""
+    b, h, hkv, d = shape.batch, shape.heads, shape.hkv, shape.head_dim
+    nq, nk = shape.nq, shape.seq_len
+    cast = mm_el if mm_el != el else 0
     if not causal:
-        return 2.0 * bh * (2 * n * f * d + n * f)  # state, queries against it, normaliser
-    L = min(chunk, n)
-    c = -(-n // L)
-    intra = 2 * c * L * L * (f + e)  # masked scores and their product with [v, 1]
-    inter = 4 * (c - 1) * L * f * e  # chunk states, and queries against the carried state
-    return float(bh * (intra + inter))
-
-
-def linear_memory(bh: int, n: int, f: int, d: int, causal: bool, chunk: int, el: int) -> int:
-    """Upper estimate of the bytes `linear_attention` allocates at `el` bytes per element."""
-    e = d + 1
-    words = n * e + n * e + n * d  # v1 (or normaliser), numerator, output
-    if causal:
-        L = min(chunk, n)
-        c = -(-n // L)
-        words += 3 * c * L * (f + e)  # padded copies
-        words += c * L * L + c * L * e + 2 * c * f * e  # scores, carried part, states
-    else:
-        words += f * e
-    return bh * words * el
+        words = h * nq * (d + 1) + h * nq * d + hkv * f * (d + 1)  # num, den, out; state
+        return b * (words * el + (h * nq * f + hkv * nk * (f + d)) * cast)
+    L = min(chunk, nq)
+    c = -(-nq // L)
+    rows = c * L  # padded query positions
+    words = (h + 2 * hkv) * rows * f + hkv * rows * d  # padded copies, folded query rows
+    words += h * c * L * L + 2 * h * rows * (d + 1)  # scores; num, den and their unfolded copies
+    words += 3 * hkv * c * f * (d + 1)  # states, prefix sums (and the cast of them)
+    words += h * nq * d  # the output
+    casts = (h + hkv) * rows * f + hkv * rows * d + h * c * L * L + h * rows * d
+    return b * (words * el + casts * cast)

@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from variants import register
-from variants._prefix import compute_dtype, linear_attention, linear_flops, linear_memory
-from variants.base import Shape, Variant
+from variants._prefix import (
+    compute_dtype,
+    context_state,
+    linear_attention,
+    linear_flops,
+    linear_memory,
+    mm_dtype,
+)
+from variants.base import Shape, Variant, gpu_path
+
+
+class LinearState(NamedTuple):
+    """Decode state per batch and k/v head: S = Σ φ(k)ᵀv (B, Hkv, F, D), z = Σ φ(k)
+    (B, Hkv, F, 1), in the compute dtype."""
+
+    s: torch.Tensor
+    z: torch.Tensor
 
 
 @register
@@ -26,6 +41,8 @@ class Linear(Variant):
     time_exponent: ClassVar[float] = 1.0
     memory_exponent: ClassVar[float] = 1.0
     exact: ClassVar[bool] = False
+    supports_gqa: ClassVar[bool] = True
+    supports_q_len: ClassVar[bool] = True
 
     chunk: int = 64
     eps: float = 1e-6
@@ -48,46 +65,96 @@ class Linear(Variant):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
     ) -> torch.Tensor:
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        if not causal and not grad:
+        if self._path(q.device, causal, _grad(q, k, v)) == "tiled":
             ct = compute_dtype(q.dtype)
             return _forward_tiled(q.to(ct), k.to(ct), v.to(ct), self.eps).to(q.dtype)
-        qf, kf = self.feature_map(q, k)  # (B, H, N, D)
-        out = linear_attention(qf, kf, v.to(qf.dtype), causal, self.chunk, self.eps)
-        return out.to(q.dtype)
+        qf, kf = self.feature_map(q, k)  # (B, H, Nq, D), (B, Hkv, Nk, D)
+        mm = mm_dtype(q.dtype, q.device, states=True)
+        return linear_attention(qf, kf, v, causal, self.chunk, self.eps, mm).to(q.dtype)
 
+    def _path(self, device, causal: bool, grad: bool) -> str:
+        """tiled (CPU, non-causal, no autograd: cache-sized loops) | batched | chunked."""
+        if causal:
+            return "chunked"
+        return "batched" if grad or gpu_path(device) else "tiled"
+
+    def kernel(self, shape: Shape, device, causal: bool, grad: bool) -> str:
+        path = self._path(device, causal, grad)
+        if path != "chunked":
+            return path
+        prefix = "cumsum" if gpu_path(device) else "loop"  # over chunks: _prefix._exclusive_prefix
+        return f"chunked[L={min(self.chunk, shape.nq)},{prefix}]"
+
+    # -- decode: the recurrent state ------------------------------------------------------------
+    def decode_init(
+        self, k: torch.Tensor, v: torch.Tensor, heads: int | None = None
+    ) -> LinearState:
+        """S, z after the context k, v (B, Hkv, n, D): one batched matmul (no step loop)."""
+        ct = compute_dtype(k.dtype)
+        kf = F.elu(k.to(ct)).add_(1)
+        s, z = context_state(kf, v, ct)
+        return LinearState(s, z)
+
+    def decode_step(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: LinearState
+    ) -> tuple[torch.Tensor, LinearState]:
+        """The state plus the new token's φ(k)ᵀv (a new state: the one passed in is unchanged),
+        then q (B, H, 1, D) read against it, the G query heads of a group as rows."""
+        ct = compute_dtype(q.dtype)
+        qf, kf = self.feature_map(q, k)  # (B, H, 1, D), (B, Hkv, 1, D)
+        s, z = context_state(kf, v, ct)
+        state = LinearState(state.s + s, state.z + z)
+        b, h, _, d = q.shape
+        rows = qf.reshape(b, state.s.shape[1], -1, d)  # (B, Hkv, G, D)
+        out = (rows @ state.s) / (rows @ state.z).add_(self.eps)
+        return out.view(b, h, 1, d).to(q.dtype), state
+
+    def decode_flops(self, shape: Shape) -> float:
+        d = shape.head_dim  # φ(k)ᵀv, then q against S and z
+        return 2.0 * shape.batch * (shape.hkv * d * d + shape.heads * d * (d + 1))
+
+    # -- models ---------------------------------------------------------------------------------
     def flops(self, shape: Shape, causal: bool = False) -> float:
-        d = shape.head_dim
-        return linear_flops(shape.bh, shape.seq_len, d, d, causal, self.chunk)
+        return linear_flops(shape, shape.head_dim, causal, self.chunk)
 
     def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = False) -> int:
-        el = torch.empty((), dtype=compute_dtype(dtype)).element_size()
-        bh, n, d = shape.bh, shape.seq_len, shape.head_dim
-        feats = 3 * bh * n * d * el  # φ(q), φ(k), v (copies in the compute dtype)
-        return feats + linear_memory(bh, n, d, d, causal, self.chunk, el)
+        ct = compute_dtype(dtype)
+        el = torch.empty((), dtype=ct).element_size()
+        b, d = shape.batch, shape.head_dim
+        # φ(q), φ(k) (copies in the compute dtype), v's copy where it is cast
+        feats = b * (shape.heads * shape.nq + shape.hkv * shape.seq_len * (2 if ct != dtype
+                                                                           else 1)) * d * el
+        return feats + linear_memory(shape, d, causal, self.chunk, el, el)
 
     def density(self, n: int, causal: bool = False) -> float | None:
         return None
 
 
+def _grad(*ts: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
+
 def _forward_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
-    """Non-causal `forward` without autograd, one head (and row tile) at a time: the same
-    features and products, but q, k, v are read once and the output written once; features,
-    numerator and normaliser stay in cache (memory-bound: traffic is what costs)."""
-    b, h, n, d = q.shape
-    qf, kf, vf = (t.reshape(b * h, n, d) for t in (q, k, v))  # (BH, N, D)
+    """Non-causal `forward` without autograd (CPU), one k/v head (and row tile) at a time: the
+    same features and products, but q, k, v are read once and the output written once; features,
+    numerator and normaliser stay in cache (memory-bound: traffic is what costs). The G query
+    heads of a group are rows against the group's one state."""
+    b, h, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    qf = q.reshape(b * hkv, -1, d)  # (B·Hkv, G·Nq, D)
+    kf, vf = (t.reshape(b * hkv, nk, d) for t in (k, v))  # (B·Hkv, Nk, D)
     out = torch.empty_like(qf)
     rows = max(1, _TILE // d)
-    for i in range(b * h):
+    for i in range(b * hkv):
         state, norm = q.new_zeros(d, d), q.new_zeros(d, 1)
-        for r in range(0, n, rows):  # state Σ φ(k)vᵀ (D, D) and normaliser Σ φ(k) (D, 1)
+        for r in range(0, nk, rows):  # state Σ φ(k)vᵀ (D, D) and normaliser Σ φ(k) (D, 1)
             phi = F.elu(kf[i, r : r + rows]).add_(1)
             state += phi.T @ vf[i, r : r + rows]  # not addmm_: FLOP counters see a matmul
             norm.add_(phi.sum(0)[:, None])
-        for r in range(0, n, rows):
+        for r in range(0, qf.shape[1], rows):
             phi = F.elu(qf[i, r : r + rows]).add_(1)
             torch.div(phi @ state, (phi @ norm).add_(eps), out=out[i, r : r + rows])
-    return out.view(b, h, n, d)
+    return out.view(b, h, nq, d)
 
 
 _TILE = 1 << 17  # elements of one row tile (512 KiB in float32)

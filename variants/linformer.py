@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from variants import register
-from variants._prefix import compute_dtype
+from variants._prefix import compute_dtype, mm_dtype
 from variants.base import Shape, Variant
 
 
@@ -43,6 +43,8 @@ class Linformer(Variant):
     exact: ClassVar[bool] = False
     no_causal: ClassVar[str] = "projecting along n mixes future keys"
     at_most_n: ClassVar[tuple[str, ...]] = ("k",)
+    supports_gqa: ClassVar[bool] = True
+    supports_q_len: ClassVar[bool] = True
 
     k: int = 256
     seed: int = 0
@@ -70,30 +72,42 @@ class Linformer(Variant):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
     ) -> torch.Tensor:
+        """q (B, H, Nq, D) against the k rows E K, F V of k, v (B, Hkv, Nk, D): E, F are over
+        the Nk keys, so any Nq ≤ Nk queries are rows of the same attention (the last Nq rows of
+        the square call). The G query heads of a group are rows against its one E K, F V."""
         if causal:
             raise ValueError("linformer has no causal form")
-        ct = compute_dtype(q.dtype)
-        e, f = self.projections(q.shape[-2], q.device, ct)
-        kp = e @ k.to(ct)  # (k, N) @ (B, H, N, D) -> (B, H, k, D)
+        b, h, nq, d = q.shape
+        ct = mm_dtype(q.dtype, q.device)  # GPU path: the input dtype (SDPA keeps fp32 stats)
+        e, f = self.projections(k.shape[-2], q.device, ct)
+        kp = e @ k.to(ct)  # (k, Nk) @ (B, Hkv, Nk, D) -> (B, Hkv, k, D)
         vp = f @ v.to(ct)
-        out = F.scaled_dot_product_attention(q.to(ct), kp, vp)  # (B, H, N, D)
-        return out.to(q.dtype)
+        rows = q.to(ct).reshape(b, k.shape[1], -1, d)  # (B, Hkv, G·Nq, D)
+        out = F.scaled_dot_product_attention(rows, kp, vp)  # (B, Hkv, G·Nq, D)
+        return out.view(b, h, nq, d).to(q.dtype)
+
+    def kernel(self, shape: Shape, device, causal: bool, grad: bool) -> str:
+        return "project+sdpa"
 
     def flops(self, shape: Shape, causal: bool = False) -> float:
-        bh, n, d = shape.bh, shape.seq_len, shape.head_dim
-        return 2.0 * bh * (2 * self.k * n * d + 2 * n * self.k * d)  # E K, F V; QKᵀ, PV
+        b, d, kp = shape.batch, shape.head_dim, self.k
+        project = 2 * shape.hkv * shape.seq_len * kp * d  # E K, F V
+        return 2.0 * b * (project + 2 * shape.heads * shape.nq * kp * d)  # + QK̃ᵀ, PṼ
 
     def backward_flops(self, shape: Shape, causal: bool = False) -> float:
         """E, F are constants: E K and F V need only Eᵀ dK̃, Fᵀ dṼ (1× forward). SDPA's backward
-        recomputes QK̃ᵀ, then dP = dO Ṽᵀ, dṼ = Pᵀ dO, dQ = dS K̃, dK̃ = dSᵀ Q: 5 of 2nkd."""
-        bh, n, d = shape.bh, shape.seq_len, shape.head_dim
-        return 2.0 * bh * (2 * self.k * n * d + 5 * n * self.k * d)
+        recomputes QK̃ᵀ, then dP = dO Ṽᵀ, dṼ = Pᵀ dO, dQ = dS K̃, dK̃ = dSᵀ Q: 5 of 2·nq·k·d."""
+        b, d, kp = shape.batch, shape.head_dim, self.k
+        project = 2 * shape.hkv * shape.seq_len * kp * d
+        return 2.0 * b * (project + 5 * shape.heads * shape.nq * kp * d)
 
     def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = False) -> int:
         el = torch.empty((), dtype=compute_dtype(dtype)).element_size()
-        bh, n, d, k = shape.bh, shape.seq_len, shape.head_dim, self.k
-        # copies of q, k, v; EK, FV; output, log-sum-exp; E, F
-        words = bh * (3 * n * d + 2 * k * d + n * d + n) + 2 * k * n
+        b, h, hkv, d, kp = shape.batch, shape.heads, shape.hkv, shape.head_dim, self.k
+        nq, nk = shape.nq, shape.seq_len
+        # copies of q, k, v (casts, k and v transposed for the projection); E K, F V;
+        # output, log-sum-exp; E, F
+        words = b * (2 * h * nq * d + 4 * hkv * nk * d + 2 * hkv * kp * d + h * nq) + 2 * kp * nk
         return words * el + (64 << 20)  # SDPA's tiled workspace, bounded
 
     def density(self, n: int, causal: bool = False) -> float | None:

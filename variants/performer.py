@@ -14,13 +14,29 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 
 from variants import register
-from variants._prefix import compute_dtype, linear_attention, linear_flops, linear_memory
-from variants.base import Shape, Variant
+from variants._prefix import (
+    compute_dtype,
+    context_state,
+    linear_attention,
+    linear_flops,
+    linear_memory,
+    mm_dtype,
+)
+from variants.base import Shape, Variant, gpu_path
+
+
+class PerformerState(NamedTuple):
+    """Decode state per batch and k/v head, with the keys' running max-shift c (B, Hkv, 1, 1):
+    S = Σ φ̃(k)ᵀv (B, Hkv, m, D), z = Σ φ̃(k) (B, Hkv, m, 1), φ̃(k) = exp(log √m φ(k) − c)."""
+
+    s: torch.Tensor
+    z: torch.Tensor
+    c: torch.Tensor
 
 
 @register
@@ -34,6 +50,8 @@ class Performer(Variant):
     time_exponent: ClassVar[float] = 1.0
     memory_exponent: ClassVar[float] = 1.0
     exact: ClassVar[bool] = False
+    supports_gqa: ClassVar[bool] = True
+    supports_q_len: ClassVar[bool] = True
 
     features: int = 256
     seed: int = 0
@@ -58,61 +76,135 @@ class Performer(Variant):
 
     def feature_map(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """φ(q), φ(k) up to positive factors that cancel in the output (one per query row, one
-        per batch-head for keys): (B, H, N, m) in the compute dtype (float32 for half inputs)."""
-        qf, kf, _ = self._shifted_features(q, k)
+        per batch and k/v head for keys): (B, H, Nq, m), (B, Hkv, Nk, m) in the compute dtype
+        (float32 for half inputs)."""
+        qf, kf, _ = self._shifted_features(q, k, compute_dtype(q.dtype))
         return qf, kf
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
     ) -> torch.Tensor:
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        if not causal and not grad:
+        if self._path(q.device, causal, _grad(q, k, v)) == "tiled":
             ct = compute_dtype(q.dtype)
-            w = self.projection(q.shape[-1], q.device, ct)
-            return _forward_tiled(q.to(ct), k.to(ct), v.to(ct), w, self.eps).to(q.dtype)
-        qf, kf, log_c = self._shifted_features(q, k)  # (B, H, N, m), (B, H, N, m), (B, H, N, 1)
+            wt = _projection(self.seed, self.features, q.shape[-1], str(q.device), ct, True)
+            return _forward_tiled(q.to(ct), k.to(ct), v.to(ct), wt, self.eps).to(q.dtype)
+        mm = mm_dtype(q.dtype, q.device, states=True)
+        qf, kf, log_c = self._shifted_features(q, k, mm)  # (B,H,Nq,m), (B,Hkv,Nk,m), (B,H,Nq,1)
         floor = _floor(self.eps, log_c, 1 / math.log(2))
-        out = linear_attention(qf, kf, v.to(qf.dtype), causal, self.chunk, floor)
-        return out.to(q.dtype)
+        return linear_attention(qf, kf, v, causal, self.chunk, floor, mm).to(q.dtype)
+
+    def _path(self, device, causal: bool, grad: bool) -> str:
+        """tiled (CPU, non-causal, no autograd: cache-sized loops) | batched | chunked."""
+        if causal:
+            return "chunked"
+        return "batched" if grad or gpu_path(device) else "tiled"
+
+    def kernel(self, shape: Shape, device, causal: bool, grad: bool) -> str:
+        path = self._path(device, causal, grad)
+        if path != "chunked":
+            return path
+        prefix = "cumsum" if gpu_path(device) else "loop"  # over chunks: _prefix._exclusive_prefix
+        return f"chunked[L={min(self.chunk, shape.nq)},{prefix}]"
+
+    def _logits(self, x: torch.Tensor, mm: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """wᵀx/d^¼ (B, ·, N, m) and |x/d^¼|²/2 (B, ·, N, 1), in the compute dtype; the projection
+        runs in `mm` (W cached per device and dtype: no copy inside a call)."""
+        ct = compute_dtype(x.dtype)
+        d = x.shape[-1]
+        w = _projection(self.seed, self.features, d, str(x.device), mm, False)  # (D, m)
+        xc = x.to(ct)
+        half = (xc * xc).sum(-1, keepdim=True).mul_(0.5 / math.sqrt(d))
+        return (x.to(mm) @ w).to(ct), half
 
     def _shifted_features(
-        self, q: torch.Tensor, k: torch.Tensor
+        self, q: torch.Tensor, k: torch.Tensor, mm: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """φ̃(q), φ̃(k) with max 1 per query row and per batch-head, and log c (B, H, N, 1) with
-        φ(q_i)·φ(k_j) = c_i φ̃(q_i)·φ̃(k_j). Only the max-shifts are detached: the output does not
-        depend on them, so autograd at fixed shifts gives the formula's own gradient."""
+        """φ̃(q), φ̃(k) with max 1 per query row and per batch and k/v head, and log c
+        (B, H, Nq, 1) with φ(q_i)·φ(k_j) = c_i φ̃(q_i)·φ̃(k_j). Only the max-shifts are detached:
+        the output does not depend on them, so autograd at fixed shifts gives the formula's own
+        gradient."""
+        b, h, nq, _ = q.shape
+        hkv = k.shape[1]
+        lq, half_q = self._logits(q, mm)  # lq = log √m φ(q) + half_q (constant along m)
+        lk, half_k = self._logits(k, mm)
+        lk = lk.sub_(half_k)  # log √m φ(k)
+        cq = lq.detach().amax(-1, keepdim=True)  # (B, H, Nq, 1)
+        ck = lk.detach().amax(dim=(-2, -1), keepdim=True)  # (B, Hkv, 1, 1)
+        log_c = (cq - half_q).view(b, hkv, -1, 1).add_(ck - math.log(self.features))
+        return lq.sub_(cq).exp_(), lk.sub_(ck).exp_(), log_c.view(b, h, nq, 1)
+
+    # -- decode: the recurrent state with a running key shift -----------------------------------
+    def decode_init(
+        self, k: torch.Tensor, v: torch.Tensor, heads: int | None = None
+    ) -> PerformerState:
+        """S, z, c after the context k, v (B, Hkv, n, D): one batched matmul (no step loop);
+        c is the context keys' max of log √m φ(k)."""
+        ct = compute_dtype(k.dtype)
+        lk, half_k = self._logits(k, ct)
+        lk = lk.sub_(half_k)
+        c = lk.amax(dim=(-2, -1), keepdim=True)  # (B, Hkv, 1, 1)
+        s, z = context_state(lk.sub_(c).exp_(), v, ct)
+        return PerformerState(s, z, c)
+
+    def decode_step(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: PerformerState
+    ) -> tuple[torch.Tensor, PerformerState]:
+        """Add the new token to a new state (the one passed in is unchanged), then read q
+        (B, H, 1, D) against it. A key above the running shift raises it: c' = max(c, new),
+        S and z are rescaled by exp(c − c') ≤ 1 (online-softmax style), so features stay ≤ 1
+        whatever later keys do and the output is the formula's (the shifts cancel, and eps is
+        scaled by them as in `forward`)."""
+        b, h, _, d = q.shape
+        hkv = k.shape[1]
         ct = compute_dtype(q.dtype)
-        q, k = q.to(ct), k.to(ct)
-        d, m = q.shape[-1], self.features
-        w = self.projection(d, q.device, ct) * d**-0.25  # (m, D)
-        c = 0.5 / math.sqrt(d)
-        half_q, half_k = ((x * x).sum(-1, keepdim=True).mul_(c) for x in (q, k))  # |x/d^¼|²/2
-        lq = q @ w.T  # (B, H, N, m): wᵀq/d^¼, i.e. log √m φ(q) + half_q (constant along m)
-        lk = (k @ w.T).sub_(half_k)  # (B, H, N, m): log √m φ(k)
-        cq = lq.detach().amax(-1, keepdim=True)  # (B, H, N, 1)
-        ck = lk.detach().amax(dim=(-2, -1), keepdim=True)  # (B, H, 1, 1)
-        log_c = (cq - half_q).add_(ck - math.log(m))
-        return lq.sub_(cq).exp_(), lk.sub_(ck).exp_(), log_c
+        lk, half_k = self._logits(k, ct)
+        lk = lk.sub_(half_k)  # (B, Hkv, 1, m)
+        c = torch.maximum(state.c, lk.amax(-1, keepdim=True))  # (B, Hkv, 1, 1)
+        scale = (state.c - c).exp_()
+        s, z = context_state(lk.sub_(c).exp_(), v, ct)
+        state = PerformerState(state.s * scale + s, state.z * scale + z, c)
+        lq, half_q = self._logits(q, ct)  # (B, H, 1, m)
+        cq = lq.amax(-1, keepdim=True)
+        rows = lq.sub_(cq).exp_().view(b, hkv, -1, self.features)  # (B, Hkv, G, m)
+        log_c = (cq - half_q).view(b, hkv, -1, 1).add_(c - math.log(self.features))
+        floor = _floor(self.eps, log_c, 1 / math.log(2))
+        out = (rows @ state.s) / (rows @ state.z).add_(floor)
+        return out.reshape(b, h, 1, d).to(q.dtype), state
+
+    def decode_flops(self, shape: Shape) -> float:
+        b, h, hkv, d, m = shape.batch, shape.heads, shape.hkv, shape.head_dim, self.features
+        # projections of q and k; φ(k)ᵀv; q against S and z
+        return 2.0 * b * ((h + hkv) * d * m + hkv * m * d + h * m * (d + 1))
+
+    # -- models ---------------------------------------------------------------------------------
+    def _projection_flops(self, shape: Shape) -> float:
+        rows = shape.heads * shape.nq + shape.hkv * shape.seq_len
+        return 2.0 * shape.batch * rows * shape.head_dim * self.features
 
     def flops(self, shape: Shape, causal: bool = False) -> float:
-        bh, n, d, m = shape.bh, shape.seq_len, shape.head_dim, self.features
-        return 2.0 * bh * 2 * n * d * m + linear_flops(bh, n, m, d, causal, self.chunk)
+        return self._projection_flops(shape) + linear_flops(shape, self.features, causal,
+                                                            self.chunk)
 
     def backward_flops(self, shape: Shape, causal: bool = False) -> float:
         """The projections q W/d^¼, k W/d^¼ need only dq, dk (W is constant): 1× their forward;
         the normalised products have both operands differentiable: 2×."""
-        bh, n, d, m = shape.bh, shape.seq_len, shape.head_dim, self.features
-        return 2.0 * bh * 2 * n * d * m + 2 * linear_flops(bh, n, m, d, causal, self.chunk)
+        return self._projection_flops(shape) + 2 * linear_flops(shape, self.features, causal,
+                                                                self.chunk)
 
     def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = False) -> int:
         el = torch.empty((), dtype=compute_dtype(dtype)).element_size()
-        bh, n, d, m = shape.bh, shape.seq_len, shape.head_dim, self.features
-        inputs = 3 * bh * n * d * el  # q, k, v in the compute dtype
-        feats = 2 * bh * n * (m + 1) * el  # φ(q), φ(k) and row terms
-        return inputs + feats + linear_memory(bh, n, m, d, causal, self.chunk, el)
+        b, h, hkv, d, m = shape.batch, shape.heads, shape.hkv, shape.head_dim, self.features
+        nq, nk = shape.nq, shape.seq_len
+        inputs = 3 * b * (h * nq + 2 * hkv * nk) * d * el  # casts of q, k, v; squares
+        feats = 2 * b * (h * nq + hkv * nk) * (m + 1) * el  # logits, φ(q), φ(k), row terms
+        return inputs + feats + linear_memory(shape, m, causal, self.chunk, el, el)
 
     def density(self, n: int, causal: bool = False) -> float | None:
         return None
+
+
+def _grad(*ts: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
 
 
 def _floor(eps: float, log_c: torch.Tensor, log2_base: float) -> torch.Tensor:
@@ -127,37 +219,51 @@ def _floor(eps: float, log_c: torch.Tensor, log2_base: float) -> torch.Tensor:
 
 
 def _forward_tiled(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, eps: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wt: torch.Tensor, eps: float
 ) -> torch.Tensor:
-    """Non-causal `forward` without autograd: the same features and products, but each head's
-    φ(K) and each tile of φ(Q) rows is made, exponentiated in place and consumed while in cache
-    (the (N, m) feature maps never go through main memory)."""
-    b, h, n, d = q.shape
-    m = w.shape[0]
+    """Non-causal `forward` without autograd (CPU): the same features and products, but each
+    k/v head's φ(K) and each tile of φ(Q) rows (the group's G query heads as rows) is made,
+    exponentiated in place and consumed while in cache (the (N, m) feature maps never go through
+    main memory). wt: (D, m), W scaled by log₂e/d^¼."""
+    b, h, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    m = wt.shape[1]
     # exp(x) = 2^(x·log₂e), with log₂e folded into the projection and the row terms: torch's
     # exp2_ is ~3x faster than exp_ on this CPU (both vectorised to ~1 ulp).
     l2e = 1.0 / math.log(2.0)
-    wt = (w * (d**-0.25 * l2e)).transpose(0, 1)  # (D, m)
-    qf, kf, vf = (t.reshape(b * h, n, d) for t in (q, k, v))  # (BH, N, D)
+    qf = q.reshape(b * hkv, -1, d)  # (B·Hkv, G·Nq, D)
+    kf, vf = (t.reshape(b * hkv, nk, d) for t in (k, v))  # (B·Hkv, Nk, D)
     c = 0.5 * l2e / math.sqrt(d)
-    half_q, half_k = ((t * t).sum(-1, keepdim=True).mul_(c) for t in (qf, kf))  # (BH, N, 1)
+    half_q, half_k = ((t * t).sum(-1, keepdim=True).mul_(c) for t in (qf, kf))  # (·, N, 1)
     out = torch.empty_like(qf)
     rows = max(1, _TILE // m)
-    for i in range(b * h):
-        pk = kf[i] @ wt  # (N, m): log₂ √m φ(k) + |k'|²/2·log₂e, for keys of head i
+    for i in range(b * hkv):
+        pk = kf[i] @ wt  # (Nk, m): log₂ √m φ(k) + |k'|²/2·log₂e, for keys of head i
         ck = (pk.amax(-1, keepdim=True) - half_k[i]).amax()  # max over keys and features
         pk = pk.sub_(half_k[i] + ck).exp2_()  # φ̃(K), max 1
         state, norm = pk.T @ vf[i], pk.sum(0)[:, None]  # (m, D): Σ φ̃(k)vᵀ; (m, 1): Σ φ̃(k)
-        for r in range(0, n, rows):  # φ̃(Q) in row tiles, shift = each row's max
+        for r in range(0, qf.shape[1], rows):  # φ̃(Q) in row tiles, shift = each row's max
             pq = qf[i, r : r + rows] @ wt  # (rows, m)
             cq = pq.amax(-1, keepdim=True)
             pq = pq.sub_(cq).exp2_()
             floor = _floor(eps, cq.sub_(half_q[i, r : r + rows]).add_(ck - math.log2(m)), 1.0)
             torch.div(pq @ state, (pq @ norm).add_(floor), out=out[i, r : r + rows])
-    return out.view(b, h, n, d)
+    return out.view(b, h, nq, d)
 
 
 _TILE = 1 << 19  # elements of one φ(Q) tile (2 MiB in float32: the L2 of one core)
+
+
+@functools.lru_cache(maxsize=32)
+def _projection(
+    seed: int, m: int, d: int, device: str, dtype: torch.dtype, log2: bool
+) -> torch.Tensor:
+    """Wᵀ/d^¼ as (D, m) on `device` in `dtype`, scaled by log₂e too for the tiled path's exp2:
+    made once per device and dtype, so a call copies nothing to the device."""
+    w = _orthogonal_features(seed, m, d) * d**-0.25
+    if log2:
+        w = w / math.log(2.0)
+    return w.T.contiguous().to(device, dtype)
 
 
 @functools.lru_cache(maxsize=16)
