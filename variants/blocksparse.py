@@ -683,7 +683,9 @@ class BlockSparse(Variant):
     _token_level: ClassVar[bool] = False  # True when `allowed` is a formula, not the table
 
     # -- decode: the new row of the pattern over a KV cache ---------------------------------
-    def decode_init(self, k: torch.Tensor, v: torch.Tensor) -> KVCache:
+    def decode_init(
+        self, k: torch.Tensor, v: torch.Tensor, heads: int | None = None
+    ) -> KVCache:
         """The whole KV cache (patterns with strided, summary, random or global columns reach
         back to any earlier key), with room to grow as `variants.full.KVCache`."""
         return KVCache.of(k, v)

@@ -73,7 +73,9 @@ class Local(BlockSparse):
         return ((q - k).abs() <= self.window) | (k < self.sinks)
 
     # -- decode: the sinks and a ring buffer of the window --------------------------------------
-    def decode_init(self, k: torch.Tensor, v: torch.Tensor) -> RingCache:
+    def decode_init(
+        self, k: torch.Tensor, v: torch.Tensor, heads: int | None = None
+    ) -> RingCache:
         """Sinks (B, Hkv, s, D) and a ring of window + 1 slots: key j in slot j mod (w + 1)."""
         return RingCache.of(k, v, self.window, self.sinks)
 
