@@ -203,3 +203,13 @@ def test_isolated_points_run_in_their_own_process_and_a_dying_one_is_a_row():
     assert there.rel_error < 1e-5
     dead = run_point(point("faulty", {"how": "exit", "fail_at": 64}, isolate=True))
     assert dead.status == "error" and "exit code 3" in dead.reason
+
+
+def test_decode_prediction_is_the_cache_not_a_forward():
+    """A KV cache at n = 64K is tens of MB; the naive forward's n² scores would be 137 GB and
+    skip the point for nothing."""
+    from harness.sweep import predicted_bytes
+
+    run = point("full", {"backend": "naive"}, mode="decode", seq_len=65536, heads=8, head_dim=64)
+    att = variants.build("full", backend="naive")
+    assert predicted_bytes(att, run.shape, run.torch_dtype, run) < 1 << 30

@@ -190,6 +190,12 @@ class Variant:
         variants whose backward recomputes (flash-style) or skips constant operands override."""
         return 2.0 * self.flops(shape, causal)
 
+    def decode_memory_bytes(self, shape: Shape, dtype: torch.dtype) -> int:
+        """Predicted peak of building the decode state for a context of shape.seq_len and one
+        step (beyond the context's k, v). Default: the forward's model over the context, an
+        upper estimate for a state built by the chunked form; a cache overrides it."""
+        return self.memory_bytes(shape, dtype, True)
+
     def decode_flops(self, shape: Shape) -> float:
         """FLOPs of one decode step against a context of shape.seq_len (NaN: no model)."""
         return math.nan

@@ -151,6 +151,12 @@ class Full(Variant):
         block_mask = _causal_block_mask(nq, nk, str(q.device)) if causal else None
         return flex_attention_compiled(q, k, v, block_mask)
 
+    def decode_memory_bytes(self, shape: Shape, dtype: torch.dtype) -> int:
+        el = torch.empty((), dtype=dtype).element_size()
+        cache = 2 * shape.batch * shape.hkv * (shape.seq_len + CACHE_STEP) * shape.head_dim * el
+        row = 2 * shape.bh * (shape.seq_len + 1) * max(el, 4)  # one row of scores and probs
+        return cache + row + (64 << 20)
+
     def decode_flops(self, shape: Shape) -> float:
         return 4.0 * shape.bh * (shape.seq_len + 1) * shape.head_dim  # q·K and p·V
 
