@@ -25,6 +25,23 @@ import torch.nn.functional as F
 from variants.base import Shape, gpu_path
 
 
+def path(device, causal: bool, grad: bool) -> str:
+    """The linear family's path: tiled (CPU, non-causal, no autograd: cache-sized loops) |
+    batched (autograd, or the GPU path) | chunked (causal)."""
+    if causal:
+        return "chunked"
+    return "batched" if grad or gpu_path(device) else "tiled"
+
+
+def path_name(chunk: int, shape: Shape, device, causal: bool, grad: bool) -> str:
+    """`kernel()` of a linear-family variant: its path, and how a causal one sums over chunks."""
+    name = path(device, causal, grad)
+    if name != "chunked":
+        return name
+    prefix = "cumsum" if gpu_path(device) else "loop"  # over chunks: see _exclusive_prefix
+    return f"chunked[L={min(chunk, shape.nq)},{prefix}]"
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half inputs (features, prefix sums and the pseudo-inverse need the range)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -16,8 +16,10 @@ from variants._prefix import (
     linear_flops,
     linear_memory,
     mm_dtype,
+    path,
+    path_name,
 )
-from variants.base import Shape, Variant, gpu_path
+from variants.base import Shape, Variant
 
 
 class LinearState(NamedTuple):
@@ -65,25 +67,15 @@ class Linear(Variant):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
     ) -> torch.Tensor:
-        if self._path(q.device, causal, _grad(q, k, v)) == "tiled":
+        if path(q.device, causal, _grad(q, k, v)) == "tiled":
             ct = compute_dtype(q.dtype)
             return _forward_tiled(q.to(ct), k.to(ct), v.to(ct), self.eps).to(q.dtype)
         qf, kf = self.feature_map(q, k)  # (B, H, Nq, D), (B, Hkv, Nk, D)
         mm = mm_dtype(q.dtype, q.device, states=True)
         return linear_attention(qf, kf, v, causal, self.chunk, self.eps, mm).to(q.dtype)
 
-    def _path(self, device, causal: bool, grad: bool) -> str:
-        """tiled (CPU, non-causal, no autograd: cache-sized loops) | batched | chunked."""
-        if causal:
-            return "chunked"
-        return "batched" if grad or gpu_path(device) else "tiled"
-
     def kernel(self, shape: Shape, device, causal: bool, grad: bool) -> str:
-        path = self._path(device, causal, grad)
-        if path != "chunked":
-            return path
-        prefix = "cumsum" if gpu_path(device) else "loop"  # over chunks: _prefix._exclusive_prefix
-        return f"chunked[L={min(self.chunk, shape.nq)},{prefix}]"
+        return path_name(self.chunk, shape, device, causal, grad)
 
     # -- decode: the recurrent state ------------------------------------------------------------
     def decode_init(

@@ -26,8 +26,10 @@ from variants._prefix import (
     linear_flops,
     linear_memory,
     mm_dtype,
+    path,
+    path_name,
 )
-from variants.base import Shape, Variant, gpu_path
+from variants.base import Shape, Variant
 
 
 class PerformerState(NamedTuple):
@@ -84,7 +86,7 @@ class Performer(Variant):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
     ) -> torch.Tensor:
-        if self._path(q.device, causal, _grad(q, k, v)) == "tiled":
+        if path(q.device, causal, _grad(q, k, v)) == "tiled":
             ct = compute_dtype(q.dtype)
             wt = _projection(self.seed, self.features, q.shape[-1], str(q.device), ct, True)
             return _forward_tiled(q.to(ct), k.to(ct), v.to(ct), wt, self.eps).to(q.dtype)
@@ -93,18 +95,8 @@ class Performer(Variant):
         floor = _floor(self.eps, log_c, 1 / math.log(2))
         return linear_attention(qf, kf, v, causal, self.chunk, floor, mm).to(q.dtype)
 
-    def _path(self, device, causal: bool, grad: bool) -> str:
-        """tiled (CPU, non-causal, no autograd: cache-sized loops) | batched | chunked."""
-        if causal:
-            return "chunked"
-        return "batched" if grad or gpu_path(device) else "tiled"
-
     def kernel(self, shape: Shape, device, causal: bool, grad: bool) -> str:
-        path = self._path(device, causal, grad)
-        if path != "chunked":
-            return path
-        prefix = "cumsum" if gpu_path(device) else "loop"  # over chunks: _prefix._exclusive_prefix
-        return f"chunked[L={min(self.chunk, shape.nq)},{prefix}]"
+        return path_name(self.chunk, shape, device, causal, grad)
 
     def _logits(self, x: torch.Tensor, mm: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """wᵀx/d^¼ (B, ·, N, m) and |x/d^¼|²/2 (B, ·, N, 1), in the compute dtype; the projection
