@@ -35,7 +35,7 @@ from harness.dispatch import count_call
 from harness.inputs import attention_entropy, make_inputs
 from harness.memory import peak_memory
 from harness.records import Record
-from harness.timing import measure_latency
+from harness.timing import Timing, measure_latency
 from variants.base import Shape, Variant
 from variants.reference import attention_reference, max_abs_error, rel_error
 
@@ -157,23 +157,10 @@ def _measure(run, att: Variant, shape: Shape, dtype, device: str, predicted: int
     kernel = att.kernel(shape, device, run.causal, grad)
     counted = _dispatch_fields(call, kernel)
 
-    last: list = [None]
-
-    def timed() -> None:  # keeps the latest output, which is checked after timing
-        last[0] = call()
-
-    t = run.timing
-    timing = measure_latency(
-        timed, device, warmup=t.warmup, min_reps=t.min_reps, min_time_s=t.min_time_s,
-        max_reps=t.max_reps, max_time_s=t.max_time_s, flush_l2=t.flush_l2,
-        cuda_graph=t.cuda_graph,
-    )
-    bad = _non_finite(last[0], inputs)
-    last[0] = None
+    timing, fields = _time(call, run, device)
+    bad = _non_finite(fields.pop("last"), inputs)
     if bad:
         return finish("invalid", f"non-finite values in {bad} (a timed call)", setup_s=setup_s)
-    gpu = gpu_state(device)
-    notes = "; ".join(x for x in (timing.note, gpu.pop("notes", "")) if x)
     for x in inputs:  # the measured call's own gradients count in its peak
         x.grad = None
     peak = peak_memory(call, device)
@@ -182,14 +169,6 @@ def _measure(run, att: Variant, shape: Shape, dtype, device: str, predicted: int
         flops += on_device(att.backward_flops, device)(shape, run.causal)
     return finish(
         "ok",
-        latency_ms=timing.median_ms,
-        latency_p10_ms=timing.p10_ms,
-        latency_p90_ms=timing.p90_ms,
-        reps=timing.reps,
-        noisy=bool(timing.spread > NOISY_SPREAD),
-        contended=timing.load.contended,
-        others_cpu=timing.load.others_cpu,
-        own_cpu=timing.load.own_cpu,
         setup_s=setup_s,
         peak_mem_bytes=float(peak),
         predicted_mem_bytes=float(predicted),
@@ -200,9 +179,8 @@ def _measure(run, att: Variant, shape: Shape, dtype, device: str, predicted: int
         error_ref=error_ref,
         softmax_rel_error=softmax_rel,
         entropy=entropy,
-        notes=notes,
         **counted,
-        **gpu,
+        **fields,
     )
 
 
@@ -242,6 +220,32 @@ def _measure_decode(run, att: Variant, shape: Shape, dtype, device: str, predict
             return step()
 
     counted = _dispatch_fields(call, kernel)
+    timing, fields = _time(call, run, device)
+    if _non_finite(fields.pop("last"), ()):
+        return finish("invalid", "non-finite values in output (a timed step)", setup_s=setup_s)
+    peak = peak_memory(call, device)
+    flops = att.decode_flops(shape)
+    return finish(
+        "ok",
+        setup_s=setup_s,
+        peak_mem_bytes=float(peak),
+        predicted_mem_bytes=float(predicted),
+        state_bytes=state_bytes,
+        flops=flops,
+        tflops=flops / (timing.median_ms * 1e-3) / 1e12,
+        rel_error=rel,
+        max_abs_error=mab,
+        error_ref=error_ref,
+        softmax_rel_error=softmax_rel,
+        **counted,
+        **fields,
+    )
+
+
+def _time(call: Callable[[], object], run: RunConfig, device: str) -> tuple[Timing, dict]:
+    """Time `call` with the run's knobs, keeping the last timed output (under "last", for the
+    caller's finiteness check); returns the timing and the record fields it gives: latency
+    and spread, noisy, the machine's contention, GPU clock and temperature, notes."""
     last: list = [None]
 
     def timed() -> None:
@@ -253,16 +257,10 @@ def _measure_decode(run, att: Variant, shape: Shape, dtype, device: str, predict
         max_reps=t.max_reps, max_time_s=t.max_time_s, flush_l2=t.flush_l2,
         cuda_graph=t.cuda_graph,
     )
-    bad = _non_finite(last[0], ())
-    last[0] = None
-    if bad:
-        return finish("invalid", "non-finite values in output (a timed step)", setup_s=setup_s)
     gpu = gpu_state(device)
     notes = "; ".join(x for x in (timing.note, gpu.pop("notes", "")) if x)
-    peak = peak_memory(call, device)
-    flops = att.decode_flops(shape)
-    return finish(
-        "ok",
+    return timing, dict(
+        last=last[0],
         latency_ms=timing.median_ms,
         latency_p10_ms=timing.p10_ms,
         latency_p90_ms=timing.p90_ms,
@@ -271,18 +269,7 @@ def _measure_decode(run, att: Variant, shape: Shape, dtype, device: str, predict
         contended=timing.load.contended,
         others_cpu=timing.load.others_cpu,
         own_cpu=timing.load.own_cpu,
-        setup_s=setup_s,
-        peak_mem_bytes=float(peak),
-        predicted_mem_bytes=float(predicted),
-        state_bytes=state_bytes,
-        flops=flops,
-        tflops=flops / (timing.median_ms * 1e-3) / 1e12,
-        rel_error=rel,
-        max_abs_error=mab,
-        error_ref=error_ref,
-        softmax_rel_error=softmax_rel,
         notes=notes,
-        **counted,
         **gpu,
     )
 
