@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from harness.config import from_dictconfig
+from harness.scaling import loglog_slope
 from harness.sweep import run_point
 
 CASES = [  # (variant, params, slope target (op, value), state target, slope from n >= ...)
@@ -50,13 +51,6 @@ def point(name: str, params: dict, n: int, threads: int):
         "heads": 8, "head_dim": 64, "threads": threads, "error": {"rows": 1},
         "timing": {"warmup": 3, "min_reps": 20, "min_time_s": 0.3, "max_time_s": 5.0},
     }))
-
-
-def slope(xs: list[float], ys: list[float]) -> float:
-    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
-    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
-    sxx = sum((x - mx) ** 2 for x in lx)
-    return sum((x - mx) * (y - my) for x, y in zip(lx, ly, strict=True)) / sxx if sxx else math.nan
 
 
 def verdict(value: float, target) -> str:
@@ -93,9 +87,9 @@ def main() -> None:
             cells.append(f"{r.latency_p10_ms:8.3f}{mark} /{r.state_bytes / 2**20:8.2f}".rjust(20))
         print(f"{label:30} " + " ".join(cells))
         ok = [r for r in recs if r.status == "ok" and r.seq_len >= from_n]
-        lat = slope([r.seq_len for r in ok], [r.latency_p10_ms for r in ok]) \
+        lat = loglog_slope([r.seq_len for r in ok], [r.latency_p10_ms for r in ok]) \
             if len(ok) >= 2 else math.nan
-        st = slope([r.seq_len for r in ok], [r.state_bytes for r in ok]) \
+        st = loglog_slope([r.seq_len for r in ok], [r.state_bytes for r in ok]) \
             if len(ok) >= 2 else math.nan
         results[label] = recs
         print(f"{'':30} latency slope over n >= {from_n}: {lat:.2f} {verdict(lat, target)}; "

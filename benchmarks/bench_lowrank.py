@@ -22,6 +22,7 @@ import torch
 import variants
 from harness.inputs import attention_entropy, make_inputs
 from harness.memory import peak_memory
+from harness.scaling import loglog_slope
 from harness.timing import measure_latency
 from variants.base import Shape
 from variants.reference import attention_reference, rel_error
@@ -79,14 +80,6 @@ def favor_plus(att, q, k, v, rows: torch.Tensor) -> torch.Tensor:
     return (qf @ (kf.transpose(-2, -1) @ v.double())) / (qf @ kf.sum(-2).unsqueeze(-1))
 
 
-def slope(ns: list[int], ms: list[float]) -> float:
-    xs, ys = [math.log(n) for n in ns], [math.log(t) for t in ms]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
-        (x - mx) ** 2 for x in xs
-    )
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer repeats, smaller slope sweep")
@@ -127,7 +120,7 @@ def main() -> None:
         att = variants.build(name, **params)
         att(q, k, v)  # caches (projections, features)
         lat = sweep(att, ns, args.quick)
-        sl = slope(ns, lat)
+        sl = loglog_slope(ns, lat)
         ms = lat[ns.index(n)]
         mem = peak_memory(lambda att=att: att(q, k, v))
         gfs = att.flops(shape) / ms / 1e6

@@ -21,6 +21,7 @@ import torch
 import variants
 from harness.inputs import make_inputs
 from harness.memory import peak_memory
+from harness.scaling import loglog_slope
 from harness.timing import measure_latency
 from variants.base import Shape
 
@@ -63,13 +64,6 @@ def interleaved(fns: dict[str, object], rounds: int, quick: bool) -> dict[str, f
     return best
 
 
-def slope(ns: list[int], ys: list[float]) -> float:
-    xs, ls = [math.log(n) for n in ns], [math.log(y) for y in ys]
-    mx, my = sum(xs) / len(xs), sum(ls) / len(ls)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ls, strict=True)) / sum(
-        (x - mx) ** 2 for x in xs)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="one round, n up to 8K")
@@ -103,7 +97,7 @@ def main() -> None:
                               rounds, args.quick)
             mem = [peak_memory(lambda att=att, x=qkv[n]: att(*x, causal=True)) for n in ns]
             speed, chunked = vs["sdpa"] / vs["chunk"], vr["recurrent"] / vr["chunk"]
-            t_slope, m_slope = slope(ns, [lat[n] for n in ns]), slope(ns, mem)
+            t_slope, m_slope = loglog_slope(ns, [lat[n] for n in ns]), loglog_slope(ns, mem)
             kernel = att.kernel(Shape(1, 8, N_VS_SDPA, 64), "cpu", True, False)
             print(f"\n{att.label}  (kernel {kernel})")
             print(f"  n={N_VS_SDPA}: {vs['chunk']:.1f} ms vs full[sdpa] causal {vs['sdpa']:.1f} ms"

@@ -13,7 +13,6 @@ time), the same statistic for the matmul rate, full[sdpa] and every variant.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import sys
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import variants
 from harness.memory import peak_memory
+from harness.scaling import loglog_slope
 from harness.timing import measure_latency
 from variants.base import Shape
 
@@ -61,14 +61,6 @@ def matmul_gflops(m: int = 4096) -> float:
     a, b = torch.randn(m, m), torch.randn(m, m)
     t = measure_latency(lambda: a @ b, warmup=2, min_reps=10, min_time_s=1.0)
     return 2 * m**3 / (t.p10_ms * 1e-3) / 1e9
-
-
-def slope(ns, ts) -> float:
-    x = [math.log(n) for n in ns]
-    y = [math.log(t) for t in ts]
-    mx, my = sum(x) / len(x), sum(y) / len(y)
-    cov = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True))
-    return cov / sum((a - mx) ** 2 for a in x)
 
 
 def main() -> None:
@@ -110,7 +102,7 @@ def main() -> None:
         ts = [ms if m == n else latency_ms(att, m) for m in SLOPE_NS]
         row = {
             "speedup": sdpa_ms / ms, "mem_frac": mem / naive_mem,
-            "matmul_frac": gflops / peak, "slope": slope(SLOPE_NS, ts),
+            "matmul_frac": gflops / peak, "slope": loglog_slope(SLOPE_NS, ts),
         }
         print(f"{att.label:34s} {att.density(n):7.2%} {ms:8.1f} {row['speedup']:7.2f} "
               f"{row['mem_frac']:9.4f} {gflops:8.1f} {row['matmul_frac']:7.2f} "

@@ -113,6 +113,14 @@ def fit_frame(df: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts).reset_index(drop=True) if parts else df.reset_index(drop=True)
 
 
+def loglog_slope(n: Sequence[float], y: Sequence[float]) -> float:
+    """Least-squares slope of log y on log n, nothing dropped and no constant separated (what
+    the benchmark scripts print beside their targets); NaN when all n are equal."""
+    x, ly = np.log(np.asarray(n, float)), np.log(np.asarray(y, float))
+    sxx = float(((x - x.mean()) ** 2).sum())
+    return float(((x - x.mean()) * (ly - ly.mean())).sum() / sxx) if sxx else math.nan
+
+
 def drop_flat_head(n: Sequence[float], y: Sequence[float]) -> int:
     """How many leading points the flat-head rule drops (n ascending, y > 0)."""
     x, ly = np.log(np.asarray(n, float)), np.log(np.asarray(y, float))
