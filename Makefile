@@ -27,7 +27,7 @@ STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py Makefile
+$(STAMP): pyproject.toml Makefile
 	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
 	  echo "setup: reusing the torch already installed for $(PYTHON)"; \
 	  $(PYTHON) -m venv --system-site-packages $(VENV); \
@@ -43,7 +43,7 @@ $(STAMP): pyproject.toml setup.py Makefile
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-DEFAULT_SWEEP = $$($(BIN)/python -c "from harness.cli import default_sweep; print(default_sweep())")
+DEFAULT_SWEEP = $$($(BIN)/python -c "from attnbench.harness.run.compose import default_sweep; print(default_sweep())")
 
 bench: setup
 	$(BIN)/attnbench -m +sweep=$(or $(SWEEP),$(DEFAULT_SWEEP)) $(ARGS)

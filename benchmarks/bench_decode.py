@@ -2,7 +2,7 @@
 
     python benchmarks/bench_decode.py [--ns 1024,4096,16384,65536] [--threads T]
 
-Each point is the harness's own decode measurement (harness.sweep.run_point, mode=decode): the
+Each point is the harness's own decode measurement (harness/run/job.py run_point, mode=decode): the
 variant's cache or state for a context of n tokens is built once, then one step of the next
 token is timed against that same state, repeatedly. B=1, H=8, D=64, fp32, CPU. Latencies are
 the 10th percentile of the repeats (contention only adds time); contended points are named.
@@ -28,9 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from harness.config import from_dictconfig
-from harness.scaling import loglog_slope
-from harness.sweep import run_point
+from attnbench.harness.report.scaling import loglog_slope
+from attnbench.harness.run.config import from_dictconfig
+from attnbench.harness.run.job import run_point
 
 CASES = [  # (variant, params, slope target (op, value), state target, slope from n >= ...)
     ("full", {"backend": "sdpa"}, (">=", 0.8), "∝ n", 4096),

@@ -19,13 +19,13 @@ import platform
 
 import torch
 
-import variants
-from harness.inputs import attention_entropy, make_inputs
-from harness.memory import peak_memory
-from harness.scaling import loglog_slope
-from harness.timing import measure_latency
-from variants.base import Shape
-from variants.reference import attention_reference, rel_error
+from attnbench import variants
+from attnbench.harness.report.scaling import loglog_slope
+from attnbench.harness.run.inputs import attention_entropy, make_inputs
+from attnbench.harness.run.memory import peak_memory
+from attnbench.harness.run.timing import measure_latency
+from attnbench.variants.base import Shape
+from attnbench.variants.reference import attention_reference, rel_error
 
 TARGET_SPEEDUP, TARGET_RATE, TARGET_SLOPE = 5.0, 0.40, 1.2
 W = 34  # width of the label column

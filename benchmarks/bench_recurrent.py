@@ -18,12 +18,12 @@ import platform
 
 import torch
 
-import variants
-from harness.inputs import make_inputs
-from harness.memory import peak_memory
-from harness.scaling import loglog_slope
-from harness.timing import measure_latency
-from variants.base import Shape
+from attnbench import variants
+from attnbench.harness.report.scaling import loglog_slope
+from attnbench.harness.run.inputs import make_inputs
+from attnbench.harness.run.memory import peak_memory
+from attnbench.harness.run.timing import measure_latency
+from attnbench.variants.base import Shape
 
 TARGET_SPEEDUP, TARGET_SLOPE, TARGET_CHUNKED = 5.0, 1.2, 20.0
 N_VS_SDPA, N_VS_RECURRENT = 8192, 4096

@@ -17,9 +17,9 @@ import time
 
 import torch
 
-import variants
-from variants.reference import attention_reference, rel_error
-from variants.testing import random_qkv
+from attnbench import variants
+from attnbench.variants.reference import attention_reference, rel_error
+from attnbench.variants.testing import random_qkv
 
 TARGET_N, TARGET_SPEEDUP = 8192, 3.0
 

@@ -22,11 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-import variants
-from harness.memory import peak_memory
-from harness.scaling import loglog_slope
-from harness.timing import measure_latency
-from variants.base import Shape
+from attnbench import variants
+from attnbench.harness.report.scaling import loglog_slope
+from attnbench.harness.run.memory import peak_memory
+from attnbench.harness.run.timing import measure_latency
+from attnbench.variants.base import Shape
 
 TARGETS = {"speedup": 5.0, "matmul_frac": 0.40, "mem_frac": 1 / 8, "slope": 1.2}
 SLOPE_NS = (2048, 4096, 8192, 16384)

@@ -2,7 +2,7 @@
 
     python benchmarks/ops_table.py [--label after] > results/benchmarks/ops-per-call.txt
 
-Counted at dispatch level (harness.dispatch) with ATTNBENCH_FORCE_GPU_PATHS=1, forward without
+Counted at dispatch level (harness/run/opcount) with ATTNBENCH_FORCE_GPU_PATHS=1, forward without
 autograd, default parameters, D=64, fp32 on the CPU, at (B=1, H=1) and (B=4, H=8), n=1024 and
 4096. On a GPU each dispatched op is (at least) one kernel launch of 5–10 µs and each host sync
 stalls the launch queue: a variant is launch-light when its ops per call do not grow with B·H
@@ -20,9 +20,9 @@ os.environ["ATTNBENCH_FORCE_GPU_PATHS"] = "1"
 
 import torch
 
-import variants
-from harness.dispatch import count_call
-from variants.base import Shape
+from attnbench import variants
+from attnbench.harness.run.opcount import count_call
+from attnbench.variants.base import Shape
 
 SHAPES = [(1, 1, 1024), (4, 8, 1024), (1, 1, 4096), (4, 8, 4096)]
 
@@ -47,7 +47,7 @@ def main() -> None:
     head = " ".join(f"B{b}H{h}n{n}".rjust(14) for b, h, n in SHAPES)
     print(f"{'variant':34} {'causal':6} {head}")
     for name in sorted(variants.names()):
-        if not variants.get(name).__module__.startswith("variants."):
+        if not variants.get(name).__module__.startswith("attnbench.variants."):
             continue
         att = variants.build(name)
         if getattr(att, "impl", "") == "flex":

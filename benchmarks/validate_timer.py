@@ -17,10 +17,10 @@ import statistics
 import torch
 import torch.utils.benchmark as tbench
 
-import variants
-from harness.memory import peak_memory
-from harness.sweep import machine_info
-from harness.timing import measure_latency
+from attnbench import variants
+from attnbench.harness.run.machine import machine_info
+from attnbench.harness.run.memory import peak_memory
+from attnbench.harness.run.timing import measure_latency
 
 TARGET = 0.05  # |ratio − 1| allowed for latency
 

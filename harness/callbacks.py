@@ -18,14 +18,14 @@ def finish_sweep(sweep_dir: str | Path) -> None:
 
     Called by the callback when a multirun ends, and by the attnbench sweeper when a job raised
     (Hydra then re-raises and skips `on_multirun_end`)."""
-    from harness.gather import gather, sweep_lock
+    from attnbench.harness.report.gather import gather, sweep_lock
 
     sweep_dir = Path(sweep_dir)
     with sweep_lock(sweep_dir):
         path = gather(sweep_dir)
         log.info("attnbench: gathered %s", path)
         try:
-            from harness.report import build_report
+            from attnbench.harness.report.build import build_report
 
             rep = build_report(sweep_dir)
         except Exception:  # the records and results.csv are safe; `attnbench report` redoes it

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-import variants
-from variants.base import Shape, Variant
+from attnbench import variants
+from attnbench.variants.base import Shape, Variant
 
 COLUMNS = ("name", "label", "family", "params", "time", "memory", "available", "causal", "gqa",
            "q_len", "decode", "reason")
@@ -48,7 +48,7 @@ def configurations(name: str) -> list[dict[str, Any]]:
     """Parameter sets to list for `name`: the defaults, or one per backend for `full`."""
     if name != "full":
         return [{}]
-    from variants.full import BACKENDS, SDPA_BACKENDS
+    from attnbench.variants.full.full import BACKENDS, SDPA_BACKENDS
 
     rows: list[dict[str, Any]] = [{"backend": b} for b in BACKENDS]
     at = BACKENDS.index("sdpa") + 1

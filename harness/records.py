@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from attnbench.harness import units
+
 Status = Literal["ok", "oom", "unsupported", "invalid", "error", "skipped"]
 STATUSES = ("ok", "oom", "unsupported", "invalid", "error", "skipped")
 RECORD_FILE = "result.json"
@@ -98,18 +100,18 @@ class Record:
         return dataclasses.asdict(self)
 
     def line(self) -> str:
-        """One readable line: label n=… → median ms (p10–p90), peak MB, status."""
+        """One readable line: label n=… → median ms (p10–p90), peak MB, GFLOP/s, status (the
+        units' formatters of harness/units.py; a value not measured is left out)."""
         causal = " causal" if self.causal else ""
         head = f"{self.label} n={self.seq_len} {self.dtype} {self.mode}{causal}"
         if self.status != "ok":
             return f"{head} → {self.status}: {self.reason}"
-        mem = self.peak_mem_bytes / 2**20
+        spread = f"{units.number(self.latency_p10_ms)}–{units.number(self.latency_p90_ms)}"
+        parts = [f"{units.ms(self.latency_ms)} ({spread})",
+                 units.mb(units.to_mb(self.peak_mem_bytes)), units.gflops(self.tflops * 1e3)]
         err = f", rel_err {self.rel_error:.2e}" if not math.isnan(self.rel_error) else ""
-        return (
-            f"{head} → {self.latency_ms:.3f} ms"
-            f" ({self.latency_p10_ms:.3f}–{self.latency_p90_ms:.3f}), {mem:.1f} MB,"
-            f" {self.tflops * 1e3:.1f} GFLOP/s{err}, ok{' (noisy)' if self.noisy else ''}"
-        )
+        return (f"{head} → {', '.join(p for p in parts if p)}{err}, "
+                f"ok{' (noisy)' if self.noisy else ''}")
 
 
 FIELDS = [f.name for f in dataclasses.fields(Record)]

@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import variants
-from variants.base import Variant
-from variants.full import naive_attention
+from attnbench import variants
+from attnbench.variants.base import Variant
+from attnbench.variants.full.full import naive_attention
 
 
 @variants.register

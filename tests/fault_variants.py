@@ -9,9 +9,9 @@ from typing import ClassVar
 
 import torch
 
-import variants
-from variants.base import Variant
-from variants.full import naive_attention
+from attnbench import variants
+from attnbench.variants.base import Variant
+from attnbench.variants.full.full import naive_attention
 
 
 @variants.register

@@ -32,7 +32,7 @@ CASES = [
 def _run(tmp_path, capsys, args):
     from hydra.core.global_hydra import GlobalHydra
 
-    from harness.cli import main
+    from attnbench.harness.cli import main
 
     try:
         with pytest.raises(SystemExit) as exit_:

@@ -18,7 +18,7 @@ TINY = ["batch=1", "heads=2", "head_dim=16", "timing.min_reps=2", "timing.min_ti
 
 def attnbench(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "harness.cli", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "attnbench.harness.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from tiny_sweep import tiny_sweep
 
-from harness import compare
-from harness.records import find_records
+from attnbench.harness.records import find_records
+from attnbench.harness.report import compare
 
 LATENCY = ("latency_ms", "latency_p10_ms", "latency_p90_ms")
 

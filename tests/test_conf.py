@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-import variants
-from harness.config import from_dictconfig
+from attnbench import variants
+from attnbench.harness.run.config import from_dictconfig
+from attnbench.variants import registry
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 VARIANT_FILES = sorted(p.stem for p in (CONF / "variant").glob("*.yaml"))
@@ -17,7 +18,8 @@ SWEEP_FILES = sorted(p.stem for p in (CONF / "sweep").glob("*.yaml"))
 
 def test_one_yaml_per_registered_variant():
     """Every built-in has conf/variant/<name>.yaml; any other file is a preset `<name>_<what>`."""
-    builtin = [n for n, c in variants._REGISTRY.items() if c.__module__.startswith("variants.")]
+    builtin = [n for n, c in registry._REGISTRY.items()
+               if c.__module__.startswith("attnbench.variants.")]
     assert set(builtin) <= set(VARIANT_FILES)
     for stem in set(VARIANT_FILES) - set(builtin):
         assert stem.split("_")[0] in builtin, f"conf/variant/{stem}.yaml names no variant"

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import variants
-from harness.config import from_dictconfig
-from harness.memory import peak_memory
-from harness.sweep import run_point
-from harness.timing import measure_latency
+from attnbench import variants
+from attnbench.harness.run.config import from_dictconfig
+from attnbench.harness.run.job import run_point
+from attnbench.harness.run.memory import peak_memory
+from attnbench.harness.run.timing import measure_latency
 
 pytestmark = pytest.mark.cuda_only
 TINY = {"batch": 1, "heads": 4, "head_dim": 64, "seq_len": 1024, "device": "cuda",
@@ -73,14 +73,14 @@ def test_isolated_point_on_cuda():
     assert rec.status == "ok" and rec.kernel.startswith("sdpa:")
 
 
-@pytest.mark.parametrize("name", sorted(n for n in variants.names()
-                                        if variants.get(n).__module__.startswith("variants.")))
+@pytest.mark.parametrize("name", sorted(
+    n for n in variants.names() if variants.get(n).__module__.startswith("attnbench.variants.")))
 def test_every_variant_on_cuda_matches_its_cpu_result(name):
     att = variants.build(name)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 4, 1024, 64, generator=g) for _ in range(3))
     causal = bool(att.no_noncausal)
-    from variants.base import Shape
+    from attnbench.variants.base import Shape
 
     if att.not_supported_reasons(Shape(1, 4, 1024, 64), torch.float32, "cuda", causal):
         pytest.skip("not on CUDA")

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import variants
-from harness.config import ConfigError, RunConfig, TimingConfig, validate
-from harness.sweep import run_point
+from attnbench import variants
+from attnbench.harness.run.config import ConfigError, RunConfig, TimingConfig, validate
+from attnbench.harness.run.job import run_point
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["batch=1", "heads=2", "head_dim=16", "timing.min_reps=2", "timing.min_time_s=0",
@@ -107,13 +107,13 @@ def test_bad_target_is_a_config_error_naming_variant_target(my_module, target, w
 def test_custom_from_the_command_line(tmp_path, my_module):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     cwd = tmp_path  # where my_module's file is: found from the current directory
-    ok = subprocess.run([sys.executable, "-m", "harness.cli", "variant=custom",
+    ok = subprocess.run([sys.executable, "-m", "attnbench.harness.cli", "variant=custom",
                          f"variant.target={my_module}:MyAttention", "seq_len=64", *TINY,
                          f"hydra.run.dir={tmp_path}/r"], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert f"custom[{my_module}:MyAttention] n=64" in ok.stdout and ", ok" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "harness.cli", "variant=custom",
+    bad = subprocess.run([sys.executable, "-m", "attnbench.harness.cli", "variant=custom",
                           "variant.target=no_such_pkg:fn", f"hydra.run.dir={tmp_path}/x"],
                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     lines = bad.stderr.strip().splitlines()

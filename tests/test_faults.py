@@ -14,9 +14,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness.gather import gather
-from harness.records import load_records
-from harness.sweep import run_point
+from attnbench.harness.records import load_records
+from attnbench.harness.report.gather import gather
+from attnbench.harness.run.job import run_point
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -24,7 +24,7 @@ FAST = ["batch=1", "heads=2", "head_dim=8", "timing.min_reps=2", "timing.min_tim
         "timing.warmup=1", f"hydra.searchpath=[file://{TESTS / 'conf'}]"]
 # Run the CLI with the test-only `faulty` and `broken_model` variants registered.
 BOOT = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import fault_variants, broken_models; "
-        "from harness.cli import main; main()")
+        "from attnbench.harness.cli import main; main()")
 
 
 def attnbench(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -184,8 +184,8 @@ def test_resume_needs_a_named_sweep_folder():
 
 WRITER = """
 import sys
-from harness.gather import gather
-from harness.records import Record, write_record
+from attnbench.harness.report.gather import gather
+from attnbench.harness.records import Record, write_record
 root, tag = sys.argv[1], sys.argv[2]
 base = dict(variant="full", label="full[sdpa]", family="full", params="{}", batch=1, heads=1,
             head_dim=8, dtype="float32", device="cpu", causal=False, mode="fwd",
@@ -222,7 +222,7 @@ def test_bad_input_stops_before_any_work(tmp_path, capsys, args, field):
     import torch
     from hydra.core.global_hydra import GlobalHydra
 
-    from harness.cli import main
+    from attnbench.harness.cli import main
 
     if field == "device" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -242,7 +242,7 @@ def test_bad_input_stops_before_any_work(tmp_path, capsys, args, field):
 
 
 def test_oom_in_process_releases_and_continues():
-    from harness.config import from_dictconfig
+    from attnbench.harness.run.config import from_dictconfig
 
     sys.path.insert(0, str(TESTS))
     import fault_variants  # noqa: F401

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import variants
-from harness.config import from_dictconfig
-from harness.sweep import run_point
-from variants import _flex
+from attnbench import variants
+from attnbench.harness.run.config import from_dictconfig
+from attnbench.harness.run.job import run_point
+from attnbench.variants import flex as _flex
 
 # 12 shapes, more than dynamo's 8 compiled versions per function (torch._dynamo.config
 # .recompile_limit); tiny, so each compiles in seconds.

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import variants
-from harness.dispatch import count_call
-from variants.base import Shape
+from attnbench import variants
+from attnbench.harness.run.opcount import count_call
+from attnbench.variants.base import Shape
 
 SHAPE = Shape(1, 2, 520, 32)  # n not a multiple of the blocks, chunks or landmarks
 TOLERANCE = 0.10
@@ -19,7 +19,7 @@ TOLERANCE = 0.10
 
 def _points():
     for name in sorted(variants.names()):
-        if not variants.get(name).__module__.startswith("variants."):
+        if not variants.get(name).__module__.startswith("attnbench.variants."):
             continue  # built-ins only
         for causal in (False, True):
             for mode in ("fwd", "fwd_bwd"):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import variants
-from harness.memory import peak_memory
-from variants.base import Shape
-from variants.full import _pinned_sdpa_reasons
-from variants.testing import assert_matches, random_qkv
+from attnbench import variants
+from attnbench.harness.run.memory import peak_memory
+from attnbench.variants.base import Shape
+from attnbench.variants.full.backends import _pinned_sdpa_reasons
+from attnbench.variants.testing import assert_matches, random_qkv
 
 CPU_BACKENDS = ["naive", "sdpa"]
 

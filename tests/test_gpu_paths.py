@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import variants
-from harness.dispatch import count_call
-from variants.base import FORCE_GPU_PATHS
-from variants.testing import random_qkv
+from attnbench import variants
+from attnbench.harness.run.opcount import count_call
+from attnbench.variants.base import FORCE_GPU_PATHS
+from attnbench.variants.testing import random_qkv
 
 # Small parameters so every pattern fits n = 1024.
 SMALL = {"bigbird": {"block": 32}, "nystrom": {"landmarks": 32}, "linformer": {"k": 64},
@@ -21,7 +21,7 @@ def builtins() -> list:
     out = []
     for name in sorted(variants.names()):
         cls = variants.get(name)
-        if not cls.__module__.startswith("variants."):
+        if not cls.__module__.startswith("attnbench.variants."):
             continue
         for causal in (False, True):
             out.append(pytest.param(name, causal, id=f"{name}-{'causal' if causal else 'full'}"))
@@ -33,7 +33,7 @@ def _att(name: str, causal: bool):
     if getattr(att, "impl", "") == "flex" or (getattr(att, "backend", "") != "sdpa" and \
             name == "full"):
         pytest.skip("compiled or other backends: not counted")
-    from variants.base import Shape
+    from attnbench.variants.base import Shape
 
     reasons = att.not_supported_reasons(Shape(1, 1, 1024, 32), torch.float32, "cpu", causal)
     if reasons:

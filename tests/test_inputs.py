@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from harness.inputs import KINDS, attention_entropy, make_inputs
-from variants.base import Shape
+from attnbench.harness.run.inputs import KINDS, attention_entropy, make_inputs
+from attnbench.variants.base import Shape
 
 SHAPE = Shape(1, 4, 2048, 64)
 

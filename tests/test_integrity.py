@@ -11,12 +11,13 @@ from typing import ClassVar
 
 import pytest
 
-import variants
-from harness.config import from_dictconfig
-from harness.contention import CONTENDED_SHARE, Contention, CpuSnapshot, contention
-from harness.sweep import run_point
-from variants.base import Variant
-from variants.full import naive_attention
+from attnbench import variants
+from attnbench.harness.run.config import from_dictconfig
+from attnbench.harness.run.contention import CONTENDED_SHARE, Contention, CpuSnapshot, contention
+from attnbench.harness.run.job import run_point
+from attnbench.variants import registry
+from attnbench.variants.base import Variant
+from attnbench.variants.full.full import naive_attention
 
 TINY = {"batch": 1, "heads": 2, "head_dim": 16, "seq_len": 64,
         "timing": {"min_reps": 3, "min_time_s": 0, "warmup": 1}}
@@ -91,11 +92,12 @@ def _test_variants():
         variants.register(cls)
     yield
     for cls in (LaterNaN, Raises):
-        variants._REGISTRY.pop(cls.name, None)
+        registry._REGISTRY.pop(cls.name, None)
 
 
 def builtins() -> list[str]:
-    return [n for n in variants.names() if variants.get(n).__module__.startswith("variants.")]
+    return [n for n in variants.names()
+            if variants.get(n).__module__.startswith("attnbench.variants.")]
 
 
 def test_fwd_bwd_peak_includes_the_gradients_it_creates():
@@ -208,7 +210,7 @@ def test_isolated_points_run_in_their_own_process_and_a_dying_one_is_a_row():
 def test_decode_prediction_is_the_cache_not_a_forward():
     """A KV cache at n = 64K is tens of MB; the naive forward's n² scores would be 137 GB and
     skip the point for nothing."""
-    from harness.sweep import predicted_bytes
+    from attnbench.harness.run.point import predicted_bytes
 
     run = point("full", {"backend": "naive"}, mode="decode", seq_len=65536, heads=8, head_dim=64)
     att = variants.build("full", backend="naive")

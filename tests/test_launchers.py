@@ -33,7 +33,8 @@ def needs_plugin(name: str) -> None:
 
 def multirun(out: Path, *args: str) -> set[tuple[str, int, str]]:
     proc = subprocess.run(
-        [sys.executable, "-m", "harness.cli", "-m", *SWEEP, f"hydra.sweep.dir={out}", *args],
+        [sys.executable, "-m", "attnbench.harness.cli", "-m", *SWEEP, f"hydra.sweep.dir={out}",
+         *args],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

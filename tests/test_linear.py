@@ -11,11 +11,12 @@ import math
 import pytest
 import torch
 
-import variants
-from harness.inputs import make_inputs
-from variants._prefix import compute_dtype, linear_attention
-from variants.reference import attention_reference, rel_error
-from variants.testing import assert_matches, random_qkv
+from attnbench import variants
+from attnbench.harness.run.inputs import make_inputs
+from attnbench.variants.base import compute_dtype
+from attnbench.variants.linear.prefix import linear_attention
+from attnbench.variants.reference import attention_reference, rel_error
+from attnbench.variants.testing import assert_matches, random_qkv
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

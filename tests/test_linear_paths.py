@@ -10,12 +10,12 @@ import torch
 from test_linear import _qkv, favor_reference, kernel_reference
 from test_lowrank import linformer_reference, nystrom_reference
 
-import variants
-from harness.dispatch import count_call
-from harness.memory import peak_memory
-from variants.base import FORCE_GPU_PATHS, Shape
-from variants.nystrom import iterative_pinv
-from variants.testing import assert_matches, random_qkv
+from attnbench import variants
+from attnbench.harness.run.memory import peak_memory
+from attnbench.harness.run.opcount import count_call
+from attnbench.variants.base import FORCE_GPU_PATHS, Shape
+from attnbench.variants.lowrank.nystrom import iterative_pinv
+from attnbench.variants.testing import assert_matches, random_qkv
 
 NAMES = ["linear", "linformer", "nystrom", "performer"]
 SMALL = {"linear": {"chunk": 32}, "performer": {"features": 64, "chunk": 32},

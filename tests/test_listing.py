@@ -9,9 +9,9 @@ import sys
 import typing
 from pathlib import Path
 
-import variants
-from harness import listing
-from variants.base import Family
+from attnbench import variants
+from attnbench.harness import listing
+from attnbench.variants.base import Family
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,7 +59,8 @@ def test_markdown_table_and_a_broken_variant_is_a_row(capsys, monkeypatch):
 
 
 def test_cli_subcommand():
-    proc = subprocess.run([sys.executable, "-m", "harness.cli", "list", "--format", "csv"],
+    proc = subprocess.run([sys.executable, "-m", "attnbench.harness.cli", "list", "--format",
+                           "csv"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("name,label,family,params,time,memory,available,causal,gqa,"

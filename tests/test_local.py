@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import variants
-from harness.memory import peak_memory
-from variants.testing import assert_matches, random_qkv
+from attnbench import variants
+from attnbench.harness.run.memory import peak_memory
+from attnbench.variants.testing import assert_matches, random_qkv
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 

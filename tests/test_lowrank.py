@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-import variants
-from harness.memory import peak_memory
-from variants._prefix import compute_dtype
-from variants.nystrom import iterative_pinv
-from variants.reference import rel_error
-from variants.testing import assert_matches, random_qkv
+from attnbench import variants
+from attnbench.harness.run.memory import peak_memory
+from attnbench.variants.base import compute_dtype
+from attnbench.variants.lowrank.nystrom import iterative_pinv
+from attnbench.variants.reference import rel_error
+from attnbench.variants.testing import assert_matches, random_qkv
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPE = variants.Shape(1, 2, 64, 16)
@@ -178,7 +178,7 @@ def test_iterative_pinv_converges_to_exact():
 
 def test_nystrom_landmarks_pad_like_the_official_code():
     """n=10, m=4: segments of 3, the last holding one row and two zero rows."""
-    from variants.nystrom import landmarks
+    from attnbench.variants.lowrank.nystrom import landmarks
 
     x = torch.arange(10.0).reshape(1, 1, 10, 1)
     torch.testing.assert_close(landmarks(x, 4).flatten(), torch.tensor([1.0, 4.0, 7.0, 3.0]))

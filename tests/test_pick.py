@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 from test_report_rules import _rec, _write
 
-from harness import pick, report
+from attnbench.harness.report import build as report
+from attnbench.harness.report import pick
 
 EXACT = 3e-7
 

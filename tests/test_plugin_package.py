@@ -63,7 +63,7 @@ def plugin_env(tmp_path_factory):
 
 def attnbench(plugin_env, *args: str) -> subprocess.CompletedProcess:
     python, env, root = plugin_env
-    return subprocess.run([python, "-m", "harness.cli", *args], cwd=root, env=env,
+    return subprocess.run([python, "-m", "attnbench.harness.cli", *args], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -89,7 +89,8 @@ def test_plugin_variant_runs_in_a_sweep(plugin_env):
 
 
 def test_plugin_not_visible_outside_its_environment():
-    proc = subprocess.run([sys.executable, "-m", "harness.cli", "list", "--format", "csv"],
+    proc = subprocess.run([sys.executable, "-m", "attnbench.harness.cli", "list", "--format",
+                           "csv"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "\nsigmoid," not in proc.stdout
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-import variants
-from harness.config import from_dictconfig
+from attnbench import variants
+from attnbench.harness.run.config import from_dictconfig
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 

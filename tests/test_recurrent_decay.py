@@ -9,12 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import variants
-from harness.dispatch import count_call
-from harness.memory import peak_memory
-from variants.recurrent._decay import chunk_decay, recurrent_decay
-from variants.reference import rel_error
-from variants.testing import assert_matches, random_qkv
+from attnbench import variants
+from attnbench.harness.run.memory import peak_memory
+from attnbench.harness.run.opcount import count_call
+from attnbench.variants.recurrent.decay_chunk import chunk_decay
+from attnbench.variants.recurrent.decay_recurrent import recurrent_decay
+from attnbench.variants.reference import rel_error
+from attnbench.variants.testing import assert_matches, random_qkv
 
 NAMES = ["retnet", "gla", "mamba2"]
 

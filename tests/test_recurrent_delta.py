@@ -16,13 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import variants
-from harness.dispatch import count_call
-from harness.memory import peak_memory
-from variants.base import Shape
-from variants.recurrent._delta import gate_weights
-from variants.reference import rel_error
-from variants.testing import assert_matches, random_qkv
+from attnbench import variants
+from attnbench.harness.run.memory import peak_memory
+from attnbench.harness.run.opcount import count_call
+from attnbench.variants.base import Shape
+from attnbench.variants.recurrent.delta import gate_weights
+from attnbench.variants.reference import rel_error
+from attnbench.variants.testing import assert_matches, random_qkv
 
 NAMES = ["deltanet", "gated_deltanet"]
 

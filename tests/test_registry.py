@@ -9,8 +9,9 @@ from typing import ClassVar
 
 import pytest
 
-import variants
-from variants.base import Variant
+from attnbench import variants
+from attnbench.variants import registry
+from attnbench.variants.base import Variant
 
 
 def test_build_by_name_returns_ready_variant():
@@ -39,7 +40,7 @@ def test_duplicate_name_raises():
 
     with pytest.raises(ValueError, match="already registered"):
         variants.register(Impostor)
-    assert variants.get("full").__module__ == "variants.full"
+    assert variants.get("full").__module__ == "attnbench.variants.full.full"
 
 
 @pytest.fixture
@@ -58,9 +59,9 @@ def plugin_env(tmp_path, monkeypatch):
         """
         from dataclasses import dataclass
         from typing import ClassVar
-        import variants
-        from variants.full import naive_attention
-        from variants.base import Variant
+        from attnbench import variants
+        from attnbench.variants.full.full import naive_attention
+        from attnbench.variants.base import Variant
 
         @variants.register
         @dataclass
@@ -76,11 +77,11 @@ def plugin_env(tmp_path, monkeypatch):
     dist("broken_plugin", "broken_plugin_mod", "raise ImportError('boom')\n",
          "broken = broken_plugin_mod")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(variants, "_plugins_loaded", False)
-    saved = dict(variants._REGISTRY)
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    saved = dict(registry._REGISTRY)
     yield
-    variants._REGISTRY.clear()
-    variants._REGISTRY.update(saved)
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(saved)
     for mod in ("good_plugin_mod", "broken_plugin_mod"):
         sys.modules.pop(mod, None)
 

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 from tiny_sweep import tiny_sweep
 
-from harness import report
-from harness.records import read_record, write_record
+from attnbench.harness.records import read_record, write_record
+from attnbench.harness.report import build as report
 
 PLOTS = ["latency", "memory", "speedup", "pareto", "exponents"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

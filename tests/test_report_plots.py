@@ -7,7 +7,8 @@ import math
 import pytest
 from test_report_rules import _rec, _write
 
-from harness import plots, report
+from attnbench.harness.report import build as report
+from attnbench.harness.report import plots
 
 NS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
 

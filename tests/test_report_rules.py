@@ -7,8 +7,8 @@ import math
 import pandas as pd
 import pytest
 
-from harness import report
-from harness.records import Record, write_record
+from attnbench.harness.records import Record, write_record
+from attnbench.harness.report import build as report
 
 NAN = float("nan")
 

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness.scaling import (
+from attnbench.harness.report.scaling import (
     CONST,
     POWER,
     agreement,

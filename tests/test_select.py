@@ -12,12 +12,12 @@ import math
 import pytest
 import torch
 
-import variants
-from harness.dispatch import count_call
-from harness.memory import peak_memory
-from variants.base import FORCE_GPU_PATHS, Shape
-from variants.reference import attention_reference, rel_error
-from variants.testing import assert_matches, random_qkv
+from attnbench import variants
+from attnbench.harness.run.memory import peak_memory
+from attnbench.harness.run.opcount import count_call
+from attnbench.variants.base import FORCE_GPU_PATHS, Shape
+from attnbench.variants.reference import attention_reference, rel_error
+from attnbench.variants.testing import assert_matches, random_qkv
 
 MOBA = {"block": 16, "topk": 3}
 NSA = {"cmp_block": 16, "cmp_stride": 8, "sel_block": 16, "sel_count": 4, "window": 20}

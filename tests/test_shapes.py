@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import variants
-from harness.memory import peak_memory
-from variants.base import Shape
-from variants.reference import attention_reference
-from variants.testing import assert_matches, random_qkv
+from attnbench import variants
+from attnbench.harness.run.memory import peak_memory
+from attnbench.variants.base import Shape
+from attnbench.variants.reference import attention_reference
+from attnbench.variants.testing import assert_matches, random_qkv
 
 # Small parameters so every pattern and rank fits the test sizes.
 SMALL = {"linformer": {"k": 32}, "nystrom": {"landmarks": 16}, "bigbird": {"block": 16},
@@ -24,7 +24,7 @@ def build(name: str):
 
 def builtins() -> list[str]:
     return sorted(n for n in variants.names()
-                  if variants.get(n).__module__.startswith("variants."))
+                  if variants.get(n).__module__.startswith("attnbench.variants."))
 
 
 def _cpu_variants():

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import variants
-from variants.base import Shape
-from variants.blocksparse import BlockSparse
+from attnbench import variants
+from attnbench.variants.base import Shape
+from attnbench.variants.sparse.pattern import BlockSparse
 
 REPO = Path(__file__).resolve().parent.parent
 PATTERNS = sorted(n for n in variants.names() if issubclass(variants.get(n), BlockSparse))
@@ -102,10 +102,10 @@ def test_bigbird_random_blocks_are_exact_under_causal_and_seeded():
 CAPPED = """
 import json, resource, sys, time
 import torch
-import variants
-from harness.config import from_dictconfig
-from harness.sweep import run_point
-from variants.base import Shape
+from attnbench import variants
+from attnbench.harness.run.config import from_dictconfig
+from attnbench.harness.run.job import run_point
+from attnbench.variants.base import Shape
 names = sys.argv[1].split(",")
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))

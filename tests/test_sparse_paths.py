@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import variants
-from harness.memory import peak_memory
-from harness.sweep import tensor_bytes
-from variants.base import FORCE_GPU_PATHS, Shape
-from variants.reference import attention_reference
-from variants.testing import assert_matches, random_qkv
+from attnbench import variants
+from attnbench.harness.run.job import tensor_bytes
+from attnbench.harness.run.memory import peak_memory
+from attnbench.variants.base import FORCE_GPU_PATHS, Shape
+from attnbench.variants.reference import attention_reference
+from attnbench.variants.testing import assert_matches, random_qkv
 
 PATHS = [pytest.param("0", id="cpu"), pytest.param("1", id="gpu")]
 SMALL = {

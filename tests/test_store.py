@@ -16,10 +16,7 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from harness.cli import CONF_DIR, point_folder_of
-from harness.config import from_dictconfig
-from harness.gather import gather, sweep_lock
-from harness.records import (
+from attnbench.harness.records import (
     STALE_TMP_S,
     Record,
     find_records,
@@ -27,7 +24,11 @@ from harness.records import (
     remove_stale_temps,
     write_record,
 )
-from harness.sweep import point_id
+from attnbench.harness.report.gather import gather, sweep_lock
+from attnbench.harness.run.compose import CONF_DIR
+from attnbench.harness.run.config import from_dictconfig
+from attnbench.harness.run.point import point_id
+from attnbench.harness.run.task import point_folder_of
 
 BASE = dict(variant="full", label="full[sdpa]", family="full", params="{}", batch=1, heads=1,
             seq_len=64, head_dim=8, dtype="float32", device="cpu", causal=False, mode="fwd",
@@ -107,7 +108,7 @@ def test_a_point_folder_is_named_by_what_it_measures():
 def test_the_sweep_lock_is_exclusive_across_processes_and_reentrant(tmp_path):
     leaving = tmp_path / "leaving"
     holder = (f"import sys, time, pathlib; sys.path.insert(0, {str(Path.cwd())!r});"
-              "from harness.gather import sweep_lock\n"
+              "from attnbench.harness.report.gather import sweep_lock\n"
               f"with sweep_lock({str(tmp_path)!r}):\n"
               "    print('held', flush=True); time.sleep(1)\n"
               f"    pathlib.Path({str(leaving)!r}).touch()\n")
@@ -124,3 +125,14 @@ def test_gather_keeps_one_row_per_point(tmp_path, status):
     write_record(Record(**{**BASE, "status": "ok", "timestamp": "2"}), tmp_path / "x")
     df = pd.read_csv(gather(tmp_path))
     assert len(df) == 1 and df.timestamp.iloc[0] == 2
+
+
+def test_decode_is_one_point_whatever_causal_says():
+    """Decode is causal by nature: the config is normalised before its identity is taken, so
+    `mode=decode causal=true,false` is one point (measured once, one folder), not two."""
+    a = _run("mode=decode", "causal=true", "seq_len=64")
+    b = _run("mode=decode", "causal=false", "seq_len=64")
+    assert a.causal and b.causal
+    assert point_id(a) == point_id(b)
+    assert point_folder_of(a) == point_folder_of(b)
+    assert point_id(_run("causal=true", "seq_len=64")) != point_id(_run("seq_len=64"))

@@ -10,9 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness.config import ConfigError, from_dictconfig
-from harness.records import Record, load_records, read_record, write_record
-from harness.sweep import run_point
+from attnbench.harness.records import Record, load_records, read_record, write_record
+from attnbench.harness.run.config import ConfigError, from_dictconfig
+from attnbench.harness.run.job import run_point
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["batch=1", "heads=2", "head_dim=16", "timing.min_reps=2", "timing.min_time_s=0",
@@ -21,7 +21,7 @@ TINY = ["batch=1", "heads=2", "head_dim=16", "timing.min_reps=2", "timing.min_ti
 
 def attnbench(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "harness.cli", *args],
+        [sys.executable, "-m", "attnbench.harness.cli", *args],
         cwd=cwd, capture_output=True, text=True, timeout=300,
     )
 

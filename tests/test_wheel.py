@@ -65,22 +65,38 @@ def installed(tmp_path_factory):
 
 def test_wheel_ships_the_configs(installed):
     names = zipfile.ZipFile(installed[3]).namelist()
-    assert "harness/conf/config.yaml" in names
-    assert "harness/conf/variant/full.yaml" in names
-    assert "harness/conf/sweep/cpu_quick.yaml" in names
+    assert "attnbench/conf/config.yaml" in names
+    assert "attnbench/conf/variant/full.yaml" in names
+    assert "attnbench/conf/sweep/cpu_quick.yaml" in names
     assert not any(n.startswith("conf/") for n in names)
+
+
+def test_wheel_has_one_import_name_and_every_module(installed):
+    """Only `attnbench` (and Hydra's plugin namespace) at the top; every module of harness/ and
+    variants/ inside it (a package folder missing from pyproject.toml's list would be lost)."""
+    names = zipfile.ZipFile(installed[3]).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"attnbench", "hydra_plugins"}, tops
+    repo = Path(__file__).resolve().parents[1]
+    for folder in ("harness", "variants"):
+        for module in (repo / folder).rglob("*.py"):
+            assert f"attnbench/{module.relative_to(repo).as_posix()}" in names, module
+    assert "attnbench/__init__.py" in names and "attnbench/setup.py" not in names
 
 
 def test_installed_package_finds_its_configs_inside_itself(installed):
     bin_dir, env, work, _, purelib = installed
     proc = subprocess.run(
         [str(bin_dir / "python"), "-c",
-         "import harness, harness.cli as c; print(harness.__file__); print(c.CONF_DIR)"],
+         "import attnbench, attnbench.harness.run.compose as c, importlib.util as u; "
+         "assert u.find_spec('harness') is None and u.find_spec('variants') is None; "
+         "from attnbench import Variant, build, register; "
+         "print(attnbench.__file__); print(c.CONF_DIR)"],
         cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     module, conf = proc.stdout.split()
     assert Path(module).is_relative_to(purelib)
-    assert Path(conf) == purelib / "harness" / "conf"
+    assert Path(conf) == purelib / "attnbench" / "conf"
 
 
 def test_installed_command_runs_a_point_and_a_sweep_from_another_folder(installed):

@@ -19,7 +19,7 @@ def tiny_sweep(tmp_path_factory) -> tuple[Path, str]:
     if not log.exists():
         root.mkdir(parents=True, exist_ok=True)
         proc = subprocess.run(
-            [sys.executable, "-m", "harness.cli", *ARGS, f"hydra.sweep.dir={out}"],
+            [sys.executable, "-m", "attnbench.harness.cli", *ARGS, f"hydra.sweep.dir={out}"],
             cwd=REPO, capture_output=True, text=True, timeout=300,
         )
         assert proc.returncode == 0, proc.stderr

@@ -1,111 +1,33 @@
-"""Attention variants and their registry: a dict from name to class, plus entry-point plugins.
+"""Attention variants: the contract every family and plugin shares, and the registry.
 
-    import variants
+    from attnbench import variants
     att = variants.build("full", backend="sdpa")
     out = att(q, k, v, causal=True)          # q, k, v, out: (B, H, N, D)
 
-Built-ins are imported explicitly at the bottom of this file. Other packages add variants
-through the ``attnbench.variants`` entry-point group (the entry point names a module that
-registers its variants on import, or a Variant subclass).
+One folder per family (full, sparse, linear, lowrank, recurrent), its engine beside its variants;
+what families share lives at this level (base, registry, cache, flex, reference, testing). The
+built-in families are imported explicitly below and register themselves as a plugin would.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import importlib.metadata
-import warnings
-from typing import Any, TypeVar
+if __name__ != "attnbench.variants":  # a checkout's folder imported under its old name
+    raise ImportError(
+        f"attnbench's variants import as 'attnbench.variants', not {__name__!r}: write "
+        "`from attnbench import register, Variant, build`", name=__name__)
 
-from variants.base import Family, Shape, Variant
+from attnbench.variants.base import Family, Shape, Variant
+from attnbench.variants.registry import (
+    ENTRY_POINT_GROUP,
+    build,
+    get,
+    load_plugins,
+    names,
+    register,
+)
 
-__all__ = ["Family", "Shape", "Variant", "build", "get", "names", "register"]
-
-ENTRY_POINT_GROUP = "attnbench.variants"
-
-_REGISTRY: dict[str, type[Variant]] = {}
-_plugins_loaded = False
-
-V = TypeVar("V", bound=type[Variant])
-
-
-def register(cls: V) -> V:
-    """Class decorator: add a Variant subclass to the registry under ``cls.name``."""
-    name = getattr(cls, "name", "")
-    if not name:
-        raise ValueError(f"{cls.__qualname__} has no `name` to register under")
-    if name in _REGISTRY and _REGISTRY[name] is not cls:
-        other = _REGISTRY[name]
-        raise ValueError(
-            f"variant name {name!r} is already registered by "
-            f"{other.__module__}.{other.__qualname__}"
-        )
-    _REGISTRY[name] = cls
-    return cls
-
-
-def load_plugins() -> None:
-    """Import every ``attnbench.variants`` entry point once; a broken one only warns."""
-    global _plugins_loaded
-    if _plugins_loaded:
-        return
-    _plugins_loaded = True
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            obj = ep.load()
-            if isinstance(obj, type) and issubclass(obj, Variant):
-                register(obj)
-        except Exception as exc:  # a broken plugin must not take the others down
-            warnings.warn(
-                f"attnbench: variant plugin {ep.name!r} ({ep.value}) failed to load: "
-                f"{type(exc).__name__}: {exc}",
-                stacklevel=2,
-            )
-
-
-def names() -> list[str]:
-    """Sorted names of every registered variant (built-ins and plugins)."""
-    load_plugins()
-    return sorted(_REGISTRY)
-
-
-def get(name: str) -> type[Variant]:
-    """The registered class for `name`; an unknown name raises KeyError listing the known ones."""
-    load_plugins()
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, _REGISTRY, n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise KeyError(f"unknown variant {name!r}.{hint} Known: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
-
-
-def build(name: str, **params: Any) -> Variant:
-    """A ready variant object: ``build("local", window=64)``.
-
-    Unknown parameters raise TypeError naming the parameter and the accepted ones.
-    """
-    cls = get(name)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - fields)
-    if unknown:
-        raise TypeError(
-            f"variant {name!r} has no parameter {', '.join(unknown)}; "
-            f"accepted: {', '.join(sorted(fields)) or '(none)'}"
-        )
-    return cls(**params)
-
+__all__ = ["ENTRY_POINT_GROUP", "Family", "Shape", "Variant", "build", "get", "load_plugins",
+           "names", "register"]
 
 # Built-in variants register themselves on import.
-from variants import (  # noqa: E402,F401
-    custom,
-    full,
-    linear,
-    linformer,
-    local,
-    moba,
-    nsa,
-    nystrom,
-    performer,
-    recurrent,
-    sparse,
-)
+from attnbench.variants import custom, full, linear, lowrank, recurrent, sparse  # noqa: F401

@@ -244,6 +244,23 @@ def gpu_path(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda" or os.environ.get(FORCE_GPU_PATHS) == "1"
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half inputs (features, prefix sums and the pseudo-inverse need the range)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def mm_dtype(dtype: torch.dtype, device: torch.device | str, states: bool = False) -> torch.dtype:
+    """The matmuls' dtype: the input dtype on the GPU path (tensor cores; fp32 accumulation inside
+    the GEMM), the compute dtype elsewhere (a CPU has no faster half GEMM to trade range for).
+    `states`: the matmuls form un-normalised sums (the linear family's Σ φ(k)ᵀv over up to n
+    keys, performer's shifted features down to 1e-8, and 1/normaliser in their gradients), which
+    leave float16's range (max 65504, normals from 6e-5): float16 inputs run them in bfloat16,
+    at the same tensor-core rate with float32's range."""
+    if not gpu_path(device):
+        return compute_dtype(dtype)
+    return torch.bfloat16 if states and dtype == torch.float16 else dtype
+
+
 def full_flops(shape: Shape, causal: bool = False) -> float:
     """FLOPs of exact attention: QKᵀ and PV, 2·2·B·H·Nq·Nk·D; causal: only the query–key pairs
     of the triangle (queries aligned to the last Nq keys)."""

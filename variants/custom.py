@@ -29,10 +29,10 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from variants import register
-from variants.base import Shape, Variant, full_flops
+from attnbench.variants.base import Shape, Variant, full_flops
+from attnbench.variants.registry import old_import_hint, register
 
-DEFAULT_TARGET = "variants.custom:softmax_attention"
+DEFAULT_TARGET = "attnbench.variants.custom:softmax_attention"
 
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -92,8 +92,8 @@ def load_target(target: str) -> Any:
     try:
         mod = _import(module)
     except Exception as exc:
-        raise ValueError(f"target={target!r}: cannot import {module} "
-                         f"({type(exc).__name__}: {exc})") from None
+        why = old_import_hint(exc) or f"{type(exc).__name__}: {exc}"
+        raise ValueError(f"target={target!r}: cannot import {module} ({why})") from None
     obj: Any = mod
     for part in attr.split("."):
         if not hasattr(obj, part):

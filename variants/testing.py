@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import torch
 
-from variants.base import Variant
-from variants.reference import attention_reference, rel_error
+from attnbench.variants.base import Variant
+from attnbench.variants.reference import attention_reference, rel_error
 
 Reference = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor]
 

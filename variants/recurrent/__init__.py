@@ -2,4 +2,4 @@
 delta rule: deltanet, gated_deltanet), each with a chunked form for prefill and training and a
 per-step form for decode, checked against its float64 step-by-step recurrence."""
 
-from variants.recurrent import deltanet, gated_deltanet, gla, mamba2, retnet  # noqa: F401
+from attnbench.variants.recurrent import deltanet, gated_deltanet, gla, mamba2, retnet  # noqa: F401

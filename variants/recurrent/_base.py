@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from variants.base import Variant
+from attnbench.variants.base import Variant
 
 IMPLS = ("chunk", "recurrent", "fla")
 

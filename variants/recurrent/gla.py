@@ -6,7 +6,7 @@ gate input is x_t = k_t and W is one fixed (d × d) matrix (the paper: a learned
 W_α1 W_α2 plus a bias, on the layer input): W_ij ~ N(0, 1/d) drawn in float64 on the CPU from
 torch.Generator().manual_seed(seed), so a point is reproducible. One gate per k/v head (grouped
 query heads share it, and the state). The chunked form builds its intra-chunk scores by the
-halving tree of `_decay` (secondary chunking), stable for gates arbitrarily close to 0.
+halving tree of `decay_chunk` (secondary chunking), stable for gates arbitrarily close to 0.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from variants import register
-from variants.base import Shape
-from variants.recurrent._decay import DecayRNN, fla_kwargs
+from attnbench.variants.base import Shape
+from attnbench.variants.recurrent.decay import DecayRNN, fla_kwargs
+from attnbench.variants.registry import register
 
 
 @register

@@ -20,9 +20,9 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from variants import register
-from variants.base import Shape
-from variants.recurrent._decay import DecayRNN, fla_kwargs
+from attnbench.variants.base import Shape
+from attnbench.variants.recurrent.decay import DecayRNN, fla_kwargs
+from attnbench.variants.registry import register
 
 DT_MIN, DT_MAX, A_MAX = 1e-3, 1e-1, 16.0
 

@@ -13,8 +13,8 @@ from typing import ClassVar
 
 import torch
 
-from variants import register
-from variants.recurrent._decay import DecayRNN, fla_kwargs
+from attnbench.variants.recurrent.decay import DecayRNN, fla_kwargs
+from attnbench.variants.registry import register
 
 
 @register

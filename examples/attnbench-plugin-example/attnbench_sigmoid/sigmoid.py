@@ -13,11 +13,10 @@ from typing import ClassVar
 
 import torch
 
-import variants
-from variants.base import Shape, Variant
+from attnbench import Shape, Variant, register
 
 
-@variants.register
+@register
 @dataclass
 class Sigmoid(Variant):
     """Args: bias: added to every score before the sigmoid; None means -log(n)."""
@@ -40,7 +39,7 @@ class Sigmoid(Variant):
 
     # Nothing beyond the base dtype check: the dense formula runs wherever torch runs, and points
     # too big for memory are skipped by the runner from `memory_bytes`. A variant whose kernel
-    # needs CUDA, a dtype or a head_dim limit returns those reasons here (see variants/full.py).
+    # needs CUDA, a dtype or a head_dim limit returns those reasons here (see variants/full/).
     def not_supported_reasons(self, shape, dtype, device, causal, mode="fwd") -> list[str]:
         return super().not_supported_reasons(shape, dtype, device, causal, mode)
 

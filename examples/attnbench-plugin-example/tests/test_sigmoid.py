@@ -6,7 +6,7 @@ import pytest
 import torch
 from attnbench_sigmoid.sigmoid import Sigmoid
 
-from variants.testing import assert_matches, random_qkv
+from attnbench.variants.testing import assert_matches, random_qkv
 
 
 def definition(bias):

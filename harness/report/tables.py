@@ -1,0 +1,268 @@
+"""The report's tables as plain text cells, rendered to markdown (summary.md) and HTML.
+
+Cells: a number for a point that ran, with `~` appended when the point is noisy (p10–p90 spread
+over 10% of the median) and `!` when it is contended (other processes took a real share of the
+CPU while it was timed); the status (oom, skipped, unsupported, error, invalid) for one that did
+not; blank where the sweep has no such point. A speedup is marked when either of its two points
+is; the baseline against itself is exactly 1 and never marked. Where batch varies with n
+(token-budget presets) the tables show latency and memory per sequence, as the fits use them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from attnbench.harness import units
+from attnbench.harness.report import columns, pick
+from attnbench.harness.report.scaling import AGREE_WIDTH, CONST, SETTING, same_setting
+
+
+@dataclass
+class Table:
+    title: str
+    header: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    note: str = ""
+    kind: str = ""  # "pick": cells of several lines, the first one the answer
+
+
+def markdown(t: Table) -> str:
+    def cell(s: str) -> str:
+        return s.replace("|", "\\|").replace("\n", " ")
+
+    lines = [f"### {t.title}", ""]
+    if t.note:
+        lines += [t.note, ""]
+    lines.append("| " + " | ".join(cell(h) for h in t.header) + " |")
+    lines.append("|" + "|".join("---" for _ in t.header) + "|")
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in t.rows]
+    return "\n".join(lines) + "\n"
+
+
+def settings(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """Split rows by the setting columns that vary ("" when the sweep has one setting)."""
+    varying = columns.varying(df, SETTING)
+    if not varying:
+        return [("", df)]
+    return [(" ".join(setting_name(c, v) for c, v in zip(varying, key if isinstance(key, tuple)
+                                                     else (key,), strict=True)), g)
+            for key, g in df.groupby(varying, sort=True)]
+
+
+def setting_name(column: str, value) -> str:
+    """`column=value`, with the token budget of per-sequence fits spelled out."""
+    if column == "tokens":
+        return f"B·n={units.count(value)}" if value else "batch held"
+    if column == "batch" and value == 0:
+        return "batch varies"
+    return f"{column}={value}"
+
+
+def per_note(df: pd.DataFrame) -> str:
+    """The note for tables of a setting fitted per sequence ("" otherwise)."""
+    if "per" not in df or not (df.per == "sequence").any():
+        return ""
+    return ("Batch varies with n (B·n held fixed): latency and memory per sequence (÷ batch), as "
+            "fitted.")
+
+
+def pivot(df: pd.DataFrame, title: str, value: Callable[[pd.Series], str],
+          note: str = "") -> list[Table]:
+    """label × n grid of `value(row)`; failed points show their status."""
+    out = []
+    for name, g in settings(df):
+        ns = sorted(g.seq_len.unique())
+        t = Table(f"{title} — {name}" if name else title, ["label", *[f"n={n}" for n in ns]],
+                  note=" ".join(x for x in (note, per_note(g)) if x))
+        for label, lg in g.groupby("label", sort=True):
+            by_n = {r.seq_len: r for r in lg.itertuples()}
+            cells = []
+            for n in ns:
+                r = by_n.get(n)
+                if r is None:
+                    cells.append("")
+                elif r.status != "ok":
+                    cells.append(r.status)
+                else:
+                    cells.append(value(r))
+            t.rows.append([label, *cells])
+        out.append(t)
+    return out
+
+
+def _marked(r, text: str, speedup: bool = False) -> str:
+    """`text` with ~ (noisy) and ! (contended) for the point, and for a speedup its baseline's."""
+    if not text:
+        return text
+    noisy, contended = bool(r.noisy), bool(r.contended)
+    if speedup:
+        if r.label == r.baseline:
+            return text
+        noisy |= bool(r.baseline_noisy)
+        contended |= bool(r.baseline_contended)
+    return text + ("~" if noisy else "") + ("!" if contended else "")
+
+
+MARKS = ("~: noisy (p10–p90 spread over 10% of the median); !: contended (other processes took a "
+         "real share of the CPU while it was timed); failed points show their status.")
+
+
+def point_tables(df: pd.DataFrame, baseline: str | None) -> list[Table]:
+    """The label × n grids; `df` is a fit frame (harness.scaling.fit_frame) with speedups."""
+    cell = units.cell
+    tables = pivot(df, "Median latency (ms)", lambda r: _marked(r, cell(r.latency_ms)), MARKS)
+    if baseline:
+        tables += pivot(df, f"Speedup vs {baseline} (×, above 1: faster)",
+                        lambda r: _marked(r, cell(r.speedup), speedup=True))
+    tables += pivot(df, "Peak memory (MB)", lambda r: cell(units.to_mb(r.peak_mem_bytes)))
+    if baseline:
+        tables += pivot(df, f"Memory vs {baseline} (×, below 1: less)",
+                        lambda r: cell(r.memory_ratio))
+    tables += pivot(df, "Relative error (vs float64)", lambda r: cell(r.rel_error, 2))
+    tables += pivot(df, "Achieved GFLOP/s", lambda r: cell(r.tflops * 1e3))
+    if (df.kernel.fillna("") != "").any():
+        tables += pivot(df, "Kernel that ran", lambda r: r.kernel if isinstance(r.kernel, str)
+                        else "", "A kernel that changes along a row is a backend fallback.")
+    return tables
+
+
+def marked_summary(df: pd.DataFrame) -> str:
+    """The report's first warning: how many points ran noisy or contended ("" when none)."""
+    ok = df[df.status == "ok"]
+    noisy, contended = int(ok.noisy.fillna(False).sum()), int(ok.contended.fillna(False).sum())
+    # records from before contention was measured (or without /proc/stat) cannot say
+    unknown = int(ok.others_cpu.isna().sum()) if "others_cpu" in ok else len(ok)
+    if not noisy and not contended and not unknown:
+        return ""
+    unmeasured = (f" Contention was not measured for {unknown} of them (records from before "
+                  f"it was, or no /proc/stat): they cannot be told clean.") if unknown else ""
+    return (f"Warning: of {len(ok)} points that ran, {noisy} are noisy (~) and {contended} "
+            f"contended (!): their latency may be inflated, and fits, speedups and crossovers "
+            f"that use them say so.{unmeasured} For clean numbers see the README, 'Clean numbers "
+            f"on a shared machine': a quiet machine, a fixed threads=, then the marked points "
+            f"measured again (remove their folders, re-run with resume=true).")
+
+
+def scaling_tables(scaling: pd.DataFrame) -> list[Table]:
+    out = []
+    for name, g in settings(scaling) if not scaling.empty else []:
+        t = Table(f"Fitted exponents — {name}" if name else "Fitted exponents",
+                  ["label", "metric", "model", "exponent", "95% CI", "n range", "points",
+                   "declared", "agrees", "marked points"],
+                  note=" ".join(x for x in (
+                      f"agrees: yes / no / inconclusive (the declared exponent is inside an "
+                      f"interval wider than ±{AGREE_WIDTH:g}, or too few points).",
+                      per_note(g)) if x))
+        for r in g.itertuples():
+            if math.isfinite(r.exponent):
+                exp, ci = f"{r.exponent:.2f}", f"{r.ci_low:.2f} … {r.ci_high:.2f}"
+                rng = f"{units.count(r.n_min)}–{units.count(r.n_max)}"
+            else:
+                exp, ci, rng = r.note.split(";")[0], "", ""
+            marked = ", ".join(f"{k} {w}" for k, w in ((r.noisy, "~"), (r.contended, "!")) if k)
+            t.rows.append([r.label, r.metric, r.model, exp, ci, rng, str(r.points),
+                           units.cell(r.declared), r.agrees, marked])
+        out.append(t)
+    return out
+
+
+def crossover_tables(cross: pd.DataFrame, baseline: str | None) -> list[Table]:
+    out = []
+    for name, g in settings(cross) if not cross.empty else []:
+        t = Table(f"Crossovers vs {baseline} and OOM frontier" + (f" — {name}" if name else ""),
+                  ["label", "faster", "less memory", "largest n that ran",
+                   "first oom/skipped n"],
+                  note="'from n≈X': better at every measured n from X on; otherwise where it is "
+                       "better and where not. Compared at the same n and batch.")
+        for r in g.itertuples():
+            first = f"{units.count(r.first_oom_n)} ({r.first_oom_status})" if math.isfinite(
+                r.first_oom_n) else "none"
+            t.rows.append([r.label, r.latency_crossover, r.memory_crossover,
+                           units.count(r.max_ok_n), first])
+        out.append(t)
+    return out
+
+
+def _exponent(f) -> str:
+    if not math.isfinite(f.exponent):
+        decl = f", declared {f.declared:g}: inconclusive" if math.isfinite(f.declared) else ""
+        return f"{f.metric}: too few points for an exponent{decl}"
+    const = units.mb(units.to_mb(f.const)) if f.metric == "memory" else units.ms(f.const)
+    text = (f"{f.metric} ∝ n^{f.exponent:.2f} (95% CI {f.ci_low:.2f}–{f.ci_high:.2f}"
+            + (f", plus a constant {const}" if f.model == CONST else ""))
+    if f.agrees:
+        word = {"yes": "agrees", "no": "disagrees",
+                "inconclusive": "inconclusive (interval too wide to tell)"}[f.agrees]
+        text += f"; declared {f.declared:g}: {word}"
+    marked = [f"{k} {w}" for k, w in ((f.noisy, "noisy (~)"), (f.contended, "contended (!)"))
+              if k]
+    return text + (f"; fitted points include {' and '.join(marked)}" if marked else "") + ")"
+
+
+def _versus(text: str, better: str) -> str:
+    if text in ("baseline", "no baseline", "no common points"):
+        return f"{text} for {better}" if text == "no common points" else ""
+    return f"{better} {text}"
+
+
+def headlines(df: pd.DataFrame, scaling: pd.DataFrame, cross: pd.DataFrame,
+              baseline: str | None) -> list[str]:
+    """One sentence per label × setting: exponents, speed at the largest common n, crossovers,
+    error against float64 at the largest n, how far it ran. `df` is a fit frame."""
+    out = []
+    for r in cross.itertuples():
+        row = r._asdict()
+        setting = " ".join(str(row[c]) for c in ("dtype", "mode", "device"))
+        setting += " causal" if r.causal else " non-causal"
+        if r.per == "sequence":
+            setting += f", per sequence at B·n={units.count(r.tokens)}"
+        parts = [_exponent(f) for f in scaling[same_setting(scaling, row)].itertuples()]
+        mine = df[same_setting(df, row) & (df.status == "ok")].sort_values("seq_len")
+        fast = mine[mine.speedup.notna()]
+        if baseline and r.label != baseline and not fast.empty:
+            last = fast.iloc[-1]
+            mark = _marked(last, "x", speedup=True)[1:]
+            parts.append(f"{units.times(last.speedup)}{mark} the speed of {baseline} at "
+                         f"n={last.seq_len}")
+        parts += [p for p in (_versus(r.latency_crossover, "faster"),
+                              _versus(r.memory_crossover, "less memory")) if p]
+        err = mine[mine.rel_error.notna()]
+        parts.append(f"error vs float64 {err.rel_error.iloc[-1]:.1e} at n={err.seq_len.iloc[-1]}"
+                     if not err.empty else "error vs float64 not measured")
+        if math.isfinite(r.first_oom_n):
+            parts.append(f"ran up to n={units.count(r.max_ok_n)}, {r.first_oom_status} at "
+                         f"n={units.count(r.first_oom_n)}")
+        elif math.isfinite(r.max_ok_n):
+            parts.append(f"ran up to n={units.count(r.max_ok_n)}")
+        out.append(f"{r.label} ({setting}): " + "; ".join(parts) + ".")
+    return out
+
+
+def pick_tables(picks: pd.DataFrame, baseline: str | None) -> list[Table]:
+    """The pick table (harness/pick.py): one table per setting, one row per n, one column per
+    pick; each cell the winner, its latency, speedup, memory and error, and any marked point."""
+    if picks.empty:
+        return []
+    keys = [c for c in pick.key_columns(picks) if c != "seq_len"]
+    varying = columns.varying(picks, keys)
+    out = []
+    for key, g in picks.groupby(keys, sort=True, dropna=False):
+        k = dict(zip(keys, key, strict=True))
+        kinds = list(dict.fromkeys(g.pick))
+        tol = pick.exact_tol(k["dtype"])
+        names = {"fastest exact": f"fastest exact (error ≤ {tol:.0e})",
+                 "fastest": "fastest (any error)",
+                 "leanest": f"leanest (peak memory{', × ' + baseline if baseline else ''})",
+                 "fastest recurrent": "fastest recurrent (error not comparable)"}
+        t = Table(f"Pick — {pick.setting_text(k, varying)}",
+                  ["n", *[names.get(kd, f"fastest {kd}") for kd in kinds]], kind="pick")
+        for n, gn in g.groupby("seq_len", sort=True):
+            by = {r.pick: r for r in gn.itertuples()}
+            t.rows.append([units.count(n), *[pick.cell(by[kd], baseline) if kd in by else ""
+                                       for kd in kinds]])
+        out.append(t)
+    return out

@@ -1,0 +1,2 @@
+"""argv → points → one record each: composing and checking points (compose), the job of one
+point (job) and what it measures with (timing, memory, contention, opcount, inputs), `plan`."""

@@ -1,0 +1,235 @@
+"""Points from arguments: every point of a sweep composed by Hydra's own loader and checked
+(`checked_points`), the checks a command runs before Hydra starts (`precheck`), variant parameters
+fitted to the variants that have them, the sweep folder checked, and the one decision of what a
+point becomes before anything is measured (`decide`: unsupported, skipped or run). The sweeper,
+the job, `plan` and the CLI all take these from here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from attnbench.harness.run.config import (
+    ConfigError,
+    RunConfig,
+    check_writable,
+    conf_dir,
+    explain_hydra_error,
+    fail,
+    from_dictconfig,
+    unknown_key,
+)
+
+log = logging.getLogger("attnbench")
+CONF_DIR = conf_dir()  # shipped in the package; the repository's conf/ in a checkout
+
+
+@dataclass(frozen=True)
+class Point:
+    """One point of a sweep: the overrides its job is launched with, and its checked config."""
+
+    overrides: list[str]
+    run: RunConfig
+    point_id: str
+
+
+def checked_points(config: DictConfig, loader: Any, arguments: list[str]) -> list[Point]:
+    """Every point of the sweep `arguments` (the sweeper's params, then the command line),
+    composed and checked, in order; points that measure the same thing once. Raises ConfigError
+    (one line) for the first bad point.
+
+    Args:
+        config: the sweep's master config (Hydra's, or one composed the same way).
+        loader: Hydra's config loader (globs need the config groups).
+        arguments: overrides, sweeps included (`seq_len=512,1024`, `variant=glob(*)`).
+    """
+    from attnbench.harness.run.job import point_id
+
+    parser = OverridesParser.create(config_loader=loader)
+    try:
+        overrides = parser.parse_overrides(arguments)
+        everything = BasicSweeper.split_arguments(overrides, None)[0]
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(explain_hydra_error(exc)) from None
+    everything = fit_variant_params(config, loader, everything)
+    points, seen = [], set()
+    for point in everything:
+        try:
+            cfg = loader.load_sweep_config(config, list(point))
+        except (HydraException, OmegaConfBaseException) as exc:
+            raise ConfigError(explain_hydra_error(exc)) from None
+        run = from_dictconfig(cfg)
+        pid = point_id(run)
+        if pid not in seen:
+            seen.add(pid)
+            points.append(Point(list(point), run, pid))
+    if len(points) < len(everything):
+        log.info("attnbench: points that measure the same thing run once (%d distinct)",
+                 len(points))
+    return points
+
+
+def is_variant_param(override: str) -> bool:
+    """`variant.window=64` (a plain override of a variant's parameter, not `variant.name`)."""
+    key = override.split("=", 1)[0]
+    return key.startswith("variant.") and key != "variant.name" and "@" not in key
+
+
+def fit_variant_params(config: DictConfig, loader: Any,
+                       points: list[list[str]]) -> list[list[str]]:
+    """Each point without the variant parameters its variant does not have: in
+    `variant=local,strided,full variant.window=64,256`, `window` sets local's and strided's window
+    and full ignores it (its otherwise identical points then measure the same thing: run once).
+    Raises ConfigError naming a parameter that no selected variant has."""
+    if not any(is_variant_param(o) for point in points for o in point):
+        return points
+    default = str(config.hydra.runtime.choices.get("variant", ""))
+    params: dict[str, set[str] | None] = {}  # option → its parameters
+    used: set[str] = set()
+    asked: dict[str, None] = {}
+    out = []
+    for point in points:
+        choice = next((o.split("=", 1)[1] for o in reversed(point)
+                       if o.split("=", 1)[0] == "variant"), default)
+        if choice not in params:
+            params[choice] = _params_of(config, loader, choice)
+        have = params[choice]
+        kept = []
+        for o in point:
+            if is_variant_param(o):
+                key = o.split("=", 1)[0].removeprefix("variant.")
+                asked[key] = None
+                if have is not None and key not in have:
+                    continue
+                used.add(key)
+            kept.append(o)
+        out.append(kept)
+    for key in asked:
+        if key not in used:
+            allowed = set().union(*(p for p in params.values() if p is not None))
+            names = ", ".join(sorted(c for c, p in params.items() if p is not None))
+            raise ConfigError(unknown_key(f"variant.{key}", allowed, f"parameter of {names}"))
+    return out
+
+
+def _params_of(config: DictConfig, loader: Any, choice: str) -> set[str] | None:
+    """The parameters of the variant config `variant/<choice>.yaml` (None: it does not compose,
+    and the point's own check will say why)."""
+    from attnbench import variants
+
+    try:
+        cfg = loader.load_sweep_config(config, [f"variant={choice}"] if choice else [])
+        node = OmegaConf.to_container(cfg.variant, resolve=False)
+        name = node.pop("name")
+        try:
+            return {f.name for f in dataclasses.fields(variants.get(name))}
+        except KeyError:
+            return set(node)
+    except Exception:  # a bad option: left to the point's own composition and check
+        return None
+
+
+def check_sweep_folder(config: DictConfig, create: bool = True) -> Path:
+    """The sweep folder, checked: `resume=true` needs it named; it must be writable (`create`:
+    by creating it and writing a probe; otherwise only looked at, nothing created)."""
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    if config.get("resume") and not _named_sweep_dir(config):
+        raise ConfigError("resume=true: name the sweep folder to resume with hydra.sweep.dir=DIR")
+    check_writable(sweep_dir, "hydra.sweep.dir", create=create)
+    return sweep_dir
+
+
+def _named_sweep_dir(config: DictConfig) -> bool:
+    return any(str(o).startswith("hydra.sweep.dir=") for o in config.hydra.overrides.hydra)
+
+
+def precheck(overrides: list[str], multirun: bool = False) -> None:
+    """Compose and check a config before Hydra starts: one line per problem. For a multirun,
+    the first point of the sweep (each swept key at its first value, variant parameters left
+    out): Hydra composes a config before the sweeper runs, and would fail on it with a dump;
+    the sweeper checks every point afterwards. For a single run, a variant parameter its variant
+    does not have is named."""
+
+    try:
+        with hydra_loader() as loader:
+            if multirun:
+                first = [o for o in first_point(overrides) if not is_variant_param(o)]
+                cfg = loader.load_configuration("config", first, RunMode.MULTIRUN)
+            else:
+                base = [o for o in overrides if not is_variant_param(o)]
+                fit_variant_params(loader.load_configuration("config", base, RunMode.RUN),
+                                   loader, [overrides])
+                cfg = loader.load_configuration("config", overrides, RunMode.RUN)
+        from_dictconfig(cfg)
+        if not multirun:  # the sweeper checks the sweep folder
+            check_writable(Path(str(cfg.hydra.run.dir)).parent, "hydra.run.dir")
+    except (HydraException, OmegaConfBaseException) as exc:
+        fail(explain_hydra_error(exc))
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+@contextlib.contextmanager
+def hydra_loader():
+    """Hydra's config loader over attnbench's configs (and every search-path plugin's), as
+    Hydra itself builds it: what the sweeper composes points with."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        yield GlobalHydra.instance().config_loader()
+
+
+def first_point(overrides: list[str]) -> list[str]:
+    """The overrides with every sweep (a,b,c / glob / range) replaced by its first value."""
+    out = []
+    for o in OverridesParser.create().parse_overrides(overrides):
+        if o.is_sweep_override():
+            try:
+                first = next(iter(o.sweep_string_iterator()), None)
+            except Exception:  # glob() needs the group's options: the sweeper checks it
+                continue
+            if first is not None:
+                out.append(f"{o.get_key_element()}={first}")
+        else:
+            out.append(o.input_line)
+    return out
+
+
+def default_sweep() -> str:
+    import torch
+
+    return "default_gpu" if torch.cuda.is_available() else "default_cpu"
+
+
+def sweep_argv(argv: list[str]) -> list[str]:
+    """The arguments Hydra gets for a multirun: a variant parameter set to one value becomes a
+    one-value sweep (`variant.window=choice(64)`). Hydra composes the sweep's first config from
+    the non-swept overrides, and that config's variant may not have the parameter; the sweeper
+    applies it to each point whose variant has it."""
+    out = []
+    for a in argv:
+        if is_variant_param(a) and not _is_sweep(a):
+            key, value = a.split("=", 1)
+            a = f"{key}=choice({value})"
+        out.append(a)
+    return out
+
+
+def _is_sweep(arg: str) -> bool:
+    try:
+        return OverridesParser.create().parse_override(arg).is_sweep_override()
+    except Exception:  # Hydra will say what is wrong with it
+        return True

@@ -1,0 +1,65 @@
+"""The Hydra task: one job = one point. Composed by Hydra from conf/ (under any sweeper and
+launcher), checked into a RunConfig, measured by `run_point`, written as one record in the folder
+named by what it measures, printed as one progress line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from attnbench.harness.run.compose import CONF_DIR
+from attnbench.harness.run.config import ConfigError, RunConfig, fail, from_dictconfig
+
+# resume=true keeps these outcomes; the others (skipped, oom, error, invalid) may change on a
+# second try (another cap, a free machine, a fixed bug) and are measured again.
+KEPT_ON_RESUME = ("ok", "unsupported")
+
+
+def point_folder_of(run: RunConfig) -> str:
+    """The folder of a point inside its sweep folder: readable + its identity (`point_id`)."""
+    from attnbench.harness.records import point_folder
+    from attnbench.harness.run.point import point_id, point_label
+
+    return point_folder(point_label(run), run.seq_len, run.dtype, run.mode, run.causal,
+                        point_id(run))
+
+
+def _point_folder_resolver(*, _root_: DictConfig) -> str:
+    return point_folder_of(from_dictconfig(_root_))
+
+
+# `hydra.sweep.subdir: ${attnbench_point:}` (conf/config.yaml): each job's folder is named by what
+# it measures, under any sweeper and launcher (jobs import this module to run `sweep_job`).
+OmegaConf.register_new_resolver("attnbench_point", _point_folder_resolver, replace=True)
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def sweep_job(cfg: DictConfig) -> None:
+    """One Hydra job = one point: validate, measure, write the record, print one line."""
+    from attnbench.harness.records import RECORD_FILE, read_record, write_record
+    from attnbench.harness.run import progress
+    from attnbench.harness.run.job import run_point
+    from attnbench.harness.run.point import point_id
+
+    try:
+        run = from_dictconfig(cfg)
+    except ConfigError as exc:
+        fail(str(exc))
+    hc = HydraConfig.get()
+    out_dir = Path(hc.runtime.output_dir)
+    job_num = hc.job.num if hc.mode == RunMode.MULTIRUN else None
+    if run.resume and (out_dir / RECORD_FILE).exists():
+        try:
+            old = read_record(out_dir / RECORD_FILE)
+        except ValueError:
+            old = None
+        if old is not None and old.point_id == point_id(run) and old.status in KEPT_ON_RESUME:
+            print(f"{progress.line(old, job_num)} (kept from an earlier run)", flush=True)
+            return
+    record = run_point(run)
+    write_record(record, out_dir)
+    print(progress.line(record, job_num), flush=True)

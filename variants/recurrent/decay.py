@@ -1,0 +1,197 @@
+"""Decay-gated linear recurrence S_t = Diag(a_t) S_{t−1} + g_t k_tᵀ v_t, o_t = q_t S_t: `DecayRNN`,
+the variant base class of retnet, gla and mamba2, which differ only in their gates (`log_a`, and
+Mamba2's input gain g_t = Δ_t).
+
+Its forms, one file each: `decay_chunk.chunk_decay` the chunked parallel form (prefill,
+training), `decay_recurrent.recurrent_decay` the per-step form (decode, and the slow comparison
+path), `decay_naive.naive_decay` the float64 step-by-step reference.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from attnbench.variants.base import Shape
+from attnbench.variants.base import compute_dtype as _half_to_float
+from attnbench.variants.recurrent._base import Recurrent
+from attnbench.variants.recurrent.decay_chunk import (
+    chunk_decay,
+    chunk_length,
+    chunk_state,
+    decay_flops,
+    decay_memory,
+)
+from attnbench.variants.recurrent.decay_naive import naive_decay
+from attnbench.variants.recurrent.decay_recurrent import recurrent_decay
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The one switch for the family's arithmetic: float32 for half inputs (CPU has no fast
+    half matmuls; on CUDA the goal is half matmuls with float32 accumulation, not done yet)."""
+    return _half_to_float(dtype)
+
+
+@dataclass
+class DecayRNN(Recurrent):
+    """Base of the decay-gated linear RNNs. Subclasses define `gates` (and `fla_call`).
+
+    Args: chunk (chunk length L), impl (chunk | recurrent | fla).
+    """
+
+    per_dim: ClassVar[bool] = False  # decays per key dimension (gla) or a scalar per head
+    per_query_head: ClassVar[bool] = True  # decays per query head, or per k/v head
+    fla_op: ClassVar[str] = ""  # the flash-linear-attention op of the `fla` impl
+    input_gain: ClassVar[bool] = False  # a gain g_t on k_tᵀv_t (mamba2's Δ_t)
+
+    def gates(self, k: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """log a (B, Ha, N, Dd) and the input gain (B, Ha, N) or None, from k (B, Hkv, N, D)
+        in k's dtype; `heads` is H (Ha is H or Hkv)."""
+        raise NotImplementedError
+
+    def prepare(self, k: torch.Tensor) -> torch.Tensor:
+        """k as the recurrence uses it (retnet: scaled by 1/√d)."""
+        return k
+
+    # -- forms ----------------------------------------------------------------------------------
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
+    ) -> torch.Tensor:
+        if not causal:
+            raise ValueError(f"{self.name} is causal only: {self.no_noncausal}")
+        ct = compute_dtype(q.dtype)
+        qc, kc, vc = q.to(ct), self.prepare(k.to(ct)), v.to(ct)
+        log_a, gain = self.gates(kc, q.shape[1])
+        pre = k.shape[-2] - q.shape[-2]
+        if self.impl == "recurrent":
+            state = None
+            if pre:
+                _, state = recurrent_decay(None, kc[..., :pre, :], vc[..., :pre, :],
+                                           log_a[..., :pre, :], _head(gain, pre))
+            out, _ = recurrent_decay(qc, kc[..., pre:, :], vc[..., pre:, :],
+                                     log_a[..., pre:, :], _tail(gain, pre), state)
+            return out.to(q.dtype)
+        state = None
+        if pre:  # the queries are the last nq positions: the context only builds the state
+            state = chunk_state(kc[..., :pre, :], vc[..., :pre, :], log_a[..., :pre, :],
+                                self.chunk, _head(gain, pre))
+        if self.impl == "fla":
+            return self._fla(qc, kc[..., pre:, :], vc[..., pre:, :], log_a[..., pre:, :],
+                             _tail(gain, pre), state).to(q.dtype)
+        out, _ = chunk_decay(qc, kc[..., pre:, :], vc[..., pre:, :], log_a[..., pre:, :],
+                             self.chunk, _tail(gain, pre), state)
+        return out.to(q.dtype)
+
+    def decode_init(
+        self, k: torch.Tensor, v: torch.Tensor, heads: int | None = None
+    ) -> torch.Tensor:
+        """The state (B, Ha, Dk, Dv) after the context, by the chunked form (compute dtype).
+        `heads`: the query heads H, needed only where decays differ per query head and
+        kv_heads < heads (k alone does not tell H); default k's heads."""
+        ct = compute_dtype(k.dtype)
+        kc = self.prepare(k.to(ct))
+        log_a, gain = self.gates(kc, heads or k.shape[1])
+        return chunk_state(kc, v.to(ct), log_a, self.chunk, gain)
+
+    def decode_step(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Any
+    ) -> tuple[torch.Tensor, Any]:
+        ct = compute_dtype(q.dtype)
+        kc = self.prepare(k.to(ct))
+        log_a, gain = self.gates(kc, q.shape[1])
+        if state.shape[1] != log_a.shape[1]:
+            raise ValueError(f"{self.name}: state has {state.shape[1]} heads, the decays "
+                             f"{log_a.shape[1]}: pass heads={q.shape[1]} to decode_init")
+        out, state = recurrent_decay(q.to(ct), kc, v.to(ct), log_a, gain, state)
+        return out.to(q.dtype), state
+
+    # -- definition -----------------------------------------------------------------------------
+    def reference(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+    ) -> torch.Tensor:
+        """Float64 step by step (`decay_naive.naive_decay`): S_t = Diag(a_t) S_{t−1} +
+        g_t k_tᵀ v_t, o_t = q_t S_t, heads repeated for grouped queries, the first Nk − Nq steps
+        without outputs."""
+        q, k, v = q.double(), self.prepare(k.double()), v.double()
+        log_a, gain = self.gates(k, q.shape[1])
+        return naive_decay(q, k, v, log_a, gain)
+
+    # -- what it supports, costs ----------------------------------------------------------------
+    def not_supported_reasons(self, shape, dtype, device, causal, mode="fwd") -> list[str]:
+        reasons = super().not_supported_reasons(shape, dtype, device, causal, mode)
+        if self.impl == "fla":
+            if torch.device(device).type != "cuda":
+                reasons.append(f"{self.name}[fla]: flash-linear-attention runs on CUDA only")
+            if importlib.util.find_spec("fla") is None:
+                reasons.append(f"{self.name}[fla]: flash-linear-attention (fla) not installed")
+        return reasons
+
+    def kernel(self, shape: Shape, device, causal: bool, grad: bool) -> str:
+        if self.impl == "chunk":
+            L = chunk_length(self.chunk, shape.nq, self.per_dim)
+            return f"chunk:{'tree' if self.per_dim else 'segsum'}[L={L}]"
+        return f"fla:{self.fla_op}" if self.impl == "fla" else "recurrent"
+
+    def density(self, n: int, causal: bool = False) -> float | None:
+        return None
+
+    def _ha(self, shape: Shape) -> int:
+        return shape.heads if self.per_query_head else shape.hkv
+
+    def gate_flops(self, shape: Shape) -> float:
+        """Matmul FLOPs of the gates (their projection has no gradient: backward counts 1×)."""
+        return 0.0
+
+    def flops(self, shape: Shape, causal: bool = False) -> float:
+        gates = self.gate_flops(shape)
+        if self.impl == "recurrent":
+            d, upd = shape.head_dim, self._ha(shape) if self.input_gain else shape.hkv
+            return gates + 2.0 * shape.batch * shape.seq_len * upd * d * d + \
+                2.0 * shape.batch * shape.nq * shape.heads * d * d  # k_tᵀv_t, then q_t S_t
+        return gates + decay_flops(shape, self._ha(shape), self.per_dim, self.chunk)
+
+    def backward_flops(self, shape: Shape, causal: bool = False) -> float:
+        gates = self.gate_flops(shape)
+        return 2.0 * (self.flops(shape, causal) - gates) + gates
+
+    def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = False) -> int:
+        ct = compute_dtype(dtype)
+        el = torch.empty((), dtype=ct).element_size()
+        return decay_memory(shape, self._ha(shape), self.per_dim, self.chunk, el, ct != dtype)
+
+    # -- flash-linear-attention (CUDA) ----------------------------------------------------------
+    def fla_call(self, q, k, v, log_a, gain, state):
+        """Call the fla op on (B, T, H, D) tensors; returns (o, final_state)."""
+        raise NotImplementedError
+
+    def _fla(self, q, k, v, log_a, gain, state) -> torch.Tensor:
+        h = q.shape[1]
+        rep = h // k.shape[1]
+        if rep > 1:  # fla takes equal heads: repeated here (the fla path only)
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+            if log_a.shape[1] != h:
+                log_a = log_a.repeat_interleave(rep, 1)
+                gain = None if gain is None else gain.repeat_interleave(rep, 1)
+            if state is not None and state.shape[1] != h:
+                state = state.repeat_interleave(rep, 1)
+        bthd = [t.transpose(1, 2).contiguous() for t in (q, k, v)]  # (B, T, H, D)
+        out, _ = self.fla_call(*bthd, log_a.transpose(1, 2).contiguous(),  # (B, T, H, Dd)
+                               None if gain is None else gain.transpose(1, 2), state)  # (B, T, H)
+        return out.transpose(1, 2)  # (B, H, T, Dv)
+
+
+def fla_kwargs(fn) -> dict[str, Any]:
+    """`head_first=False` for fla versions that still take it (newer ones reject it)."""
+    return {"head_first": False} if "head_first" in inspect.signature(fn).parameters else {}
+
+
+def _head(gain: torch.Tensor | None, pre: int) -> torch.Tensor | None:
+    return None if gain is None else gain[..., :pre]
+
+
+def _tail(gain: torch.Tensor | None, pre: int) -> torch.Tensor | None:
+    return None if gain is None else gain[..., pre:]

@@ -1,0 +1,215 @@
+"""The delta rule and the shared base of its variants (deltanet, gated_deltanet).
+
+Per k/v head, with the state S (d_k × d_v), row vectors q_t, k_t (L2-normalised), v_t and
+o_t = q_t S_t (Yang et al. 2024, https://arxiv.org/abs/2406.06484; gated: Yang et al. 2025,
+https://arxiv.org/abs/2412.06464, §3):
+
+    S_t = α_t S_{t−1} + β_t k_tᵀ (v_t − α_t k_t S_{t−1})     (α_t = 1: DeltaNet)
+
+Its forms, one file each: `delta_chunk.chunk_delta` the chunked form with the WY/UT
+representation (prefill, training), `delta_recurrent.recurrent_delta` the per-step form (the
+float64 reference, the decode step and the ``impl=recurrent`` benchmark form, never the prefill
+path).
+
+The state depends only on k, v and the gates (drawn from k), so grouped-query heads share it:
+both forms run per k/v head, the query heads of a group as rows.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from attnbench.variants.base import Shape, compute_dtype
+from attnbench.variants.recurrent._base import Recurrent
+from attnbench.variants.recurrent.delta_chunk import SOLVE_BLOCK, chunk_delta, delta_flops
+from attnbench.variants.recurrent.delta_recurrent import recurrent_delta
+
+
+@functools.lru_cache(maxsize=32)
+def gate_weights(
+    seed: int, hkv: int, d: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fixed gate parameters per k/v head, drawn in float64 on the CPU from `seed` and cached per
+    (device, dtype): w (Hkv, D, 2) ~ N(0, 1/D) (column 0 → β, column 1 → α), A (Hkv,) ~ U(0, 16)
+    and b (Hkv,) = softplus⁻¹(dt), dt ~ logU(1e-3, 1e-1) (the Gated DeltaNet / Mamba-2 init)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    w = torch.randn(hkv, d, 2, generator=g, dtype=torch.float64) / math.sqrt(d)
+    a = torch.rand(hkv, generator=g, dtype=torch.float64) * 16
+    lo, hi = math.log(1e-3), math.log(1e-1)
+    dt = torch.exp(torch.rand(hkv, generator=g, dtype=torch.float64) * (hi - lo) + lo)
+    b = dt + torch.log(-torch.expm1(-dt))
+    return tuple(t.to(device, dtype) for t in (w, a, b))  # type: ignore[return-value]
+
+
+def run_delta(step, qn, kn, v, beta, g, chunk: int) -> torch.Tensor:
+    """`step` (chunk_delta or recurrent_delta) over the keys before the Nq queries without
+    outputs, then over the last Nq with them; qn (B, Hkv, G, Nq, D) → (B, Hkv, G, Nq, Dv)."""
+    p = kn.shape[2] - qn.shape[3]
+    state = None
+    if p:
+        cut = [None if t is None else t[:, :, :p] for t in (kn, v, beta, g)]
+        _, state = step(None, *cut, None, chunk, final=True)
+    rest = [None if t is None else t[:, :, p:] for t in (kn, v, beta, g)]
+    return step(qn, *rest, state, chunk)[0]
+
+
+@dataclass
+class DeltaRule(Recurrent):
+    """Shared contract of `deltanet` and `gated_deltanet` (they differ in the decay `log_alpha`
+    and the fla kernel). Gates come from k before its normalisation, per k/v head h:
+    β_t = σ(k_t·w_h[:, 0]) and (gated) log α_t = −A_h·softplus(k_t·w_h[:, 1] + b_h), with the
+    fixed parameters of `gate_weights(seed, ...)`: a point is reproducible from its inputs.
+
+    Args: chunk (chunk length C), impl (chunk | recurrent | fla), seed (gate parameters).
+    """
+
+    gated: ClassVar[bool] = False
+    fla_module: ClassVar[str] = ""
+
+    seed: int = 0
+
+    def gates(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """β (B, Hkv, N) and log α (B, Hkv, N) or None, from raw k in its (compute) dtype."""
+        w, a, b = gate_weights(self.seed, k.shape[1], k.shape[-1], k.device, k.dtype)
+        x = k @ (w if self.gated else w[..., :1])  # (B, Hkv, N, 1 or 2)
+        beta = torch.sigmoid(x[..., 0])
+        if not self.gated:
+            return beta, None
+        return beta, -a[:, None] * F.softplus(x[..., 1] + b[:, None])
+
+    def _inputs(self, q, k, v):
+        ct = compute_dtype(q.dtype)
+        kf = k.to(ct)
+        beta, g = self.gates(kf)
+        b, h, nq, d = q.shape
+        qn = F.normalize(q.to(ct), dim=-1).view(b, k.shape[1], h // k.shape[1], nq, d)  # G rows
+        return qn, F.normalize(kf, dim=-1), v.to(ct), beta, g
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
+    ) -> torch.Tensor:
+        if not causal:
+            raise ValueError(f"{self.name} is causal only: {self.no_noncausal}")
+        if self.impl == "fla":
+            return self._fla(q, k, v)
+        step = recurrent_delta if self.impl == "recurrent" else chunk_delta
+        out = run_delta(step, *self._inputs(q, k, v), self.chunk)
+        return out.reshape(q.shape).to(q.dtype)  # (B, Hkv, G, Nq, Dv) → (B, H, Nq, D)
+
+    def fla_kernel(self, q, k, v, beta, g, **kw):
+        """The subclass's fla call on (B, T, H, D) tensors; returns (out, final state)."""
+        raise NotImplementedError
+
+    def _fla(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """fla's chunked kernel (CUDA, half inputs, Hkv = H) on our normalised q, k and gates;
+        scale 1 (o_t = q_t S_t as in the papers; fla's default is 1/√d); the context before the
+        queries enters as fla's initial state."""
+        ct = compute_dtype(q.dtype)
+        beta, g = self.gates(k.to(ct))  # (B, H, N), in float32 for half inputs
+        qn, kn = (F.normalize(t.to(ct), dim=-1).to(t.dtype).transpose(1, 2) for t in (q, k))
+        vt, bt = v.transpose(1, 2), beta.transpose(1, 2).to(q.dtype)  # q, k, v (B, T, H, D)
+        gt = None if g is None else g.transpose(1, 2)  # (B, T, H), log α
+        p = k.shape[2] - q.shape[2]
+        kw = {"scale": 1.0, "use_qk_l2norm_in_kernel": False}
+        state = None
+        if p:  # the context: its keys stand in for queries whose outputs are dropped
+            _, state = self.fla_kernel(kn[:, :p], kn[:, :p], vt[:, :p], bt[:, :p],
+                                       None if gt is None else gt[:, :p], initial_state=None,
+                                       output_final_state=True, **kw)
+        out, _ = self.fla_kernel(qn, kn[:, p:], vt[:, p:], bt[:, p:],
+                                 None if gt is None else gt[:, p:], initial_state=state,
+                                 output_final_state=False, **kw)
+        return out.transpose(1, 2).to(q.dtype)  # (B, H, Nq, D)
+
+    def decode_init(
+        self, k: torch.Tensor, v: torch.Tensor, heads: int | None = None
+    ) -> torch.Tensor:
+        """The state (B, Hkv, D, Dv) in the compute dtype after the context, chunked. One state
+        per k/v head (the gates come from k): `heads` is not needed."""
+        ct = compute_dtype(k.dtype)
+        kf = k.to(ct)
+        beta, g = self.gates(kf)
+        _, s = chunk_delta(None, F.normalize(kf, dim=-1), v.to(ct), beta, g, None, self.chunk,
+                           final=True)
+        return s
+
+    def decode_step(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        qn, kn, vc, beta, g = self._inputs(q, k, v)
+        out, s = recurrent_delta(qn, kn, vc, beta, g, state)
+        return out.reshape(q.shape).to(q.dtype), s  # (B, H, 1, D)
+
+    def reference(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+    ) -> torch.Tensor:
+        """The float64 per-step recurrence over all Nk steps; the last Nq outputs."""
+        q, k, v = (t.double() for t in (q, k, v))
+        return run_delta(recurrent_delta, *self._inputs(q, k, v), 0).reshape(q.shape)  # q's shape
+
+    # -- what it supports, costs ----------------------------------------------------------------
+    def not_supported_reasons(
+        self, shape: Shape, dtype: torch.dtype, device: torch.device | str, causal: bool,
+        mode: str = "fwd",
+    ) -> list[str]:
+        reasons = super().not_supported_reasons(shape, dtype, device, causal, mode)
+        if self.impl == "fla" and mode != "decode":
+            if importlib.util.find_spec("fla") is None:
+                reasons.append("fla (flash-linear-attention) not importable")
+            if torch.device(device).type != "cuda":
+                reasons.append("fla: Triton kernels need CUDA")
+            if dtype == torch.float32:
+                reasons.append(f"fla: {self.fla_module} rejects float32 (bf16/fp16 only)")
+            if shape.groups > 1:
+                reasons.append("fla: k heads must equal q heads (expanding would copy k/v)")
+        return reasons
+
+    def flops(self, shape: Shape, causal: bool = False) -> float:
+        bh, g, d = shape.batch * shape.hkv, shape.groups, shape.head_dim
+        p, nq = shape.seq_len - shape.nq, shape.nq
+        f = 2.0 * bh * shape.seq_len * d * (2 if self.gated else 1)  # gate projections
+        if self.impl == "recurrent":  # k S, kᵀ u per step; q S per step and query head
+            return f + bh * (4.0 * shape.seq_len * d * d + 2.0 * g * nq * d * d)
+        if p:
+            f += delta_flops(bh, g, p, d, self.chunk, final=True, queries=False, initial=False)
+        return f + delta_flops(bh, g, nq, d, self.chunk, final=False, queries=True,
+                               initial=p > 0)
+
+    def decode_flops(self, shape: Shape) -> float:
+        """One `decode_step`: gate projections, k S and kᵀu per k/v head, q S per query head."""
+        bh, d = shape.batch * shape.hkv, shape.head_dim
+        return float(bh * (2 * d * (2 if self.gated else 1) + 4 * d * d)
+                     + shape.batch * shape.heads * 2 * d * d)
+
+    def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = True) -> int:
+        """Upper estimate: the normalised inputs and gates, plus every intermediate of the larger
+        of the two segments (context, queries) counted as live at once."""
+        el = torch.empty((), dtype=compute_dtype(dtype)).element_size()
+        bh, g, d, n, nq = shape.batch * shape.hkv, shape.groups, shape.head_dim, shape.seq_len, \
+            shape.nq
+        words = g * nq * d + 2 * n * d + 6 * n  # q, k, v in the compute dtype; gates
+        if self.impl == "recurrent":  # the outputs, listed then stacked; a few states
+            return int(bh * el * (words + 2 * g * nq * d + 4 * d * d))
+        extra = 1 if self.gated else 0
+        segments = []
+        for length, queries in ((n - nq, 0), (nq, g)):
+            c = max(1, min(self.chunk, length))
+            padded, chunks = -(-length // c) * c, -(-length // c)
+            keys = padded * ((12 + extra) * d + (1 + 4 * extra) * c + 4 * SOLVE_BLOCK)
+            rows = queries * padded * ((8 + extra) * d + 2 * c)  # Q, P, P[U|W], Q̃, outputs
+            segments.append(keys + rows + chunks * 6 * d * d)  # [K̃ᵀU | K̃ᵀW], carry, states
+        return int(bh * el * (words + max(segments)))
+
+    def kernel(self, shape: Shape, device: torch.device | str, causal: bool, grad: bool) -> str:
+        return {"chunk": "chunk-wy", "recurrent": "recurrent"}.get(
+            self.impl, f"fla:{self.fla_module}")
+
+    def density(self, n: int, causal: bool = False) -> None:
+        return None

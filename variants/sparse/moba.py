@@ -1,0 +1,226 @@
+"""MoBA, Mixture of Block Attention (Lu et al. 2025, https://arxiv.org/abs/2502.13189).
+
+Keys in blocks of `block`; each query token scores the blocks not in its future by
+q·mean(K_block) and attends, exactly, to the `topk` best, its own block always among them
+(causal inside it). Gating is per query token and per query head, as in the paper (k/v heads
+are broadcast to their group); the selected blocks run through the engine in
+`variants/sparse/select.py`, cost ∝ topk·block per query.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from attnbench.variants.base import Shape, Variant, gpu_path
+from attnbench.variants.cache import CACHE_STEP, KVCache
+from attnbench.variants.registry import register
+from attnbench.variants.sparse.select import (
+    block_means,
+    own_and_rest,
+    own_rows,
+    part_bytes,
+    part_rows,
+    select_attention,
+    top_blocks,
+)
+from attnbench.variants.sparse.select_naive import dense_reference
+
+
+@register
+@dataclass
+class MoBA(Variant):
+    """Top-k block attention with mean-pooled block keys as the router.
+
+    Defaults: the paper's top-3 with blocks 4× smaller (128): its 81.25% sparsity at 8K becomes
+    ours at 2K, the low end of the range benchmarked here (its block 512 would select 3 of a 2K
+    sequence's 4 blocks); 384 keys per query, 4.7% of an 8K sequence. Exact to its own
+    selection (`reference`); an approximation of softmax attention, hence ``exact = False``.
+
+    Args: block (keys per block); topk (blocks per query, its own block included).
+    """
+
+    name: ClassVar[str] = "moba"
+    family: ClassVar[str] = "sparse"
+    # Attention is O(n·topk·block), the router O(n²/block): quadratic, with a 1/block constant
+    # (at n <= 16K with the defaults the router is under 12% of the FLOPs: near-linear there).
+    time_exponent: ClassVar[float] = 2.0
+    memory_exponent: ClassVar[float] = 2.0  # the router's (n, n/block) scores
+    exact: ClassVar[bool] = False
+    no_noncausal: ClassVar[str] = "a query is routed only to blocks not in its future"
+    supports_gqa: ClassVar[bool] = True
+    supports_q_len: ClassVar[bool] = True
+
+    block: int = 128
+    topk: int = 3
+
+    def __post_init__(self) -> None:
+        for f in ("block", "topk"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"{f}={getattr(self, f)}: must be >= 1")
+
+    @property
+    def label(self) -> str:
+        return f"moba[b={self.block},k={self.topk}]"
+
+    # -- computation ----------------------------------------------------------------------------
+    def forward(self, q, k, v, causal: bool = False) -> torch.Tensor:
+        if not causal:
+            raise ValueError(f"moba is causal only: {self.no_noncausal}")
+        b, h, nq, d = q.shape
+        hkv, n = k.shape[1], k.shape[2]
+        z = b * hkv
+        items = q.reshape(z, h // hkv * nq, 1, d)  # (Z, G·Nq, 1, D): item = (head, query)
+        qpos = torch.arange(items.shape[1], device=q.device) % nq + (n - nq)
+        kz, vz = k.reshape(z, n, d), v.reshape(z, n, d)
+        with torch.no_grad():
+            means = block_means(kz, self.block, _gate_dtype(q))  # (Z, nb, D)
+            idx = self._route(items[:, :, 0], means, qpos)
+        parts = own_and_rest(idx, qpos // self.block, self.block, h // hkv, n - nq)
+        out = select_attention(items, kz, vz, qpos, parts, _work(q), not gpu_path(q.device))
+        return out.view(b, h, nq, d)
+
+    def _route(self, qi: torch.Tensor, means: torch.Tensor, qpos: torch.Tensor) -> torch.Tensor:
+        """(Z, M, D) queries, (Z, C, D) block means → (Z, M, topk − 1) blocks selected besides
+        each query's own (-1: empty slot)."""
+        gate = qi.to(means.dtype) @ means.transpose(-1, -2)  # (Z, M, C): q·mean(K_block)
+        return top_blocks(gate, qpos // self.block, self.topk - 1)
+
+    # -- decode: a KV cache and the means of the complete blocks -------------------------------
+    def decode_init(self, k: torch.Tensor, v: torch.Tensor, heads: int | None = None
+                    ) -> MobaCache:
+        """The cache after a context k, v (B, Hkv, n, D); `heads` (main's contract) is not
+        needed: the step routes from its own query heads."""
+        b, hkv, n, d = k.shape
+        full = n // self.block
+        means = k.new_zeros(b, hkv, full + CACHE_STEP // self.block + 1, d, dtype=_gate_dtype(k))
+        means[:, :, :full] = block_means(k[:, :, : full * self.block].reshape(b * hkv, -1, d),
+                                         self.block, means.dtype).view(b, hkv, full, d)
+        return MobaCache(KVCache.of(k, v), means, full)
+
+    def decode_step(self, q, k, v, state: MobaCache) -> tuple[torch.Tensor, MobaCache]:
+        """The new token (position p = the cache length) is routed by its own query over the
+        complete blocks; its own block is always selected. When it completes its block, that
+        block's mean is written at slot p // block (beyond the passed state's count: the state
+        passed in is unchanged in what it exposes)."""
+        kv = state.kv.append(k, v)
+        b, h, _, d = q.shape
+        hkv, p = k.shape[1], kv.length - 1
+        z, full = b * hkv, state.full  # full = p // block blocks lie before the own block
+        qi = q.reshape(z, h // hkv, 1, d)
+        qpos = torch.full((h // hkv,), p, device=q.device)
+        means = state.means[:, :, : full + 1].reshape(z, full + 1, d)  # slot `full`: own block
+        idx = self._route(qi[:, :, 0], means, qpos)
+        kc, vc = kv.keys().reshape(z, p + 1, d), kv.values().reshape(z, p + 1, d)
+        parts = own_and_rest(idx, qpos // self.block, self.block, h // hkv, p)
+        out = select_attention(qi, kc, vc, qpos, parts, _work(q), not gpu_path(q.device))
+        out = out.view(b, h, 1, d)
+        buf, done = state.means, full
+        if (p + 1) % self.block == 0:  # the own block is complete: its mean joins the router
+            if done == buf.shape[2]:
+                buf = torch.cat([buf, buf.new_zeros(b, hkv, CACHE_STEP // self.block + 1, d)], 2)
+            last = kv.keys()[:, :, p + 1 - self.block :].reshape(z, self.block, d)
+            buf[:, :, done] = block_means(last, self.block, buf.dtype).view(b, hkv, d)
+            done += 1
+        return out, MobaCache(kv, buf, done)
+
+    # -- definition -----------------------------------------------------------------------------
+    def select(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """The selection in float64: (B, H, Nq, topk) blocks of each query, its own first (-1:
+        empty slot)."""
+        b, h, nq, d = q.shape
+        hkv, n = k.shape[1], k.shape[2]
+        means = block_means(k.reshape(b * hkv, n, d), self.block, torch.float64)
+        qi = q.reshape(b * hkv, h // hkv * nq, d)
+        qpos = torch.arange(qi.shape[1], device=q.device) % nq + (n - nq)
+        rest = self._route(qi, means, qpos)
+        own = (qpos // self.block)[None, :, None].expand(rest.shape[0], -1, 1)
+        return torch.cat([own, rest], -1).view(b, h, nq, -1)
+
+    def definition(self, q, k, v, causal: bool = True, dtype=torch.float64) -> torch.Tensor:
+        """Dense softmax in `dtype` under the float64 selection: each query sees the keys of its
+        selected blocks at or before its position."""
+        sel = self.select(q.detach(), k.detach())  # (B, H, Nq, S)
+        n, nq = k.shape[2], q.shape[2]
+        blocks = torch.arange(n, device=q.device) // self.block
+
+        def sees(r0: int, r1: int) -> torch.Tensor:
+            chosen = (sel[:, :, r0:r1, :, None] == blocks).any(3)  # (B, H, r, N)
+            pos = torch.arange(r0, r1, device=q.device) + (n - nq)
+            return chosen & (torch.arange(n, device=q.device) <= pos[:, None])
+
+        return dense_reference(q, k, v, sees, dtype)
+
+    def reference(self, q, k, v, causal: bool) -> torch.Tensor:
+        """Its own definition in float64 (selection and attention)."""
+        return self.definition(q, k, v, causal, torch.float64)
+
+    # -- models ---------------------------------------------------------------------------------
+    def _sizes(self, shape: Shape) -> tuple[int, int, int, int]:
+        z, m = shape.batch * shape.hkv, shape.groups * shape.nq
+        nb = -(-shape.seq_len // self.block)
+        return z, m, nb, min(self.topk - 1, nb)  # slots besides the own block
+
+    def _rows(self, shape: Shape) -> int:
+        """Rows the engine computes per k/v head: the own-block part and the other slots."""
+        _, m, _, s = self._sizes(shape)
+        n = shape.seq_len
+        rest = part_rows(m, s, n, self.block) if s else 0
+        return own_rows(shape.groups, shape.nq, n, self.block) + rest
+
+    def flops(self, shape: Shape, causal: bool = False) -> float:
+        z, m, nb, _ = self._sizes(shape)
+        d = shape.head_dim
+        route = 2.0 * z * m * nb * d  # q·mean(K) for every block
+        return route + 4.0 * z * self._rows(shape) * self.block * d
+
+    def backward_flops(self, shape: Shape, causal: bool = False) -> float:
+        """Flash-style: scores recomputed (2.5× the engine's forward); the router has none."""
+        z = shape.batch * shape.hkv
+        return 2.5 * 4.0 * z * self._rows(shape) * self.block * shape.head_dim
+
+    def decode_flops(self, shape: Shape) -> float:
+        n = shape.seq_len + 1
+        one = Shape(shape.batch, shape.heads, n, shape.head_dim, shape.kv_heads, 1)
+        return self.flops(one, True)
+
+    def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = False) -> int:
+        el = torch.empty((), dtype=dtype).element_size()
+        z, m, nb, s = self._sizes(shape)
+        n, d = shape.seq_len, shape.head_dim
+        router = z * (nb * d * 8 + m * nb * 8 + m * s * 16)  # means, scores, top-k
+        engine = part_bytes(z, m, 1, 1, n, self.block, d, True, own=True)
+        if s:
+            engine += part_bytes(z, m, 1, s, n, self.block, d, False)
+        return int(router + engine + 2 * shape.bh * shape.nq * d * max(el, 4))
+
+    def density(self, n: int, causal: bool = False) -> float:
+        """Scores computed per head (router and the engine's rows) over n²."""
+        shape = Shape(1, 1, n, 1)
+        return (n * self._sizes(shape)[2] + self._rows(shape) * self.block) / n**2
+
+    def kernel(self, shape: Shape, device, causal: bool, grad: bool) -> str:
+        return "select:gather-bmm" if gpu_path(device) else "select:gather-flash_cpu"
+
+
+@dataclass(frozen=True)
+class MobaCache:
+    """The KV cache and the router's block means (B, Hkv, capacity, D) of the `full` complete
+    blocks."""
+
+    kv: KVCache
+    means: torch.Tensor
+    full: int
+
+
+def _gate_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _work(x: torch.Tensor) -> torch.dtype:
+    """Matmul dtype: the input's on the GPU path, float32 for half inputs on the CPU."""
+    if gpu_path(x.device) or x.dtype not in (torch.float16, torch.bfloat16):
+        return x.dtype
+    return torch.float32

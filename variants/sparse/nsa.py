@@ -1,0 +1,290 @@
+"""NSA, Native Sparse Attention (Yuan et al. 2025, https://arxiv.org/abs/2502.11089), without
+learned weights.
+
+Three branches per query token t, combined with fixed gates 1/3 each (the paper's gates are a
+learned MLP + sigmoid, its compressor φ a learned MLP; here φ is the mean):
+- compressed: attention over K̃, Ṽ = means of key/value blocks of length l, stride d (block i:
+  tokens i·d … i·d + l − 1, visible once complete: i·d + l − 1 <= t);
+- selected: exact attention inside the top-n blocks of l′ tokens (always the first block and the
+  2 local ones: t's own block and the one before), ranked by the compressed attention
+  probabilities mapped to selection blocks by overlap (eq. 9) and summed over the heads of a k/v
+  group (eq. 10: one selection per group);
+- sliding window: exact attention over keys t − w … t.
+
+Eq. 9 as printed sums p_cmp[(l′/d)·j − m − n]: with the paper's own block numbering that weights
+compression blocks 4j − 4 … 4j (defaults), i.e. mostly the block before j. The text says the
+scores are mapped "according to their spatial relationship": here the weights are the overlap in
+strides (the same 1, 2, 2, 2, 1 profile), aligned on block j's tokens: blocks 4j − 1 … 4j + 3.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from attnbench.variants.base import Shape, Variant, gpu_path
+from attnbench.variants.cache import CACHE_STEP, KVCache
+from attnbench.variants.registry import register
+from attnbench.variants.sparse.nsa_naive import GATES, nsa_definition
+from attnbench.variants.sparse.select import (
+    band_rows,
+    own_and_rest,
+    own_rows,
+    part_bytes,
+    part_rows,
+    select_attention,
+    top_blocks,
+)
+from attnbench.variants.sparse.select_tiles import NEG, Part
+
+
+@register
+@dataclass
+class NSA(Variant):
+    """Compressed + selected + sliding-window attention, mean-pooled compression, fixed gates.
+
+    Defaults: the paper's l = 32, d = 16, l′ = 64; n = 8 selected blocks and w = 256 (the paper's
+    16 and 512 are sized for 64K contexts; at n = 2K–16K they would select most of the sequence).
+    Exact to its own definition (`reference`); an approximation of softmax attention.
+
+    Args: cmp_block (l); cmp_stride (d, dividing l and l′); sel_block (l′); sel_count (n,
+    the first and 2 local blocks included); window (w).
+    """
+
+    name: ClassVar[str] = "nsa"
+    family: ClassVar[str] = "sparse"
+    # Selected and window branches are O(n·(n_sel·l′ + w)); the compressed branch attends to n/d
+    # keys per query: O(n²/d) time and memory (about 1/3 of the FLOPs at n = 8K with defaults).
+    time_exponent: ClassVar[float] = 2.0
+    memory_exponent: ClassVar[float] = 2.0
+    exact: ClassVar[bool] = False
+    no_noncausal: ClassVar[str] = "compression, selection and window are defined over the past"
+    supports_gqa: ClassVar[bool] = True
+    supports_q_len: ClassVar[bool] = True
+
+    cmp_block: int = 32
+    cmp_stride: int = 16
+    sel_block: int = 64
+    sel_count: int = 8
+    window: int = 256
+
+    def __post_init__(self) -> None:
+        for f in ("cmp_block", "cmp_stride", "sel_block", "sel_count"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"{f}={getattr(self, f)}: must be >= 1")
+        if self.window < 0:
+            raise ValueError(f"window={self.window}: must be >= 0")
+        if self.cmp_block % self.cmp_stride or self.sel_block % self.cmp_stride:
+            raise ValueError(f"cmp_stride={self.cmp_stride} must divide cmp_block="
+                             f"{self.cmp_block} and sel_block={self.sel_block} (eq. 9)")
+
+    @property
+    def label(self) -> str:
+        return (f"nsa[l={self.cmp_block},d={self.cmp_stride},l'={self.sel_block},"
+                f"n={self.sel_count},w={self.window}]")
+
+    # -- computation ----------------------------------------------------------------------------
+    def forward(self, q, k, v, causal: bool = False) -> torch.Tensor:
+        if not causal:
+            raise ValueError(f"nsa is causal only: {self.no_noncausal}")
+        b, h, nq, d = q.shape
+        hkv, n = k.shape[1], k.shape[2]
+        z, g = b * hkv, h // hkv
+        # items are positions, the G query heads of a k/v head their rows
+        qi = q.view(b, hkv, g, nq, d).transpose(2, 3).reshape(z, nq, g, d)  # (Z, Nq, G, D)
+        qpos = torch.arange(nq, device=q.device) + (n - nq)
+        kz, vz = k.reshape(z, n, d), v.reshape(z, n, d)  # (Z, N, D)
+        kc, vc = (self._compress(x) for x in (kz, vz))
+        out = self._branches(qi, kz, vz, kc, vc, qpos)  # (Z, Nq, G, D)
+        return out.view(b, hkv, nq, g, d).transpose(2, 3).reshape(b, h, nq, d)  # (B, H, Nq, D)
+
+    def _compress(self, x: torch.Tensor) -> torch.Tensor:
+        """(Z, N, D) → (Z, C, D): means of blocks of l tokens at stride d (C = 0 when N < l)."""
+        if x.shape[1] < self.cmp_block:
+            return x[:, :0]
+        return x.unfold(1, self.cmp_block, self.cmp_stride).mean(-1)  # (Z, C, D, l) → (Z, C, D)
+
+    def _branches(self, qi, kz, vz, kc, vc, qpos) -> torch.Tensor:
+        n, work, fused = kz.shape[1], _work(qi), not gpu_path(qi.device)
+        o_cmp, p_cmp = self._compressed(qi.to(work), kc.to(work), vc.to(work), qpos)
+        with torch.no_grad():
+            idx = self._select(p_cmp, qpos, n)  # (Z, Nq, S)
+        parts = own_and_rest(idx, qpos // self.sel_block, self.sel_block, 1, n - qi.shape[1])
+        o_sel = select_attention(qi, kz, vz, qpos, parts, work, fused)
+        o_win = select_attention(qi, kz, vz, qpos, [self._window_part(qpos, n, kz.shape[0])],
+                                 work, fused)
+        g_cmp, g_slc, g_win = GATES
+        return (g_cmp * o_cmp.to(qi.dtype) + g_slc * o_sel + g_win * o_win).to(qi.dtype)
+
+    def _compressed(self, qi, kc, vc, qpos):
+        """Attention of each query over the complete compressed blocks: output (Z, Nq, G, D)
+        (zero before the first block completes) and the probabilities (Z, Nq, G, C), detached."""
+        z, nq, g, d = qi.shape
+        c = kc.shape[1]
+        qs = qi.reshape(z, nq * g, d) * (1.0 / math.sqrt(d))  # (Z, Nq·G, D)
+        sc = (qs @ kc.transpose(-1, -2)).view(z, nq, g, c)  # (Z, Nq, G, C)
+        ends = torch.arange(c, device=qi.device) * self.cmp_stride + self.cmp_block - 1
+        hidden = ends > qpos[:, None]  # (Nq, C)
+        stat = torch.float64 if qi.dtype == torch.float64 else torch.float32
+        sc = sc.to(stat).masked_fill_(hidden[:, None], NEG)  # bmm's backward needs no output
+        p = torch.softmax(sc, -1)  # rows that see no block: uniform, zeroed below
+        o = (p.to(qi.dtype).view(z, nq * g, c) @ vc).view(z, nq, g, d)  # (Z, Nq, G, D)
+        seen = (~hidden).any(-1)[:, None, None]  # (Nq, 1, 1)
+        return o * seen, p.detach()
+
+    def _select(self, p_cmp: torch.Tensor, qpos: torch.Tensor, n: int) -> torch.Tensor:
+        """Top-n selection blocks from the compressed probabilities (Z, Nq, G, C): eq. 9 by
+        overlap, eq. 10 summed over the group's heads, the first and 2 local blocks forced."""
+        a, c = self.sel_block // self.cmp_stride, self.cmp_block // self.cmp_stride
+        nbs = -(-n // self.sel_block)
+        seen = (qpos >= self.cmp_block - 1)[:, None]  # a compression block is complete
+        p = p_cmp.sum(2).mul_(seen)  # (Z, Nq, C)
+        # Σ_{m<a} Σ_{r<c} p[a·j − (c − 1) + m + r]: a box of c, then boxes of a at stride a
+        p = F.pad(p, (c - 1, max(0, a * nbs - p.shape[-1])))
+        box = p[..., : a * nbs].clone()
+        for r in range(1, c):
+            box += p[..., r : r + a * nbs]
+        score = box.view(*box.shape[:-1], nbs, a).sum(-1)  # (Z, Nq, nbs)
+        own = qpos // self.sel_block
+        col = torch.arange(nbs, device=p.device)
+        forced = (col == 0) | (col == own[:, None] - 1)
+        return top_blocks(score, own, self.sel_count - 1, forced)  # besides the own block
+
+    def _window_part(self, qpos: torch.Tensor, n: int, z: int) -> Part:
+        """The window's key blocks (of l′ keys): those holding t − w … t, masked to the window;
+        a band of ⌈w/l′⌉ + 1 blocks per query block when there is at least a block of queries,
+        else gathered per query."""
+        bw = self.sel_block
+        if len(qpos) >= bw:
+            return Part(None, bw, masked=True, window=self.window, runs=1, pos0=n - len(qpos),
+                        reach=-(-self.window // bw))
+        slots = self.window // bw + 2
+        idx = qpos[:, None] // bw - torch.arange(slots, device=qpos.device)  # (Nq, S)
+        idx = idx.masked_fill(idx < ((qpos - self.window).clamp(min=0) // bw)[:, None], -1)
+        return Part(idx.expand(z, -1, -1), bw, masked=True, window=self.window)  # (Z, Nq, S)
+
+    # -- decode: a KV cache and the complete compressed blocks ---------------------------------
+    def decode_init(self, k: torch.Tensor, v: torch.Tensor, heads: int | None = None
+                    ) -> NsaCache:
+        """The cache after a context k, v (B, Hkv, n, D); `heads` (main's contract) is not
+        needed: the step routes from its own query heads."""
+        b, hkv, n, d = k.shape
+        kc, vc = (self._compress(x.reshape(b * hkv, n, d)) for x in (k, v))  # (Z, C, D)
+        room = CACHE_STEP // self.cmp_stride + 1
+        # (B, Hkv, C + room, D)
+        bufs = [F.pad(x, (0, 0, 0, room)).view(b, hkv, -1, d) for x in (kc, vc)]
+        return NsaCache(KVCache.of(k, v), bufs[0], bufs[1], kc.shape[1])
+
+    def decode_step(self, q, k, v, state: NsaCache) -> tuple[torch.Tensor, NsaCache]:
+        """The new token at p = the cache length: when it completes a compression block, that
+        block's means are written at its slot (past the passed state's count, which is
+        unchanged); then the three branches for that one query."""
+        kv = state.kv.append(k, v)
+        b, h, _, d = q.shape
+        hkv, p = k.shape[1], kv.length - 1
+        z, g = b * hkv, h // hkv
+        kcb, vcb, count = state.kc, state.vc, state.count
+        start = count * self.cmp_stride  # the next compression block's first token
+        if start + self.cmp_block == p + 1:
+            if count == kcb.shape[2]:
+                kcb, vcb = (torch.cat([x, torch.zeros_like(x)], 2) for x in (kcb, vcb))
+            for buf, x in ((kcb, kv.keys()), (vcb, kv.values())):
+                buf[:, :, count] = x[:, :, start : p + 1].mean(2)
+            count += 1
+        kz, vz = kv.keys().reshape(z, p + 1, d), kv.values().reshape(z, p + 1, d)  # (Z, p+1, D)
+        kc, vc = (x[:, :, :count].reshape(z, count, d) for x in (kcb, vcb))  # (Z, count, D)
+        qi = q.reshape(z, g, 1, d).transpose(1, 2)  # (Z, 1, G, D)
+        qpos = torch.full((1,), p, device=q.device)
+        out = self._branches(qi, kz, vz, kc, vc, qpos)
+        # (Z, 1, G, D) → (B, H, 1, D)
+        return out.transpose(1, 2).reshape(b, h, 1, d), NsaCache(kv, kcb, vcb, count)
+
+    # -- definition -----------------------------------------------------------------------------
+    def definition(self, q, k, v, causal: bool = True, dtype=torch.float64) -> torch.Tensor:
+        """The three branches densely in `dtype`, the selection from float64 compressed scores
+        (`nsa_naive.nsa_definition`)."""
+        return nsa_definition(self, q, k, v, dtype)
+
+    def reference(self, q, k, v, causal: bool) -> torch.Tensor:
+        """Its own definition in float64 (selection and the three branches)."""
+        return self.definition(q, k, v, causal, torch.float64)
+
+    # -- models ---------------------------------------------------------------------------------
+    def _geometry(self, shape: Shape):
+        n, m = shape.seq_len, shape.nq
+        c = (n - self.cmp_block) // self.cmp_stride + 1 if n >= self.cmp_block else 0
+        nbs = -(-n // self.sel_block)
+        s = min(self.sel_count - 1, nbs)  # slots besides the own block
+        ws = self.window // self.sel_block + 2
+        return n, m, c, s, ws
+
+    def _rows(self, shape: Shape) -> int:
+        """Engine rows per k/v head: own block, other selected blocks, window blocks."""
+        n, m, _, s, ws = self._geometry(shape)
+        rest = part_rows(m, s, n, self.sel_block) if s else 0
+        if m >= self.sel_block:  # the band: ⌈w/l′⌉ + 1 key blocks per query block
+            win = band_rows(m, n, self.sel_block) * (-(-self.window // self.sel_block) + 1)
+        else:
+            win = part_rows(m, ws, n, self.sel_block)
+        return own_rows(1, m, n, self.sel_block) + rest + win
+
+    def flops(self, shape: Shape, causal: bool = False) -> float:
+        z, g, d = shape.batch * shape.hkv, shape.groups, shape.head_dim
+        _, m, c, _, _ = self._geometry(shape)
+        return 4.0 * z * m * g * c * d + 4.0 * z * g * self._rows(shape) * self.sel_block * d
+
+    def backward_flops(self, shape: Shape, causal: bool = False) -> float:
+        """Compressed branch by autograd (2×); the engine flash-style (2.5×, scores recomputed);
+        the compression means and the selection have no matmuls."""
+        z, g, d = shape.batch * shape.hkv, shape.groups, shape.head_dim
+        _, m, c, _, _ = self._geometry(shape)
+        return 8.0 * z * m * g * c * d + 10.0 * z * g * self._rows(shape) * self.sel_block * d
+
+    def decode_flops(self, shape: Shape) -> float:
+        one = Shape(shape.batch, shape.heads, shape.seq_len + 1, shape.head_dim,
+                    shape.kv_heads, 1)
+        return self.flops(one, True)
+
+    def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = False) -> int:
+        el = torch.empty((), dtype=dtype).element_size()
+        z, g, d = shape.batch * shape.hkv, shape.groups, shape.head_dim
+        n, m, c, s, ws = self._geometry(shape)
+        nbs = -(-n // self.sel_block)
+        cmp = z * (2 * c * d * 4 + 3 * m * g * c * 4 + m * (c + 3 * nbs) * 8)  # scores, p, sel
+        b = self.sel_block
+        engine = max(part_bytes(z, m, g, 1, n, b, d, True, own=True)
+                     + (part_bytes(z, m, g, s, n, b, d, False) if s else 0),
+                     part_bytes(z, m, g, ws, n, b, d, True))
+        return int(cmp + engine + 4 * shape.bh * m * d * max(el, 4))
+
+    def density(self, n: int, causal: bool = False) -> float:
+        """Scores computed per head (compressed keys and the engine's rows) over n²."""
+        shape = Shape(1, 1, n, 1)
+        _, m, c, _, _ = self._geometry(shape)
+        return (m * c + self._rows(shape) * self.sel_block) / n**2
+
+    def kernel(self, shape: Shape, device, causal: bool, grad: bool) -> str:
+        tiles = "gather-bmm" if gpu_path(device) else "gather-flash_cpu"
+        return f"nsa:cmp-bmm+select:{tiles}+window:{tiles}"
+
+
+@dataclass(frozen=True)
+class NsaCache:
+    """The KV cache and the compressed keys and values (B, Hkv, capacity, D) of the `count`
+    complete compression blocks."""
+
+    kv: KVCache
+    kc: torch.Tensor
+    vc: torch.Tensor
+    count: int
+
+
+def _work(x: torch.Tensor) -> torch.dtype:
+    """Matmul dtype: the input's on the GPU path, float32 for half inputs on the CPU."""
+    if gpu_path(x.device) or x.dtype not in (torch.float16, torch.bfloat16):
+        return x.dtype
+    return torch.float32

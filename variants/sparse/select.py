@@ -1,0 +1,201 @@
+"""Selected-block attention engine: each query attends, exactly, to the key blocks an index names.
+
+Shared by MoBA (https://arxiv.org/abs/2502.13189) and NSA (https://arxiv.org/abs/2502.11089).
+The selection is data-dependent and per query token, so the layout is built on the device with
+static shapes and no host reads:
+
+1. the (query item, slot) pairs are sorted by key block (``torch.sort``, stable: rows stay in
+   query order inside a block); each block's pairs are padded to a multiple of T rows;
+2. the rows form tiles of T items that all read one key block: one gather of the query rows,
+   one of the tiles' key and value blocks, one batched matmul for the scores, the causal /
+   window / padding mask, exp against the row maximum, one batched matmul with the values;
+3. the slots of an item are merged by their row maxima and sums (the split-KV merge of
+   flash-decoding), which is exact softmax over the union of the selected keys.
+
+The row capacity is a static bound (pairs + (blocks + 1)·(T − 1)), so shapes, FLOPs and the op
+count are known before the call and independent of batch·heads and n; cost is ∝ the selected
+blocks. A query item is G query rows sharing one selection (NSA: the heads of a k/v group; MoBA:
+one head, G = 1). Where the blocks follow from the position alone (the own block, a sliding
+window) and the queries are consecutive, a piece runs without gathers: each query block against
+its own key block (a view) or a band of key blocks (one unfold), under one causal/window mask.
+On the CPU the tiles run through aten's flash-attention kernels (forward and backward); the GPU
+path (`fused=False`) runs the same pieces as explicit matmuls.
+
+Here: the engine's entry and its merge (autograd), the static row and byte counts of a part, and
+the block routing MoBA and NSA share; the parts and tiles are in `select_tiles`, the float64
+form in `select_naive`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from attnbench.variants.sparse.select_tiles import NEG, Part, _Diagonal, _Layout, capacity
+
+
+def part_rows(items: int, slots: int, n: int, block: int, own: bool = False) -> int:
+    """Rows one part computes (padding included: the capacity is static)."""
+    return capacity(items * slots, -(-n // block), block, own)[1]
+
+
+def own_rows(runs: int, nq: int, n: int, block: int) -> int:
+    """Rows the own-block part computes for `runs` runs of nq consecutive queries (the last at
+    n − 1): the diagonal's padded query blocks, or the gathered layout when nq < block."""
+    if nq >= block:
+        return runs * band_rows(nq, n, block)
+    return part_rows(runs * nq, 1, n, block, own=True)
+
+
+def band_rows(nq: int, n: int, block: int) -> int:
+    """Padded query rows of a run of nq consecutive queries (the last at n − 1) in blocks."""
+    return (-(-n // block) - (n - nq) // block) * block
+
+
+def part_bytes(z: int, items: int, g: int, slots: int, n: int, block: int, d: int,
+               masked: bool, own: bool = False) -> int:
+    """Upper estimate of one part's forward working set (bytes, float32 work): layout indices,
+    gathered query rows, key/value tiles, the mask, tile outputs and statistics."""
+    nb = -(-n // block)
+    t, rows = capacity(items * slots, nb, block, own)
+    pairs, tiles = items * slots, rows // t
+    layout = 8 * z * (6 * pairs + 4 * rows + 3 * (nb + 1) + 2 * tiles)
+    gathered = 4 * z * (2 * rows * g * d + 2 * tiles * block * d)
+    mask = z * rows * block * (1 + 4 * g) if masked else 0
+    return int(layout + gathered + mask + 16 * z * rows * g)
+
+
+def select_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    qpos: torch.Tensor,
+    parts: list[Part],
+    work: torch.dtype | None = None,
+    fused: bool = True,
+) -> torch.Tensor:
+    """Softmax attention of each query item over the union of the key blocks its parts name.
+
+    Args:
+        q: (Z, M, G, D) query items: Z = batch·k/v heads, M items of G rows sharing a selection.
+        k, v: (Z, N, D).
+        qpos: (M,) int64 absolute positions of the items: keys kpos <= qpos are visible (and
+            kpos >= qpos − window in a part with a window).
+        parts: the slots (see `Part`); every item must see at least one key (its own block).
+        work: dtype of the matmuls (default: q's); statistics are float32 (float64 for float64).
+        fused: run the tiles through aten's CPU flash-attention kernels (forward, and backward
+            given the merged output and log-sum-exp); False: explicit matmuls (the GPU path).
+            Both: 2 matmuls forward, 5 backward (the scores recomputed).
+    Returns:
+        (Z, M, G, D) in q's dtype.
+    """
+    work = work or q.dtype
+    with torch.no_grad():
+        z, m, g = q.shape[:3]
+        lays = [_Diagonal(z, m, g, p, k.shape[1], work, q.device)
+                if p.runs else _Layout(p, qpos, k.shape[1], g, work) for p in parts]
+    out = _SelectAttention.apply(q.to(work), k.to(work), v.to(work), lays, fused)
+    return out.to(q.dtype)
+
+
+
+class _SelectAttention(torch.autograd.Function):
+    """Pieces forward (per-row output and log-sum-exp), merged per item; the backward feeds each
+    row its item's merged output, gradient and total log-sum-exp, so the pieces' flash-style
+    backward yields the exact gradients of softmax over the union (then index_add back)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, lays: list, fused: bool):
+        z, m, g, d = q.shape
+        qf, blocks = q.reshape(z * m, g * d), {}  # (Z·M, G·D)
+        outs, lses = zip(*(lay.forward(qf, k, v, blocks, fused) for lay in lays), strict=True)
+        # each item's total log-sum-exp over its rows in every piece: max, then sum of exp
+        top = torch.full((z * m, g), NEG, dtype=lses[0].dtype, device=q.device)
+        for lay, lse in zip(lays, lses, strict=True):
+            top.scatter_reduce_(0, lay.q_index[:, None].expand(-1, g), lse, "amax")  # (rows, G)
+        tot = torch.zeros_like(top)
+        ws = []
+        for lay, lse in zip(lays, lses, strict=True):
+            w = (lse - top.index_select(0, lay.q_index)).exp_()  # (rows, G)
+            tot.index_add_(0, lay.q_index, w)
+            ws.append(w)
+        total = top + tot.log()  # (Z·M, G)
+        out = torch.zeros(z * m, g, d, dtype=q.dtype, device=q.device)
+        for lay, o, w in zip(lays, outs, ws, strict=True):
+            out.index_add_(0, lay.q_index, o.mul_((w / tot.index_select(0, lay.q_index))
+                                                  [..., None].to(o.dtype)))
+        ctx.save_for_backward(q, k, v, out, total)
+        ctx.lays, ctx.fused = lays, fused
+        return out.view(z, m, g, d)  # (Z, M, G, D)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, total = ctx.saved_tensors
+        z, m, g, d = q.shape
+        qf, blocks = q.reshape(z * m, g * d), {}  # (Z·M, G·D)
+        dx, ox = dout.to(q.dtype).reshape(z * m, g * d), out.view(z * m, g * d)  # (Z·M, G·D)
+        gq = torch.zeros_like(qf)
+        gk, gv = torch.zeros_like(k), torch.zeros_like(v)
+        for lay in ctx.lays:
+            lay.backward(qf, k, v, blocks, dx, ox, total, (gq, gk, gv), ctx.fused)
+        return gq.view(q.shape), gk, gv, None, None  # dq (Z, M, G, D)
+
+
+
+def block_means(k: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor:
+    """(Z, N, D) → (Z, ⌈N/block⌉, D) mean of each block's keys in `dtype` (a partial last block:
+    the mean of its real keys)."""
+    z, n, d = k.shape
+    nb = -(-n // block)
+    kp = F.pad(k.to(dtype), (0, 0, 0, nb * block - n)).view(z, nb, block, d)  # (Z, nb, b, D)
+    size = (n - torch.arange(nb, device=k.device) * block).clamp(max=block).to(dtype)
+    return kp.sum(2) / size[:, None]
+
+
+def top_blocks(score: torch.Tensor, own: torch.Tensor, count: int,
+               forced: torch.Tensor | None = None) -> torch.Tensor:
+    """The `count` highest-scoring blocks before each item's own block (`forced` ones first);
+    -1 where fewer exist. The own block is not among them: it is always selected, apart.
+
+    Args:
+        score: (..., M, C) block scores (modified in place).
+        own: (M,) each item's own block; it and the blocks after it are excluded.
+        forced: optional (M, C) bool of blocks always selected.
+    Returns:
+        (..., M, min(count, C)) int64, in no particular order.
+    """
+    col = torch.arange(score.shape[-1], device=score.device)
+    before = col < own[:, None]
+    score.masked_fill_(~before, -math.inf)
+    if forced is not None:
+        score.masked_fill_(forced & before, torch.finfo(score.dtype).max)
+    count = min(count, score.shape[-1])
+    if count > 4:
+        vals, idx = score.topk(count, dim=-1, sorted=False)
+    else:  # a few passes of max beat topk on the CPU
+        picks = []
+        for _ in range(count):
+            vals, i = score.max(-1, keepdim=True)
+            picks.append(torch.where(vals == -math.inf, -1, i))
+            score.scatter_(-1, i, -math.inf)
+        return torch.cat(picks, -1) if picks else score.new_zeros(*score.shape[:-1], 0,
+                                                                   dtype=torch.long)
+    return idx.masked_fill_(vals == -math.inf, -1)
+
+
+def own_and_rest(rest: torch.Tensor, own: torch.Tensor, block: int, runs: int,
+                 pos0: int) -> list[Part]:
+    """The engine's parts: each item's own block (`own` (M,), with the causal mask) and the
+    `rest` (Z, M, S) from `top_blocks` (wholly visible blocks: no mask). The items are `runs`
+    runs of consecutive positions from pos0: with at least a block of them the own blocks run
+    as the diagonal (no gather, no layout)."""
+    z, m = rest.shape[:2]
+    if m // runs >= block:
+        parts = [Part(None, block, masked=True, own=True, runs=runs, pos0=pos0)]
+    else:
+        parts = [Part(own[:, None].expand(z, m, 1), block, masked=True, own=True)]  # (Z, M, 1)
+    if rest.shape[-1]:
+        parts.append(Part(rest, block))
+    return parts

@@ -1,0 +1,262 @@
+"""The selected-block engine's tiles (see `attnbench.variants.sparse.select`): a part's (item,
+slot) pairs sorted by key block into tiles of T rows (`_Layout`), or consecutive queries against
+their own block or a band of blocks without gathers (`_Diagonal`); each tile's forward and
+backward through aten's CPU flash-attention kernels or explicit matmuls (the GPU path)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+NEG = -1e30  # finite mask: a row that sees nothing gets weight exp(NEG − max) = 0, never NaN
+MAX_TILE = 128  # items per tile at most
+
+
+@dataclass(frozen=True)
+class Part:
+    """One set of slots of every query item.
+
+    Args:
+        idx: (Z, M, S) int64 key blocks of `block` keys, distinct per item; -1: empty slot.
+        masked: apply the causal (and `window`) mask: needed for blocks that may hold keys after
+            the query (its own block) or before the window. Unmasked parts must name only blocks
+            the item sees whole (complete, before its own block): no mask is built for them.
+        own: the one slot is each item's own block and the items sit at consecutive positions
+            (per head): each block's pairs fill whole tiles of `block` rows except in the first
+            and last block, which bounds the padding by 2 tiles.
+    """
+
+    idx: torch.Tensor | None
+    block: int
+    masked: bool = False
+    window: int = -1
+    own: bool = False
+    runs: int = 0  # items are `runs` runs of consecutive positions: no gather (0: gather them)
+    pos0: int = 0  # the position of each run's first item
+    reach: int = 0  # with runs: key blocks i − reach … i for query block i (idx is None)
+
+
+def capacity(pairs: int, nb: int, block: int, own: bool = False) -> tuple[int, int]:
+    """(T, rows): items per tile and the static row capacity of a part with `pairs` (item, slot)
+    pairs over nb key blocks. Padding adds at most T − 1 rows per block used, key/value tiles
+    b·D per T rows: T ≈ √(pairs·b/nb) (a power of two, at most MAX_TILE) balances the two. Own
+    parts use tiles of `block` rows (only the first and last block are partial)."""
+    if own:
+        t = block if pairs >= block else 1 << (pairs.bit_length() - 1)
+        rows = pairs + 2 * (t - 1)
+    else:
+        t = max(1, math.isqrt(pairs * block // (nb + 1)))
+        t = min(MAX_TILE, 1 << (t.bit_length() - 1))
+        rows = pairs + min(nb + 1, pairs) * (t - 1)
+    return t, -(-rows // t) * t
+
+
+class _Layout:
+    """The tiles of one part (built under no_grad, static shapes): the query item of each row,
+    the key block of each tile, the row of each pair, which rows are real (not padding, not an
+    empty slot: those read item 0 and block 0 and get weight 0 forward, dO = 0 backward), and
+    the additive mask (Z·tiles, 1, T·G, b) of masked parts."""
+
+    def __init__(self, part: Part, qpos: torch.Tensor, n: int, g: int, work) -> None:
+        idx, b = part.idx, part.block
+        z, m, s = idx.shape
+        nb, pairs, dev = -(-n // b), m * s, idx.device
+        t, rows = capacity(pairs, nb, b, part.own)
+        tiles = rows // t
+        blk = torch.where(idx < 0, nb, idx).reshape(z, pairs)  # (Z, P); nb: empty slots, last
+        sblk, perm = torch.sort(blk, dim=1, stable=True)  # pairs grouped by block, query order
+        counts = torch.zeros(z, nb + 1, dtype=torch.long, device=dev)
+        counts.scatter_add_(1, blk, torch.ones_like(blk))
+        padded = (counts + (t - 1)) // t * t
+        end = padded.cumsum(1)  # (Z, nb+1): the row after each block's padded rows
+        first = counts.cumsum(1) - counts  # sorted index of each block's first pair
+        rank = torch.arange(pairs, device=dev) - first.gather(1, sblk)
+        dest = torch.empty_like(blk).scatter_(1, perm, (end - padded).gather(1, sblk) + rank)
+        starts = torch.arange(0, rows, t, device=dev).repeat(z, 1)  # (Z, tiles)
+        tile_blk = torch.searchsorted(end, starts, right=True)  # (Z, tiles); >= nb: none
+        item = torch.arange(pairs, device=dev) // s  # (P,) item of each pair
+        zi = torch.arange(z, device=dev)[:, None]
+        row_item = torch.zeros(z, rows, dtype=torch.long, device=dev)
+        row_item.scatter_(1, dest, item.expand(z, pairs))  # (Z, P)
+        real = torch.zeros(z, rows, dtype=torch.bool, device=dev)
+        real.scatter_(1, dest, (blk < nb))  # (Z, rows)
+        self.mask = None
+        if part.masked:
+            row_pos = torch.full((z, rows), -1, dtype=torch.long, device=dev)  # sees nothing
+            row_pos.scatter_(1, dest, qpos[item].expand(z, pairs))  # (Z, P)
+            kpos = (tile_blk * b)[..., None, None] + torch.arange(b, device=dev)
+            rp = row_pos.view(z, tiles, t, 1)  # (Z, tiles, T, 1)
+            hidden = kpos > rp  # (Z, tiles, T, b); kpos <= qpos < n: padded keys are hidden too
+            if part.window >= 0:
+                hidden |= kpos < rp - part.window
+            neg, zero = (torch.tensor(x, dtype=work, device=dev) for x in (NEG, 0.0))
+            mask = torch.where(hidden, neg, zero)
+            self.mask = mask[:, :, :, None].expand(z, tiles, t, g, b).reshape(
+                z * tiles, 1, t * g, b)  # (Z, tiles, T, G, b) → (Z·tiles, 1, T·G, b)
+        self.real = real[..., None].expand(z, rows, g).reshape(z * rows, g)  # (Z·rows, G)
+        self.q_index = (zi * m + row_item).view(-1)  # (Z·rows,) into the Z·M items
+        self.k_index = (zi * nb + tile_blk.clamp(max=nb - 1)).view(-1)  # (Z·tiles,) into Z·nb
+        self.shape = (z, m, s, g, t, tiles, rows, nb, b, n)
+
+
+def _stat(work: torch.dtype) -> torch.dtype:
+    return torch.float64 if work == torch.float64 else torch.float32
+
+
+def _forward(self, qf, k, v, blocks, fused):
+    """A layout's tiles: per-row output (rows, G, D) and log-sum-exp (rows, G) (not real: NEG)."""
+    g, d = self.shape[3], k.shape[-1]
+    qr, kt, vt = _tiles(qf, k, v, self, blocks)
+    o, lse = _tile_forward(qr, kt, vt, self.mask, fused)  # (Zt, 1, T·G, D), (Zt, 1, T·G)
+    # (Zt, 1, T·G, D) → (Z·rows, G, D); lse (Zt, 1, T·G) → (Z·rows, G)
+    return o.reshape(-1, g, d), lse.reshape(-1, g).masked_fill(~self.real, NEG)
+
+
+def _backward(self, qf, k, v, blocks, dx, ox, total, grads, fused):
+    z, g = self.shape[0], self.shape[3]
+    t, tiles, rows, nb, b, n = self.shape[4:]
+    d = k.shape[-1]
+    gq, gk, gv = grads
+    qr, kt, vt = _tiles(qf, k, v, self, blocks)
+
+    def rows_of(x: torch.Tensor) -> torch.Tensor:
+        return x.index_select(0, self.q_index).view(z * tiles, 1, t * g, -1)  # (Zt, 1, T·G, ·)
+
+    # real rows as (Zt, 1, T·G, 1): padding gets dO = 0
+    do = rows_of(dx).mul_(self.real.reshape(z * tiles, 1, t * g, 1))
+    lse = rows_of(total)[..., 0].contiguous()  # (Zt, 1, T·G)
+    dq, dk, dv = _tile_backward(do, qr, kt, vt, rows_of(ox), lse, self.mask, fused)
+    gq.index_add_(0, self.q_index, dq.view(z * rows, g * d))  # (Z·rows, G·D)
+    for acc, x in ((gk, dk), (gv, dv)):
+        # dk, dv (Zt, 1, b, D) as (Z·tiles, b, D), summed into the (Z·nb, b, D) blocks
+        acc_b = x.new_zeros(z * nb, b, d).index_add_(0, self.k_index, x.view(z * tiles, b, d))
+        acc += acc_b.view(z, nb * b, d)[:, :n]  # (Z, N, D)
+
+
+_Layout.forward, _Layout.backward = _forward, _backward
+
+
+def _tiles(qf, k, v, lay: _Layout, blocks: dict):
+    """Gathered query rows (Zt, 1, T·G, D) and key, value tiles (Zt, 1, b, D); `blocks` keeps
+    k, v as (Z·nb, b, D) per block size (a padded copy only when b does not divide n)."""
+    z, g, t, tiles, nb, b, n = (lay.shape[i] for i in (0, 3, 4, 5, 7, 8, 9))
+    d = k.shape[-1]
+    if b not in blocks:
+        blocks[b] = [(F.pad(x, (0, 0, 0, nb * b - n)) if nb * b != n else x)
+                     .reshape(z * nb, b, d) for x in (k, v)]  # (Z·nb, b, D)
+    kb, vb = blocks[b]
+    qr = qf.index_select(0, lay.q_index).view(z * tiles, 1, t * g, d)  # (Zt, 1, T·G, D)
+    # (Zt, 1, b, D) each
+    kt, vt = (x.index_select(0, lay.k_index).view(z * tiles, 1, b, d) for x in (kb, vb))
+    return qr, kt, vt
+
+
+class _Diagonal:
+    """Items at consecutive positions without gathers: q (Z, runs, Nq, G, D) padded to whole
+    blocks; each query block against key blocks i − reach … i (reach 0: its own block, a view of
+    k; else a band, one unfold copy) under the causal (and window) mask; per-row output and
+    log-sum-exp in item order. The flash layout is (Z·runs, query blocks, b·G, D)."""
+
+    def __init__(self, z: int, m: int, g: int, part: Part, n: int, work, device) -> None:
+        runs, b, r = part.runs, part.block, part.reach
+        nq = m // runs
+        self.first = part.pos0 // b
+        self.front = part.pos0 - self.first * b  # padded query rows before the first
+        self.nbq = -(-n // b) - self.first  # query blocks
+        self.geo = (z, m, g, runs, nq, n, b, r)
+        self.q_index = torch.arange(z * m, device=device)
+        blocks = 1 if r == 0 and part.window < 0 else self.nbq  # one mask fits every block
+        qpos = ((torch.arange(blocks, device=device) + self.first) * b)[:, None] + torch.arange(
+            b, device=device)  # (blocks, b)
+        kpos = qpos[:, :1] - r * b + torch.arange((r + 1) * b, device=device)  # (blocks, Lk)
+        rel = qpos[:, :, None] - kpos[:, None, :]  # (blocks, b, Lk)
+        hidden = (rel < 0) | (kpos[:, None, :] < 0)
+        if part.window >= 0:
+            hidden |= rel > part.window
+        mask = torch.where(hidden, torch.tensor(NEG, dtype=work, device=device),
+                           torch.tensor(0.0, dtype=work, device=device))
+        self.mask = mask[:, :, None].expand(blocks, b, g, (r + 1) * b).reshape(
+            1, blocks, b * g, (r + 1) * b)  # (1, blocks, b·G, Lk)
+
+    def _pad(self, x: torch.Tensor, width: int) -> torch.Tensor:
+        z, _, g, runs, nq, _, b, _ = self.geo
+        rows = self.nbq * b
+        # (Z·M, width) → (Z, runs, Nq, width), padded to (Z, runs, nbq·b, width)
+        x = F.pad(x.reshape(z, runs, nq, width), (0, 0, self.front, rows - self.front - nq))
+        return x.view(z * runs, self.nbq, b * g, width // g)  # (Z·runs, nbq, b·G, width/G)
+
+    def _unpad(self, x: torch.Tensor, width: int) -> torch.Tensor:
+        z, m, _, runs, nq, _, b, _ = self.geo
+        # (Z·runs, nbq, b·G, width/G) → (Z, runs, Nq, width) → (Z·M, width)
+        x = x.reshape(z, runs, self.nbq * b, width)[:, :, self.front : self.front + nq]
+        return x.reshape(z * m, width)
+
+    def _keys(self, x: torch.Tensor) -> torch.Tensor:
+        z, runs, n, b, r = (self.geo[i] for i in (0, 3, 5, 6, 7))
+        d, lk = x.shape[-1], (r + 1) * b
+        x = F.pad(x, (0, 0, r * b, (self.first + self.nbq) * b - n))  # token t at t + r·b
+        x = x[:, self.first * b :]  # band of query block i: rows i·b … i·b + Lk
+        x = x.view(z, self.nbq, b, d) if r == 0 else \
+            x.unfold(1, lk, b).transpose(-1, -2).contiguous()  # (Z, nbq, Lk, D)
+        # (Z, nbq, Lk, D) → (Z, runs, nbq, Lk, D) → (Z·runs, nbq, Lk, D)
+        return x[:, None].expand(-1, runs, -1, -1, -1).reshape(z * runs, self.nbq, lk, d)
+
+    def forward(self, qf, k, v, blocks, fused):
+        g, d = self.geo[2], k.shape[-1]
+        o, lse = _tile_forward(self._pad(qf, g * d), self._keys(k), self._keys(v), self.mask,
+                               fused)
+        return self._unpad(o, g * d).view(-1, g, d), self._unpad(lse, g)  # (Z·M, G, D), (Z·M, G)
+
+    def backward(self, qf, k, v, blocks, dx, ox, total, grads, fused):
+        z, _, g, runs, _, n, b, r = self.geo
+        d = k.shape[-1]
+        gq, gk, gv = grads
+        lse = self._pad(total, g)[..., 0].contiguous()  # padding rows: dO = 0, nothing flows
+        dq, dk, dv = _tile_backward(self._pad(dx, g * d), self._pad(qf, g * d), self._keys(k),
+                                    self._keys(v), self._pad(ox, g * d), lse, self.mask, fused)
+        gq += self._unpad(dq, g * d)
+        start = self.first * b
+        for acc, x in ((gk, dk), (gv, dv)):
+            x = x.view(z, runs, self.nbq, (r + 1) * b, d).sum(1)  # (Z, nbq, Lk, D): runs summed
+            band = x.new_zeros(z, (self.nbq + r) * b, d)  # token t at start − r·b + row
+            for o in range(r + 1):  # the band's o-th key block of query block i: block i − r + o
+                band[:, o * b : (o + self.nbq) * b] += x[:, :, o * b : (o + 1) * b].reshape(
+                    z, self.nbq * b, d)  # (Z, nbq, b, D) → (Z, nbq·b, D)
+            lo = start - r * b  # token of the band's first row (negative: front padding)
+            acc[:, max(lo, 0) :] += band[:, max(-lo, 0) : max(-lo, 0) + n - max(lo, 0)]
+
+
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _tile_forward(qr, kt, vt, mask, fused: bool):
+    scale = 1.0 / math.sqrt(qr.shape[-1])
+    if fused:
+        return _FLASH(qr, kt, vt, attn_mask=mask, scale=scale)
+    sc = (qr @ kt.transpose(-1, -2)).to(_stat(qr.dtype)).mul_(scale)  # (..., rows, keys)
+    if mask is not None:
+        sc.add_(mask)
+    mx = sc.amax(-1, keepdim=True)
+    e = sc.sub_(mx).exp_()
+    den = e.sum(-1, keepdim=True)
+    o = (e.to(qr.dtype) @ vt) / den.to(qr.dtype)
+    return o, (mx + den.log())[..., 0]
+
+
+def _tile_backward(do, qr, kt, vt, o, lse, mask, fused: bool):
+    scale = 1.0 / math.sqrt(qr.shape[-1])
+    if fused:
+        return _FLASH_BWD(do, qr, kt, vt, o, lse, 0.0, False, attn_mask=mask, scale=scale)
+    sc = (qr @ kt.transpose(-1, -2)).to(_stat(qr.dtype)).mul_(scale)  # (..., rows, keys)
+    if mask is not None:
+        sc.add_(mask)
+    p = sc.sub_(lse[..., None]).exp_()  # the probabilities under the item's total
+    delta = (do.to(p.dtype) * o.to(p.dtype)).sum(-1, keepdim=True)
+    ds = (do @ vt.transpose(-1, -2)).to(p.dtype).sub_(delta).mul_(p).to(qr.dtype)  # as sc
+    pw = p.to(qr.dtype)
+    # dq (..., rows, D); dk, dv (..., keys, D)
+    return ds @ kt * scale, ds.transpose(-1, -2) @ qr * scale, pw.transpose(-1, -2) @ do
