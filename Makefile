@@ -23,7 +23,7 @@ comma := ,
 PIP_EXTRAS := $(subst $(eval) ,$(comma),$(strip $(filter-out xformers,$(subst $(comma), ,$(EXTRAS)))))
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: setup bench plan test lint clean
+.PHONY: setup bench plan test lint clean browser
 
 setup: $(STAMP)
 
@@ -51,8 +51,18 @@ bench: setup
 plan: setup
 	$(BIN)/attnbench plan -m +sweep=$(or $(SWEEP),$(DEFAULT_SWEEP)) $(ARGS)
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# The report page's test opens index.html in headless Chromium. Where make runs as root on Debian
+# (CI, a fresh machine) it installs Debian's chromium once; elsewhere that test skips with a reason.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	       && { echo "setup: installing Debian's chromium for the report page's browser test"; \
+	            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	              chromium >/dev/null; }; } \
+	  || echo "setup: no chromium (not root or no apt-get): the browser test will skip"
 
 lint: setup
 	$(BIN)/ruff check .

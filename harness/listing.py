@@ -1,11 +1,14 @@
-"""`attnbench list`: every registered variant, its parameters, complexity and whether it runs here.
+"""`attnbench list`: every registered variant, its parameters, complexity and what runs here.
 
-    attnbench list                      # markdown table, availability on the default device
+    attnbench list                      # markdown table, support on the default device
     attnbench list --device cuda --format csv
 
-Availability is the variant's own `not_supported_reasons` for a small representative shape
-(B=1, H=8, N=1024, D=64; float32 on CPU, bfloat16 on CUDA), forward and forward+backward.
-`full` gets one row per backend, since what runs differs per backend.
+Support per mode is the variant's own `not_supported_reasons` for a small representative shape
+(B=1, H=8, N=1024, D=64; float32 on CPU, bfloat16 on CUDA): `noncausal` and `causal` say `yes`
+(forward and forward+backward), `fwd only` or `no`; `decode` says `yes` or `no`; `gqa` and
+`q_len` whether grouped k/v heads and fewer queries than keys run (asked of the causal form where
+there is one). `reason` gives, per mode that does not fully run, why. `full` gets one row per
+backend, since what runs differs per backend.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ import torch
 from attnbench import variants
 from attnbench.variants.base import Shape, Variant
 
-COLUMNS = ("name", "label", "family", "params", "time", "memory", "available", "causal", "gqa",
-           "q_len", "decode", "reason")
+COLUMNS = ("name", "label", "family", "params", "time", "memory", "noncausal", "causal", "decode",
+           "gqa", "q_len", "reason")
+MODES = ("noncausal", "causal", "decode")
 SHAPE = Shape(batch=1, heads=8, seq_len=1024, head_dim=64)
 
 
@@ -36,12 +40,12 @@ class Row:
     params: str
     time: str
     memory: str
-    available: str  # yes | fwd only | no | error
-    causal: str  # yes | no | only: the forms it has (what the variant declares)
+    noncausal: str  # yes | fwd only | no | error
+    causal: str  # yes | fwd only | no | error
+    decode: str  # yes | no | error: a decode form (cache or state)
     gqa: str  # yes | no: kv_heads < heads
     q_len: str  # yes | no: fewer queries than keys
-    decode: str  # yes | no: a decode form (cache or state)
-    reason: str
+    reason: str  # why, per mode that does not fully run
 
 
 def configurations(name: str) -> list[dict[str, Any]]:
@@ -56,29 +60,36 @@ def configurations(name: str) -> list[dict[str, Any]]:
     return rows
 
 
-def availability(att: Variant, device: str, dtype: torch.dtype) -> tuple[str, str]:
-    """('yes' | 'fwd only' | 'no', reason) from the variant's own not_supported_reasons."""
-    fwd = att.not_supported_reasons(SHAPE, dtype, device, False, "fwd")
-    if fwd:
-        return "no", "; ".join(fwd)
-    bwd = att.not_supported_reasons(SHAPE, dtype, device, False, "fwd_bwd")
-    if bwd:
-        return "fwd only", "; ".join(bwd)
-    return "yes", ""
+def support(att: Variant, device: str, dtype: torch.dtype) -> tuple[dict[str, str], str]:
+    """Per mode ('noncausal', 'causal', 'decode'): 'yes' | 'fwd only' | 'no', from the variant's
+    own not_supported_reasons; and the reasons, one `mode: why` per mode that does not fully run."""
+    out, why = {}, {}
+    for mode, causal in (("noncausal", False), ("causal", True)):
+        fwd = att.not_supported_reasons(SHAPE, dtype, device, causal, "fwd")
+        bwd = [] if fwd else att.not_supported_reasons(SHAPE, dtype, device, causal, "fwd_bwd")
+        out[mode] = "no" if fwd else "fwd only" if bwd else "yes"
+        if fwd or bwd:
+            why[mode] = "; ".join(fwd or [f"backward: {r}" for r in bwd])
+    dec = att.not_supported_reasons(SHAPE, dtype, device, True, "decode")
+    out["decode"] = "no" if dec else "yes"
+    dec = [r for r in dec if r not in why.get("causal", "")]  # said once, under causal
+    if dec:
+        why["decode"] = "; ".join(dec)
+    reasons = list(dict.fromkeys(why.values()))
+    if len(reasons) == 1 and len(why) > 1:  # one cause for every mode (e.g. no CPU kernel)
+        return out, reasons[0]
+    return out, " · ".join(f"{m}: {r}" for m, r in why.items())
 
 
-def shapes_supported(att: Variant, device: str, dtype: torch.dtype) -> tuple[str, ...]:
-    """(causal, gqa, q_len, decode) as yes | no | only, from the variant's own reasons."""
-    def runs(shape: Shape, causal: bool, mode: str = "fwd") -> bool:
-        return not att.not_supported_reasons(shape, dtype, device, causal, mode)
+def shapes_supported(att: Variant, device: str, dtype: torch.dtype) -> tuple[str, str]:
+    """(gqa, q_len) as yes | no, asked of the causal form where there is one."""
+    def runs(shape: Shape, causal: bool) -> bool:
+        return not att.not_supported_reasons(shape, dtype, device, causal, "fwd")
 
-    causal = runs(SHAPE, True)
-    causal_text = ("only" if not runs(SHAPE, False) else "yes") if causal else "no"
-    c = causal  # the model-shape forms are asked of the causal form where there is one
+    c = runs(SHAPE, True)
     gqa = runs(dataclasses.replace(SHAPE, kv_heads=2), c)
     q_len = runs(dataclasses.replace(SHAPE, q_len=SHAPE.seq_len // 4), c)
-    decode = runs(SHAPE, True, "decode")
-    return (causal_text, *("yes" if x else "no" for x in (gqa, q_len, decode)))
+    return ("yes" if gqa else "no"), ("yes" if q_len else "no")
 
 
 def rows(device: str, dtype: torch.dtype) -> list[Row]:
@@ -88,16 +99,17 @@ def rows(device: str, dtype: torch.dtype) -> list[Row]:
         for params in configurations(name):
             try:
                 att = variants.build(name, **params)
-                available, reason = availability(att, device, dtype)
-                forms = shapes_supported(att, device, dtype)
+                modes, reason = support(att, device, dtype)
+                gqa, q_len = shapes_supported(att, device, dtype)
             except Exception as exc:  # a broken (plugin) variant is a row, not a crash
-                out.append(Row(name, name, "?", "", "?", "?", "error", "?", "?", "?", "?",
-                               f"{type(exc).__name__}: {exc}"))
+                out.append(Row(name, name, "?", "", "?", "?", "error", "error", "error", "?",
+                               "?", f"{type(exc).__name__}: {exc}"))
                 continue
             cx = att.complexity
             shown = ", ".join(f"{k}={v}" for k, v in att.params().items())
             out.append(Row(name, att.label, att.family, shown, cx["time"], cx["memory"],
-                           available, *forms, reason))
+                           modes["noncausal"], modes["causal"], modes["decode"], gqa, q_len,
+                           reason))
     return out
 
 
@@ -140,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.fmt == "md":
         shape = f"B={SHAPE.batch} H={SHAPE.heads} N={SHAPE.seq_len} D={SHAPE.head_dim}"
         note = "" if device != "cuda" or torch.cuda.is_available() else " (no CUDA device here)"
-        print(f"\navailability on {device}{note}, {str(dtype).removeprefix('torch.')}, {shape}")
+        print(f"\nsupport on {device}{note}, {str(dtype).removeprefix('torch.')}, {shape}: "
+              f"yes = forward and backward; `attnbench plan ARGS` checks a point exactly")
     return 0
 
 

@@ -80,6 +80,20 @@ def test_plan_says_what_max_memory_would_skip(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+def test_plan_prints_a_command_that_pastes_into_bash(tmp_path):
+    """`glob(...)`, quotes and spaces survive: bash parses the printed line back into the exact
+    arguments plan was given."""
+    args = ["-m", "variant=glob(full*,exclude=[full_xformers,full_cudnn,full_efficient,full_flash,"
+            "full_flex])", "seq_len=64", *TINY, "hydra.sweep.dir=my sweep"]
+    proc = attnbench("plan", *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("Run it: "))
+    echo = subprocess.run(["bash", "-c", f"printf '%s\\n' {line.removeprefix('Run it: ')}"],
+                          capture_output=True, text=True, timeout=30)
+    assert echo.returncode == 0, echo.stderr
+    assert echo.stdout.splitlines() == ["attnbench", *args]
+
+
 def test_plan_refuses_a_bad_point_in_one_line(tmp_path):
     line = one_error_line(attnbench("plan", "-m", "seq_len=64,0", *TINY, cwd=tmp_path))
     assert line.startswith("attnbench: error: seq_len=0")

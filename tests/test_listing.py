@@ -27,17 +27,28 @@ def test_every_variant_listed_and_full_per_backend(capsys):
     full = {r["label"]: r for r in rows if r["name"] == "full"}
     for label in ("full[naive]", "full[sdpa]", "full[xformers]", "full[flex]", "full[sdpa:flash]"):
         assert label in full
-    assert full["full[naive]"]["available"] == "yes"
+    assert full["full[naive]"]["noncausal"] == full["full[naive]"]["causal"] == "yes"
+    assert full["full[naive]"]["decode"] == "yes"
     assert full["full[naive]"]["time"] == "O(n^2)" and full["full[naive]"]["memory"] == "O(n^2)"
     assert full["full[sdpa]"]["memory"] == "O(n)"
     assert "backend=sdpa" in full["full[sdpa]"]["params"]
     xf = full["full[xformers]"]
-    assert xf["available"] == "no" and "xformers" in xf["reason"]
-    assert full["full[flex]"]["available"] == "fwd only"
-    assert full["full[sdpa:cudnn]"]["available"] == "no"
+    assert xf["noncausal"] == xf["causal"] == xf["decode"] == "no" and "xformers" in xf["reason"]
+    assert full["full[flex]"]["noncausal"] == "fwd only"
+    assert full["full[sdpa:cudnn]"]["causal"] == "no"
     for r in rows:
         assert r["family"] in typing.get_args(Family), r
-        assert (r["available"] == "yes") == (r["reason"] == ""), r
+        every = all(r[m] == "yes" for m in listing.MODES)
+        assert every == (r["reason"] == ""), r
+
+
+def test_causal_only_families_say_they_run_causal_on_a_cpu(capsys):
+    """The recurrent family, MoBA and NSA have no non-causal form but run causal here: the list
+    must not call them unavailable."""
+    rows = {r["name"]: r for r in csv_rows(capsys, "--device", "cpu")}
+    for name in ("retnet", "gla", "mamba2", "deltanet", "gated_deltanet", "moba", "nsa"):
+        assert rows[name]["noncausal"] == "no" and rows[name]["causal"] == "yes", rows[name]
+        assert "noncausal:" in rows[name]["reason"], rows[name]
 
 
 def test_markdown_table_and_a_broken_variant_is_a_row(capsys, monkeypatch):
@@ -55,7 +66,7 @@ def test_markdown_table_and_a_broken_variant_is_a_row(capsys, monkeypatch):
     assert lines[0].startswith("| name") and set(lines[1]) <= set("|- ")
     assert "| full[naive]" in out
     assert "RuntimeError: cannot build" in out
-    assert "availability on cpu" in out
+    assert "support on cpu" in out
 
 
 def test_cli_subcommand():
@@ -63,6 +74,6 @@ def test_cli_subcommand():
                            "csv"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("name,label,family,params,time,memory,available,causal,gqa,"
-                                  "q_len,decode,reason")
+    assert proc.stdout.startswith("name,label,family,params,time,memory,noncausal,causal,decode,"
+                                  "gqa,q_len,reason")
     assert "full[sdpa]" in proc.stdout

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -214,8 +215,8 @@ def render(planned: list[Planned], sweep_dir: str, overrides: list[str], single:
         f"{COMPILE_S['cuda']:g} s (GPU) per FlexAttention compile and {SWEEP_OVERHEAD_S:g} s "
         "for start-up and the report. Assumes a quiet machine; memory- or overhead-bound "
         "points take longer.",
-        "Run it: attnbench " + ("" if single and len(planned) == 1 else "-m ")
-        + " ".join(overrides),
+        "Run it: " + shlex.join(["attnbench", *([] if single and len(planned) == 1 else ["-m"]),
+                                 *overrides]),
     ]
     return "\n".join(lines)
 
