@@ -62,7 +62,7 @@ def configurations(name: str) -> list[dict[str, Any]]:
 
 def support(att: Variant, device: str, dtype: torch.dtype) -> tuple[dict[str, str], str]:
     """Per mode ('noncausal', 'causal', 'decode'): 'yes' | 'fwd only' | 'no', from the variant's
-    own not_supported_reasons; and the reasons, one `mode: why` per mode that does not fully run."""
+    own not_supported_reasons; and the reasons: `mode: why` per mode that does not fully run."""
     out, why = {}, {}
     for mode, causal in (("noncausal", False), ("causal", True)):
         fwd = att.not_supported_reasons(SHAPE, dtype, device, causal, "fwd")
