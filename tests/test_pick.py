@@ -204,3 +204,19 @@ def test_a_point_without_softmax_reference_is_no_candidate_and_says_so():
     assert p.loc["fastest", "label"] == "local[w=64]"
     assert "no softmax reference" in pick.cell(
         next(picks[picks.pick == "fastest"].itertuples()), "full[sdpa]")
+
+
+def test_the_committed_sweep_no_longer_calls_a_pattern_exact(tmp_path):
+    """The committed CPU default sweep (records from before softmax_rel_error) picked
+    fixed[b=8,s=32,c=1] as "fastest exact" and "within 1%": its 4e-7 was against its own mask.
+    Read again, a pattern without a softmax reference is never exact nor within a budget."""
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parent.parent / "results/reference/cpu-amd-epyc-2core"
+    report.build_report(src / "default-sweep", out=tmp_path)
+    p = pd.read_csv(tmp_path / "pick.csv", keep_default_na=False)
+    judged = p[p.pick.isin(["fastest exact", "within 1%", "within 10%"]) & (p.label != "")]
+    assert len(judged) and set(judged.family) == {"full"}, judged[["seq_len", "pick", "label"]]
+    md = (tmp_path / "summary.md").read_text()
+    assert "fastest exact fixed" not in md and "fastest within 1%: fixed" not in md
+    assert "no softmax reference" in md
