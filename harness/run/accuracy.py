@@ -144,19 +144,20 @@ def softmax_scan(att: Variant, q, k, v, got, rows: torch.Tensor, causal: bool,
                 seen = None if shared is None else shared[r0:r1]
             if seen is not None:
                 part_r.append((p * seen.to(p.device)).sum(-1))  # (z, G, r)
-            del p, ref
-            if masked:
+            del p
+            if masked:  # against softmax under its mask (none: the same reference)
                 if mask is not None:
                     s.masked_fill_(~mask[r0:r1].to(s.device), -math.inf)
-                mref = torch.softmax(s, -1).nan_to_num_(0.0) @ vv  # a row with no key: 0
-                mdiff2 += float((mine - mref).square().sum())
-                mref2 += float(mref.square().sum())
-                mabs = max(mabs, float((mine - mref).abs().max().nan_to_num(math.inf)))
+                    ref = torch.softmax(s, -1).nan_to_num_(0.0) @ vv  # a row with no key: 0
+                    mdiff2 += float((mine - ref).square().sum())
+                    mref2 += float(ref.square().sum())
+                mabs = max(mabs, float((mine - ref).abs().max().nan_to_num(math.inf)))
         if part_r:
             recall.append(torch.cat(part_r, -1))
     head = (diff2 / ref2.clamp_min(1e-300)).sqrt().flatten()
     out = dict(softmax_rel_error=math.sqrt(float(diff2.sum()) / max(float(ref2.sum()), 1e-300)),
                head_error=head, recall=torch.cat(recall).flatten() if recall else None)
     if masked:
-        out.update(masked_rel_error=math.sqrt(mdiff2 / max(mref2, 1e-300)), masked_max_abs=mabs)
+        out.update(masked_max_abs=mabs, masked_rel_error=out["softmax_rel_error"] if mask is None
+                   else math.sqrt(mdiff2 / max(mref2, 1e-300)))
     return out
