@@ -293,3 +293,30 @@ def test_tolerance_is_per_dtype_and_a_variant_may_set_its_own():
         impl_tolerance: ClassVar[dict[str, float]] = {"float32": 1.0}
 
     assert Loose().impl_tol("float32") == 1.0
+
+
+def test_decode_is_judged_on_the_new_token_row():
+    """mode=decode: the new token (position n) against full softmax over its n + 1 keys; its
+    recall is the softmax mass inside the window and sinks, computed here."""
+    from attnbench.harness.run.inputs import make_inputs
+    from attnbench.variants.base import Shape
+
+    n, w, s = 64, 8, 2
+    run = from_dictconfig({"batch": 1, "heads": 2, "head_dim": 16, "seq_len": n, "seed": 0,
+                           "mode": "decode", "variant": {"name": "local", "window": w,
+                                                         "sinks": s, "block": 16},
+                           "timing": {"min_reps": 2, "min_time_s": 0, "warmup": 1}})
+    rec = run_point(run)
+    assert rec.status == "ok", rec.reason
+    q, k, v = make_inputs(Shape(1, 2, n + 1, 16), torch.float32, "cpu", 0)
+    row = torch.tensor([n])
+    keys = local_keys(w, s, row, n + 1, n + 1, True)
+    p = softmax_probs(q, k, row, True)
+    assert rec.recall_mean == pytest.approx(float((p * keys).sum(-1).mean()), rel=1e-9)
+    # its output is softmax under its mask (to rounding): the error of that against softmax
+    masked = torch.softmax((q[:, :, row].double() @ k.double().transpose(-1, -2) / 4)
+                           .masked_fill(~keys, -math.inf), -1) @ v.double()
+    full = p @ v.double()
+    want = ((masked - full).norm() / full.norm()).item()
+    assert rec.softmax_rel_error == pytest.approx(want, rel=1e-4)
+    assert rec.error_ref == "masked softmax" and rec.impl_ok and rec.impl_error < 1e-5
