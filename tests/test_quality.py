@@ -17,6 +17,7 @@ from attnbench.harness.run import accuracy
 from attnbench.harness.run.accuracy import quality
 from attnbench.harness.run.config import ErrorConfig, RunConfig, from_dictconfig
 from attnbench.harness.run.job import run_point
+from attnbench.variants import registry
 from attnbench.variants.base import IMPL_TOL, Variant
 from attnbench.variants.testing import random_qkv
 
@@ -252,7 +253,6 @@ def test_small_blocks_give_the_same_numbers(monkeypatch):
             assert parts[key] == value, key
 
 
-@variants.register
 @dataclass
 class OffByOne(Variant):
     """Exact attention that drops each query's own key: a wrong mask, for the check to catch."""
@@ -272,7 +272,15 @@ class OffByOne(Variant):
         return torch.softmax(s, -1) @ v
 
 
-def test_a_wrong_implementation_fails_its_check_in_the_record():
+@pytest.fixture
+def off_by_one():
+    """Registered for the test alone (the registry's other tests see the built-ins only)."""
+    variants.register(OffByOne)
+    yield
+    registry._REGISTRY.pop(OffByOne.name, None)
+
+
+def test_a_wrong_implementation_fails_its_check_in_the_record(off_by_one):
     run = from_dictconfig({"batch": 1, "heads": 2, "head_dim": 16, "seq_len": 256,
                            "timing": {"min_reps": 2, "min_time_s": 0, "warmup": 1},
                            "variant": {"name": "test_off_by_one"}})
