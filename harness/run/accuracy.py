@@ -72,7 +72,8 @@ def quality(att: Variant, q, k, v, out, run: RunConfig,
         return _judged(att, run, f, notes)
     head, recall = scan["head_error"], scan["recall"]
     f.update(softmax_rel_error=scan["softmax_rel_error"],
-             head_error_median=float(head.median()), head_error_max=float(head.max()))
+             head_error_median=float(np.median(head.cpu().numpy())),
+             head_error_max=float(head.max()))
     if recall is not None:
         f.update(recall_mean=float(recall.mean()),
                  recall_p10=float(np.percentile(recall.cpu().numpy(), 10)))
