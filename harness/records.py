@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from attnbench.harness import units
+from attnbench.variants.base import IMPL_TOL
 
 Status = Literal["ok", "oom", "unsupported", "invalid", "error", "skipped"]
 STATUSES = ("ok", "oom", "unsupported", "invalid", "error", "skipped")
@@ -70,11 +71,22 @@ class Record:
     flops: float = NAN
     tflops: float = NAN
     density: float = NAN
-    rel_error: float = NAN
+    # the implementation check: relative error against the variant's own float64 definition
+    # (error_ref: softmax | masked softmax | own definition; "": none, impl_error NaN), and its
+    # max |error|; impl_ok: within the variant's tolerance for the dtype (Variant.impl_tol)
+    impl_error: float = NAN
     max_abs_error: float = NAN
     entropy: float = NAN
-    error_ref: str = ""  # what rel_error is against: softmax | masked softmax | own definition
-    softmax_rel_error: float = NAN  # own-definition approximations (moba, nsa): vs full softmax
+    error_ref: str = ""
+    # how far from exact: relative error against float64 full softmax attention on the same
+    # q, k, v (NaN for the recurrent family, or where no reference was computed: quality_note)
+    softmax_rel_error: float = NAN
+    impl_ok: bool = True  # False: the implementation check failed (never picked)
+    head_error_median: float = NAN  # softmax_rel_error per (batch, head): median and max
+    head_error_max: float = NAN
+    recall_mean: float = NAN  # share of the float64 softmax mass on the keys it attends
+    recall_p10: float = NAN  # (over sampled rows and heads): mean and 10th percentile
+    quality_note: str = ""  # why a quality field is NaN (recurrent, no reference, no key set)
     notes: str = ""  # caveats of an ok point (a CUDA graph that fell back, NVML missing)
     kernel: str = ""  # the kernel that actually ran (SDPA backend, flex compiled, engine path)
     compute_dtype: str = ""  # dtype of the matmuls ("" where not recorded)
@@ -109,8 +121,11 @@ class Record:
         spread = f"{units.number(self.latency_p10_ms)}–{units.number(self.latency_p90_ms)}"
         parts = [f"{units.ms(self.latency_ms)} ({spread})",
                  units.mb(units.to_mb(self.peak_mem_bytes)), units.gflops(self.tflops * 1e3)]
-        err = f", rel_err {self.rel_error:.2e}" if not math.isnan(self.rel_error) else ""
-        return (f"{head} → {', '.join(p for p in parts if p)}{err}, "
+        err = "".join(f", {name} {value:.2e}" for name, value in (
+            ("softmax_err", self.softmax_rel_error), ("impl_err", self.impl_error))
+            if not math.isnan(value))
+        failed = ", implementation check FAILED" if not self.impl_ok else ""
+        return (f"{head} → {', '.join(p for p in parts if p)}{err}{failed}, "
                 f"ok{' (noisy)' if self.noisy else ''}")
 
 
@@ -204,6 +219,7 @@ def read_record(path: str | os.PathLike) -> Record:
         raise ValueError(f"missing fields {', '.join(missing)}")
     if data["status"] not in STATUSES:
         raise ValueError(f"unknown status {data['status']!r}")
+    data = _legacy_error(data)
     clean: dict[str, Any] = {}
     for key in FIELDS:
         if key not in data:
@@ -233,6 +249,31 @@ def read_record(path: str | os.PathLike) -> Record:
         if key in clean and clean[key] < 0:
             raise ValueError(f"field {key} has an absurd value {clean[key]!r}")
     return Record(**clean)
+
+
+def _legacy_error(data: dict[str, Any]) -> dict[str, Any]:
+    """A record written before impl_error had one `rel_error`, against what `error_ref` says:
+    "own definition" and "masked softmax" are the implementation check (full's mask is every
+    key: that one is also its softmax error); "softmax" (linear, low-rank) is the softmax error,
+    with no implementation check. impl_ok is judged against the default tolerance (IMPL_TOL);
+    a pattern's softmax error was not measured then, and its quality_note says so."""
+    if "rel_error" not in data or "impl_error" in data:
+        return data
+    data = dict(data)
+    rel, ref = data.pop("rel_error"), data.get("error_ref", "")
+    if ref == "softmax":
+        data.update(softmax_rel_error=rel, impl_error=None, max_abs_error=None, error_ref="")
+    else:
+        data["impl_error"] = rel
+        if ref == "masked softmax" and data.get("family") == "full":
+            data.update(softmax_rel_error=rel, error_ref="softmax")
+    if isinstance(rel, int | float) and ref in ("own definition", "masked softmax"):
+        data["impl_ok"] = not rel > IMPL_TOL.get(str(data.get("dtype")), IMPL_TOL["float32"])
+    if data.get("softmax_rel_error") is None and data["status"] == "ok":
+        data["quality_note"] = ("recurrent: replaces softmax, no softmax attention to be close to"
+                                if data.get("family") == "recurrent" else
+                                "recorded before softmax_rel_error: no softmax reference")
+    return data
 
 
 def find_records(root: str | os.PathLike) -> list[Path]:

@@ -133,3 +133,37 @@ def test_a_point_missing_from_b_is_a_regression_and_an_empty_folder_is_exit_2(
     assert compare.main([str(a), str(empty), "--out", str(tmp_path / "out2")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no readable records" in err[0]
+
+
+def test_errors_side_by_side_and_a_broken_check_in_b_is_a_regression(sweeps, tmp_path, capsys):
+    """Each side's error against exact attention is shown (or why it has none); a point that
+    passed its implementation check in A and fails it in B regressed, whatever its speed."""
+    a, _ = sweeps
+    c, d = tmp_path / "c", tmp_path / "d"
+    shutil.copytree(a, c, ignore=shutil.ignore_patterns("compare-*"))
+    shutil.copytree(a, d, ignore=shutil.ignore_patterns("compare-*"))
+    _edit(c, lambda r: None)
+
+    def broken(rec):
+        if rec["label"] == "full[naive]" and rec["seq_len"] == 128:
+            rec.update(impl_ok=False, impl_error=0.2, softmax_rel_error=0.2)
+        if rec["label"] == "full[sdpa]" and rec["seq_len"] == 64:
+            rec["softmax_rel_error"] = None  # no reference computed
+
+    _edit(d, broken)
+    code = compare.main([str(c), str(d), "--out", str(tmp_path / "out"),
+                         "--fail-on-regression"])
+    assert code == 1
+    out = capsys.readouterr().out
+    assert "1 point(s) fail their implementation check in d and passed in c" in out
+    assert "full[naive] n=128" in out
+    df = pd.read_csv(tmp_path / "out" / "compare.csv").set_index(["label", "seq_len"])
+    assert df.loc[("full[naive]", 128), "regression"] and df.loc[("full[naive]", 128),
+                                                                 "verdict"] == "same"
+    assert df.loc[("full[naive]", 128), "note"] == "implementation check failed in B"
+    assert df.regression.sum() == 1
+    md = (tmp_path / "out" / "compare.md").read_text()
+    row = next(r for r in md.splitlines() if r.startswith("| full[naive] |") and "| 128 |" in r)
+    assert "| 0.2 |" in row  # B's error against exact attention
+    row = next(r for r in md.splitlines() if r.startswith("| full[sdpa] |") and "| 64 |" in r)
+    assert "| no reference |" in row

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -73,13 +74,17 @@ def test_custom_target_is_measured_like_any_variant(my_module, attr, mode):
     assert record.status == "ok", record.reason
     assert record.label == f"custom[{my_module}:{attr},exact=True]"
     assert record.latency_ms > 0 and record.peak_mem_bytes > 0 and record.flops > 0
-    assert record.rel_error < 1e-5  # declared exact: its error against float64 softmax
+    # declared exact: its definition is softmax, so its check and its softmax error agree
+    assert record.impl_error < 1e-5 and record.error_ref == "softmax" and record.impl_ok
+    assert record.softmax_rel_error == record.impl_error
 
 
 def test_a_target_that_is_not_softmax_shows_its_drift(my_module):
     record = run_point(_run(f"{my_module}:half_attention"))
     assert record.status == "ok", record.reason
-    assert record.rel_error == pytest.approx(0.5, rel=1e-3)
+    assert record.softmax_rel_error == pytest.approx(0.5, rel=1e-3)
+    assert math.isnan(record.impl_error) and record.impl_ok  # no definition of its own
+    assert "no implementation check" in record.quality_note
 
 
 def test_custom_module_is_built_once_per_device_and_dtype(my_module):

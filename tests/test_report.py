@@ -61,7 +61,9 @@ def test_multirun_writes_the_whole_report_and_progress_lines(sweep):
     assert set(cross.label) == {"full[naive]", "full[sdpa]"}
     md = (folder / "summary.md").read_text()
     for title in ("Median latency (ms)", "Speedup vs full[sdpa]", "Peak memory (MB)",
-                  "Relative error", "Fitted exponents", "Crossovers"):
+                  "Error vs exact attention (softmax_rel_error)", "Implementation check",
+                  "Attention-mass recall", "per head (median / max)", "Fitted exponents",
+                  "Crossovers"):
         assert title in md
     page = (folder / "index.html").read_text()
     assert "attnbench -m variant=full variant.backend=naive,sdpa seq_len=64,128,256" in page

@@ -15,19 +15,26 @@ NS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 def _sweep() -> list:
     e = dict(time_exponent=1.0, memory_exponent=1.0)
+    exact = dict(impl_error=2e-7)  # patterns: exact to their own mask, not to softmax
     recs = []
     for n in NS:
         recs += [
-            _rec(n=n, latency_ms=1e-5 * n**2, rel_error=3e-7),
-            _rec("full[naive]", n, latency_ms=3e-5 * n**2, rel_error=4e-7),
-            _rec("local[w=256]", n, family="local", latency_ms=0.01 * n, rel_error=2e-7,
-                 noisy=n == 4096, **e),
-            _rec("local[w=64]", n, family="local", latency_ms=0.004 * n, rel_error=2e-7, **e),
-            _rec("nystrom[m=64]", n, family="lowrank", latency_ms=0.003 * n, rel_error=0.02, **e),
-            _rec("performer[m=256]", n, family="linear", latency_ms=0.005 * n, rel_error=1.8,
-                 contended=n == 1024, **e),
-            _rec("linear", n, family="linear", latency_ms=0.001 * n, rel_error=0.8, **e),
-            _rec("retention", n, family="recurrent", latency_ms=0.002 * n, rel_error=1e-9, **e),
+            _rec(n=n, latency_ms=1e-5 * n**2, softmax_rel_error=3e-7),
+            _rec("full[naive]", n, latency_ms=3e-5 * n**2, softmax_rel_error=4e-7),
+            _rec("local[w=256]", n, family="local", latency_ms=0.01 * n, softmax_rel_error=0.3,
+                 noisy=n == 4096, **exact, **e),
+            _rec("local[w=64]", n, family="local", latency_ms=0.004 * n, softmax_rel_error=0.6,
+                 **exact, **e),
+            _rec("nystrom[m=64]", n, family="lowrank", latency_ms=0.003 * n,
+                 softmax_rel_error=0.02, **e),
+            _rec("performer[m=256]", n, family="linear", latency_ms=0.005 * n,
+                 softmax_rel_error=1.8, contended=n == 1024, **e),
+            _rec("linear", n, family="linear", latency_ms=0.001 * n, softmax_rel_error=0.8, **e),
+            _rec("retention", n, family="recurrent", latency_ms=0.002 * n, impl_error=1e-9, **e),
+            # no softmax reference (an old record); a failed implementation check
+            _rec("local[w=32]", n, family="local", latency_ms=0.003 * n, **exact, **e),
+            _rec("local[w=16]", n, family="local", latency_ms=0.002 * n, softmax_rel_error=0.5,
+                 impl_error=0.2, impl_ok=False, **e),
         ]
     return recs
 
@@ -96,6 +103,25 @@ def test_error_axis_has_few_readable_ticks(drawn):
     # recurrent variants are not on the error plot: their error is not comparable
     names = {t.get_text() for t in figs["pareto"].legends[0].get_texts()}
     assert "retention" not in names and "linear" in names
+    # neither is a point without a softmax reference: the title counts them
+    assert "local[w=32]" not in names
+    title = figs["pareto"]._suptitle.get_text().replace("\n", " ")
+    assert f"{len(NS)} point(s) without a softmax reference not shown" in title
+    assert "red ×: failed its implementation check" in title
+
+
+def test_error_axis_is_the_error_against_softmax(drawn):
+    """y is softmax_rel_error: a pattern exact to its own mask (impl_error 2e-7) sits at its
+    softmax error (0.6), never at rounding level; the failed check is crossed out in red."""
+    _, figs = drawn
+    ax = next(ax for ax in figs["pareto"].axes if ax.get_visible())
+    assert ax.get_ylabel() == "error vs exact attention"
+    ys = {c.get_label(): list(c.get_offsets()[:, 1]) for c in ax.collections
+          if len(c.get_offsets())}
+    assert ys["local[w=64]"] == [pytest.approx(0.6)]
+    crosses = [c for c in ax.collections if len(c.get_offsets())
+               and tuple(c.get_edgecolor()[0][:3]) == (1.0, 0.0, 0.0)]
+    assert [list(c.get_offsets()[:, 1]) for c in crosses] == [[pytest.approx(0.5)]]
 
 
 def test_speedup_legend_names_the_crossover(drawn):

@@ -51,12 +51,12 @@ def test_unmeasured_contention_is_said_not_read_as_clean(tmp_path):
 def test_headlines_say_only_what_the_data_show(tmp_path):
     ns = [1024, 2048, 4096]
     recs = [_rec(n=n, latency_ms=1e-6 * n**2, noisy=True, kernel="sdpa:flash_cpu",
-                 rel_error=1e-7 * n / 1024) for n in ns]
+                 softmax_rel_error=1e-7 * n / 1024) for n in ns]
     # faster at 1024 and 4096, slower at 2048; three scattered points: a wide interval
     for n, lat in zip(ns, (0.5, 6.0, 8.0), strict=True):
         recs.append(_rec("local[w=64]", n, family="local", latency_ms=lat, time_exponent=1.0,
                          memory_exponent=1.0, contended=n == 2048, kernel="local:banded",
-                         rel_error=2.5e-3 if n == 4096 else 1e-3))
+                         softmax_rel_error=2.5e-3 if n == 4096 else 1e-3))
     folder = _write(tmp_path / "s", recs)
     report.build_report(folder)
     md = _md(folder)
@@ -65,7 +65,7 @@ def test_headlines_say_only_what_the_data_show(tmp_path):
     assert "faster at n=1024, 4096; slower at n=2048" in line
     assert "from n" not in line and "below the sweep" not in line
     assert "declared 1: inconclusive" in line and "✓" not in line
-    assert "error vs float64 2.5e-03 at n=4096" in line
+    assert "error vs exact attention 2.5e-03 at n=4096" in line
     assert "fitted points include 1 contended (!)" in line
     sc = pd.read_csv(folder / "scaling.csv").set_index(["label", "metric"])
     assert sc.loc[("local[w=64]", "latency"), "agrees"] == "inconclusive"
@@ -99,7 +99,7 @@ def test_a_clean_sweep_has_no_warning_and_a_crossover_that_holds(tmp_path):
     assert "Warning" not in md
     line = _headline(md, "lin")
     assert "(float32 fwd cpu causal)" in line and "faster from n≈2048" in line
-    assert "declared 1: agrees" in line and "error vs float64 not measured" in line
+    assert "declared 1: agrees" in line and "no softmax reference" in line
 
 
 def _budget_records(tokens=16384):

@@ -136,3 +136,33 @@ def test_decode_is_one_point_whatever_causal_says():
     assert point_id(a) == point_id(b)
     assert point_folder_of(a) == point_folder_of(b)
     assert point_id(_run("causal=true", "seq_len=64")) != point_id(_run("seq_len=64"))
+
+
+def _old(tmp_path, name, **fields) -> Record:
+    """A result.json as written before impl_error: one rel_error, against error_ref."""
+    data = dict(BASE, status="ok", latency_ms=1.0, **fields)
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "result.json").write_text(json.dumps(data))
+    return read_record(tmp_path / name / "result.json")
+
+
+def test_old_records_with_rel_error_still_read(tmp_path):
+    """rel_error was the implementation check for patterns, MoBA, NSA and the recurrent family,
+    and the softmax error for linear and low-rank (error_ref says which); full's mask is every
+    key, so its check is also its softmax error. A pattern has no softmax error then."""
+    local = _old(tmp_path, "a", family="local", rel_error=3e-7, error_ref="masked softmax")
+    assert local.impl_error == 3e-7 and local.impl_ok and local.error_ref == "masked softmax"
+    assert math.isnan(local.softmax_rel_error) and "no softmax reference" in local.quality_note
+    full = _old(tmp_path, "b", rel_error=4e-7, error_ref="masked softmax")
+    assert full.impl_error == full.softmax_rel_error == 4e-7 and full.error_ref == "softmax"
+    lin = _old(tmp_path, "c", family="linear", rel_error=0.8, max_abs_error=2.0,
+               error_ref="softmax")
+    assert lin.softmax_rel_error == 0.8 and math.isnan(lin.impl_error) and lin.error_ref == ""
+    assert math.isnan(lin.max_abs_error) and lin.impl_ok
+    moba = _old(tmp_path, "d", family="sparse", rel_error=0.3, error_ref="own definition",
+                softmax_rel_error=0.4)
+    assert moba.impl_error == 0.3 and not moba.impl_ok and moba.softmax_rel_error == 0.4
+    rnn = _old(tmp_path, "e", family="recurrent", rel_error=1e-8, error_ref="own definition")
+    assert rnn.impl_ok and "replaces softmax" in rnn.quality_note
+    new = write_record(Record(**dict(BASE, impl_error=0.5, impl_ok=False)), tmp_path / "f")
+    assert read_record(new).impl_error == 0.5 and not read_record(new).impl_ok

@@ -16,6 +16,12 @@ import torch
 
 Family = Literal["full", "local", "sparse", "linear", "lowrank", "recurrent"]
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The implementation check's budget: the largest relative error against the variant's own
+# float64 definition that still passes, per input dtype. About 10–250× the error of attention
+# computed naively in that dtype (fp32 ~4e-7, fp16 ~5e-4, bf16 ~4e-3 at d=64): rounding and a
+# long recurrence's accumulation pass, a wrong mask or formula (one key of a 256-key window
+# missing is ~3e-3) does not. A variant may set its own (`Variant.impl_tolerance`).
+IMPL_TOL = {"float64": 1e-10, "float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,8 @@ class Variant:
             recurrent family, which replaces softmax rather than approximating it.
         no_causal: why the variant has no causal form (empty when it has one).
         at_most_n: names of parameters (a rank, a landmark count) that may not exceed n.
+        impl_tolerance: per dtype name, the largest relative error against its own float64
+            definition that passes the implementation check (default IMPL_TOL).
     """
 
     name: ClassVar[str] = ""
@@ -92,6 +100,7 @@ class Variant:
     supports_q_len: ClassVar[bool] = False
     no_q_len: ClassVar[str] = "not implemented"  # why q_len < seq_len is unsupported
     at_most_n: ClassVar[tuple[str, ...]] = ()  # parameters that may not exceed seq_len
+    impl_tolerance: ClassVar[dict[str, float]] = IMPL_TOL
 
     # -- identity -------------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:
@@ -231,6 +240,32 @@ class Variant:
         (and, when causal, every key j <= i). Approximations return None.
         """
         return None
+
+    def attended_keys(
+        self, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, causal: bool
+    ) -> torch.Tensor | None:
+        """The keys each query row in `rows` (indices 0..Nq−1 of q; query i sits at position
+        Nk − Nq + i) attends, as bool (R, Nk) shared by every head or (B, H, R, Nk); None where
+        the variant has no key set (linear, low-rank, recurrent: every key enters, reweighted).
+
+        Default: `key_mask` for exact variants (every key, causal applied, where it is None);
+        variants that select keys per query (MoBA, NSA) override it. q (B, H, Nq, D), k
+        (B, Hkv, Nk, D): what the attention-mass recall of a point is measured on."""
+        if not self.exact:
+            return None
+        nq, nk = q.shape[-2], k.shape[-2]
+        pos = rows.to(q.device) + (nk - nq)
+        mask = self.key_mask(pos, nk, causal)
+        if mask is None:
+            mask = torch.ones(len(pos), nk, dtype=torch.bool, device=q.device)
+            if causal:
+                mask &= torch.arange(nk, device=q.device)[None, :] <= pos[:, None]
+        return mask.to(q.device)
+
+    def impl_tol(self, dtype: torch.dtype | str) -> float:
+        """The implementation check's budget for `dtype` (its name or the torch dtype)."""
+        name = str(dtype).removeprefix("torch.")
+        return self.impl_tolerance.get(name, IMPL_TOL["float32"])
 
 
 FORCE_GPU_PATHS = "ATTNBENCH_FORCE_GPU_PATHS"

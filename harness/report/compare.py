@@ -8,10 +8,14 @@ A point that ran in A and failed in B is "now <status>" and counts as a regressi
 point of A that B lacks ("missing in B"). `--fail-on-regression` exits 1 when any point
 regressed; a folder that does not exist or holds no readable record is one line and exit 2.
 
-Each point also shows the kernel that ran ("A → B" when it changed: a silent backend fallback,
-e.g. sdpa:flash_cpu → sdpa:math, is a common cause of a regression) and a note when either side
-was contended (other processes took a real share of the CPU: its latency may be inflated) or
-noisy. Kernel changes and contended points are counted in the printed summary.
+Each point also shows its error against exact attention on each side (softmax_rel_error, against
+float64 full softmax attention; "no reference" where none was computed, "not softmax" for the
+recurrent family), the kernel that ran ("A → B" when it changed: a silent backend fallback, e.g.
+sdpa:flash_cpu → sdpa:math, is a common cause of a regression) and a note when either side
+failed its implementation check (impl_ok false: a point that passed in A and fails in B is a
+regression, whatever its speed), was contended (other processes took a real share of the CPU:
+its latency may be inflated) or noisy. Kernel changes, failed checks and contended points are
+counted in the printed summary.
 
 Everything is written into a new folder — `--out`, default `compare-<A>-vs-<B>-<timestamp>` beside
 B — never into A or B (a sweep folder holds only its own records and report): compare.csv,
@@ -34,13 +38,14 @@ import pandas as pd
 
 from attnbench.harness.report import columns, html
 from attnbench.harness.report.gather import records_frame
+from attnbench.harness.report.pick import NOT_COMPARABLE
 from attnbench.harness.report.plots import label_styles, safe_name, tidy_log
 from attnbench.harness.report.tables import Table, markdown
 from attnbench.harness.units import cell
 
 KEY = ["label", *columns.SETTING]  # a point: its label and its setting (columns.py)
 COLS = ["family", "status", "latency_ms", "latency_p10_ms", "latency_p90_ms", "peak_mem_bytes",
-        "kernel", "noisy", "contended"]
+        "kernel", "noisy", "contended", "softmax_rel_error", "impl_error", "impl_ok"]
 
 
 def verdict(r) -> str:
@@ -68,13 +73,30 @@ def _true(v) -> bool:
     return isinstance(v, bool | np.bool_) and bool(v)  # NaN (a record without the flag): no
 
 
+def _failed(v) -> bool:
+    return isinstance(v, bool | np.bool_) and not bool(v)  # NaN (no such point): not failed
+
+
 def _note(r) -> str:
     notes = ["kernel changed"] if r.kernel_changed else []
+    sides = [s for s in ("A", "B") if _failed(getattr(r, f"impl_ok_{s.lower()}"))]
+    if sides:
+        notes.append(f"implementation check failed in {' and '.join(sides)}")
     for flag in ("contended", "noisy"):
         sides = [s for s in ("A", "B") if _true(getattr(r, f"{flag}_{s.lower()}"))]
         if sides:
             notes.append(f"{flag} in {' and '.join(sides)}")
     return ", ".join(notes)
+
+
+def error_cell(r, side: str) -> str:
+    """One side's error against exact attention (softmax_rel_error), or why it has none."""
+    if getattr(r, f"status_{side}") != "ok":
+        return ""
+    if r.family in NOT_COMPARABLE:
+        return "not softmax"
+    e = getattr(r, f"softmax_rel_error_{side}")
+    return cell(e, 2) if isinstance(e, float) and math.isfinite(e) else "no reference"
 
 
 def compare_frames(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
@@ -89,24 +111,29 @@ def compare_frames(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     m["kernel_changed"] = (ka != "") & (kb != "") & (ka != kb)
     m["kernel"] = [_kernel(r) for r in m.itertuples()] if not m.empty else []
     m["note"] = [_note(r) for r in m.itertuples()] if not m.empty else []
+    m["impl_broke"] = [not _failed(r.impl_ok_a) and _failed(r.impl_ok_b)
+                       for r in m.itertuples()] if not m.empty else []
     m["regression"] = (m.verdict == "slower") | (m.verdict == "missing in B") | (
-        m.verdict.str.startswith("now ") & (m.verdict != "now ok"))
+        m.verdict.str.startswith("now ") & (m.verdict != "now ok")) | m.impl_broke.astype(bool)
     return m.sort_values(KEY).reset_index(drop=True)
 
 
 def ratio_table(m: pd.DataFrame, name_a: str, name_b: str) -> Table:
     t = Table(f"B = {name_b} vs A = {name_a}",
               ["label", "setting", "n", "A ms", "B ms", "ratio", "memory ratio", "verdict",
-               "kernel", "note"],
+               "A error", "B error", "kernel", "note"],
               note="ratio = B/A latency (above 1: slower); verdict beyond the p10–p90 spread; "
-                   "kernel: the one that ran, A → B when it changed; contended: other processes "
-                   "took a real share of the CPU, the latency may be inflated.")
+                   "error: against float64 full softmax attention (softmax_rel_error; 'no "
+                   "reference' where none was computed); an implementation check that fails "
+                   "in B and passed in A is a regression; kernel: the one that ran, A → B when "
+                   "it changed; contended: other processes took a real share of the CPU, the "
+                   "latency may be inflated.")
     for r in m.itertuples():
         setting = f"{r.dtype} {r.mode} {r.device}{' causal' if r.causal else ''} " \
                   f"b{r.batch} h{r.heads} d{r.head_dim}"
         t.rows.append([r.label, setting, str(r.seq_len), cell(r.latency_ms_a),
                        cell(r.latency_ms_b), cell(r.ratio), cell(r.memory_ratio), r.verdict,
-                       r.kernel, r.note])
+                       error_cell(r, "a"), error_cell(r, "b"), r.kernel, r.note])
     return t
 
 
@@ -221,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"{len(changed)} point(s) ran another kernel in {name_b} (a silent backend "
                      f"fallback is a common cause of a regression): " + "; ".join(
                          f"{r.label} n={r.seq_len} {r.kernel}" for r in changed.itertuples()))
+    broke = m[m.impl_broke.astype(bool)]
+    if len(broke):
+        lines.append(f"{len(broke)} point(s) fail their implementation check in {name_b} and "
+                     f"passed in {name_a} (a regression: B computes something else): " + "; ".join(
+                         f"{r.label} n={r.seq_len}" for r in broke.itertuples()))
     contended = int((m.contended_a.fillna(False).astype(bool)
                      | m.contended_b.fillna(False).astype(bool)).sum())
     if contended:

@@ -53,11 +53,14 @@ def _cell(cell: str, kind: str) -> str:
             return f'<td class="none">{escape(cell)}</td>' if cell else "<td></td>"
         first, *rest = cell.split("\n")
         lines = [f"<b>{escape(first)}</b>"] + [
-            f'<span class="marked">{escape(x)}</span>' if x.startswith(("marked", "no clean"))
+            f'<span class="marked">{escape(x)}</span>'
+            if x.startswith(("marked", "no clean", "failed its implementation check"))
             else escape(x) for x in rest]
         return f"<td>{'<br>'.join(lines)}</td>"
     cls = ""
-    if cell.endswith("!"):
+    if cell.endswith("✗"):  # failed its implementation check
+        cls = ' class="bad"'
+    elif cell.endswith("!"):
         cls = ' class="contended"'
     elif cell.endswith("~"):
         cls = ' class="noisy"'

@@ -3,15 +3,21 @@
 For every shape and setting of the sweep (n, mode, causal, dtype and whatever else varies) the
 pick table names, among the points that ran:
 
-- **fastest exact**: rel_error (against float64) at rounding level for the dtype, ≤ EXACT_TOL
-  (float32 1e-5, float16 5e-3, bfloat16 2e-2). Exact is "exact to its own definition": local and
-  sparse variants are softmax under their mask, and are measured against that;
-- **within 1%**, **within 10%**: the fastest with rel_error ≤ 0.01, ≤ 0.1;
+- **fastest exact**: within rounding of full softmax attention: softmax_rel_error (against
+  float64 full softmax attention on the same q, k, v) ≤ EXACT_TOL for the dtype (float32 1e-5,
+  float16 5e-3, bfloat16 2e-2): the full backends, or a pattern that really is exact at that
+  point (a local window ≥ n). A pattern exact only to its own mask is not exact;
+- **within 1%**, **within 10%**: the fastest with softmax_rel_error ≤ 0.01, ≤ 0.1, whatever
+  the family (a point with no softmax reference is never a candidate, and says so);
 - **fastest**: the fastest whatever its error;
 - **leanest**: the smallest peak memory (ties: the faster);
-- **fastest recurrent**, when the sweep has any: the recurrent family replaces softmax, its error
-  is against its own recurrence, so it is never "exact" nor "within x% of softmax" — it is
-  ranked only here, under "fastest" and under "leanest", its error shown as not comparable.
+- **fastest recurrent**, when the sweep has any: the recurrent family replaces softmax (no
+  softmax error), so it is never "exact" nor "within x%" — it is ranked only here, under
+  "fastest" and under "leanest", its error shown as not comparable.
+
+A point whose implementation check failed (impl_ok false: impl_error, against its own float64
+definition, over the variant's tolerance for the dtype) computes something else than it claims:
+it is never picked; where it would have won, it is named beside the winner ("failed check").
 
 Marked points (noisy ~: p10–p90 spread over 10% of the median; contended !: other processes took a
 real share of the CPU) have a latency that may be inflated, or deflated by luck, so they never win
@@ -40,12 +46,13 @@ NOT_COMPARABLE = ("recurrent",)  # families whose error is against their own def
 KEYS = columns.setting(first=("seq_len", "mode", "causal", "dtype", "device"))
 SHORT_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
 COLUMNS = ["pick", "label", "family", "latency_ms", "speedup", "peak_mem_mb", "memory_ratio",
-           "rel_error", "noisy", "contended", "baseline_marks", "candidates", "clean",
-           "marked_faster", "marked_faster_ms", "marked_faster_marks", "note"]
+           "softmax_rel_error", "noisy", "contended", "baseline_marks", "candidates", "clean",
+           "marked_faster", "marked_faster_ms", "marked_faster_marks", "impl_failed",
+           "impl_failed_error", "note"]
 
 
 def exact_tol(dtype: str) -> float:
-    """The largest rel_error that still counts as rounding for `dtype`."""
+    """The largest softmax_rel_error that still counts as rounding for `dtype`."""
     return EXACT_TOL.get(str(dtype), DEFAULT_TOL)
 
 
@@ -61,9 +68,18 @@ def pick_kinds(df: pd.DataFrame) -> list[str]:
     return kinds
 
 
+def impl_ok(g: pd.DataFrame) -> pd.Series:
+    """Whether each point passed its implementation check (a frame without the column: yes)."""
+    if "impl_ok" not in g:
+        return pd.Series(True, index=g.index)
+    return g.impl_ok.fillna(True).astype(bool)
+
+
 def _candidates(g: pd.DataFrame, kind: str) -> pd.DataFrame:
+    """The points that qualify for `kind` by their error, impl-failed ones included (the
+    choice leaves them out, and names one that would have won)."""
     comparable = ~g.family.isin(NOT_COMPARABLE)
-    err = g.rel_error
+    err = g.softmax_rel_error
     if kind == "fastest exact":
         return g[comparable & (err <= g.dtype.map(exact_tol))]
     if kind.startswith("within "):
@@ -80,20 +96,27 @@ def marks(r) -> str:
 def _choose(cands: pd.DataFrame, kind: str) -> dict:
     """The winner of one pick among `cands` (see the module docstring), as a row dict."""
     out = dict.fromkeys(COLUMNS, math.nan) | dict(pick=kind, label="", family="", note="",
-                                                  marked_faster="", marked_faster_marks="")
-    out["candidates"] = len(cands)
+                                                  marked_faster="", marked_faster_marks="",
+                                                  impl_failed="")
     if kind == "leanest":
         cands = cands[cands.peak_mem_bytes.notna()]
-        order = cands.sort_values(["peak_mem_bytes", "latency_ms"], kind="stable")
-        clean = order
+        every = cands.sort_values(["peak_mem_bytes", "latency_ms"], kind="stable")
     else:
-        order = cands.sort_values(["latency_ms", "label"], kind="stable")
-        clean = order[~(order.noisy.astype(bool) | order.contended.astype(bool))]
-    out["clean"] = len(clean)
-    if order.empty:
+        every = cands.sort_values(["latency_ms", "label"], kind="stable")
+    passed = impl_ok(every)
+    order = every[passed]
+    clean = order if kind == "leanest" else order[
+        ~(order.noisy.astype(bool) | order.contended.astype(bool))]
+    out["candidates"], out["clean"] = len(order), len(clean)
+    win = None if order.empty else clean.iloc[0] if not clean.empty else order.iloc[0]
+    ahead = every if win is None else every.iloc[: every.index.get_loc(win.name)]
+    failed = ahead[~impl_ok(ahead)]
+    if not failed.empty:  # would have won, but computes something else than it claims
+        out.update(impl_failed=failed.iloc[0].label,
+                   impl_failed_error=failed.iloc[0].get("impl_error", math.nan))
+    if win is None:
         out["note"] = _none(kind)
         return out
-    win = clean.iloc[0] if not clean.empty else order.iloc[0]
     if kind != "leanest":
         if clean.empty:
             out["note"] = "no clean candidate"
@@ -106,9 +129,8 @@ def _choose(cands: pd.DataFrame, kind: str) -> dict:
                                  + ("!" if bool(win.get("baseline_contended", False)) else ""))
     out.update(label=win.label, family=win.family, latency_ms=win.latency_ms,
                speedup=win.speedup, peak_mem_mb=units.to_mb(win.peak_mem_bytes),
-               memory_ratio=win.memory_ratio, rel_error=win.rel_error, noisy=bool(win.noisy),
-               contended=bool(win.contended),
-               baseline_marks=base_marks)
+               memory_ratio=win.memory_ratio, softmax_rel_error=win.softmax_rel_error,
+               noisy=bool(win.noisy), contended=bool(win.contended), baseline_marks=base_marks)
     return out
 
 
@@ -145,13 +167,24 @@ def pick_table(df: pd.DataFrame) -> pd.DataFrame:
 # -- text --------------------------------------------------------------------------------------
 
 def error_text(r) -> str:
-    """rel_error as people read it: a percentage for approximations, 3e-07 near rounding."""
+    """softmax_rel_error as people read it: a percentage for approximations, 3e-07 near
+    rounding; what a point without one lacks."""
     if r.family in NOT_COMPARABLE:
         return "error not comparable"
-    e = r.rel_error
+    e = r.softmax_rel_error
     if not isinstance(e, float) or not math.isfinite(e):
-        return "error not measured"
+        return "no softmax reference"
     return f"error {e * 100:.2g}%" if e >= 1e-3 else f"error {e:.0e}"
+
+
+def failed_text(r) -> str:
+    """The point that would have won but failed its implementation check, as a line ("" when
+    there is none)."""
+    if not isinstance(r.impl_failed, str) or not r.impl_failed:
+        return ""
+    e = r.impl_failed_error
+    err = f" (impl error {e:.1e})" if isinstance(e, float) and math.isfinite(e) else ""
+    return f"failed its implementation check, not picked: {r.impl_failed}{err}"
 
 
 def _speed(r, baseline: str | None) -> str:
@@ -164,7 +197,7 @@ def _speed(r, baseline: str | None) -> str:
 def cell(r, baseline: str | None) -> str:
     """One pick as a table cell: label, then its cost, then what to know (lines split by \\n)."""
     if not r.label:
-        return r.note
+        return "\n".join(x for x in (r.note, failed_text(r)) if x)
     m = marks(r)
     if r.pick == "leanest":
         mem = units.mb(r.peak_mem_mb) + (f" ({units.times(r.memory_ratio)})"
@@ -178,6 +211,8 @@ def cell(r, baseline: str | None) -> str:
     if r.marked_faster:
         lines.append(f"marked, faster: {r.marked_faster} {units.ms(r.marked_faster_ms)}"
                      f"{r.marked_faster_marks}")
+    if failed_text(r):
+        lines.append(failed_text(r))
     if r.note:
         lines.append(r.note)
     return "\n".join(lines)
@@ -247,6 +282,7 @@ def sentences(picks: pd.DataFrame, baseline: str | None) -> list[str]:
             parts.append(text)
         if same:
             parts.append(f"nothing faster within {' or '.join(same)}")
+        failed = list(dict.fromkeys(x for x in g.impl_failed if isinstance(x, str) and x))
         timed = g[(g.pick != "leanest") & (g.label != "")]
         unclean = timed.note == "no clean candidate"
         if unclean.all() and len(timed):
@@ -256,16 +292,22 @@ def sentences(picks: pd.DataFrame, baseline: str | None) -> list[str]:
                     + ": the marked point is shown.")
         else:
             tail = ""
+        if failed:
+            tail += (f" Not picked, failed its implementation check: {', '.join(failed)}.")
         out.append(f"At n={k['seq_len']} ({setting_text(k, varying)}): " + "; ".join(parts)
                    + "." + tail)
     return out
 
 
 RULES = (
-    "Exact: rel_error against float64 at rounding level — ≤ 1e-5 in fp32, 5e-3 in fp16, 2e-2 in "
-    "bf16 — measured against the variant's own definition (local and sparse: softmax under their "
-    "mask). Within 1% / 10%: rel_error ≤ 0.01 / 0.1. Recurrent variants replace softmax: their "
-    "error is not comparable and they are ranked apart. Latency picks are made among clean "
+    "Error is softmax_rel_error: against float64 full softmax attention on the same inputs. "
+    "Exact: within rounding of it — ≤ 1e-5 in fp32, 5e-3 in fp16, 2e-2 in bf16 (the full "
+    "backends, or a pattern that covers every key at that n); a pattern exact only to its own "
+    "mask is not exact. Within 1% / 10%: softmax_rel_error ≤ 0.01 / 0.1. A point without a "
+    "softmax reference is never a candidate. A point that failed its implementation check "
+    "(impl_error against its own float64 definition over its tolerance) is never picked. "
+    "Recurrent variants replace softmax: their error is not comparable and they are ranked "
+    "apart. Latency picks are made among clean "
     "points; a faster noisy (~) or contended (!) point is named beside the winner, and wins only "
     "when every candidate is marked ('no clean candidate'). Leanest: smallest peak memory, all "
     "points (contention does not change memory)."

@@ -5,9 +5,11 @@ the sweep varies dtype, mode, causal, …), the baseline drawn in every panel (g
 reads against it. Colours are fixed per family (full: blues, local: greens, sparse: oranges,
 linear: purples, lowrank: reds, recurrent: browns), shades spread across the family's palette and
 a marker of its own for every label, so a (colour, marker) pair names one label in every plot.
-Error vs latency is one panel per n with the exact / 1% / 10% budgets of the pick table drawn as
-lines. Every log axis gets a handful of ticks (`log_ticks`), whatever its range. Points that are
-noisy or contended (their latency may be inflated) are drawn hollow. Where batch varies with n,
+Error vs latency (the error against float64 full softmax attention, softmax_rel_error) is one
+panel per n with the exact / 1% / 10% budgets of the pick table drawn as lines; a point that
+failed its implementation check is crossed out in red. Every log axis gets a handful of ticks
+(`log_ticks`), whatever its range. Points that are noisy or contended (their latency may be
+inflated) are drawn hollow. Where batch varies with n,
 latency and memory are per sequence, as fitted; the dashed line is the fit, c + a·nᵏ or a·nᵏ
 (harness/scaling.py). Figures are sized to show 1:1 in the report page (≤ 1200 px wide).
 """
@@ -30,7 +32,7 @@ import seaborn as sns
 
 from attnbench.harness import units
 from attnbench.harness.report import columns
-from attnbench.harness.report.pick import BUDGETS, NOT_COMPARABLE, exact_tol
+from attnbench.harness.report.pick import BUDGETS, NOT_COMPARABLE, exact_tol, impl_ok
 from attnbench.harness.report.scaling import SETTING
 from attnbench.harness.report.tables import setting_name
 
@@ -321,10 +323,13 @@ def _budget_lines(ax, dtype: str) -> None:
 
 
 def pareto_plot(df, styles, folder: Path) -> list[Path]:
-    """Relative error vs latency, one panel per setting × n: lower-left is better. Recurrent
-    variants are left out (their error is against their own recurrence, not softmax)."""
-    ok = df[(df.status == "ok") & np.isfinite(df.rel_error) & (df.latency_ms > 0)
-            & ~df.family.isin(NOT_COMPARABLE)]
+    """Error against exact attention (softmax_rel_error) vs latency, one panel per setting × n:
+    lower-left is better. Recurrent variants are left out (they replace softmax), so are points
+    without a softmax reference (counted in the title); a point that failed its implementation
+    check is crossed out in red (never picked)."""
+    ran = df[(df.status == "ok") & (df.latency_ms > 0) & ~df.family.isin(NOT_COMPARABLE)]
+    ok = ran[np.isfinite(ran.softmax_rel_error)]
+    unref = len(ran) - len(ok)
     keys = sorted({(s, n) for s, n in zip(df.setting, df.seq_len, strict=True)}) or [("", 0)]
     names = [f"{s} n={n}".strip() for s, n in keys]
     fig, axes = _panels(names, size=(PANEL[0], 3.7))
@@ -332,32 +337,38 @@ def pareto_plot(df, styles, folder: Path) -> list[Path]:
         sub = ok[(ok.setting == name) & (ok.seq_len == n)]
         for label, g in sub.groupby("label"):
             st = styles[label]
-            err = g.rel_error.clip(lower=1e-12)
+            err = g.softmax_rel_error.clip(lower=1e-12)
             marked = _is_marked(g).to_numpy()
             ax.scatter(g.latency_ms[~marked], err[~marked], color=st["color"],
                        marker=st["marker"], s=46, label=label, zorder=3)
             ax.scatter(g.latency_ms[marked], err[marked], facecolors="white", lw=1.4,
                        edgecolors=[st["color"]], marker=st["marker"], s=46, zorder=3,
                        label=label if marked.all() else f"_{label}")
+            bad = ~impl_ok(g).to_numpy()
+            ax.scatter(g.latency_ms[bad], err[bad], marker="x", color="red", s=70, lw=1.6,
+                       zorder=5)
         if sub.empty:
             _empty(ax, "no error measured")
             ax.set(xscale="log", yscale="log")
         else:
             dtype = str(sub.dtype.iloc[0])
-            err = sub.rel_error.clip(lower=1e-12)
+            err = sub.softmax_rel_error.clip(lower=1e-12)
             ax.set_ylim(min(err.min(), exact_tol(dtype)) / 4, max(err.max(), max(BUDGETS)) * 4)
             lat = sub.latency_ms
             ax.set_xlim(lat.min() / 1.6, lat.max() * 1.6)
             _budget_lines(ax, dtype)
             ax.set(xscale="log", yscale="log")
-        ax.set(xlabel="median latency (ms)", ylabel="relative error vs float64")
+        ax.set(xlabel="median latency (ms)", ylabel="error vs exact attention")
         ax.set_title(f"{name} n={n_label(n)}".strip(), fontsize=10, fontweight="bold")
         tidy_log(ax)
     skipped = df[(df.status == "ok") & df.family.isin(NOT_COMPARABLE)]
-    note = "; recurrent variants not shown: their error is against their own recurrence" if len(
-        skipped) else ""
-    top = _suptitle(fig, "error vs latency (lower left is better; dotted: the pick table's "
-                         f"exact, 1% and 10% budgets; hollow: noisy or contended{note})")
+    note = "; recurrent variants not shown: they replace softmax" if len(skipped) else ""
+    note += f"; {unref} point(s) without a softmax reference not shown" if unref else ""
+    note += ("; red ×: failed its implementation check, never picked"
+             if (~impl_ok(ok)).any() else "")
+    top = _suptitle(fig, "relative error vs float64 full softmax attention, vs latency (lower "
+                         "left is better; dotted: the pick table's exact, 1% and 10% budgets; "
+                         f"hollow: noisy or contended{note})")
     _legend(fig, axes, top=top)
     return _save(fig, folder, "pareto")
 

@@ -95,7 +95,8 @@ def pivot(df: pd.DataFrame, title: str, value: Callable[[pd.Series], str],
 
 
 def _marked(r, text: str, speedup: bool = False) -> str:
-    """`text` with ~ (noisy) and ! (contended) for the point, and for a speedup its baseline's."""
+    """`text` with ~ (noisy) and ! (contended) for the point, and for a speedup its baseline's;
+    ✗ when the point failed its implementation check."""
     if not text:
         return text
     noisy, contended = bool(r.noisy), bool(r.contended)
@@ -104,11 +105,40 @@ def _marked(r, text: str, speedup: bool = False) -> str:
             return text
         noisy |= bool(r.baseline_noisy)
         contended |= bool(r.baseline_contended)
-    return text + ("~" if noisy else "") + ("!" if contended else "")
+    return text + ("~" if noisy else "") + ("!" if contended else "") + _failed(r)
+
+
+def _failed(r) -> str:
+    ok = getattr(r, "impl_ok", True)
+    return "✗" if not pd.isna(ok) and not bool(ok) else ""
 
 
 MARKS = ("~: noisy (p10–p90 spread over 10% of the median); !: contended (other processes took a "
-         "real share of the CPU while it was timed); failed points show their status.")
+         "real share of the CPU while it was timed); ✗: failed its implementation check (never "
+         "picked); failed points show their status.")
+
+
+def softmax_cell(r) -> str:
+    """softmax_rel_error, or why a point has none: "not softmax" (recurrent), "no reference"."""
+    if r.family in pick.NOT_COMPARABLE:
+        return "not softmax"
+    e = r.softmax_rel_error
+    return units.cell(e, 2) if isinstance(e, float) and math.isfinite(e) else "no reference"
+
+
+def _pair(a: float, b: float) -> str:
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return ""
+    return f"{units.cell(a, 2)} / {units.cell(b, 2)}"
+
+
+ERROR_NOTE = ("Against float64 full softmax attention on the same q, k, v and sampled query "
+              "rows: how far from exact attention (the error the pick uses). 'no reference': "
+              "none was computed (error.rows=0, or too big; see quality_note); recurrent "
+              "variants replace softmax ('not softmax').")
+IMPL_NOTE = ("Against the variant's own float64 definition (error_ref: softmax, masked softmax or "
+             "own definition): an implementation check, not a quality. ✗: over the variant's "
+             "tolerance for the dtype; blank: no definition of its own (linear, low-rank).")
 
 
 def point_tables(df: pd.DataFrame, baseline: str | None) -> list[Table]:
@@ -122,7 +152,21 @@ def point_tables(df: pd.DataFrame, baseline: str | None) -> list[Table]:
     if baseline:
         tables += pivot(df, f"Memory vs {baseline} (×, below 1: less)",
                         lambda r: cell(r.memory_ratio))
-    tables += pivot(df, "Relative error (vs float64)", lambda r: cell(r.rel_error, 2))
+    tables += pivot(df, "Error vs exact attention (softmax_rel_error)", softmax_cell,
+                    ERROR_NOTE)
+    tables += pivot(df, "Implementation check (impl_error)",
+                    lambda r: cell(r.impl_error, 2) + _failed(r), IMPL_NOTE)
+    if "recall_mean" in df and df.recall_mean.notna().any():
+        tables += pivot(df, "Attention-mass recall (mean / p10)",
+                        lambda r: _pair(r.recall_mean, r.recall_p10),
+                        "Share of each query's float64 softmax mass on the keys the variant "
+                        "attends, over sampled rows and heads (NSA: selected blocks and window, "
+                        "its compressed branch left out). Blank: no key set (linear, low-rank, "
+                        "recurrent) or no reference.")
+    if "head_error_max" in df and df.head_error_max.notna().any():
+        tables += pivot(df, "Error vs exact attention per head (median / max)",
+                        lambda r: _pair(r.head_error_median, r.head_error_max),
+                        "softmax_rel_error of each (batch, head) over its sampled rows.")
     tables += pivot(df, "Achieved GFLOP/s", lambda r: cell(r.tflops * 1e3))
     if (df.kernel.fillna("") != "").any():
         tables += pivot(df, "Kernel that ran", lambda r: r.kernel if isinstance(r.kernel, str)
@@ -230,9 +274,7 @@ def headlines(df: pd.DataFrame, scaling: pd.DataFrame, cross: pd.DataFrame,
                          f"n={last.seq_len}")
         parts += [p for p in (_versus(r.latency_crossover, "faster"),
                               _versus(r.memory_crossover, "less memory")) if p]
-        err = mine[mine.rel_error.notna()]
-        parts.append(f"error vs float64 {err.rel_error.iloc[-1]:.1e} at n={err.seq_len.iloc[-1]}"
-                     if not err.empty else "error vs float64 not measured")
+        parts.append(_error_headline(mine, r.label))
         if math.isfinite(r.first_oom_n):
             parts.append(f"ran up to n={units.count(r.max_ok_n)}, {r.first_oom_status} at "
                          f"n={units.count(r.first_oom_n)}")
@@ -240,6 +282,22 @@ def headlines(df: pd.DataFrame, scaling: pd.DataFrame, cross: pd.DataFrame,
             parts.append(f"ran up to n={units.count(r.max_ok_n)}")
         out.append(f"{r.label} ({setting}): " + "; ".join(parts) + ".")
     return out
+
+
+def _error_headline(mine: pd.DataFrame, label: str) -> str:
+    """Its error against exact attention at the largest n that has one (the recurrent family:
+    against its own recurrence), and any failed implementation check."""
+    recurrent = not mine.empty and mine.family.isin(pick.NOT_COMPARABLE).all()
+    col, what = (("impl_error", "error vs its own recurrence") if recurrent else
+                 ("softmax_rel_error", "error vs exact attention"))
+    err = mine[mine[col].notna()]
+    text = (f"{what} {err[col].iloc[-1]:.1e} at n={err.seq_len.iloc[-1]}" if not err.empty
+            else f"{what} not measured" if recurrent else "no softmax reference")
+    failed = mine[~pick.impl_ok(mine)]
+    if not failed.empty:
+        ns = ", ".join(str(n) for n in failed.seq_len)
+        text += f"; failed its implementation check (✗) at n={ns}: never picked"
+    return text
 
 
 def pick_tables(picks: pd.DataFrame, baseline: str | None) -> list[Table]:
@@ -254,7 +312,7 @@ def pick_tables(picks: pd.DataFrame, baseline: str | None) -> list[Table]:
         k = dict(zip(keys, key, strict=True))
         kinds = list(dict.fromkeys(g.pick))
         tol = pick.exact_tol(k["dtype"])
-        names = {"fastest exact": f"fastest exact (error ≤ {tol:.0e})",
+        names = {"fastest exact": f"fastest exact (softmax error ≤ {tol:.0e})",
                  "fastest": "fastest (any error)",
                  "leanest": f"leanest (peak memory{', × ' + baseline if baseline else ''})",
                  "fastest recurrent": "fastest recurrent (error not comparable)"}

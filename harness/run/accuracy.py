@@ -1,59 +1,164 @@
-"""A point's error on sampled query rows against float64 attention, never inside latency: the
-variant's own definition (an implementation check) and, for approximations, full softmax."""
+"""A point's quality on sampled query rows, in float64, never inside latency.
+
+Two questions, two references:
+- how far from exact attention (`softmax_rel_error`): against float64 full softmax attention on
+  the same q, k, v (causal, grouped heads and q_len as the point), for every variant that
+  replaces or restricts softmax attention, full's backends included (their rounding); per head
+  too (`head_error_median`, `head_error_max`: the error of each (batch, head) over its rows);
+  and the attention-mass recall (`recall_mean`, `recall_p10`): the share of each query's
+  float64 softmax mass that falls on the keys the variant attends (`Variant.attended_keys`);
+- whether the implementation computes its own definition (`impl_error`, `impl_ok`): against
+  its masked softmax (exact-by-mask variants, full's plain softmax) or its own float64
+  definition (`Variant.reference`: MoBA's, NSA's selections, the recurrent family), within its
+  tolerance for the dtype (`Variant.impl_tol`).
+The recurrent family replaces softmax: no softmax error, no recall (`quality_note` says why).
+"""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from attnbench.harness.run.config import RunConfig
 from attnbench.variants.base import Variant
-from attnbench.variants.reference import attention_reference, max_abs_error, rel_error
+from attnbench.variants.reference import max_abs_error, rel_error
+
+# The float64 scores and probabilities of one block of (batch·k/v head, query rows) stay under
+# this; a single query row of one k/v group above it (a vast n) is not computed, and said so.
+BLOCK_BYTES = 256 << 20
+NOT_SOFTMAX = ("recurrent",)  # families that replace softmax: nothing to be close to
 
 
-def error(att: Variant, q, k, v, out, run: RunConfig, rows: torch.Tensor | None = None,
-           softmax: bool = False) -> tuple[float, float, str]:
-    """Error on sampled query rows against float64 attention, never inside latency: the
-    variant's own definition where it replaces softmax (`Variant.reference`), its masked
-    definition for exact families, full softmax attention for approximations. Returns
-    (rel_error, max_abs_error, what it is against). `rows`: the query rows (default: a seeded
-    sample of `error.rows`)."""
+def quality(att: Variant, q, k, v, out, run: RunConfig,
+            rows: torch.Tensor | None = None) -> dict:
+    """The point's quality fields (see the module docstring): impl_error, max_abs_error,
+    error_ref, impl_ok, softmax_rel_error, head_error_median, head_error_max, recall_mean,
+    recall_p10, quality_note. `rows`: the query rows (default: a seeded sample of `error.rows`);
+    `out` is the variant's output (B, H, Nq, D) on every row in `rows`."""
+    f = dict(impl_error=math.nan, max_abs_error=math.nan, error_ref="", impl_ok=True,
+             softmax_rel_error=math.nan, head_error_median=math.nan, head_error_max=math.nan,
+             recall_mean=math.nan, recall_p10=math.nan, quality_note="")
+    notes = []
+    if att.family in NOT_SOFTMAX:
+        notes.append(f"{att.family}: replaces softmax, no softmax attention to be close to")
     if not run.error.rows:
-        return math.nan, math.nan, ""
+        f["quality_note"] = "; ".join([*notes, "error.rows=0: no float64 reference computed"])
+        return f
     nq, nk = q.shape[-2], k.shape[-2]
     if rows is None:
         g = torch.Generator(device="cpu").manual_seed(run.seed + 7)
         rows = torch.randperm(nq, generator=g)[: min(run.error.rows, nq)].sort().values
-        rows = rows.to(q.device)
+    rows = rows.to(q.device)
     q, k, v = q.detach(), k.detach(), v.detach()
-    got = out.detach()[..., rows, :]
-    own = None if softmax else att.reference(q, k, v, run.causal)
+    got = out.detach()[..., rows, :]  # (B, H, R, D)
+    own = att.reference(q, k, v, run.causal)
     if own is not None:
         ref = own[..., rows, :]
-        return rel_error(got, ref), max_abs_error(got, ref), "own definition"
-    mask = att.key_mask(rows + (nk - nq), nk, run.causal) if att.exact and not softmax else None
-    # Bound the float64 score block to ~256 MB by walking over batch and k/v heads.
-    b, h, hkv = q.shape[0], q.shape[1], k.shape[1]
-    grp = h // hkv
-    qf, gf = (t.reshape(b * hkv, grp, *t.shape[-2:]) for t in (q, got))  # heads of one group
-    kf, vf = (t.reshape(b * hkv, 1, *t.shape[-2:]) for t in (k, v))
-    step = max(1, (256 << 20) // (grp * len(rows) * nk * 8 * 2))
-    refs = [
-        attention_reference(qf[i : i + step], kf[i : i + step], vf[i : i + step], run.causal,
-                            mask, rows)
-        for i in range(0, b * hkv, step)
-    ]
-    ref = torch.cat(refs)
-    what = "masked softmax" if att.exact else "softmax"
-    return rel_error(gf, ref), max_abs_error(gf, ref), what
+        f.update(impl_error=rel_error(got, ref), max_abs_error=max_abs_error(got, ref),
+                 error_ref="own definition")
+    if att.family in NOT_SOFTMAX:
+        return _judged(att, run, f, notes)
+    mask = att.key_mask(rows + (nk - nq), nk, run.causal) if att.exact else None
+    if att.exact:  # its definition is softmax, under its mask where it has one
+        f["error_ref"] = "softmax" if mask is None else "masked softmax"
+    elif own is None:
+        notes.append("no float64 definition of its own: no implementation check")
+    scan = softmax_scan(att, q, k, v, got, rows, run.causal, mask, masked=att.exact)
+    if scan is None:
+        notes.append(f"no softmax reference: one query row of one k/v group needs over "
+                     f"{BLOCK_BYTES >> 20} MB of float64 scores")
+        return _judged(att, run, f, notes)
+    head, recall = scan["head_error"], scan["recall"]
+    f.update(softmax_rel_error=scan["softmax_rel_error"],
+             head_error_median=float(np.median(head.cpu().numpy())),
+             head_error_max=float(head.max()))
+    if recall is not None:
+        f.update(recall_mean=float(recall.mean()),
+                 recall_p10=float(np.percentile(recall.cpu().numpy(), 10)))
+    else:
+        notes.append("no key set (every key enters, reweighted): no recall")
+    if att.exact:
+        f.update(impl_error=scan["masked_rel_error"], max_abs_error=scan["masked_max_abs"])
+    return _judged(att, run, f, notes)
 
 
-def softmax_error(att: Variant, q, k, v, out, run: RunConfig, error_ref: str,
-                   rows: torch.Tensor | None = None) -> float:
-    """For variants measured against their own definition that approximate softmax (MoBA's
-    and NSA's selections), also the error against full softmax; the recurrent family replaces
-    softmax, where that number would mean nothing (NaN)."""
-    if error_ref != "own definition" or att.family == "recurrent":
-        return math.nan
-    return error(att, q, k, v, out, run, rows, softmax=True)[0]
+def _judged(att: Variant, run: RunConfig, f: dict, notes: list[str]) -> dict:
+    """impl_ok: the implementation check passed (True where none ran: impl_error NaN)."""
+    e = f["impl_error"]
+    f["impl_ok"] = not (e > att.impl_tol(run.dtype)) if not math.isnan(e) else True
+    f["quality_note"] = "; ".join(notes)
+    return f
+
+
+def softmax_scan(att: Variant, q, k, v, got, rows: torch.Tensor, causal: bool,
+                 mask: torch.Tensor | None = None, masked: bool = False) -> dict | None:
+    """Float64 full softmax attention on `rows`, walked in blocks of batch·k/v heads and rows
+    (BLOCK_BYTES of scores at most), against `got` (B, H, R, D), the variant's output there.
+
+    Returns softmax_rel_error (relative Frobenius over every row and head), head_error (B·H,)
+    (the same per (batch, head)), recall (B·H·R,) (softmax mass on `att.attended_keys`, None
+    where it has no key set) and, with `masked`, masked_rel_error and masked_max_abs against
+    softmax under `mask` (R, Nk) (None: every key) — or None when a single row is too big."""
+    b, h, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    grp, z, r = h // hkv, b * hkv, len(rows)
+    per_row = grp * nk * 8 * (5 if masked else 3)  # scores, probabilities, temporaries
+    per_head = 2 * nk * d * 8  # one k/v head's float64 k and v
+    if per_row + per_head > BLOCK_BYTES:
+        return None
+    rstep = max(1, min(r, (BLOCK_BYTES - per_head) // per_row))
+    zstep = max(1, BLOCK_BYTES // (per_row * rstep + per_head))
+    qz = q.reshape(z, grp, nq, d)  # (Z, G, Nq, D): the query heads of one k/v head
+    gz = got.reshape(z, grp, r, d)
+    kz, vz = k.reshape(z, 1, nk, d), v.reshape(z, 1, nk, d)
+    pos = rows + (nk - nq)
+    keys = torch.arange(nk, device=q.device)
+    hidden = keys[None, :] > pos[:, None] if causal else None  # (R, Nk)
+    diff2 = torch.zeros(z, grp, dtype=torch.float64, device=q.device)
+    ref2 = torch.zeros_like(diff2)
+    mdiff2 = mref2 = 0.0
+    mabs = 0.0
+    recall = []
+    # a mask from the positions alone (the default: key_mask) is built once, not per block
+    per_block = type(att).attended_keys is not Variant.attended_keys
+    shared = None if per_block else att.attended_keys(q, k, rows, causal)
+    for z0 in range(0, z, zstep):
+        z1 = min(z, z0 + zstep)
+        kk, vv = kz[z0:z1].double(), vz[z0:z1].double()  # (z, 1, Nk, D)
+        part_r = []
+        for r0 in range(0, r, rstep):
+            r1 = min(r, r0 + rstep)
+            sel = rows[r0:r1]
+            s = qz[z0:z1, :, sel].double() @ kk.transpose(-1, -2) / math.sqrt(d)  # (z,G,r,Nk)
+            if hidden is not None:
+                s.masked_fill_(hidden[r0:r1], -math.inf)
+            p = torch.softmax(s, -1)
+            ref = p @ vv  # (z, G, r, D)
+            mine = gz[z0:z1, :, r0:r1].double()
+            diff2[z0:z1] += (mine - ref).square().sum((-2, -1))
+            ref2[z0:z1] += ref.square().sum((-2, -1))
+            if per_block:  # a selection that depends on q and k (MoBA, NSA)
+                seen = att.attended_keys(qz[z0:z1], kz[z0:z1], sel, causal)
+            else:
+                seen = None if shared is None else shared[r0:r1]
+            if seen is not None:
+                part_r.append((p * seen.to(p.device)).sum(-1))  # (z, G, r)
+            del p
+            if masked:  # against softmax under its mask (none: the same reference)
+                if mask is not None:
+                    s.masked_fill_(~mask[r0:r1].to(s.device), -math.inf)
+                    ref = torch.softmax(s, -1).nan_to_num_(0.0) @ vv  # a row with no key: 0
+                    mdiff2 += float((mine - ref).square().sum())
+                    mref2 += float(ref.square().sum())
+                mabs = max(mabs, float((mine - ref).abs().max().nan_to_num(math.inf)))
+        if part_r:
+            recall.append(torch.cat(part_r, -1))
+    head = (diff2 / ref2.clamp_min(1e-300)).sqrt().flatten()
+    out = dict(softmax_rel_error=math.sqrt(float(diff2.sum()) / max(float(ref2.sum()), 1e-300)),
+               head_error=head, recall=torch.cat(recall).flatten() if recall else None)
+    if masked:
+        out.update(masked_max_abs=mabs, masked_rel_error=out["softmax_rel_error"] if mask is None
+                   else math.sqrt(mdiff2 / max(mref2, 1e-300)))
+    return out

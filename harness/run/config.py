@@ -55,7 +55,8 @@ class TimingConfig:
 
 @dataclass(frozen=True)
 class ErrorConfig:
-    """Error against exact float64 attention, on `rows` sampled query rows (0 turns it off)."""
+    """Quality on `rows` sampled query rows against float64 references (full softmax attention
+    and the variant's own definition); 0 turns it off."""
 
     rows: int = 128
 

@@ -25,7 +25,7 @@ import torch
 
 from attnbench import variants
 from attnbench.harness.records import Record
-from attnbench.harness.run.accuracy import error, softmax_error
+from attnbench.harness.run.accuracy import quality
 from attnbench.harness.run.config import RunConfig, resolve_device
 from attnbench.harness.run.inputs import attention_entropy, make_inputs
 from attnbench.harness.run.machine import gpu_state, machine_info
@@ -140,8 +140,7 @@ def _measure(run, att: Variant, shape: Shape, dtype, device: str, predicted: int
     if bad:
         return finish("invalid", f"non-finite values in {bad} (first call)", setup_s=setup_s)
 
-    rel, mab, error_ref = error(att, q, k, v, out, run)
-    softmax_rel = softmax_error(att, q, k, v, out, run, error_ref)
+    quality_fields = quality(att, q, k, v, out, run)
     entropy = attention_entropy(q.detach(), k.detach(), rows=min(run.error.rows or 64, 64))
     del out
     kernel = att.kernel(shape, device, run.causal, grad)
@@ -164,11 +163,8 @@ def _measure(run, att: Variant, shape: Shape, dtype, device: str, predicted: int
         predicted_mem_bytes=float(predicted),
         flops=float(flops),
         tflops=flops / (timing.median_ms * 1e-3) / 1e12,
-        rel_error=rel,
-        max_abs_error=mab,
-        error_ref=error_ref,
-        softmax_rel_error=softmax_rel,
         entropy=entropy,
+        **quality_fields,
         **counted,
         **fields,
     )
@@ -201,8 +197,7 @@ def _measure_decode(run, att: Variant, shape: Shape, dtype, device: str, predict
     full_out = torch.zeros_like(q)
     full_out[:, :, n:] = out
     last_row = torch.tensor([n], device=q.device)  # the new token's row of the whole sequence
-    rel, mab, error_ref = error(att, q, k, v, full_out, run, last_row)
-    softmax_rel = softmax_error(att, q, k, v, full_out, run, error_ref, last_row)
+    quality_fields = quality(att, q, k, v, full_out, run, last_row)
     kernel = att.kernel(shape, device, True, False)
 
     def call():
@@ -223,10 +218,7 @@ def _measure_decode(run, att: Variant, shape: Shape, dtype, device: str, predict
         state_bytes=state_bytes,
         flops=flops,
         tflops=flops / (timing.median_ms * 1e-3) / 1e12,
-        rel_error=rel,
-        max_abs_error=mab,
-        error_ref=error_ref,
-        softmax_rel_error=softmax_rel,
+        **quality_fields,
         **counted,
         **fields,
     )

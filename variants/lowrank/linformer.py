@@ -10,10 +10,10 @@ softmax(Q (EK)ᵀ/√d)(FV) with E, F (k × n) shared across batch and heads, a 
   n mod k, ⌊n/k⌋ in the rest), what a user would try first. Stored dense and applied as a
   matmul, as a learned E is: the cost is Linformer's, not that of pooling.
 
-rel_error against softmax attention measures these untrained projections, not Linformer as
-trained: with random E, F each row of FV sums n random-signed values, so its norm, and the
-output's, grows like √(n/k) (rel_error 217 at n=8192, k=256 for ``gaussian``); read the error of
-an approximation with untrained parameters as that of its initialisation only.
+The error against softmax attention (softmax_rel_error) measures these untrained projections,
+not Linformer as trained: with random E, F each row of FV sums n random-signed values, so its
+norm, and the output's, grows like √(n/k) (error 217 at n=8192, k=256 for ``gaussian``); read the
+error of an approximation with untrained parameters as that of its initialisation only.
 """
 
 from __future__ import annotations

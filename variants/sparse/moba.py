@@ -19,6 +19,7 @@ from attnbench.variants.cache import CACHE_STEP, KVCache
 from attnbench.variants.registry import register
 from attnbench.variants.sparse.select import (
     block_means,
+    blocks_to_keys,
     own_and_rest,
     own_rows,
     part_bytes,
@@ -127,17 +128,26 @@ class MoBA(Variant):
         return out, MobaCache(kv, buf, done)
 
     # -- definition -----------------------------------------------------------------------------
-    def select(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """The selection in float64: (B, H, Nq, topk) blocks of each query, its own first (-1:
-        empty slot)."""
+    def select(self, q: torch.Tensor, k: torch.Tensor,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The selection in float64: (B, H, R, topk) blocks of each query row in `rows`
+        (default: all Nq), its own first (-1: empty slot)."""
         b, h, nq, d = q.shape
         hkv, n = k.shape[1], k.shape[2]
+        rows = torch.arange(nq, device=q.device) if rows is None else rows.to(q.device)
         means = block_means(k.reshape(b * hkv, n, d), self.block, torch.float64)
-        qi = q.reshape(b * hkv, h // hkv * nq, d)
-        qpos = torch.arange(qi.shape[1], device=q.device) % nq + (n - nq)
+        qi = q[:, :, rows].reshape(b * hkv, h // hkv * len(rows), d)  # item = (head, row)
+        qpos = (rows + (n - nq)).repeat(h // hkv)
         rest = self._route(qi, means, qpos)
         own = (qpos // self.block)[None, :, None].expand(rest.shape[0], -1, 1)
-        return torch.cat([own, rest], -1).view(b, h, nq, -1)
+        return torch.cat([own, rest], -1).view(b, h, len(rows), -1)
+
+    def attended_keys(self, q, k, rows: torch.Tensor, causal: bool = True) -> torch.Tensor:
+        """(B, H, R, Nk) bool: the keys of each query row's float64-selected blocks at or
+        before its position (what `definition` attends)."""
+        n, nq = k.shape[2], q.shape[2]
+        sel = self.select(q.detach(), k.detach(), rows)  # (B, H, R, topk)
+        return blocks_to_keys(sel, self.block, n, rows.to(q.device) + (n - nq))
 
     def definition(self, q, k, v, causal: bool = True, dtype=torch.float64) -> torch.Tensor:
         """Dense softmax in `dtype` under the float64 selection: each query sees the keys of its

@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from attnbench.variants.base import Shape, Variant, gpu_path
 from attnbench.variants.cache import CACHE_STEP, KVCache
 from attnbench.variants.registry import register
-from attnbench.variants.sparse.nsa_naive import GATES, nsa_definition
+from attnbench.variants.sparse.nsa_naive import GATES, nsa_definition, nsa_selection
 from attnbench.variants.sparse.select import (
     band_rows,
+    blocks_to_keys,
     own_and_rest,
     own_rows,
     part_bytes,
@@ -212,6 +213,16 @@ class NSA(Variant):
     def reference(self, q, k, v, causal: bool) -> torch.Tensor:
         """Its own definition in float64 (selection and the three branches)."""
         return self.definition(q, k, v, causal, torch.float64)
+
+    def attended_keys(self, q, k, rows: torch.Tensor, causal: bool = True) -> torch.Tensor:
+        """(B, H, R, Nk) bool: the union of the full-resolution branches of each query row, its
+        float64-selected blocks and its sliding window (keys t − w … t). The compressed branch
+        is left out: it attends block means, not keys."""
+        n, nq = k.shape[2], q.shape[2]
+        pos = rows.to(q.device) + (n - nq)
+        sel = nsa_selection(self, q.detach(), k.detach(), rows)  # (B, H, R, S)
+        rel = pos[:, None] - torch.arange(n, device=q.device)  # (R, N)
+        return blocks_to_keys(sel, self.sel_block, n, pos) | ((rel >= 0) & (rel <= self.window))
 
     # -- models ---------------------------------------------------------------------------------
     def _geometry(self, shape: Shape):

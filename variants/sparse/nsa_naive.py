@@ -11,6 +11,26 @@ from attnbench.variants.sparse.select_naive import dense_reference
 GATES = (1 / 3, 1 / 3, 1 / 3)  # compressed, selected, window
 
 
+def nsa_selection(nsa, q, k, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, H, R, S) selection blocks of each query row in `rows` (default: all Nq), its own
+    first (-1: empty slot), from float64 compressed scores; one selection per k/v group."""
+    b, h, nq, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    z, g = b * hkv, h // hkv
+    rows = torch.arange(nq, device=q.device) if rows is None else rows.to(q.device)
+    r = len(rows)
+    qpos = rows + (n - nq)
+    qi = q[:, :, rows].reshape(b, hkv, g, r, d).transpose(2, 3).reshape(z, r, g, d)  # (Z,R,G,D)
+    kz = k.reshape(z, n, d)  # (Z, N, D)
+    with torch.no_grad():
+        kc = nsa._compress(kz.detach()).double()
+        _, p64 = nsa._compressed(qi.detach().double(), kc, kc, qpos)  # its output unused
+        rest = nsa._select(p64, qpos, n)
+        own = (qpos // nsa.sel_block)[None, :, None].expand(z, -1, 1)  # (Z, R, 1)
+        sel = torch.cat([own, rest], -1).view(b, hkv, 1, r, -1)  # (B, Hkv, 1, R, S)
+        return sel.expand(-1, -1, g, -1, -1).reshape(b, h, r, -1)  # (B, H, R, S)
+
+
 def nsa_definition(nsa, q, k, v, dtype=torch.float64) -> torch.Tensor:
     """The three branches of `nsa` (an `NSA`) densely in `dtype`, the selection from float64
     compressed scores."""
@@ -20,13 +40,7 @@ def nsa_definition(nsa, q, k, v, dtype=torch.float64) -> torch.Tensor:
     qpos = torch.arange(nq, device=q.device) + (n - nq)
     qi = q.view(b, hkv, g, nq, d).transpose(2, 3).reshape(z, nq, g, d)  # (Z, Nq, G, D)
     kz, vz = k.reshape(z, n, d), v.reshape(z, n, d)  # (Z, N, D)
-    with torch.no_grad():
-        _, p64 = nsa._compressed(*(x.detach().double() for x in (qi, nsa._compress(kz),
-                                                                 nsa._compress(vz))), qpos)
-        rest = nsa._select(p64, qpos, n)
-        own = (qpos // nsa.sel_block)[None, :, None].expand(z, -1, 1)  # (Z, Nq, 1)
-        sel = torch.cat([own, rest], -1).view(b, hkv, 1, nq, -1)  # (B, Hkv, 1, Nq, S)
-        sel = sel.expand(-1, -1, g, -1, -1).reshape(b, h, nq, -1)  # (B, H, Nq, S)
+    sel = nsa_selection(nsa, q, k)  # (B, H, Nq, S)
     o_cmp, _ = nsa._compressed(qi.to(dtype), nsa._compress(kz.to(dtype)),
                                nsa._compress(vz.to(dtype)), qpos)
     o_cmp = o_cmp.view(b, hkv, nq, g, d).transpose(2, 3).reshape(b, h, nq, d)  # (B, H, Nq, D)

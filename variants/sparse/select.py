@@ -185,6 +185,16 @@ def top_blocks(score: torch.Tensor, own: torch.Tensor, count: int,
     return idx.masked_fill_(vals == -math.inf, -1)
 
 
+def blocks_to_keys(sel: torch.Tensor, block: int, n: int, pos: torch.Tensor) -> torch.Tensor:
+    """(..., R, S) selected block indices (-1: empty slot) → (..., R, n) bool: the keys of
+    those blocks at or before each row's position `pos` (R,)."""
+    nb = -(-n // block)
+    chosen = torch.zeros(*sel.shape[:-1], nb + 1, dtype=torch.bool, device=sel.device)
+    chosen.scatter_(-1, sel.masked_fill(sel < 0, nb), True)  # empty slots land in column nb
+    keys = torch.arange(n, device=sel.device)
+    return chosen[..., keys // block] & (keys <= pos[:, None])
+
+
 def own_and_rest(rest: torch.Tensor, own: torch.Tensor, block: int, runs: int,
                  pos0: int) -> list[Part]:
     """The engine's parts: each item's own block (`own` (M,), with the causal mask) and the
