@@ -103,13 +103,16 @@ def plan(overrides: list[str]) -> tuple[list[Planned], str]:
                      *OmegaConf.to_container(config.hydra.overrides.task)]
         points = checked_points(config, loader, arguments)
         sweep_dir = check_sweep_folder(config, create=False)
-    rates: dict[tuple[str, str], float] = {}
+    from attnbench.harness.run.job import point_threads
+
+    rates: dict[tuple[str, str, int], float] = {}
     out = []
     for point in points:
         run = point.run
-        key = (resolve_device(run.device), run.dtype)
+        key = (resolve_device(run.device), run.dtype, point_threads(run))
         if key not in rates:
-            rates[key] = matmul_rate(*key)
+            torch.set_num_threads(key[2])  # the threads the sweep's points will compute with
+            rates[key] = matmul_rate(*key[:2])
         out.append(assess(run, rates[key]))
     return out, str(sweep_dir)
 
