@@ -148,8 +148,12 @@ def split_args(args: list[str]) -> tuple[dict[str, str], list[str] | None, list[
             raise ConfigError(explain_hydra_error(exc)) from None
         key = o.key_or_group
         if key == "variant":
-            subset = [str(v) for v in (o.sweep_string_iterator() if o.is_sweep_override()
-                                        else [o.value()])]
+            try:
+                subset = [str(v) for v in (o.sweep_string_iterator() if o.is_sweep_override()
+                                            else [o.value()])]
+            except Exception:  # glob(), range(): the names are needed here
+                raise ConfigError(f"{arg}: give the variants by name (variant=local,linear)") \
+                    from None
             continue
         if key in ("sweep", "hydra/sweeper", "hydra.mode"):
             raise ConfigError(f"{arg}: pick answers one setting, not a sweep (a preset or "

@@ -145,6 +145,7 @@ def test_exit_1_says_which_constraint_binds(tmp_path):
     (["resume=true"], "resume=true"),
     (["causal=maybe"], "causal='maybe'"),
     (["seq_len=0"], "seq_len=0"),
+    (["variant=glob(local*)"], "variant=glob(local*)"),
 ])
 def test_exit_2_is_one_line_naming_the_field(tmp_path, args, field):
     proc = pick(*TINY, *args, f"hydra.sweep.dir={tmp_path}/s", cwd=tmp_path)
