@@ -547,6 +547,8 @@ def answer(entries: list[Entry], budget: Budget, folder: str, took: float,
         code = 1
     if rows:
         print("\n".join(_table(rows)))
+    if len(best) == 1:
+        print("  no runner-up: no other candidate meets the budget")
     faster = [e for e in best[1:] if _marked(e.row) and
               float(e.row["latency_ms"]) < float(best[0].row["latency_ms"])] if best else []
     if faster:
