@@ -1,5 +1,7 @@
-"""The `attnbench` command: a Hydra app for sweeps, plus `list`, `plan`, `report`, `compare`.
+"""The `attnbench` command: a Hydra app for sweeps, plus `pick`, `list`, `plan`, `report`,
+`compare`.
 
+    attnbench pick seq_len=16384 causal=true max_error=0.01 max_memory=2GB   # the answer
     attnbench                                  # the default sweep for this machine
     attnbench -m variant=full variant.backend=naive,sdpa seq_len=1024,2048
     attnbench seq_len=4096 variant=local       # one point, printed as a line
@@ -19,11 +21,13 @@ from attnbench.harness.run.compose import CONF_DIR, default_sweep, precheck, swe
 from attnbench.harness.run.config import fail
 
 # `attnbench <name> ...` runs `<module>.main(argv) -> int` instead of a sweep.
-SUBCOMMANDS = {"list": "attnbench.harness.listing", "plan": "attnbench.harness.run.plan",
+SUBCOMMANDS = {"pick": "attnbench.harness.ask", "list": "attnbench.harness.listing",
+               "plan": "attnbench.harness.run.plan",
                "report": "attnbench.harness.report.build",
                "compare": "attnbench.harness.report.compare"}
 HELP = """\
-usage: attnbench [-m] [KEY=VALUE ...]           one point; with -m a sweep (every combination)
+usage: attnbench pick [--dry-run] KEY=VALUE ...  which variant to use: measured and answered
+       attnbench [-m] [KEY=VALUE ...]           one point; with -m a sweep (every combination)
        attnbench list | plan [-m] [KEY=VALUE ...] | report DIR | compare A B
        attnbench --help | --hydra-help | --version
 
@@ -35,6 +39,11 @@ With no argument: the default sweep for this device (every variant with its defa
 4096 in float32 on a CPU, 1024 to 32768 in bfloat16 on a GPU).
 
 Subcommands (each takes --help):
+  pick KEYS         the question asked directly: the fastest variant at one setting within
+                    max_error (against softmax) and max_memory, e.g. `attnbench pick
+                    seq_len=16384 causal=true max_error=0.01 max_memory=2GB`; it measures the
+                    candidates and the exact baseline full[sdpa] into results/pick-<time>/ and
+                    prints the pick, the runner-up, the baseline and why others were left out
   list              every variant and full backend: can it run here, or why not
   plan ARGS         what `attnbench ARGS` would do: its points, their predicted peak memory,
                     which would be skipped or unsupported and why, a rough time; runs nothing
@@ -57,6 +66,8 @@ Most used keys (KEY=VALUE; with -m a comma list sweeps it):
   hydra.sweep.dir=DIR             where a sweep writes (resume=true keeps points measured there)
 
 Examples:
+  attnbench pick seq_len=8192 causal=true max_error=1% max_memory=1GB
+  attnbench pick mode=decode seq_len=32768 +shape=llama3_8b max_memory=4GB --dry-run
   attnbench -m variant=full,local,linear seq_len=1024,2048,4096
   attnbench plan -m variant=full,local seq_len=1024,2048,4096
   attnbench variant=local variant.window=128 seq_len=8192

@@ -78,7 +78,45 @@ def checked_points(config: DictConfig, loader: Any, arguments: list[str]) -> lis
     if len(points) < len(everything):
         log.info("attnbench: points that measure the same thing run once (%d distinct)",
                  len(points))
-    return points
+    return fit_causal(points)
+
+
+def fit_causal(points: list[Point]) -> list[Point]:
+    """In a sweep over both causal values, each point whose variant has no form for its causal
+    value (unsupported there, supported with the other value at the same point) left out, with
+    one log line: `causal=true,false` measures linformer non-causal and RetNet causal. A sweep
+    that asks one causal value keeps such a point: it is an `unsupported` row."""
+    if {p.run.causal for p in points if p.run.mode != "decode"} != {True, False}:
+        return points
+    from attnbench.harness.run.point import point_label
+
+    kept: list[Point] = []
+    only: dict[str, dict[str, None]] = {"non-causal only": {}, "causal only": {}}
+    for p in points:
+        if p.run.mode != "decode" and _no_form(p.run):
+            only["non-causal only" if p.run.causal else "causal only"][point_label(p.run)] = None
+            continue
+        kept.append(p)
+    if len(kept) < len(points):
+        log.info("attnbench: causal=true,false: %d points left out, of variants with one form "
+                 "(measured in that one): %s", len(points) - len(kept),
+                 "; ".join(f"{k}: {', '.join(v)}" for k, v in only.items() if v))
+    return kept
+
+
+def _no_form(run: RunConfig) -> bool:
+    """Whether `run`'s variant has no form for `run.causal` but one for the other value at the
+    same point (False where it runs neither way: the point's own row then says why)."""
+    from attnbench import variants
+    from attnbench.harness.run.config import resolve_device
+
+    try:
+        att = variants.build(run.variant, **run.params)
+        args = (run.shape, run.torch_dtype, resolve_device(run.device))
+        return bool(att.not_supported_reasons(*args, run.causal, run.mode)) and not \
+            att.not_supported_reasons(*args, not run.causal, run.mode)
+    except Exception:  # a variant that fails here fails as its own row
+        return False
 
 
 def is_variant_param(override: str) -> bool:

@@ -243,7 +243,7 @@ def validate(run: RunConfig) -> None:
         if not isinstance(getattr(run, name), bool):
             raise ConfigError(f"{name}={getattr(run, name)!r}: expected true or false")
     if not isinstance(run.threads, int) or run.threads < 0:
-        raise ConfigError(f"threads={run.threads!r}: must be 0 (PyTorch's default) or positive")
+        raise ConfigError(f"threads={run.threads!r}: must be 0 (auto: the free cores) or positive")
     from attnbench.harness.run.inputs import KINDS
 
     if run.inputs not in KINDS:

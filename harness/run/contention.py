@@ -12,6 +12,10 @@ VMs this was written on, an idle machine reads 0.00–0.03 and one busy core fro
 reads ≈0.5, so a tenth of the machine separates the two with margin. Its latency is then not a
 measurement of the variant alone. Elsewhere (no /proc/stat) both shares are NaN and nothing is
 flagged.
+
+The same reader chooses the thread count of `threads=0` (`free_cores`): the cores other processes
+leave free when a process starts, so that torch's threads do not share cores with someone else's
+(an OpenMP team whose threads wait for a descheduled one can run 100x slower or worse).
 """
 
 from __future__ import annotations
@@ -78,3 +82,25 @@ def _machine_busy() -> float:
     t = [int(x) for x in fields[1:9]] + [0] * max(0, 9 - len(fields))
     busy = t[0] + t[1] + t[2] + t[5] + t[6] + t[7]
     return busy / _TICK
+
+
+# A core that others keep busy more than this share of is taken: an idle machine's background
+# (0.00-0.06 of a core on the 2-core VMs this was written on) leaves every core free.
+TAKEN_CORE = 0.25
+
+
+def free_cores(cores: int, window_s: float = 0.25) -> int:
+    """The cores other processes leave free: `cores` less the CPUs they kept busy (busy + steal
+    in /proc/stat, this process's own time removed) over `window_s`, a core used more than
+    TAKEN_CORE counting as taken; at least 1. `cores` where /proc/stat is missing."""
+    before = snapshot()
+    time.sleep(window_s)
+    load = contention(before, snapshot(), 1)
+    return others_leave(cores, load.others_cpu * before.cpus)
+
+
+def others_leave(cores: int, busy: float) -> int:
+    """`cores` less `busy` CPUs that others use (rounded up past TAKEN_CORE), at least 1."""
+    if not math.isfinite(busy):
+        return max(1, cores)
+    return max(1, cores - max(0, math.ceil(busy - TAKEN_CORE)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import gc
 import importlib
 import json
@@ -27,6 +28,7 @@ from attnbench import variants
 from attnbench.harness.records import Record
 from attnbench.harness.run.accuracy import quality
 from attnbench.harness.run.config import RunConfig, resolve_device
+from attnbench.harness.run.contention import free_cores
 from attnbench.harness.run.inputs import attention_entropy, make_inputs
 from attnbench.harness.run.machine import gpu_state, machine_info
 from attnbench.harness.run.memory import peak_memory
@@ -38,6 +40,19 @@ from attnbench.variants.base import Shape, Variant
 log = logging.getLogger("attnbench")
 
 NOISY_SPREAD = 0.10
+DEFAULT_THREADS = torch.get_num_threads()  # PyTorch's own default (physical cores), before any set
+
+
+@functools.lru_cache(maxsize=1)
+def auto_threads() -> int:
+    """threads=0: the cores other processes leave free (`contention.free_cores`), measured once
+    per process, when its first point starts, so every point of a sweep runs with one count."""
+    return free_cores(DEFAULT_THREADS)
+
+
+def point_threads(run: RunConfig) -> int:
+    """The CPU threads a point computes with: `threads`, or 0 for `auto_threads`."""
+    return run.threads or auto_threads()
 
 
 def run_point(run: RunConfig) -> Record:
@@ -46,8 +61,8 @@ def run_point(run: RunConfig) -> Record:
     With `isolate` (default `auto`: on CUDA) the point runs in a fresh process of its own, so a
     sticky CUDA error, a compile cache or a variant's cached projections cannot leak into the
     next point; a process that dies is an `error` row with its exit code."""
-    if isolated(run):
-        return _run_in_subprocess(run)
+    if isolated(run):  # the threads chosen here, where the sweep runs, not in each new process
+        return _run_in_subprocess(replace(run, threads=point_threads(run)))
     return _run_point_here(run)
 
 
@@ -98,8 +113,7 @@ def _run_point_here(run: RunConfig) -> Record:
     device = "cpu"
     try:
         device = resolve_device(run.device)
-        if run.threads:
-            torch.set_num_threads(run.threads)
+        torch.set_num_threads(point_threads(run))
         base.update(threads=torch.get_num_threads(), **machine_info(device))
         att = variants.build(run.variant, **run.params)
         shape = run.shape
@@ -369,6 +383,7 @@ def _run_fields(run: RunConfig) -> dict:
         mode=run.mode,
         inputs=run.inputs,
         seed=run.seed,
+        threads=run.threads,
         timestamp=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         point_id=point_id(run),
     )

@@ -22,6 +22,7 @@ fixed cost for start-up and the report. It assumes a quiet machine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import shlex
 import sys
@@ -53,6 +54,7 @@ class Planned:
     outcome: str  # run | skipped | unsupported | error
     reason: str
     seconds: float
+    overrides: tuple[str, ...] = ()  # what the sweep launches the point's job with
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-m", "--multirun", action="store_true", help="accepted; plan is a sweep")
     p.add_argument("overrides", nargs="*", metavar="ARGS", help="KEY=VALUE overrides")
     args = p.parse_args(argv)
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # what composing leaves out
     from attnbench.harness.run.compose import default_sweep
 
     overrides = args.overrides or [f"+sweep={default_sweep()}"]
@@ -103,14 +108,18 @@ def plan(overrides: list[str]) -> tuple[list[Planned], str]:
                      *OmegaConf.to_container(config.hydra.overrides.task)]
         points = checked_points(config, loader, arguments)
         sweep_dir = check_sweep_folder(config, create=False)
-    rates: dict[tuple[str, str], float] = {}
+    from attnbench.harness.run.job import point_threads
+
+    rates: dict[tuple[str, str, int], float] = {}
     out = []
     for point in points:
         run = point.run
-        key = (resolve_device(run.device), run.dtype)
+        key = (resolve_device(run.device), run.dtype, point_threads(run))
         if key not in rates:
-            rates[key] = matmul_rate(*key)
-        out.append(assess(run, rates[key]))
+            torch.set_num_threads(key[2])  # the threads the sweep's points will compute with
+            rates[key] = matmul_rate(*key[:2])
+        out.append(dataclasses.replace(assess(run, rates[key]),
+                                       overrides=tuple(point.overrides)))
     return out, str(sweep_dir)
 
 

@@ -83,14 +83,19 @@ def _identity(blob: str) -> tuple[str, str]:
 
 def predicted_bytes(att: Variant, shape: Shape, dtype: torch.dtype, run: RunConfig) -> int:
     """Predicted peak of one measured call, inputs included (×3 for forward+backward)."""
-    el = torch.empty((), dtype=dtype).element_size()
-    b, d = shape.batch, shape.head_dim
-    inputs = (shape.heads * shape.nq + 2 * shape.hkv * shape.seq_len) * b * d * el
+    inputs = input_bytes(shape, dtype)
     device = resolve_device(run.device)
     if run.mode == "decode":  # the state of the context and one step
         return int(inputs + att.decode_memory_bytes(shape, dtype))
     fwd = on_device(att.memory_bytes, device)(shape, dtype, run.causal)
     return int(inputs + (fwd * 3 + 2 * inputs if run.mode == "fwd_bwd" else fwd))
+
+
+def input_bytes(shape: Shape, dtype: torch.dtype) -> int:
+    """Bytes of a point's q (B, H, Nq, D) and k, v (B, Hkv, N, D)."""
+    el = torch.empty((), dtype=dtype).element_size()
+    return (shape.heads * shape.nq + 2 * shape.hkv * shape.seq_len) * shape.batch * \
+        shape.head_dim * el
 
 
 def on_device(model: Callable, device: str) -> Callable:
