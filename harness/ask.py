@@ -85,16 +85,9 @@ class Entry:
 # -- the quality and memory axes, read in one place -------------------------------------------
 
 def softmax_error(row: dict) -> float:
-    """The point's relative error against float64 softmax attention (NaN: not measured).
-    `softmax_rel_error` where the record has it; else `rel_error` where that error is against
-    softmax (an approximation, or full attention itself); a masked or own-definition error says
-    nothing about the distance to softmax."""
-    e = _num(row.get("softmax_rel_error"))
-    if math.isfinite(e):
-        return e
-    if row.get("error_ref") == "softmax" or row.get("family") == "full":
-        return _num(row.get("rel_error"))
-    return math.nan
+    """The point's relative error against float64 softmax attention (NaN: not measured; records
+    written before that column existed are mapped when read, see records.read_record)."""
+    return _num(row.get("softmax_rel_error"))
 
 
 def held_bytes(row: dict) -> float:
@@ -308,6 +301,10 @@ def judge(entries: list[Entry], budget: Budget) -> list[Entry]:
             continue
         if r["status"] != "ok":
             e.why = f"{r['status']}: {r.get('reason', '')}"
+            continue
+        if str(r.get("impl_ok", True)).lower() in ("false", "0"):
+            e.why = (f"failed its implementation check (error {_num(r.get('impl_error')):.2g} "
+                     f"against its own definition): never picked")
             continue
         err, held = softmax_error(r), held_bytes(r)
         recurrent = r.get("family") == RECURRENT

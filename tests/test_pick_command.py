@@ -160,24 +160,30 @@ def test_exit_2_is_one_line_naming_the_field(tmp_path, args, field):
 def entry(label: str, err: float, mem: float, ms: float, family: str = "linear",
           **row) -> ask.Entry:
     planned = Planned(label, None, 0, "run", "", 1.0)
-    base = dict(status="ok", family=family, error_ref="softmax", rel_error=err,
-                peak_mem_bytes=mem, latency_ms=ms, mode="fwd", dtype="float32", noisy=False,
-                contended=False)
+    base = dict(status="ok", family=family, error_ref="", impl_error=float("nan"), impl_ok=True,
+                softmax_rel_error=err, peak_mem_bytes=mem, latency_ms=ms, mode="fwd",
+                dtype="float32", noisy=False, contended=False)
     return ask.Entry(label, planned, family, True, row={**base, **row})
 
 
 def test_the_error_and_memory_axes_are_read_in_one_place():
-    assert ask.softmax_error({"softmax_rel_error": 0.02, "rel_error": 1e-7}) == 0.02
-    assert ask.softmax_error({"error_ref": "softmax", "rel_error": 0.3}) == 0.3
-    assert ask.softmax_error({"family": "full", "error_ref": "masked softmax",
-                              "rel_error": 1e-7}) == 1e-7
+    assert ask.softmax_error({"softmax_rel_error": 0.02, "impl_error": 1e-7}) == 0.02
+    # an implementation check (error against the variant's own mask) is never read as it
     assert math.isnan(ask.softmax_error({"family": "local", "error_ref": "masked softmax",
-                                         "rel_error": 1e-7}))  # a masked error is not it
+                                         "impl_error": 1e-7}))
     assert ask.held_bytes({"mode": "fwd", "peak_mem_bytes": 10, "state_bytes": 5}) == 10
     assert ask.held_bytes({"mode": "decode", "peak_mem_bytes": 10, "state_bytes": 5}) == 15
     assert ask.parse_error("1%") == pytest.approx(0.01)
     assert ask.parse_error("2e-3") == pytest.approx(0.002)
     assert ask.parse_error("none") is None
+
+
+def test_a_failed_implementation_check_is_never_picked():
+    budget = ask.Budget(0.01, 10**9, False, "1GB")
+    broken = entry("fast", 0.001, 1e6, 0.1, impl_error=0.3, impl_ok=False)
+    fine = entry("slow", 0.005, 1e6, 2.0)
+    assert [e.label for e in ask.judge([broken, fine], budget)] == ["slow"]
+    assert "implementation check" in broken.why
 
 
 def test_judge_prefers_clean_points_then_latency_and_binding_names_the_closest_miss():
