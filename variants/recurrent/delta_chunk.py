@@ -2,7 +2,8 @@
 base: `attnbench.variants.recurrent.delta`), and its FLOP count.
 
 Chunked form, chunks of C tokens, γ_i = Σ_{j≤i} log α_j inside the chunk, Γ_ij = e^(γ_i − γ_j)
-for i ≥ j (0 above the diagonal), β = diag(β_i):
+for i ≥ j (0 above the diagonal), β = diag(β_i); γ_i − γ_j and γ_C − γ_i are formed as segment
+sums (`decays`), not as differences:
     UT transform  (I + tril(β (K Kᵀ ⊙ Γ), −1)) [U | W] = β [V | e^γ K]    (a triangular solve)
     state         S' = e^(γ_C) S + K̃ᵀ (U − W S),  K̃ = e^(γ_C − γ) K      (the chunk loop)
     output        O = e^γ Q S + (Q Kᵀ ⊙ Γ ⊙ M)(U − W S),  M causal (diagonal included)
@@ -21,10 +22,11 @@ the engine runs per k/v head and folds the query heads of a group into the rows 
 from __future__ import annotations
 
 import itertools
-import math
 
 import torch
 import torch.nn.functional as F
+
+from attnbench.variants.recurrent.decays import segsum, suffix_sums
 
 SOLVE_BLOCK = 16  # rows of the diagonal blocks `unit_lower_solve` inverts by doubling
 
@@ -67,14 +69,14 @@ def chunk_delta(
     if g is None:
         rhs = torch.cat([vc * bc, kb], -1)  # β [V | K], (BHkv·nc, C, Dv + D)
     else:
-        gam = g.reshape(bn, c).cumsum(-1)  # γ_i, (BHkv·nc, C)
-        causal = torch.ones(c, c, dtype=torch.bool, device=k.device).tril_()
-        decay = (gam[:, :, None] - gam[:, None, :]).masked_fill(~causal, -math.inf).exp()
+        gc = g.reshape(bn, c)  # log α, (BHkv·nc, C)
+        gam = gc.cumsum(-1)  # γ_i, (BHkv·nc, C): a same-sign sum from the chunk start
+        decay = segsum(gc).exp()  # Γ_ij = e^(γ_i − γ_j) from exact segment sums, 0 above
         eg, last = gam.exp()[..., None], gam[:, -1:, None]  # e^γ_i (.., C, 1); γ_C (.., 1, 1)
         a = a * decay
         rhs = torch.cat([vc * bc, kb * eg], -1)  # β [V | e^γ K]
     x = unit_lower_solve(a, rhs)  # [U | W], (BHkv·nc, C, Dv + D)
-    kt = kc if g is None else kc * (last - gam[..., None]).exp()  # K̃ = e^(γ_C − γ) K
+    kt = kc if g is None else kc * suffix_sums(gc)[..., None].exp()  # K̃ = e^(γ_C − γ) K
     y = (kt.transpose(1, 2) @ x).view(bh, nc, d, dv + d)  # [K̃ᵀU | K̃ᵀW], (BHkv, nc, D, Dv + D)
     eye = torch.eye(d, dtype=k.dtype, device=k.device)
     carry = (eye if g is None else eye * last.exp().view(bh, nc, 1, 1)) - y[..., dv:]  # (.., D, D)
