@@ -308,3 +308,20 @@ def test_engine_exact_for_decays_near_zero():
     out, state = chunk_delta(*(t.float() for t in (q[:, :, None], k, v, beta, log_a)), None, 64,
                              final=True)
     assert rel_error(out.double(), gold) < 1e-6 and rel_error(state.double(), gold_state) < 1e-6
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_grouped_kv_heads_equal_repeated_kv_heads(name):
+    """kv_heads = H/G is the kv_heads = H model with its k/v heads repeated: a k/v head's gates
+    do not depend on how many heads there are (a kv_heads sweep compares one model)."""
+    att = variants.build(name, chunk=16)
+    q = random_qkv(2, 6, 53, 16)[0]
+    _, k, v = random_qkv(2, 2, 53, 16)
+    out = att(q, k, v, causal=True)
+    rep = att(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), causal=True)
+    assert rel_error(out, rep) < 1e-12
+    assert rel_error(variants.build(name, impl="recurrent")(q, k, v, causal=True), rep) < 1e-12
+    beta, log_alpha = att.gates(k[:, :1])  # head 0 alone: the same gates as among two heads
+    both = att.gates(k)
+    assert rel_error(beta, both[0][:, :1]) < 1e-14
+    assert log_alpha is None or rel_error(log_alpha, both[1][:, :1]) < 1e-14

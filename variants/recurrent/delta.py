@@ -36,16 +36,23 @@ from attnbench.variants.recurrent.delta_recurrent import recurrent_delta
 def gate_weights(
     seed: int, hkv: int, d: int, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fixed gate parameters per k/v head, drawn in float64 on the CPU from `seed` and cached per
-    (device, dtype): w (Hkv, D, 2) ~ N(0, 1/D) (column 0 → β, column 1 → α), A (Hkv,) ~ U(0, 16)
-    and b (Hkv,) = softplus⁻¹(dt), dt ~ logU(1e-3, 1e-1) (the Gated DeltaNet / Mamba-2 init)."""
+    """Fixed gate parameters, one set shared by every k/v head (as GLA's W), drawn in float64 on
+    the CPU from `seed` and cached per (device, dtype): w (D, 2) ~ N(0, 1/D) (column 0 → β,
+    column 1 → α), A ~ U(0, 16) and b = softplus⁻¹(dt), dt ~ logU(1e-3, 1e-1) (the Gated
+    DeltaNet / Mamba-2 init); returned per head, (Hkv, D, 2), (Hkv,), (Hkv,).
+
+    Shared, so a head's gates are a function of its own keys alone: kv_heads = H/G is the
+    kv_heads = H model with its k/v heads repeated, and a kv_heads sweep compares one model.
+    Draws per head could not give that (the repeated heads j·G … j·G + G − 1 would all need head
+    j's draw, for every G); drawn as one (Hkv, D, 2) block they even changed with kv_heads."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    w = torch.randn(hkv, d, 2, generator=g, dtype=torch.float64) / math.sqrt(d)
-    a = torch.rand(hkv, generator=g, dtype=torch.float64) * 16
+    w = torch.randn(d, 2, generator=g, dtype=torch.float64) / math.sqrt(d)
+    a = torch.rand((), generator=g, dtype=torch.float64) * 16
     lo, hi = math.log(1e-3), math.log(1e-1)
-    dt = torch.exp(torch.rand(hkv, generator=g, dtype=torch.float64) * (hi - lo) + lo)
+    dt = torch.exp(torch.rand((), generator=g, dtype=torch.float64) * (hi - lo) + lo)
     b = dt + torch.log(-torch.expm1(-dt))
-    return tuple(t.to(device, dtype) for t in (w, a, b))  # type: ignore[return-value]
+    per_head = (w.expand(hkv, d, 2), a.expand(hkv), b.expand(hkv))
+    return tuple(t.to(device, dtype).contiguous() for t in per_head)  # type: ignore[return-value]
 
 
 def run_delta(step, qn, kn, v, beta, g, chunk: int) -> torch.Tensor:
@@ -63,9 +70,10 @@ def run_delta(step, qn, kn, v, beta, g, chunk: int) -> torch.Tensor:
 @dataclass
 class DeltaRule(Recurrent):
     """Shared contract of `deltanet` and `gated_deltanet` (they differ in the decay `log_alpha`
-    and the fla kernel). Gates come from k before its normalisation, per k/v head h:
-    β_t = σ(k_t·w_h[:, 0]) and (gated) log α_t = −A_h·softplus(k_t·w_h[:, 1] + b_h), with the
-    fixed parameters of `gate_weights(seed, ...)`: a point is reproducible from its inputs.
+    and the fla kernel). Gates come from k before its normalisation, per k/v head:
+    β_t = σ(k_t·w[:, 0]) and (gated) log α_t = −A·softplus(k_t·w[:, 1] + b), with the fixed
+    parameters of `gate_weights(seed, ...)`, shared by the heads: a point is reproducible from
+    its inputs, and grouped k/v heads equal repeated ones.
 
     Args: chunk (chunk length C), impl (chunk | recurrent | fla), seed (gate parameters).
     """
