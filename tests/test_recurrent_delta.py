@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from attnbench import variants
 from attnbench.harness.run.memory import peak_memory
 from attnbench.harness.run.opcount import count_call
-from attnbench.variants.base import Shape
+from attnbench.variants.base import FORCE_GPU_PATHS, Shape
+from attnbench.variants.recurrent import segments
 from attnbench.variants.recurrent.delta import gate_weights
 from attnbench.variants.recurrent.delta_chunk import chunk_delta
 from attnbench.variants.recurrent.delta_recurrent import recurrent_delta
@@ -325,3 +326,22 @@ def test_grouped_kv_heads_equal_repeated_kv_heads(name):
     both = att.gates(k)
     assert rel_error(beta, both[0][:, :1]) < 1e-14
     assert log_alpha is None or rel_error(log_alpha, both[1][:, :1]) < 1e-14
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_segments_equal_one_pass(name, monkeypatch):
+    """On the CPU the chunked form runs segment by segment (gates and norms too), the state
+    carried across: one chunk per segment, the context included, equals one pass over the
+    sequence (the GPU path), forward and gradients, and so does the decode state."""
+    att = variants.build(name, chunk=8)
+    q = random_qkv(2, 4, 50, 8, requires_grad=True)[0]
+    _, k, v = random_qkv(2, 2, 133, 8, requires_grad=True)  # 83 context positions first
+    results = []
+    for words, forced in ((1, "0"), (1 << 19, "1")):
+        monkeypatch.setattr(segments, "SEGMENT_WORDS", words)
+        monkeypatch.setenv(FORCE_GPU_PATHS, forced)
+        out = att(q, k, v, causal=True)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        results.append((out, *grads, att.decode_init(k, v)))
+    for a, b in zip(*results, strict=True):
+        assert rel_error(a, b) < 1e-12

@@ -30,6 +30,7 @@ from attnbench.variants.base import Shape, compute_dtype
 from attnbench.variants.recurrent._base import Recurrent
 from attnbench.variants.recurrent.delta_chunk import SOLVE_BLOCK, chunk_delta, delta_flops
 from attnbench.variants.recurrent.delta_recurrent import recurrent_delta
+from attnbench.variants.recurrent.segments import segment_span
 
 
 @functools.lru_cache(maxsize=32)
@@ -107,9 +108,35 @@ class DeltaRule(Recurrent):
             raise ValueError(f"{self.name} is causal only: {self.no_noncausal}")
         if self.impl == "fla":
             return self._fla(q, k, v)
-        step = recurrent_delta if self.impl == "recurrent" else chunk_delta
-        out = run_delta(step, *self._inputs(q, k, v), self.chunk)
-        return out.reshape(q.shape).to(q.dtype)  # (B, Hkv, G, Nq, Dv) → (B, H, Nq, D)
+        if self.impl == "recurrent":
+            out = run_delta(recurrent_delta, *self._inputs(q, k, v), self.chunk)
+            return out.reshape(q.shape).to(q.dtype)  # (B, Hkv, G, Nq, Dv) → (B, H, Nq, D)
+        b, h, nq, d = q.shape
+        pre = k.shape[-2] - nq
+        span = self._span(b, h, max(nq, pre), d, q.device)
+        state = self._states(k[..., :pre, :], v[..., :pre, :], span)
+        outs = []
+        for lo in range(0, nq, span):  # segment by segment, the gates and norms too
+            part, keys = slice(lo, lo + span), slice(pre + lo, pre + lo + span)
+            qn, kn, vc, beta, g = self._inputs(q[..., part, :], k[..., keys, :], v[..., keys, :])
+            out, state = chunk_delta(qn, kn, vc, beta, g, state, self.chunk,
+                                     final=lo + span < nq)
+            outs.append(out.reshape(b, h, -1, d).to(q.dtype))  # (B, Hkv, G, m, D) → (B, H, m, D)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+
+    def _span(self, b: int, h: int, n: int, d: int, device) -> int:
+        """Positions per segment of the chunked form (a multiple of the chunk length)."""
+        return segment_span(n, self.chunk, b * h * max(self.chunk, 2 * d), device)
+
+    def _states(self, k: torch.Tensor, v: torch.Tensor, span: int) -> torch.Tensor | None:
+        """The state after k, v by the chunked form, segment by segment (None: no positions)."""
+        ct, state = compute_dtype(k.dtype), None
+        for lo in range(0, k.shape[-2], span):
+            kf = k[..., lo:lo + span, :].to(ct)
+            beta, g = self.gates(kf)
+            _, state = chunk_delta(None, F.normalize(kf, dim=-1), v[..., lo:lo + span, :].to(ct),
+                                   beta, g, state, self.chunk, final=True)
+        return state
 
     def fla_kernel(self, q, k, v, beta, g, **kw):
         """The subclass's fla call on (B, T, H, D) tensors; returns (out, final state)."""
@@ -141,12 +168,11 @@ class DeltaRule(Recurrent):
     ) -> torch.Tensor:
         """The state (B, Hkv, D, Dv) in the compute dtype after the context, chunked. One state
         per k/v head (the gates come from k): `heads` is not needed."""
-        ct = compute_dtype(k.dtype)
-        kf = k.to(ct)
-        beta, g = self.gates(kf)
-        _, s = chunk_delta(None, F.normalize(kf, dim=-1), v.to(ct), beta, g, None, self.chunk,
-                           final=True)
-        return s
+        b, hkv, n, d = k.shape
+        state = self._states(k, v, self._span(b, hkv, n, d, k.device))
+        if state is None:  # no context: the zero state
+            state = k.new_zeros(b, hkv, d, v.shape[-1], dtype=compute_dtype(k.dtype))
+        return state
 
     def decode_step(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor
