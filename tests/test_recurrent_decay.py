@@ -295,3 +295,19 @@ def test_segments_equal_one_pass(name, monkeypatch):
         results.append((out, *grads, att.decode_init(k, v, heads=4)))
     for a, b in zip(*results, strict=True):
         assert rel_error(a, b) < 1e-12
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_algorithm_flops_count_the_causal_triangles(name):
+    """The least work of the chunked form, counted here position by position: each query
+    against the keys of its chunk up to itself (scores and A·V), each position's state update
+    per state head and read per query head; the context only updates. Never above what runs."""
+    att = variants.build(name, chunk=16)
+    for shape in (variants.Shape(2, 4, 100, 8), variants.Shape(1, 4, 90, 8, kv_heads=2, q_len=37)):
+        L, d = 16, shape.head_dim
+        ha = shape.heads if att.per_query_head else shape.hkv
+        pairs = sum(t % L + 1 for t in range(shape.nq))  # keys s ≤ t in t's chunk
+        want = shape.batch * (shape.heads * pairs * 2 * 2 * d
+                              + 2 * (ha * shape.seq_len + shape.heads * shape.nq) * d * d)
+        got = att.algorithm_flops(shape) - att.gate_flops(shape)
+        assert got == want and att.algorithm_flops(shape) <= att.flops(shape, True)

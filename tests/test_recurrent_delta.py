@@ -345,3 +345,25 @@ def test_segments_equal_one_pass(name, monkeypatch):
         results.append((out, *grads, att.decode_init(k, v)))
     for a, b in zip(*results, strict=True):
         assert rel_error(a, b) < 1e-12
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_algorithm_flops_count_the_triangles(name):
+    """The least work of the chunked delta rule, counted here chunk by chunk (Dv = D, [U | W]
+    2D wide): β K Kᵀ and the solve on the strict triangle, K̃ᵀ[U | W], the carry at each chunk
+    boundary, P and P [U | W] on the causal triangle and (P W − e^γ Q) S per query head; gate
+    projections. Never above what runs."""
+    att = variants.build(name, chunk=16)
+    for shape in (Shape(2, 4, 100, 8), Shape(1, 4, 90, 8, kv_heads=2, q_len=37)):
+        d, bh, g = shape.head_dim, shape.batch * shape.hkv, shape.groups
+        pre = shape.seq_len - shape.nq
+        want = bh * (_delta_work(shape.nq, d, g) + (_delta_work(pre, d, 0) if pre else 0)
+                     + 2 * shape.seq_len * d * (2 if att.gated else 1))
+        assert att.algorithm_flops(shape) == want <= att.flops(shape, True)
+
+
+def _delta_work(n: int, d: int, groups: int) -> int:
+    chunks = [min(16, n - lo) for lo in range(0, n, 16)]
+    f = sum(c * (c - 1) // 2 * 2 * 3 * d + 2 * d * c * 2 * d for c in chunks)
+    f += (len(chunks) - 1) * 2 * d**3
+    return f + groups * sum(c * (c + 1) // 2 * 2 * 3 * d + 2 * c * d * d for c in chunks)

@@ -23,6 +23,7 @@ from attnbench.variants.recurrent.decay_chunk import (
     chunk_decay,
     chunk_length,
     chunk_state,
+    decay_algorithm_flops,
     decay_flops,
     decay_memory,
 )
@@ -70,14 +71,16 @@ class DecayRNN(Recurrent):
         if self.impl == "chunk":  # segment by segment, the gates too (`segments`)
             span = self._span(q.shape[0], h, max(nq, pre), q.shape[-1], q.device)
             state = self._states(k[..., :pre, :], v[..., :pre, :], h, span)
-            outs = []
+            out = None if nq <= span else q.new_empty(*q.shape[:-1], v.shape[-1])
             for lo in range(0, nq, span):
                 kc, vc, log_a, gain = self._inputs(k[..., pre + lo:pre + lo + span, :],
                                                    v[..., pre + lo:pre + lo + span, :], h)
-                out, state = chunk_decay(q[..., lo:lo + span, :].to(ct), kc, vc, log_a,
-                                         self.chunk, gain, state)
-                outs.append(out.to(q.dtype))
-            return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+                part, state = chunk_decay(q[..., lo:lo + span, :].to(ct), kc, vc, log_a,
+                                          self.chunk, gain, state)
+                if out is None:
+                    return part.to(q.dtype)
+                out[..., lo:lo + span, :] = part  # written as it comes: no list of parts kept
+            return out
         qc, (kc, vc, log_a, gain) = q.to(ct), self._inputs(k, v, h)
         if self.impl == "recurrent":
             state = None
@@ -185,6 +188,11 @@ class DecayRNN(Recurrent):
             return gates + 2.0 * shape.batch * shape.seq_len * upd * d * d + \
                 2.0 * shape.batch * shape.nq * shape.heads * d * d  # k_tᵀv_t, then q_t S_t
         return gates + decay_flops(shape, self._ha(shape), self.per_dim, self.chunk)
+
+    def algorithm_flops(self, shape: Shape) -> float:
+        """The least matmul work of the chunked algorithm (forward): each causal triangle once,
+        no padding; `flops` counts what runs (full L×L tiles, padded chunks)."""
+        return self.gate_flops(shape) + decay_algorithm_flops(shape, self._ha(shape), self.chunk)
 
     def backward_flops(self, shape: Shape, causal: bool = False) -> float:
         gates = self.gate_flops(shape)

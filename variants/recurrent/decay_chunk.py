@@ -135,39 +135,35 @@ def _segment(q, k, v, la, g, s, L: int, fixed: bool, track: bool):
         qc = q.reshape(z, rows, c, L, dk).transpose(1, 2).reshape(x, rows, L, dk)
     if fixed:
         ea, eb, tot, decay = _fixed_factors(la, L)  # (Z, 1, L), (Z, 1, L), (Z, 1), (Z, 1, L, L)
-        ea, eb = ea.unsqueeze(-1), eb.unsqueeze(-1)  # (Z, 1, L, 1)
-        kend = (k.reshape(z, c, L, dk) * eb).view(x, L, dk)
+        kend = (k.reshape(z, c, L, dk) * eb[..., None]).view(x, L, dk)  # k_s ⊙ e^{b_L − b_s}
         tot = tot.expand(z, c)
-    else:
-        lc = la.reshape(x, L, la.shape[-1])  # (Z·c, L, Dd)
-        if q is None:  # the state only: the tree's factors without the scores
-            scores = None
-            ea, eb = _tree_sums(lc[..., 0], None, track) if lc.shape[-1] == 1 else \
-                _tree_products(None, None, lc.exp(), track)
-        elif lc.shape[-1] == 1:
+        if q is not None:
+            qe = qc.view(z, c, rows, L, dk) * ea.view(z, 1, 1, L, 1)  # q_t ⊙ e^{b_t}
+            scores = torch.bmm(qc.view(x, rows * L, dk), kc.transpose(1, 2))  # (Z·c, G·L, L)
+            scores = scores.view(z, c, rows, L, L) * decay.view(z, 1, 1, L, L)
+    elif la.shape[-1] == 1:
+        lc = la.reshape(x, L)  # (Z·c, L)
+        scores = None
+        if q is not None:
             scores = torch.bmm(qc.view(x, rows * L, dk), kc.transpose(1, 2)).view(x, rows, L, L)
-            if gpu_path(k.device):  # few launches: the L×L decays from segment sums
-                scores = scores * segsum(lc[..., 0]).exp()[:, None]
-                ea, eb = lc[..., 0].cumsum(-1).exp(), suffix_sums(lc[..., 0]).exp()
-            else:  # no exponential, no cumulative sum over the L×L scores
-                ea, eb = _tree_sums(lc[..., 0], scores, track)
-        else:
-            scores, ea, eb = _tree_products(qc, kc.unsqueeze(1), lc.exp(), track)
-        if ea.dim() == 2:  # scalar: (Z·c, L) → (Z·c, L, 1)
-            ea, eb = ea.unsqueeze(-1), eb.unsqueeze(-1)
-        kend = kc * eb  # k_s ⊙ e^{b_L − b_s}
-        tot = ea[:, -1].reshape(z, c, -1)  # e^{b_L}: (Z, c, Dd)
+        if scores is not None and gpu_path(k.device):  # few launches: L×L from segment sums
+            scores = scores * segsum(lc).exp()[:, None]
+            ea, eb = lc.cumsum(-1).exp(), suffix_sums(lc).exp()
+        else:  # no exponential, no cumulative sum over the L×L scores
+            ea, eb = _tree_sums(lc, scores, track)
+        kend = kc * eb[..., None]  # k_s ⊙ e^{b_L − b_s}
+        tot = ea[:, -1]  # e^{b_L}
+        if q is not None:
+            qe = qc * ea[:, None, :, None]  # q_t ⊙ e^{b_t}
+    else:  # per key dimension: q ⊙ e^{b_t} and k ⊙ e^{b_L − b_s} come out of the tree
+        scores, qe, kend, tot = _tree_products(None if q is None else qc, kc,
+                                               la.reshape(x, L, dk).exp(), track)
     upd = (kend.transpose(1, 2) @ vc).view(z, c, dk, dv)  # each chunk's own (k ⊙ e)ᵀ (g v)
     prev, s = _pass_states(upd, tot.reshape(z, c, -1, 1), s, q is not None, track)
     if q is None:
         return None, s
-    qe = qc.view(z, c, rows, L, dk) * (ea.view(z, 1, 1, L, 1) if fixed else
-                                       ea.view(z, c, 1, L, -1))  # q_t ⊙ e^{b_t}
-    out = torch.bmm(qe.view(x, rows * L, dk), prev.view(x, dk, dv))  # (Z·c, G·L, Dv)
-    if fixed:
-        scores = torch.bmm(qc.view(x, rows * L, dk), kc.transpose(1, 2))  # (Z·c, G·L, L)
-        scores = scores.view(z, c, rows, L, L) * decay.view(z, 1, 1, L, L)
-    out = torch.baddbmm(out, scores.reshape(x, rows * L, L), vc)  # + intra-chunk
+    out = torch.bmm(qe.reshape(x, rows * L, dk), prev.view(x, dk, dv))  # (Z·c, G·L, Dv)
+    out = out.baddbmm_(scores.reshape(x, rows * L, L), vc)  # + intra-chunk, in place
     out = out.view(z, c, rows, L, dv).transpose(1, 2).reshape(z, rows, c * L, dv)
     return out[:, :, :m], s  # (Z, G, m, Dv)
 
@@ -219,37 +215,47 @@ def _tree_sums(la: torch.Tensor, scores: torch.Tensor | None, track: bool):
     return a.exp(), e.exp()
 
 
-def _tree_products(q: torch.Tensor | None, k: torch.Tensor | None, gates: torch.Tensor,
-                   track: bool):
-    """Per-dimension decays, gates = a (X, L, D): the scores Σ_d q_td k_sd e^{b_td − b_sd} for
-    s ≤ t (0 above the diagonal), q (X, G, L, D) and k (X, 1, L, D) (None: factors only), and
-    e^{b_t}, e^{b_L − b_s} (X, L, D). The factors as products of gates: fa from the start of t's
-    aligned s-block to t, fe after t to its end. Without autograd `gates` is overwritten."""
+def _tree_products(q: torch.Tensor | None, k: torch.Tensor, gates: torch.Tensor, track: bool):
+    """Per-dimension decays, gates a (X, L, D), q (X, G, L, D) or None, k (X, L, D). Returns
+    the scores Σ_d q_td k_sd e^{b_td − b_sd} for s ≤ t (X, G, L, L) (0 above the diagonal),
+    q ⊙ e^{b_t}, k ⊙ e^{b_L − b_s} and e^{b_L} (X, 1, D) (scores and q's None without q).
+
+    q and k are carried already scaled: at level s, qs = q ⊙ Π (start of t's aligned s-block, t]
+    and ks = k ⊙ Π (s, end of its block]; each level multiplies qs's second halves by the first
+    half's product and ks's first halves by the second's (t: those products, (X, L/s, D)), so
+    an element costs one multiply per level, the gates one exponential in all."""
     x, L, d = gates.shape
-    fa, fe = gates, torch.ones_like(gates)
-    scores = None
+    scores = qs = None
     if q is not None:
         g = q.shape[1]
         scores = q.new_zeros(x, g, L, L)
-        scores.diagonal(0, -2, -1).copy_((q * k).sum(-1))  # e^0 = 1
+        scores.diagonal(0, -2, -1).copy_((q * k[:, None]).sum(-1))  # e^0 = 1
+        qs = q * gates[:, None]  # a_t: the product over t's own 1-block
+    ks, t = k, gates
     s = 1
     while s < L:
         nb = L // (2 * s)
-        fa5, fe5 = fa.view(x, nb, 2, s, d), fe.view(x, nb, 2, s, d)
+        t2 = t.view(x, nb, 2, 1, d)  # each half's product
+        kv = ks.view(x, nb, 2, s, d)
         if q is not None:
-            qt = q.view(x, g, nb, 2, s, d)[:, :, :, 1] * fa5[:, None, :, 1]  # (X, G, nb, s, D)
-            kt = k.view(x, 1, nb, 2, s, d)[:, :, :, 0] * fe5[:, None, :, 0]  # (X, 1, nb, s, D)
-            low = (qt * kt).sum(-1, keepdim=True) if s == 1 else qt @ kt.transpose(-1, -2)
+            qv = qs.view(x, g, nb, 2, s, d)
+            q2, k1 = qv[:, :, :, 1], kv[:, None, :, 0]  # (X, G, nb, s, D), (X, 1, nb, s, D)
+            low = (q2 * k1).sum(-1, keepdim=True) if s == 1 else q2 @ k1.transpose(-1, -2)
             _blocks(scores, s).copy_(low.permute(0, 1, 3, 4, 2))  # (X, G, nb, s, s)
-        tot = fa5[:, :, :, s - 1:]  # (X, nb, 2, 1, D): each half's product
-        if track:  # out of place (autograd saved the factors it multiplied)
-            fe = torch.stack((fe5[:, :, 0] * tot[:, :, 1], fe5[:, :, 1]), 2).view(x, L, d)
-            fa = torch.stack((fa5[:, :, 0], fa5[:, :, 1] * tot[:, :, 0]), 2).view(x, L, d)
+        if track or s == 1:  # out of place (autograd; and ks is still the caller's k)
+            ks = torch.stack((kv[:, :, 0] * t2[:, :, 1], kv[:, :, 1]), 2).view(x, L, d)
+            if q is not None and track:
+                qs = torch.stack((qv[:, :, :, 0], qv[:, :, :, 1] * t2[:, None, :, 0]), 3)
+                qs = qs.view(x, g, L, d)
+            elif q is not None:
+                qv[:, :, :, 1] *= t2[:, None, :, 0]
         else:
-            fe5[:, :, 0] *= tot[:, :, 1]
-            fa5[:, :, 1] *= tot[:, :, 0]
+            kv[:, :, 0] *= t2[:, :, 1]
+            if q is not None:
+                qv[:, :, :, 1] *= t2[:, None, :, 0]
+        t = (t2[:, :, 0] * t2[:, :, 1]).view(x, nb, d)  # the products over blocks of 2s
         s *= 2
-    return (fa, fe) if q is None else (scores, fa, fe)
+    return scores, qs, ks, t
 
 
 def _pass_states(upd, decay, state, keep: bool, track: bool):
@@ -277,8 +283,8 @@ def decay_flops(shape: Shape, ha: int, per_dim: bool, chunk: int) -> float:
     b, h, dk = shape.batch, shape.heads, shape.head_dim
     dv, nq, pre = dk, shape.nq, shape.seq_len - shape.nq
     L = chunk_length(chunk, nq)
-    c = -(-nq // L)
-    scores = h * c * L * (L - 1) * dk if per_dim else 2 * h * c * L * L * dk
+    c = -(-nq // L)  # per-dim: the tree's matmuls from blocks of 2 up (pairs as elementwise dots)
+    scores = h * c * L * max(0, L - 2) * dk if per_dim else 2 * h * c * L * L * dk
     f = scores + 2 * h * c * L * L * dv + 2 * (ha + h) * c * L * dk * dv  # A·V, states, reads
     if pre:
         lp = chunk_length(chunk, pre)
@@ -306,3 +312,14 @@ def decay_memory(shape: Shape, ha: int, per_dim: bool, chunk: int, el: int, cast
         words += (3 * h + 4 * ha) * c * L * L  # scores, segment sums, mask, decay matrix
     words += h * nq * d  # the output
     return int(b * words * el)
+
+
+def decay_algorithm_flops(shape: Shape, ha: int, chunk: int) -> float:
+    """The least matmul work of the chunked form at its chunk length L: each chunk's causal
+    triangle once, diagonal included (scores and A·V), no padding, the state update of each
+    position once per state head and its read once per query head (the context: updates only)."""
+    b, h, d, nq = shape.batch, shape.heads, shape.head_dim, shape.nq
+    L = chunk_length(chunk, nq)
+    full, rest = divmod(nq, L)
+    pairs = full * L * (L + 1) // 2 + rest * (rest + 1) // 2
+    return float(b * (h * pairs * 2 * 2 * d + 2 * (ha * shape.seq_len + h * nq) * d * d))

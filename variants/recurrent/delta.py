@@ -28,7 +28,12 @@ import torch.nn.functional as F
 
 from attnbench.variants.base import Shape, compute_dtype
 from attnbench.variants.recurrent._base import Recurrent
-from attnbench.variants.recurrent.delta_chunk import SOLVE_BLOCK, chunk_delta, delta_flops
+from attnbench.variants.recurrent.delta_chunk import (
+    SOLVE_BLOCK,
+    chunk_delta,
+    delta_algorithm_flops,
+    delta_flops,
+)
 from attnbench.variants.recurrent.delta_recurrent import recurrent_delta
 from attnbench.variants.recurrent.segments import segment_span
 
@@ -115,14 +120,17 @@ class DeltaRule(Recurrent):
         pre = k.shape[-2] - nq
         span = self._span(b, h, max(nq, pre), d, q.device)
         state = self._states(k[..., :pre, :], v[..., :pre, :], span)
-        outs = []
+        out = None if nq <= span else q.new_empty(b, h, nq, v.shape[-1])
         for lo in range(0, nq, span):  # segment by segment, the gates and norms too
-            part, keys = slice(lo, lo + span), slice(pre + lo, pre + lo + span)
-            qn, kn, vc, beta, g = self._inputs(q[..., part, :], k[..., keys, :], v[..., keys, :])
-            out, state = chunk_delta(qn, kn, vc, beta, g, state, self.chunk,
-                                     final=lo + span < nq)
-            outs.append(out.reshape(b, h, -1, d).to(q.dtype))  # (B, Hkv, G, m, D) → (B, H, m, D)
-        return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+            rows, keys = slice(lo, lo + span), slice(pre + lo, pre + lo + span)
+            qn, kn, vc, beta, g = self._inputs(q[..., rows, :], k[..., keys, :], v[..., keys, :])
+            part, state = chunk_delta(qn, kn, vc, beta, g, state, self.chunk,
+                                      final=lo + span < nq)
+            part = part.reshape(b, h, -1, d)  # (B, Hkv, G, m, D) → (B, H, m, D)
+            if out is None:
+                return part.to(q.dtype)
+            out[..., rows, :] = part  # written as it comes: no list of parts kept
+        return out
 
     def _span(self, b: int, h: int, n: int, d: int, device) -> int:
         """Positions per segment of the chunked form (a multiple of the chunk length)."""
@@ -215,6 +223,16 @@ class DeltaRule(Recurrent):
             f += delta_flops(bh, g, p, d, self.chunk, final=True, queries=False, initial=False)
         return f + delta_flops(bh, g, nq, d, self.chunk, final=False, queries=True,
                                initial=p > 0)
+
+    def algorithm_flops(self, shape: Shape) -> float:
+        """The least matmul work of the chunked algorithm (forward): the triangles once, no
+        padding; `flops` counts what runs (full C×C tiles, the blocked solve, padded chunks)."""
+        bh, g, d = shape.batch * shape.hkv, shape.groups, shape.head_dim
+        p, nq = shape.seq_len - shape.nq, shape.nq
+        f = 2.0 * bh * shape.seq_len * d * (2 if self.gated else 1)  # gate projections
+        if p:
+            f += delta_algorithm_flops(bh, g, p, d, self.chunk, queries=False)
+        return f + delta_algorithm_flops(bh, g, nq, d, self.chunk, queries=True)
 
     def decode_flops(self, shape: Shape) -> float:
         """One `decode_step`: gate projections, k S and kᵀu per k/v head, q S per query head."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attnbench.variants.recurrent.decays import segsum, suffix_sums
+from attnbench.variants.recurrent.decays import decay_matrix, suffix_sums
 
 SOLVE_BLOCK = 16  # rows of the diagonal blocks `unit_lower_solve` inverts by doubling
 
@@ -72,9 +72,9 @@ def chunk_delta(
     else:
         gc = g.reshape(x, c)  # log α, (BHkv·nc, C)
         gam = gc.cumsum(-1)  # γ_i: a same-sign sum from the chunk start
-        decay = segsum(gc).exp()  # Γ_ij from exact segment sums, 0 above the diagonal
+        decay = decay_matrix(gc)  # Γ_ij from exact segment sums, 0 above the diagonal
         eg, last = gam.exp()[..., None], gam[:, -1:].exp()  # e^γ_i (.., C, 1), e^γ_C (.., 1)
-        a = a * decay
+        a = a.mul_(decay)
         rhs = torch.cat([vc * bc, kb * eg], -1)  # β [V | e^γ K]
         kt = kc * suffix_sums(gc)[..., None].exp()  # K̃ = e^(γ_C − γ) K
     xw = unit_lower_solve(a, rhs)  # [U | W], (BHkv·nc, C, Dv + D)
@@ -195,3 +195,19 @@ def solve_flops(c: int, m: int) -> float:
     nb, size = -(-c // blk), 1 << (blk - 1).bit_length()
     inverse = nb * sum(2 * size * s * s for s in (1 << i for i in range(size.bit_length() - 1)))
     return inverse + sum(2 * blk * (j * blk + blk) * m for j in range(nb))  # L_{j,<j} X, T_jj r
+
+
+def delta_algorithm_flops(bh: int, groups: int, n: int, d: int, chunk: int,
+                          queries: bool) -> float:
+    """The least matmul work of the chunked delta rule over n positions (Dv = D): per chunk of m,
+    β K Kᵀ and the triangular solve on their strict triangles, K̃ᵀ[U | W], the carry times the
+    state at each chunk boundary, and with queries P and P [U | W] on their causal triangles
+    (diagonal included) and (P W − e^γ Q) S; no padding."""
+    c = max(1, min(chunk, n))
+    lengths = [c] * (n // c) + ([n % c] if n % c else [])
+    e = 2 * d  # the width of [U | W]
+    f = sum(m * (m - 1) * (d + e) + 2 * d * m * e for m in lengths)  # A, solve, K̃ᵀ[U | W]
+    f += (len(lengths) - 1) * 2 * d * d * d  # the state passed across chunk boundaries
+    if queries:
+        f += groups * sum(m * (m + 1) * (d + e) + 2 * m * d * d for m in lengths)
+    return float(bh * f)
