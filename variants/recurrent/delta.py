@@ -242,7 +242,9 @@ class DeltaRule(Recurrent):
 
     def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = True) -> int:
         """Upper estimate: the normalised inputs and gates, plus every intermediate of the larger
-        of the two segments (context, queries) counted as live at once."""
+        of the two parts (context, queries) counted as live at once (the GPU path; and what
+        autograd keeps). On the CPU without autograd the segments (`segments`) hold one
+        segment's intermediates at a time: the peak stays far below."""
         el = torch.empty((), dtype=compute_dtype(dtype)).element_size()
         bh, g, d, n, nq = shape.batch * shape.hkv, shape.groups, shape.head_dim, shape.seq_len, \
             shape.nq
