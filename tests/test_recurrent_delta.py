@@ -19,8 +19,11 @@ import torch.nn.functional as F
 from attnbench import variants
 from attnbench.harness.run.memory import peak_memory
 from attnbench.harness.run.opcount import count_call
-from attnbench.variants.base import Shape
+from attnbench.variants.base import FORCE_GPU_PATHS, Shape
+from attnbench.variants.recurrent import segments
 from attnbench.variants.recurrent.delta import gate_weights
+from attnbench.variants.recurrent.delta_chunk import chunk_delta
+from attnbench.variants.recurrent.delta_recurrent import recurrent_delta
 from attnbench.variants.reference import rel_error
 from attnbench.variants.testing import assert_matches, random_qkv
 
@@ -274,3 +277,93 @@ def test_labels_show_non_defaults():
     assert variants.build("deltanet", chunk=32).label == "deltanet[chunk=32]"
     with pytest.raises(ValueError):
         variants.build("deltanet", impl="nope")
+
+
+def test_gated_strong_gates_keep_float32_precision():
+    """Keys scaled ×20 drive A·softplus(k·w + b) from ~0 to hundreds: strong and mild decays mix
+    inside a chunk. The decays are segment sums (differences of cumulative sums lost the mild
+    segments after a strong one: 6.9e-6 at C=16, 3.8e-5 at C=64), so float32 stays near the
+    error of Mamba-2 on the same inputs (1.9e-7)."""
+    att = variants.build("gated_deltanet")
+    q, k, v = random_qkv(1, 4, 300, 32, seed=3)
+    k = k * 20
+    gold = paper_reference(att)(q, k, v, True)  # float64
+    for chunk in (16, 64):
+        out = variants.build("gated_deltanet", chunk=chunk)(q.float(), k.float(), v.float(),
+                                                           causal=True)
+        assert rel_error(out.double(), gold) < 1e-6, chunk
+
+
+def test_engine_exact_for_decays_near_zero():
+    """Log-decays of −1e3 (gates near 0) next to −1e-3 inside each chunk, float32 against the
+    float64 per-step form: every exponent is a same-sign segment sum."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 150, 8
+    q, k, v = (F.normalize(torch.randn(1, 2, n, d, generator=g, dtype=torch.float64), dim=-1)
+               for _ in range(3))
+    beta = torch.rand(1, 2, n, generator=g, dtype=torch.float64)
+    strong = torch.rand(1, 2, n, generator=g, dtype=torch.float64) < 0.1
+    log_a = torch.where(strong, -1e3, -1e-3 * torch.rand(1, 2, n, generator=g,
+                                                         dtype=torch.float64))
+    gold, gold_state = recurrent_delta(q[:, :, None], k, v, beta, log_a)
+    out, state = chunk_delta(*(t.float() for t in (q[:, :, None], k, v, beta, log_a)), None, 64,
+                             final=True)
+    assert rel_error(out.double(), gold) < 1e-6 and rel_error(state.double(), gold_state) < 1e-6
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_grouped_kv_heads_equal_repeated_kv_heads(name):
+    """kv_heads = H/G is the kv_heads = H model with its k/v heads repeated: a k/v head's gates
+    do not depend on how many heads there are (a kv_heads sweep compares one model)."""
+    att = variants.build(name, chunk=16)
+    q = random_qkv(2, 6, 53, 16)[0]
+    _, k, v = random_qkv(2, 2, 53, 16)
+    out = att(q, k, v, causal=True)
+    rep = att(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), causal=True)
+    assert rel_error(out, rep) < 1e-12
+    assert rel_error(variants.build(name, impl="recurrent")(q, k, v, causal=True), rep) < 1e-12
+    beta, log_alpha = att.gates(k[:, :1])  # head 0 alone: the same gates as among two heads
+    both = att.gates(k)
+    assert rel_error(beta, both[0][:, :1]) < 1e-14
+    assert log_alpha is None or rel_error(log_alpha, both[1][:, :1]) < 1e-14
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_segments_equal_one_pass(name, monkeypatch):
+    """On the CPU the chunked form runs segment by segment (gates and norms too), the state
+    carried across: one chunk per segment, the context included, equals one pass over the
+    sequence (the GPU path), forward and gradients, and so does the decode state."""
+    att = variants.build(name, chunk=8)
+    q = random_qkv(2, 4, 50, 8, requires_grad=True)[0]
+    _, k, v = random_qkv(2, 2, 133, 8, requires_grad=True)  # 83 context positions first
+    results = []
+    for words, forced in ((1, "0"), (1 << 19, "1")):
+        monkeypatch.setattr(segments, "SEGMENT_WORDS", words)
+        monkeypatch.setenv(FORCE_GPU_PATHS, forced)
+        out = att(q, k, v, causal=True)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        results.append((out, *grads, att.decode_init(k, v)))
+    for a, b in zip(*results, strict=True):
+        assert rel_error(a, b) < 1e-12
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_algorithm_flops_count_the_triangles(name):
+    """The least work of the chunked delta rule, counted here chunk by chunk (Dv = D, [U | W]
+    2D wide): β K Kᵀ and the solve on the strict triangle, K̃ᵀ[U | W], the carry at each chunk
+    boundary, P and P [U | W] on the causal triangle and (P W − e^γ Q) S per query head; gate
+    projections. Never above what runs."""
+    att = variants.build(name, chunk=16)
+    for shape in (Shape(2, 4, 100, 8), Shape(1, 4, 90, 8, kv_heads=2, q_len=37)):
+        d, bh, g = shape.head_dim, shape.batch * shape.hkv, shape.groups
+        pre = shape.seq_len - shape.nq
+        want = bh * (_delta_work(shape.nq, d, g) + (_delta_work(pre, d, 0) if pre else 0)
+                     + 2 * shape.seq_len * d * (2 if att.gated else 1))
+        assert att.algorithm_flops(shape) == want <= att.flops(shape, True)
+
+
+def _delta_work(n: int, d: int, groups: int) -> int:
+    chunks = [min(16, n - lo) for lo in range(0, n, 16)]
+    f = sum(c * (c - 1) // 2 * 2 * 3 * d + 2 * d * c * 2 * d for c in chunks)
+    f += (len(chunks) - 1) * 2 * d**3
+    return f + groups * sum(c * (c + 1) // 2 * 2 * 3 * d + 2 * c * d * d for c in chunks)

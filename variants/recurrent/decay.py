@@ -23,11 +23,13 @@ from attnbench.variants.recurrent.decay_chunk import (
     chunk_decay,
     chunk_length,
     chunk_state,
+    decay_algorithm_flops,
     decay_flops,
     decay_memory,
 )
 from attnbench.variants.recurrent.decay_naive import naive_decay
 from attnbench.variants.recurrent.decay_recurrent import recurrent_decay
+from attnbench.variants.recurrent.segments import segment_span
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -47,6 +49,7 @@ class DecayRNN(Recurrent):
     per_query_head: ClassVar[bool] = True  # decays per query head, or per k/v head
     fla_op: ClassVar[str] = ""  # the flash-linear-attention op of the `fla` impl
     input_gain: ClassVar[bool] = False  # a gain g_t on k_tᵀv_t (mamba2's Δ_t)
+    intra: ClassVar[str] = "tree-scale"  # how the chunked form decays its intra-chunk scores
 
     def gates(self, k: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """log a (B, Ha, N, Dd) and the input gain (B, Ha, N) or None, from k (B, Hkv, N, D)
@@ -63,10 +66,22 @@ class DecayRNN(Recurrent):
     ) -> torch.Tensor:
         if not causal:
             raise ValueError(f"{self.name} is causal only: {self.no_noncausal}")
+        h, nq, pre = q.shape[1], q.shape[-2], k.shape[-2] - q.shape[-2]
         ct = compute_dtype(q.dtype)
-        qc, kc, vc = q.to(ct), self.prepare(k.to(ct)), v.to(ct)
-        log_a, gain = self.gates(kc, q.shape[1])
-        pre = k.shape[-2] - q.shape[-2]
+        if self.impl == "chunk":  # segment by segment, the gates too (`segments`)
+            span = self._span(q.shape[0], h, max(nq, pre), q.shape[-1], q.device)
+            state = self._states(k[..., :pre, :], v[..., :pre, :], h, span)
+            out = None if nq <= span else q.new_empty(*q.shape[:-1], v.shape[-1])
+            for lo in range(0, nq, span):
+                kc, vc, log_a, gain = self._inputs(k[..., pre + lo:pre + lo + span, :],
+                                                   v[..., pre + lo:pre + lo + span, :], h)
+                part, state = chunk_decay(q[..., lo:lo + span, :].to(ct), kc, vc, log_a,
+                                          self.chunk, gain, state)
+                if out is None:
+                    return part.to(q.dtype)
+                out[..., lo:lo + span, :] = part  # written as it comes: no list of parts kept
+            return out
+        qc, (kc, vc, log_a, gain) = q.to(ct), self._inputs(k, v, h)
         if self.impl == "recurrent":
             state = None
             if pre:
@@ -79,12 +94,28 @@ class DecayRNN(Recurrent):
         if pre:  # the queries are the last nq positions: the context only builds the state
             state = chunk_state(kc[..., :pre, :], vc[..., :pre, :], log_a[..., :pre, :],
                                 self.chunk, _head(gain, pre))
-        if self.impl == "fla":
-            return self._fla(qc, kc[..., pre:, :], vc[..., pre:, :], log_a[..., pre:, :],
-                             _tail(gain, pre), state).to(q.dtype)
-        out, _ = chunk_decay(qc, kc[..., pre:, :], vc[..., pre:, :], log_a[..., pre:, :],
-                             self.chunk, _tail(gain, pre), state)
-        return out.to(q.dtype)
+        return self._fla(qc, kc[..., pre:, :], vc[..., pre:, :], log_a[..., pre:, :],
+                         _tail(gain, pre), state).to(q.dtype)
+
+    def _inputs(self, k: torch.Tensor, v: torch.Tensor, heads: int):
+        """k (prepared) and v in the compute dtype, log a and the gain, for these positions."""
+        ct = compute_dtype(k.dtype)
+        kc = self.prepare(k.to(ct))
+        return kc, v.to(ct), *self.gates(kc, heads)
+
+    def _span(self, b: int, h: int, n: int, d: int, device) -> int:
+        """Positions per segment of the chunked form (a multiple of the chunk length)."""
+        L = chunk_length(self.chunk, self.chunk)
+        return segment_span(n, L, b * h * max(L, d), device)
+
+    def _states(self, k: torch.Tensor, v: torch.Tensor, heads: int, span: int):
+        """The state after k, v by the chunked form, segment by segment (None: no positions)."""
+        state = None
+        for lo in range(0, k.shape[-2], span):
+            kc, vc, log_a, gain = self._inputs(k[..., lo:lo + span, :], v[..., lo:lo + span, :],
+                                               heads)
+            state = chunk_state(kc, vc, log_a, self.chunk, gain, state)
+        return state
 
     def decode_init(
         self, k: torch.Tensor, v: torch.Tensor, heads: int | None = None
@@ -92,10 +123,14 @@ class DecayRNN(Recurrent):
         """The state (B, Ha, Dk, Dv) after the context, by the chunked form (compute dtype).
         `heads`: the query heads H, needed only where decays differ per query head and
         kv_heads < heads (k alone does not tell H); default k's heads."""
-        ct = compute_dtype(k.dtype)
-        kc = self.prepare(k.to(ct))
-        log_a, gain = self.gates(kc, heads or k.shape[1])
-        return chunk_state(kc, v.to(ct), log_a, self.chunk, gain)
+        h = heads or k.shape[1]
+        state = self._states(k, v, h, self._span(k.shape[0], h, k.shape[-2], k.shape[-1],
+                                                 k.device))
+        if state is None:  # no context: the zero state
+            ha = h if self.per_query_head else k.shape[1]
+            state = k.new_zeros(k.shape[0], ha, k.shape[-1], v.shape[-1],
+                                dtype=compute_dtype(k.dtype))
+        return state
 
     def decode_step(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Any
@@ -132,8 +167,8 @@ class DecayRNN(Recurrent):
 
     def kernel(self, shape: Shape, device, causal: bool, grad: bool) -> str:
         if self.impl == "chunk":
-            L = chunk_length(self.chunk, shape.nq, self.per_dim)
-            return f"chunk:{'tree' if self.per_dim else 'segsum'}[L={L}]"
+            L = chunk_length(self.chunk, shape.nq)
+            return f"chunk:{self.intra}[L={L}]"
         return f"fla:{self.fla_op}" if self.impl == "fla" else "recurrent"
 
     def density(self, n: int, causal: bool = False) -> float | None:
@@ -153,6 +188,11 @@ class DecayRNN(Recurrent):
             return gates + 2.0 * shape.batch * shape.seq_len * upd * d * d + \
                 2.0 * shape.batch * shape.nq * shape.heads * d * d  # k_tᵀv_t, then q_t S_t
         return gates + decay_flops(shape, self._ha(shape), self.per_dim, self.chunk)
+
+    def algorithm_flops(self, shape: Shape) -> float:
+        """The least matmul work of the chunked algorithm (forward): each causal triangle once,
+        no padding; `flops` counts what runs (full L×L tiles, padded chunks)."""
+        return self.gate_flops(shape) + decay_algorithm_flops(shape, self._ha(shape), self.chunk)
 
     def backward_flops(self, shape: Shape, causal: bool = False) -> float:
         gates = self.gate_flops(shape)

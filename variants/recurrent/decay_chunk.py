@@ -1,40 +1,46 @@
 """The chunked form of the decay-gated recurrence S_t = Diag(a_t) S_{t−1} + g_t k_tᵀ v_t,
 o_t = q_t S_t (prefill, training; see `attnbench.variants.recurrent.decay`), and its models.
 
-Chunked form, chunks of L positions, b_t = Σ log a_u over the chunk up to t (inclusive):
+Chunks of L positions (L a power of two), b_t = Σ log a_u over the chunk up to t (inclusive):
     o_t = (q_t ⊙ e^{b_t}) S_prev  +  Σ_{s≤t in chunk} Σ_d q_td k_sd e^{b_td − b_sd} g_s v_s
     S_end = e^{b_L} ⊙ S_prev + Σ_s (k_s ⊙ e^{b_L − b_s})ᵀ g_s v_s
-Every exponent is ≤ 0 and is a sum of same-sign log-decays (never a difference of two cumulative
-sums, which loses the small segment sums next to a large one), so decays arbitrarily close to 0
-underflow to the right answer instead of overflowing:
-- scalar decays (retnet, mamba2): the L×L decay matrix from exact segment sums (SSD's `segsum`);
-- per-key-dimension decays (gla): e^{b_t − b_s} does not factor through one matmul with bounded
-  factors, so the intra-chunk scores are built by a halving tree (GLA's secondary chunking taken
-  down to single positions): at the level of blocks of s positions, the scores of the second half
-  of each 2s-block against its first half are one matmul of q ⊙ e^{(b_t − b_r)} and
-  k ⊙ e^{(b_r − b_s)} with r the boundary between the halves, both factors ≤ 1; the diagonal is
-  q_t·k_t. log2(L) levels, L(L−1)·d multiply-adds per chunk (the causal triangle), so the chunk
-  length of a per-dimension decay is rounded up to a power of two.
-The state is passed from chunk to chunk by a Python loop of two element-wise ops per chunk (n/L
-iterations: the only sequential part; everything else is batched over batch, heads and chunks).
-Grouped-query heads: q heads h = j·G + i read k/v head j; matmuls broadcast k/v through einsum,
-which folds the G query heads into the matmul rows (k and v are never repeated).
+Every decay factor is ≤ 1 and built from same-sign terms (never e^{b_t} / e^{b_s}, nor a
+difference of cumulative sums), so decays arbitrarily close to 0 underflow to the right answer.
+The intra-chunk decays come from a halving tree: at the level of blocks of s positions, the pairs
+(t in the second half, s in the first half) of each 2s-block factor through the boundary r
+between the halves, e^{b_t − b_s} = e^{b_t − b_r} · e^{b_r − b_s}, and the next level's two
+factors are the current ones times the other half's total (doubling), log2(L) levels:
+- scalar decays (mamba2): the scores Q Kᵀ are one matmul per chunk; each level scales its blocks
+  in place by the outer product of its two factors (sums in log space, exponentiated per
+  position: no exponential over the L×L scores, no cumulative sum over the chunk);
+- fixed decays (retnet: the same a_h at every step) need no tree: the L×L decay matrix
+  γ^{t−s} is formed once per head;
+- per-key-dimension decays (gla): the factors differ per key dimension, so each level's blocks
+  are one matmul of q ⊙ e^{b_t − b_r} and k ⊙ e^{b_r − b_s} (GLA's secondary chunking taken down
+  to single positions), the factors kept as products of the gates (one exponential per gate):
+  L(L−1)·d multiply-adds per chunk, the causal triangle.
+After the tree the factors are e^{b_t} and e^{b_L − b_s}: the inter-chunk terms' decays.
+The state is passed from chunk to chunk by one fused op per chunk (n/L: the only sequential part;
+everything else is batched over batch, heads and chunks). On the CPU the sequence runs in
+segments (`segments`), the state carried across. Decays per query head (retnet, mamba2) give each
+query head its own state (k and v repeated to the query heads); decays per k/v head (gla) share
+one state between the G query heads of a group, folded into the rows of its matmuls.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from attnbench.variants.base import Shape
+from attnbench.variants.base import Shape, gpu_path
+from attnbench.variants.recurrent.decays import segsum, suffix_sums
+from attnbench.variants.recurrent.segments import segment_span
 
 
-def chunk_length(chunk: int, n: int, per_dim: bool) -> int:
-    """The chunk length used for n positions (a power of two for per-dimension decays)."""
+def chunk_length(chunk: int, n: int) -> int:
+    """The chunk length used for n positions: `chunk` (at most n) rounded up to a power of two."""
     length = max(1, min(chunk, n))
-    return 1 << (length - 1).bit_length() if per_dim else length
+    return 1 << (length - 1).bit_length()
 
 
 def chunk_decay(
@@ -51,48 +57,17 @@ def chunk_decay(
     Args:
         q: (B, H, N, Dk); k: (B, Hkv, N, Dk); v: (B, Hkv, N, Dv), Hkv dividing H.
         log_a: (B, Ha, N, Dd) log-decays (≤ 0), Ha ∈ {Hkv, H} (decay per k/v head or per query
-            head), Dd ∈ {1, Dk} (scalar or per key dimension).
-        chunk: chunk length L.
+            head), Dd ∈ {1, Dk} (scalar or per key dimension); expanded along N (stride 0: the
+            same decay at every step, as retnet's) it is taken as fixed in time.
+        chunk: chunk length L (rounded up to a power of two).
         gain: optional (B, Ha, N) input gain g_t (1 when None).
         state: optional initial state (B, Ha, Dk, Dv).
     Returns:
         out (B, H, N, Dv) and the final state (B, Ha, Dk, Dv).
     """
-    b, h, n, dk = q.shape
-    hkv, dv, ha, dd = k.shape[1], v.shape[-1], log_a.shape[1], log_a.shape[-1]
-    g, ga = h // hkv, ha // hkv
-    L = chunk_length(chunk, n, dd > 1)
-    c = -(-n // L)
-    q, k, v, log_a, gain = _pad(c * L - n, q, k, v, log_a, gain)
-    qc = q.view(b, hkv, g, c, L, dk).transpose(2, 3)  # (B, Hkv, C, G, L, Dk)
-    kc, vc = k.view(b, hkv, c, L, dk), v.view(b, hkv, c, L, dv)  # (B, Hkv, C, L, D)
-    la = log_a.view(b, hkv, ga, c, L, dd).transpose(2, 3)  # (B, Hkv, C, Ga, L, Dd)
-    # gains (B, Hkv, C, Ga, L, 1)
-    gc = None if gain is None else gain.view(b, hkv, ga, c, L, 1).transpose(2, 3)
-
-    to_end, total, cum = _decay_sums(la)  # Σ_{u>s} log a, Σ over the chunk, Σ_{u≤t}
-    kend = kc.unsqueeze(3) * to_end.exp()  # (B, Hkv, C, Ga, L, Dk): decayed to the chunk end
-    if gc is not None:
-        kend = kend * gc
-    upd = torch.einsum("zkcgld,zkcle->zkcgde", kend, vc)  # (B, Hkv, C, Ga, Dk, Dv)
-    prev, last = _pass_states(upd, total.exp(), state, (b, hkv, ga, dk, dv))
-
-    inter = _read(qc * cum.exp(), prev)  # (B, Hkv, C, G, L, Dv)
-    if dd == 1:
-        scores = torch.einsum("zkcgld,zkcsd->zkcgls", qc, kc)  # (B, Hkv, C, G, L, L)
-        decay = _segsum(la[..., 0]).exp()  # (B, Hkv, C, Ga, L, L), 0 above the diagonal
-    else:
-        # (B, Hkv, C, G, L, L), k as (B, Hkv, C, 1, L, Dk)
-        scores = _tree_scores(qc.contiguous(), kc.unsqueeze(3), la.contiguous())
-        decay = None
-    if gc is not None:
-        gs = gc.transpose(-2, -1)  # (B, Hkv, C, Ga, 1, L): gain of each key
-        decay = gs if decay is None else decay * gs
-    if decay is not None:
-        scores = scores * decay
-    intra = torch.einsum("zkcgls,zkcse->zkcgle", scores, vc)  # (B, Hkv, C, G, L, Dv)
-    out = (intra + inter).transpose(2, 3).reshape(b, h, c * L, dv)  # (B, H, C·L, Dv)
-    return out[:, :, :n], last.reshape(b, ha, dk, dv)  # state (B, Ha, Dk, Dv)
+    out, last = _run(q, k, v, log_a, chunk, gain, state)
+    assert out is not None
+    return out, last
 
 
 def chunk_state(
@@ -104,123 +79,228 @@ def chunk_state(
     state: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The state after k, v (no outputs), by the chunked form; shapes as `chunk_decay`."""
+    return _run(None, k, v, log_a, chunk, gain, state)[1]
+
+
+def _run(q, k, v, log_a, chunk, gain, state) -> tuple[torch.Tensor | None, torch.Tensor]:
     b, hkv, n, dk = k.shape
     dv, ha, dd = v.shape[-1], log_a.shape[1], log_a.shape[-1]
-    ga = ha // hkv
-    L = chunk_length(chunk, n, False)  # no intra-chunk scores: any length works
-    c = -(-n // L)
-    _, k, v, log_a, gain = _pad(c * L - n, None, k, v, log_a, gain)
-    kc, vc = k.view(b, hkv, c, L, dk), v.view(b, hkv, c, L, dv)  # (B, Hkv, C, L, D)
-    la = log_a.view(b, hkv, ga, c, L, dd).transpose(2, 3)  # (B, Hkv, C, Ga, L, Dd)
-    to_end, total, _ = _decay_sums(la)
-    kend = kc.unsqueeze(3) * to_end.exp()  # (B, Hkv, C, Ga, L, Dk)
-    if gain is not None:  # gains (B, Hkv, C, Ga, L, 1)
-        kend = kend * gain.view(b, hkv, ga, c, L, 1).transpose(2, 3)
-    upd = torch.einsum("zkcgld,zkcle->zkcgde", kend, vc)  # (B, Hkv, C, Ga, Dk, Dv)
-    _, last = _pass_states(upd, total.exp(), state, (b, hkv, ga, dk, dv))
-    return last.reshape(b, ha, dk, dv)  # (B, Ha, Dk, Dv)
+    h = ha if q is None else q.shape[1]
+    if ha != hkv:  # a state per query head: k, v repeated to the query heads
+        k, v = k.repeat_interleave(ha // hkv, 1), v.repeat_interleave(ha // hkv, 1)
+    rows, z = h // ha, b * ha  # query heads reading one state; states
+    fixed = dd == 1 and n > 1 and log_a.stride(-2) == 0
+    L = chunk_length(chunk, n)
+    span = segment_span(n, L, z * rows * max(L, dk, dv), k.device)
+    track = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, log_a, gain, state))
+    qz = None if q is None else q.reshape(z, rows, n, dk)  # (B·Ha, G, N, Dk)
+    kz, vz = k.reshape(z, n, dk), v.reshape(z, n, dv)  # (B·Ha, N, D)
+    la = log_a[:, :, 0].reshape(z, 1) if fixed else log_a.reshape(z, n, dd)
+    gz = None if gain is None else gain.reshape(z, n)
+    s = None if state is None else state.reshape(z, dk, dv).to(k.dtype)
+    outs = []
+    for lo in range(0, n, span):
+        part = slice(lo, min(n, lo + span))
+        o, s = _segment(None if qz is None else qz[:, :, part], kz[:, part], vz[:, part],
+                        la if fixed else la[:, part], None if gz is None else gz[:, part], s, L,
+                        fixed, track)
+        outs.append(o)
+    last = s.reshape(b, ha, dk, dv)  # (B, Ha, Dk, Dv)
+    if q is None:
+        return None, last
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)  # (B·Ha, G, N, Dv)
+    return out.reshape(b, h, n, dv), last
 
 
-def _pad(pad: int, *ts: torch.Tensor | None) -> list[torch.Tensor | None]:
-    """Zero rows at the end of the sequence: no key, no decay (log a = 0), no output kept."""
-    if not pad:
-        return list(ts)
-    return [None if t is None else F.pad(t, (0, 0, 0, pad) if t.dim() == 4 else (0, pad))
-            for t in ts]
+def _segment(q, k, v, la, g, s, L: int, fixed: bool, track: bool):
+    """One segment of m positions: q (Z, G, m, Dk) or None, k (Z, m, Dk), v (Z, m, Dv), la
+    (Z, m, Dd) (fixed: (Z, 1)), g (Z, m) or None, s the state before (Z, Dk, Dv) or None.
+    Returns the outputs (Z, G, m, Dv) (None without q) and the state after."""
+    z, m, dk = k.shape
+    dv, rows = v.shape[-1], 1 if q is None else q.shape[1]
+    c = -(-m // L)
+    pad = c * L - m  # zero rows: no key, no decay (log a = 0), no output kept
+    if pad:
+        if fixed:  # the padding must not decay: the decays as a sequence, with zeros
+            la, fixed = la[:, None, :].expand(z, m, 1), False
+        k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
+        q = None if q is None else F.pad(q, (0, 0, 0, pad))
+        la = F.pad(la, (0, 0, 0, pad))
+        g = None if g is None else F.pad(g, (0, pad))
+    x = z * c  # every chunk of every state: the batch of the matmuls
+    kc = k.reshape(x, L, dk)  # a copy when the segment is part of a longer sequence
+    vc = (v if g is None else v * g[..., None]).reshape(x, L, dv)  # g_s folded into v_s
+    if q is not None:  # (Z, G, c·L, Dk) → (Z·c, G, L, Dk): the G query heads as rows
+        qc = q.reshape(z, rows, c, L, dk).transpose(1, 2).reshape(x, rows, L, dk)
+    if fixed:
+        ea, eb, tot, decay = _fixed_factors(la, L)  # (Z, 1, L), (Z, 1, L), (Z, 1), (Z, 1, L, L)
+        kend = (k.reshape(z, c, L, dk) * eb[..., None]).view(x, L, dk)  # k_s ⊙ e^{b_L − b_s}
+        tot = tot.expand(z, c)
+        if q is not None:
+            qe = qc.view(z, c, rows, L, dk) * ea.view(z, 1, 1, L, 1)  # q_t ⊙ e^{b_t}
+            scores = torch.bmm(qc.view(x, rows * L, dk), kc.transpose(1, 2))  # (Z·c, G·L, L)
+            scores = scores.view(z, c, rows, L, L) * decay.view(z, 1, 1, L, L)
+    elif la.shape[-1] == 1:
+        lc = la.reshape(x, L)  # (Z·c, L)
+        scores = None
+        if q is not None:
+            scores = torch.bmm(qc.view(x, rows * L, dk), kc.transpose(1, 2)).view(x, rows, L, L)
+        if scores is not None and gpu_path(k.device):  # few launches: L×L from segment sums
+            scores = scores * segsum(lc).exp()[:, None]
+            ea, eb = lc.cumsum(-1).exp(), suffix_sums(lc).exp()
+        else:  # no exponential, no cumulative sum over the L×L scores
+            ea, eb = _tree_sums(lc, scores, track)
+        kend = kc * eb[..., None]  # k_s ⊙ e^{b_L − b_s}
+        tot = ea[:, -1]  # e^{b_L}
+        if q is not None:
+            qe = qc * ea[:, None, :, None]  # q_t ⊙ e^{b_t}
+    else:  # per key dimension: q ⊙ e^{b_t} and k ⊙ e^{b_L − b_s} come out of the tree
+        scores, qe, kend, tot = _tree_products(None if q is None else qc, kc,
+                                               la.reshape(x, L, dk).exp(), track)
+    upd = (kend.transpose(1, 2) @ vc).view(z, c, dk, dv)  # each chunk's own (k ⊙ e)ᵀ (g v)
+    prev, s = _pass_states(upd, tot.reshape(z, c, -1, 1), s, q is not None, track)
+    if q is None:
+        return None, s
+    out = torch.bmm(qe.reshape(x, rows * L, dk), prev.view(x, dk, dv))  # (Z·c, G·L, Dv)
+    out = out.baddbmm_(scores.reshape(x, rows * L, L), vc)  # + intra-chunk, in place
+    out = out.view(z, c, rows, L, dv).transpose(1, 2).reshape(z, rows, c * L, dv)
+    return out[:, :, :m], s  # (Z, G, m, Dv)
 
 
-def _decay_sums(la: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per chunk (la: (..., L, Dd)): Σ_{u>s} (to the chunk end, exclusive), Σ over the chunk
-    (..., Dd), Σ_{u≤t} (inclusive); each a sum of same-sign terms, never a difference."""
-    cum = la.cumsum(-2)
-    after = F.pad(la[..., 1:, :], (0, 0, 0, 1))  # log a_{s+1}, 0 past the end
-    to_end = after.flip(-2).cumsum(-2).flip(-2)
-    return to_end, cum[..., -1, :], cum
+def _fixed_factors(lg: torch.Tensor, L: int):
+    """Decays fixed in time (lg (Z, 1), log a per state): e^{b_t} = a^{t+1}, e^{b_L − b_s} =
+    a^{L−1−s}, e^{b_L} = a^L and the decay matrix a^{t−s} (0 above the diagonal)."""
+    pos = torch.arange(L, device=lg.device, dtype=lg.dtype)
+    ea, eb = ((pos + 1) * lg).exp(), ((L - 1 - pos) * lg).exp()  # (Z, L)
+    dist = (pos[:, None] - pos[None, :]).tril_()  # t − s (0 above the diagonal, masked below)
+    decay = (dist * lg[..., None]).exp().tril_()  # (Z, L, L)
+    return ea[:, None], eb[:, None], (L * lg).exp(), decay[:, None]
 
 
-def _pass_states(
-    upd: torch.Tensor, decay: torch.Tensor, state: torch.Tensor | None, shape: tuple[int, ...]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The state before each chunk (B, Hkv, C, Ga, Dk, Dv) and after the last. upd: each chunk's
-    own contribution; decay: (B, Hkv, C, Ga, Dd), the chunk's total decay."""
-    # the running state (B, Hkv, Ga, Dk, Dv)
-    s = upd.new_zeros(shape) if state is None else state.view(shape).to(upd.dtype)
-    prev = []
-    for i in range(upd.shape[2]):  # sequential over chunks: n/L short iterations
-        prev.append(s)
-        s = decay[:, :, i, :, :, None] * s + upd[:, :, i]
-    return torch.stack(prev, dim=2), s
+def _blocks(scores: torch.Tensor, s: int) -> torch.Tensor:
+    """The level-s blocks of scores (X, G, L, L): rows in the second half, columns in the first
+    half of each 2s-block, as a view (X, G, s, s, nb)."""
+    x, g, L, _ = scores.shape
+    nb = L // (2 * s)
+    return scores.view(x, g, nb, 2, s, nb, 2, s).diagonal(0, 2, 5)[:, :, 1, :, 0]
 
 
-def _read(qx: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """qx (B, Hkv, [C,] G, L, Dk) against states (B, Hkv, [C,] Ga, Dk, Dv), Ga ∈ {1, G}."""
-    if s.shape[-3] == 1 and qx.shape[-3] > 1:  # one state per k/v head: fold G into rows
-        return torch.einsum("...gld,...de->...gle", qx, s.squeeze(-3))  # s: (.., Dk, Dv)
-    return qx @ s
+def _tree_sums(la: torch.Tensor, scores: torch.Tensor | None, track: bool):
+    """Scalar decays: scale the strict lower triangle of scores (X, G, L, L) by e^{b_t − b_s}
+    in place (the upper one zeroed); returns e^{b_t} and e^{b_L − b_s}, each (X, L).
 
-
-def _segsum(x: torch.Tensor) -> torch.Tensor:
-    """(..., L) → (..., L, L): Σ_{s<u≤t} x_u for t ≥ s, −inf above the diagonal (exact segment
-    sums, not differences of cumulative sums; as SSD's reference `segsum`)."""
-    L = x.shape[-1]
-    xx = x.unsqueeze(-1).expand(*x.shape, L)  # (..., L(t), L(s)) = x_t
-    keep = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()  # s ≤ t
-    seg = xx.masked_fill(~keep.tril(-1), 0).cumsum(-2)  # x_t summed over s < t ≤ row
-    return seg.masked_fill(~keep, -math.inf)
-
-
-def _tree_scores(q: torch.Tensor, k: torch.Tensor, la: torch.Tensor) -> torch.Tensor:
-    """Σ_d q_td k_sd e^{b_td − b_sd} for s ≤ t inside each chunk (0 above the diagonal).
-
-    q (..., G, L, D), k (..., 1, L, D), la (..., Ga, L, D) with L a power of two; returns
-    (..., G, L, L), assembled from the diagonal up by the halving tree described above.
-    """
-    *lead, g, L, d = q.shape
-    ga = la.shape[-3]
-    scores = (q * k).sum(-1)[..., None, None]  # (..., G, L, 1, 1): the diagonal, e^0 = 1
+    a (X, L): Σ from the start of t's aligned s-block to t; e: Σ after t to the end of it. Both
+    grow by whole halves (sums of same-sign terms), their exponentials are per position."""
+    x, L = la.shape
+    a, e = la.clone(), torch.zeros_like(la)
     s = 1
     while s < L:
         nb = L // (2 * s)
-        qv = q.reshape(*lead, g, nb, 2, s, d)[..., 1, :, :]  # second halves (..., G, nb, s, D)
-        kv = k.reshape(*lead, 1, nb, 2, s, d)[..., 0, :, :]  # first halves (..., 1, nb, s, D)
-        lv = la.reshape(*lead, ga, nb, 2, s, d)  # (..., Ga, nb, 2, s, D): both halves
-        into = lv[..., 1, :, :].cumsum(-2)  # Σ_{r<u≤t}: from the boundary r into the 2nd half
-        after = F.pad(lv[..., 0, 1:, :], (0, 0, 0, 1))
-        out = after.flip(-2).cumsum(-2).flip(-2)  # Σ_{s<u≤r}: from s out of the 1st half
-        kt = kv * out.exp()  # (..., Ga, nb, s, D), factors ≤ 1
-        qt = qv * into.exp()
-        if ga == 1 and g > 1:  # one decay per k/v head: fold the G query heads into the rows
-            low = torch.einsum("...gbmd,...bnd->...gbmn", qt, kt.squeeze(-4))  # (.., G, nb, s, s)
+        a4, e4 = a.view(x, nb, 2, s), e.view(x, nb, 2, s)
+        if scores is not None:
+            blk = _blocks(scores, s)  # (X, G, s, s, nb)
+            blk.mul_(a4[:, :, 1].exp().transpose(1, 2)[:, None, :, None])  # e^{b_t − b_r}
+            blk.mul_(e4[:, :, 0].exp().transpose(1, 2)[:, None, None])  # e^{b_r − b_s}
+        tot = a4[:, :, :, s - 1:]  # (X, nb, 2, 1): each half's total
+        if track:  # the next level's sums, out of place (autograd)
+            e = torch.stack((e4[:, :, 0] + tot[:, :, 1], e4[:, :, 1]), 2).view(x, L)
+            a = torch.stack((a4[:, :, 0], a4[:, :, 1] + tot[:, :, 0]), 2).view(x, L)
         else:
-            low = qt @ kt.transpose(-2, -1)  # (..., G, nb, s, s)
-        diag = scores.reshape(*lead, g, nb, 2, s, s)  # (..., G, nb, 2, s, s): the two halves
-        top = torch.cat([diag[..., 0, :, :], torch.zeros_like(low)], dim=-1)  # (.., s, 2s)
-        bottom = torch.cat([low, diag[..., 1, :, :]], dim=-1)
-        scores = torch.cat([top, bottom], dim=-2)  # (..., G, nb, 2s, 2s)
+            e4[:, :, 0] += tot[:, :, 1]  # first half: + the second half's total
+            a4[:, :, 1] += tot[:, :, 0]  # second half: + the first half's total
         s *= 2
-    return scores.reshape(*lead, g, L, L)  # (..., G, L, L)
+    if scores is not None:
+        scores.tril_()
+    return a.exp(), e.exp()
+
+
+def _tree_products(q: torch.Tensor | None, k: torch.Tensor, gates: torch.Tensor, track: bool):
+    """Per-dimension decays, gates a (X, L, D), q (X, G, L, D) or None, k (X, L, D). Returns
+    the scores Σ_d q_td k_sd e^{b_td − b_sd} for s ≤ t (X, G, L, L) (0 above the diagonal),
+    q ⊙ e^{b_t}, k ⊙ e^{b_L − b_s} and e^{b_L} (X, 1, D) (scores and q's None without q).
+
+    q and k are carried already scaled: at level s, qs = q ⊙ Π (start of t's aligned s-block, t]
+    and ks = k ⊙ Π (s, end of its block]; each level multiplies qs's second halves by the first
+    half's product and ks's first halves by the second's (t: those products, (X, L/s, D)), so
+    an element costs one multiply per level, the gates one exponential in all."""
+    x, L, d = gates.shape
+    scores = qs = None
+    if q is not None:
+        g = q.shape[1]
+        scores = q.new_zeros(x, g, L, L)
+        scores.diagonal(0, -2, -1).copy_((q * k[:, None]).sum(-1))  # e^0 = 1
+        qs = q * gates[:, None]  # a_t: the product over t's own 1-block
+    ks, t = k, gates
+    s = 1
+    while s < L:
+        nb = L // (2 * s)
+        t2 = t.view(x, nb, 2, 1, d)  # each half's product
+        kv = ks.view(x, nb, 2, s, d)
+        if q is not None:
+            qv = qs.view(x, g, nb, 2, s, d)
+            q2, k1 = qv[:, :, :, 1], kv[:, None, :, 0]  # (X, G, nb, s, D), (X, 1, nb, s, D)
+            low = (q2 * k1).sum(-1, keepdim=True) if s == 1 else q2 @ k1.transpose(-1, -2)
+            _blocks(scores, s).copy_(low.permute(0, 1, 3, 4, 2))  # (X, G, nb, s, s)
+        if track or s == 1:  # out of place (autograd; and ks is still the caller's k)
+            ks = torch.stack((kv[:, :, 0] * t2[:, :, 1], kv[:, :, 1]), 2).view(x, L, d)
+            if q is not None and track:
+                qs = torch.stack((qv[:, :, :, 0], qv[:, :, :, 1] * t2[:, None, :, 0]), 3)
+                qs = qs.view(x, g, L, d)
+            elif q is not None:
+                qv[:, :, :, 1] *= t2[:, None, :, 0]
+        else:
+            kv[:, :, 0] *= t2[:, :, 1]
+            if q is not None:
+                qv[:, :, :, 1] *= t2[:, None, :, 0]
+        t = (t2[:, :, 0] * t2[:, :, 1]).view(x, nb, d)  # the products over blocks of 2s
+        s *= 2
+    return scores, qs, ks, t
+
+
+def _pass_states(upd, decay, state, keep: bool, track: bool):
+    """States before each chunk (Z, c, Dk, Dv) (when `keep`) and after the last. upd: each
+    chunk's own contribution (Z, c, Dk, Dv); decay: the chunk's total decay (Z, c, Dd, 1)."""
+    z, c, dk, dv = upd.shape
+    s = upd.new_zeros(z, dk, dv) if state is None else state
+    if not keep or track:  # a list (autograd), or only the last state
+        prev = []
+        for u, a in zip(upd.unbind(1), decay.unbind(1), strict=True):  # n/L short iterations
+            if keep:
+                prev.append(s)
+            s = torch.addcmul(u, a, s)
+        return (torch.stack(prev, 1) if keep else None), s
+    prev = torch.empty_like(upd)
+    prev[:, 0] = s
+    upds, decays, views = upd.unbind(1), decay.unbind(1), prev.unbind(1)
+    for i in range(1, c):  # written in place: one op per chunk
+        torch.addcmul(upds[i - 1], decays[i - 1], views[i - 1], out=views[i])
+    return prev, torch.addcmul(upds[-1], decays[-1], views[-1])
 
 
 def decay_flops(shape: Shape, ha: int, per_dim: bool, chunk: int) -> float:
     """Matmul FLOPs of `chunk_decay` on the last nq positions after `chunk_state` on the rest."""
     b, h, dk = shape.batch, shape.heads, shape.head_dim
     dv, nq, pre = dk, shape.nq, shape.seq_len - shape.nq
-    L = chunk_length(chunk, nq, per_dim)
-    c = -(-nq // L)
-    scores = h * c * L * (L - 1) * dk if per_dim else 2 * h * c * L * L * dk
+    L = chunk_length(chunk, nq)
+    c = -(-nq // L)  # per-dim: the tree's matmuls from blocks of 2 up (pairs as elementwise dots)
+    scores = h * c * L * max(0, L - 2) * dk if per_dim else 2 * h * c * L * L * dk
     f = scores + 2 * h * c * L * L * dv + 2 * (ha + h) * c * L * dk * dv  # A·V, states, reads
     if pre:
-        lp = chunk_length(chunk, pre, False)
+        lp = chunk_length(chunk, pre)
         f += 2 * ha * -(-pre // lp) * lp * dk * dv
     return float(b * f)
 
 
 def decay_memory(shape: Shape, ha: int, per_dim: bool, chunk: int, el: int, cast: bool) -> int:
     """Upper estimate of the bytes one forward allocates (el bytes per element): gates and the
-    context's state over all n positions, the chunked form over the last nq."""
+    context's state over all n positions, the chunked form over the last nq, all at once (the
+    GPU path; and what autograd keeps). On the CPU without autograd the segments (`segments`)
+    hold one segment's intermediates at a time: the peak stays far below (36 against 308 MiB
+    for retnet at B1 H8 n=8192 D64)."""
     b, h, hkv, d, n, nq = (shape.batch, shape.heads, shape.hkv, shape.head_dim, shape.seq_len,
                            shape.nq)
-    L = chunk_length(chunk, nq, per_dim)
+    L = chunk_length(chunk, nq)
     c = -(-nq // L)
     npad, dd, hk = c * L, d if per_dim else 1, max(ha, hkv)
     words = (h * nq + 2 * hkv * n) * d if cast else 0  # q, k, v in the compute dtype
@@ -230,8 +310,19 @@ def decay_memory(shape: Shape, ha: int, per_dim: bool, chunk: int, el: int, cast
     words += 4 * ha * (c + 2) * d * d  # chunk updates, states before each chunk, list and stack
     words += 4 * h * npad * d  # decayed queries, inter, intra, their sum
     if per_dim:
-        words += 4 * h * c * L * L + 3 * max(h, ha) * npad * d  # tree levels: blocks, cats
+        words += 4 * h * c * L * L + 3 * max(h, ha) * npad * d  # scores, level blocks, q/k
     else:
-        words += (3 * h + 4 * ha) * c * L * L  # scores, segment sums, mask, decay matrix
+        words += (3 * h + 4 * ha) * c * L * L  # scores; the GPU path's segment sums, mask
     words += h * nq * d  # the output
     return int(b * words * el)
+
+
+def decay_algorithm_flops(shape: Shape, ha: int, chunk: int) -> float:
+    """The least matmul work of the chunked form at its chunk length L: each chunk's causal
+    triangle once, diagonal included (scores and A·V), no padding, the state update of each
+    position once per state head and its read once per query head (the context: updates only)."""
+    b, h, d, nq = shape.batch, shape.heads, shape.head_dim, shape.nq
+    L = chunk_length(chunk, nq)
+    full, rest = divmod(nq, L)
+    pairs = full * L * (L + 1) // 2 + rest * (rest + 1) // 2
+    return float(b * (h * pairs * 2 * 2 * d + 2 * (ha * shape.seq_len + h * nq) * d * d))

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import torch
 
-from attnbench.variants.recurrent.decay_chunk import _read
-
 
 def recurrent_decay(
     q: torch.Tensor | None,
@@ -37,3 +35,10 @@ def recurrent_decay(
             outs.append(_read(qg[:, :, :, t, None, :], s))  # (B, Hkv, G, 1, Dv)
     out = torch.cat(outs, dim=3).reshape(b, h, n, dv) if outs else None  # (B, H, N, Dv)
     return out, s.reshape(b, ha, dk, dv)  # state (B, Ha, Dk, Dv)
+
+
+def _read(qx: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """qx (B, Hkv, G, L, Dk) against states (B, Hkv, Ga, Dk, Dv), Ga ∈ {1, G}."""
+    if s.shape[-3] == 1 and qx.shape[-3] > 1:  # one state per k/v head: fold G into rows
+        return torch.einsum("...gld,...de->...gle", qx, s.squeeze(-3))  # s: (.., Dk, Dv)
+    return qx @ s

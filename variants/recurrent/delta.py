@@ -28,24 +28,37 @@ import torch.nn.functional as F
 
 from attnbench.variants.base import Shape, compute_dtype
 from attnbench.variants.recurrent._base import Recurrent
-from attnbench.variants.recurrent.delta_chunk import SOLVE_BLOCK, chunk_delta, delta_flops
+from attnbench.variants.recurrent.delta_chunk import (
+    SOLVE_BLOCK,
+    chunk_delta,
+    delta_algorithm_flops,
+    delta_flops,
+)
 from attnbench.variants.recurrent.delta_recurrent import recurrent_delta
+from attnbench.variants.recurrent.segments import segment_span
 
 
 @functools.lru_cache(maxsize=32)
 def gate_weights(
     seed: int, hkv: int, d: int, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fixed gate parameters per k/v head, drawn in float64 on the CPU from `seed` and cached per
-    (device, dtype): w (Hkv, D, 2) ~ N(0, 1/D) (column 0 → β, column 1 → α), A (Hkv,) ~ U(0, 16)
-    and b (Hkv,) = softplus⁻¹(dt), dt ~ logU(1e-3, 1e-1) (the Gated DeltaNet / Mamba-2 init)."""
+    """Fixed gate parameters, one set shared by every k/v head (as GLA's W), drawn in float64 on
+    the CPU from `seed` and cached per (device, dtype): w (D, 2) ~ N(0, 1/D) (column 0 → β,
+    column 1 → α), A ~ U(0, 16) and b = softplus⁻¹(dt), dt ~ logU(1e-3, 1e-1) (the Gated
+    DeltaNet / Mamba-2 init); returned per head, (Hkv, D, 2), (Hkv,), (Hkv,).
+
+    Shared, so a head's gates are a function of its own keys alone: kv_heads = H/G is the
+    kv_heads = H model with its k/v heads repeated, and a kv_heads sweep compares one model.
+    Draws per head could not give that (the repeated heads j·G … j·G + G − 1 would all need head
+    j's draw, for every G); drawn as one (Hkv, D, 2) block they even changed with kv_heads."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    w = torch.randn(hkv, d, 2, generator=g, dtype=torch.float64) / math.sqrt(d)
-    a = torch.rand(hkv, generator=g, dtype=torch.float64) * 16
+    w = torch.randn(d, 2, generator=g, dtype=torch.float64) / math.sqrt(d)
+    a = torch.rand((), generator=g, dtype=torch.float64) * 16
     lo, hi = math.log(1e-3), math.log(1e-1)
-    dt = torch.exp(torch.rand(hkv, generator=g, dtype=torch.float64) * (hi - lo) + lo)
+    dt = torch.exp(torch.rand((), generator=g, dtype=torch.float64) * (hi - lo) + lo)
     b = dt + torch.log(-torch.expm1(-dt))
-    return tuple(t.to(device, dtype) for t in (w, a, b))  # type: ignore[return-value]
+    per_head = (w.expand(hkv, d, 2), a.expand(hkv), b.expand(hkv))
+    return tuple(t.to(device, dtype).contiguous() for t in per_head)  # type: ignore[return-value]
 
 
 def run_delta(step, qn, kn, v, beta, g, chunk: int) -> torch.Tensor:
@@ -63,9 +76,10 @@ def run_delta(step, qn, kn, v, beta, g, chunk: int) -> torch.Tensor:
 @dataclass
 class DeltaRule(Recurrent):
     """Shared contract of `deltanet` and `gated_deltanet` (they differ in the decay `log_alpha`
-    and the fla kernel). Gates come from k before its normalisation, per k/v head h:
-    β_t = σ(k_t·w_h[:, 0]) and (gated) log α_t = −A_h·softplus(k_t·w_h[:, 1] + b_h), with the
-    fixed parameters of `gate_weights(seed, ...)`: a point is reproducible from its inputs.
+    and the fla kernel). Gates come from k before its normalisation, per k/v head:
+    β_t = σ(k_t·w[:, 0]) and (gated) log α_t = −A·softplus(k_t·w[:, 1] + b), with the fixed
+    parameters of `gate_weights(seed, ...)`, shared by the heads: a point is reproducible from
+    its inputs, and grouped k/v heads equal repeated ones.
 
     Args: chunk (chunk length C), impl (chunk | recurrent | fla), seed (gate parameters).
     """
@@ -99,9 +113,38 @@ class DeltaRule(Recurrent):
             raise ValueError(f"{self.name} is causal only: {self.no_noncausal}")
         if self.impl == "fla":
             return self._fla(q, k, v)
-        step = recurrent_delta if self.impl == "recurrent" else chunk_delta
-        out = run_delta(step, *self._inputs(q, k, v), self.chunk)
-        return out.reshape(q.shape).to(q.dtype)  # (B, Hkv, G, Nq, Dv) → (B, H, Nq, D)
+        if self.impl == "recurrent":
+            out = run_delta(recurrent_delta, *self._inputs(q, k, v), self.chunk)
+            return out.reshape(q.shape).to(q.dtype)  # (B, Hkv, G, Nq, Dv) → (B, H, Nq, D)
+        b, h, nq, d = q.shape
+        pre = k.shape[-2] - nq
+        span = self._span(b, h, max(nq, pre), d, q.device)
+        state = self._states(k[..., :pre, :], v[..., :pre, :], span)
+        out = None if nq <= span else q.new_empty(b, h, nq, v.shape[-1])
+        for lo in range(0, nq, span):  # segment by segment, the gates and norms too
+            rows, keys = slice(lo, lo + span), slice(pre + lo, pre + lo + span)
+            qn, kn, vc, beta, g = self._inputs(q[..., rows, :], k[..., keys, :], v[..., keys, :])
+            part, state = chunk_delta(qn, kn, vc, beta, g, state, self.chunk,
+                                      final=lo + span < nq)
+            part = part.reshape(b, h, -1, d)  # (B, Hkv, G, m, D) → (B, H, m, D)
+            if out is None:
+                return part.to(q.dtype)
+            out[..., rows, :] = part  # written as it comes: no list of parts kept
+        return out
+
+    def _span(self, b: int, h: int, n: int, d: int, device) -> int:
+        """Positions per segment of the chunked form (a multiple of the chunk length)."""
+        return segment_span(n, self.chunk, b * h * max(self.chunk, 2 * d), device)
+
+    def _states(self, k: torch.Tensor, v: torch.Tensor, span: int) -> torch.Tensor | None:
+        """The state after k, v by the chunked form, segment by segment (None: no positions)."""
+        ct, state = compute_dtype(k.dtype), None
+        for lo in range(0, k.shape[-2], span):
+            kf = k[..., lo:lo + span, :].to(ct)
+            beta, g = self.gates(kf)
+            _, state = chunk_delta(None, F.normalize(kf, dim=-1), v[..., lo:lo + span, :].to(ct),
+                                   beta, g, state, self.chunk, final=True)
+        return state
 
     def fla_kernel(self, q, k, v, beta, g, **kw):
         """The subclass's fla call on (B, T, H, D) tensors; returns (out, final state)."""
@@ -133,12 +176,11 @@ class DeltaRule(Recurrent):
     ) -> torch.Tensor:
         """The state (B, Hkv, D, Dv) in the compute dtype after the context, chunked. One state
         per k/v head (the gates come from k): `heads` is not needed."""
-        ct = compute_dtype(k.dtype)
-        kf = k.to(ct)
-        beta, g = self.gates(kf)
-        _, s = chunk_delta(None, F.normalize(kf, dim=-1), v.to(ct), beta, g, None, self.chunk,
-                           final=True)
-        return s
+        b, hkv, n, d = k.shape
+        state = self._states(k, v, self._span(b, hkv, n, d, k.device))
+        if state is None:  # no context: the zero state
+            state = k.new_zeros(b, hkv, d, v.shape[-1], dtype=compute_dtype(k.dtype))
+        return state
 
     def decode_step(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor
@@ -182,6 +224,16 @@ class DeltaRule(Recurrent):
         return f + delta_flops(bh, g, nq, d, self.chunk, final=False, queries=True,
                                initial=p > 0)
 
+    def algorithm_flops(self, shape: Shape) -> float:
+        """The least matmul work of the chunked algorithm (forward): the triangles once, no
+        padding; `flops` counts what runs (full C×C tiles, the blocked solve, padded chunks)."""
+        bh, g, d = shape.batch * shape.hkv, shape.groups, shape.head_dim
+        p, nq = shape.seq_len - shape.nq, shape.nq
+        f = 2.0 * bh * shape.seq_len * d * (2 if self.gated else 1)  # gate projections
+        if p:
+            f += delta_algorithm_flops(bh, g, p, d, self.chunk, queries=False)
+        return f + delta_algorithm_flops(bh, g, nq, d, self.chunk, queries=True)
+
     def decode_flops(self, shape: Shape) -> float:
         """One `decode_step`: gate projections, k S and kᵀu per k/v head, q S per query head."""
         bh, d = shape.batch * shape.hkv, shape.head_dim
@@ -190,7 +242,9 @@ class DeltaRule(Recurrent):
 
     def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = True) -> int:
         """Upper estimate: the normalised inputs and gates, plus every intermediate of the larger
-        of the two segments (context, queries) counted as live at once."""
+        of the two parts (context, queries) counted as live at once (the GPU path; and what
+        autograd keeps). On the CPU without autograd the segments (`segments`) hold one
+        segment's intermediates at a time: the peak stays far below."""
         el = torch.empty((), dtype=compute_dtype(dtype)).element_size()
         bh, g, d, n, nq = shape.batch * shape.hkv, shape.groups, shape.head_dim, shape.seq_len, \
             shape.nq

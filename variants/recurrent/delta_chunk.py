@@ -2,29 +2,31 @@
 base: `attnbench.variants.recurrent.delta`), and its FLOP count.
 
 Chunked form, chunks of C tokens, γ_i = Σ_{j≤i} log α_j inside the chunk, Γ_ij = e^(γ_i − γ_j)
-for i ≥ j (0 above the diagonal), β = diag(β_i):
+for i ≥ j (0 above the diagonal), β = diag(β_i); γ_i − γ_j and γ_C − γ_i are formed as segment
+sums (`decays`), not as differences:
     UT transform  (I + tril(β (K Kᵀ ⊙ Γ), −1)) [U | W] = β [V | e^γ K]    (a triangular solve)
     state         S' = e^(γ_C) S + K̃ᵀ (U − W S),  K̃ = e^(γ_C − γ) K      (the chunk loop)
     output        O = e^γ Q S + (Q Kᵀ ⊙ Γ ⊙ M)(U − W S),  M causal (diagonal included)
 Everything but the state passing is batched over B·H·chunks. The triangular solve is blocked
 forward substitution (`unit_lower_solve`: the 16×16 diagonal blocks inverted by doubling, then
-C/16 block rows), matmuls only. The chunk loop (sequential by nature: n/C steps) is one fused
-matmul per chunk, S' = (e^(γ_C) I − K̃ᵀW) S + K̃ᵀU, both factors formed for all chunks at once.
-The output is rearranged as (e^γ Q − P W) S + P U, P = Q Kᵀ ⊙ Γ ⊙ M: it needs the states in one
-batched matmul after the loop. (torch.linalg.solve_triangular makes one small LAPACK call per
-matrix; with 2 threads on a busy CPU it spun for seconds at n = 8192, 1024 matrices.)
+C/16 block rows), matmuls only; it beat forming T by doubling and one matmul T·[βV | βe^γK]
+(1.6 against 2.3 ms for 64 chunks of 64 on one core: fewer FLOPs) and LAPACK's per-matrix
+triangular solve (2.9 ms; with 2 threads on a busy CPU it spun for seconds). The chunk loop
+(sequential by nature: n/C steps) is one fused matmul per chunk, S' = (e^(γ_C) I − K̃ᵀW) S + K̃ᵀU,
+both factors formed for all chunks at once: a launch per chunk. The output is
+rearranged as P U − (P W − e^γ Q) S, P = Q Kᵀ ⊙ Γ ⊙ M: one batched matmul after the loop.
 
 The state depends only on k, v and the gates (drawn from k), so grouped-query heads share it:
 the engine runs per k/v head and folds the query heads of a group into the rows of the chunk.
+The variants run it segment by segment on the CPU (`segments`).
 """
 
 from __future__ import annotations
 
-import itertools
-import math
-
 import torch
 import torch.nn.functional as F
+
+from attnbench.variants.recurrent.decays import decay_matrix, suffix_sums
 
 SOLVE_BLOCK = 16  # rows of the diagonal blocks `unit_lower_solve` inverts by doubling
 
@@ -59,48 +61,75 @@ def chunk_delta(
         g = None if g is None else F.pad(g, (0, pad))
         q = None if q is None else F.pad(q, (0, 0, 0, pad))
     nc, bh = (n + pad) // c, b * hkv
-    bn = bh * nc  # every chunk of every k/v head: the batch of all but the chunk loop
-    kc, vc = k.reshape(bn, c, d), v.reshape(bn, c, dv)  # (BHkv·nc, C, D)
-    bc = beta.reshape(bn, c, 1)  # (BHkv·nc, C, 1)
+    x = bh * nc  # every chunk of every k/v head: the batch of all but the chunk loop
+    kc, vc = k.reshape(x, c, d), v.reshape(x, c, dv)  # (BHkv·nc, C, D)
+    bc = beta.reshape(x, c, 1)  # (BHkv·nc, C, 1)
     kb = kc * bc  # β K
-    a = kb @ kc.transpose(1, 2)  # (BHkv·nc, C, C): β_i k_i·k_j; the strict lower part is read
+    a = torch.bmm(kb, kc.transpose(1, 2))  # (BHkv·nc, C, C): β_i k_i·k_j; the strict lower part
     if g is None:
+        decay, kt = None, kc
         rhs = torch.cat([vc * bc, kb], -1)  # β [V | K], (BHkv·nc, C, Dv + D)
     else:
-        gam = g.reshape(bn, c).cumsum(-1)  # γ_i, (BHkv·nc, C)
-        causal = torch.ones(c, c, dtype=torch.bool, device=k.device).tril_()
-        decay = (gam[:, :, None] - gam[:, None, :]).masked_fill(~causal, -math.inf).exp()
-        eg, last = gam.exp()[..., None], gam[:, -1:, None]  # e^γ_i (.., C, 1); γ_C (.., 1, 1)
-        a = a * decay
+        gc = g.reshape(x, c)  # log α, (BHkv·nc, C)
+        gam = gc.cumsum(-1)  # γ_i: a same-sign sum from the chunk start
+        decay = decay_matrix(gc)  # Γ_ij from exact segment sums, 0 above the diagonal
+        eg, last = gam.exp()[..., None], gam[:, -1:].exp()  # e^γ_i (.., C, 1), e^γ_C (.., 1)
+        a = a.mul_(decay)
         rhs = torch.cat([vc * bc, kb * eg], -1)  # β [V | e^γ K]
-    x = unit_lower_solve(a, rhs)  # [U | W], (BHkv·nc, C, Dv + D)
-    kt = kc if g is None else kc * (last - gam[..., None]).exp()  # K̃ = e^(γ_C − γ) K
-    y = (kt.transpose(1, 2) @ x).view(bh, nc, d, dv + d)  # [K̃ᵀU | K̃ᵀW], (BHkv, nc, D, Dv + D)
-    eye = torch.eye(d, dtype=k.dtype, device=k.device)
-    carry = (eye if g is None else eye * last.exp().view(bh, nc, 1, 1)) - y[..., dv:]  # (.., D, D)
+        kt = kc * suffix_sums(gc)[..., None].exp()  # K̃ = e^(γ_C − γ) K
+    xw = unit_lower_solve(a, rhs)  # [U | W], (BHkv·nc, C, Dv + D)
+    y = torch.bmm(kt.transpose(1, 2), xw).view(bh, nc, d, dv + d)  # [K̃ᵀU | K̃ᵀW]
+    carry = y[..., dv:].neg_()  # −K̃ᵀW, (BHkv, nc, D, D), then + e^(γ_C) I on its diagonal
+    carry.diagonal(0, -2, -1).add_(1.0 if g is None else last.view(bh, nc, 1))
     s = k.new_zeros(bh, d, dv) if state is None else state.reshape(bh, d, dv)  # (BHkv, D, Dv)
-    states = [s]  # the state before each chunk; one fused matmul per chunk (sequential)
-    steps = zip(y[..., :dv].unbind(1), carry.unbind(1), strict=True)  # views, in two ops
-    for add_i, carry_i in itertools.islice(steps, nc if final else nc - 1):
-        s = torch.baddbmm(add_i, carry_i, s)  # S' = (e^(γ_C) I − K̃ᵀW) S + K̃ᵀU
-        states.append(s)
-    s_out = states[-1].reshape(b, hkv, d, dv) if final else None  # (B, Hkv, D, Dv)
+    states, last = _pass_states(y[..., :dv], carry, s, q is not None, final)  # before each
+    s_out = None if last is None else last.reshape(b, hkv, d, dv)  # (B, Hkv, D, Dv)
     if q is None:
         return None, s_out
     grp = q.shape[2]
-    qc = q.reshape(b, hkv, grp, nc, c, d).transpose(2, 3).reshape(bn, grp * c, d)  # (.., G·C, D)
-    p = (qc @ kc.transpose(1, 2)).view(bn, grp, c, c)  # (BHkv·nc, G, C, C)
-    p = (p.tril() if g is None else p * decay[:, None]).view(bn, grp * c, c)  # (BHkv·nc, G·C, C)
-    z = p @ x  # (BHkv·nc, G·C, Dv + D): [P U | P W]
-    qe = qc if g is None else (qc.view(bn, grp, c, d) * eg[:, None]).view_as(qc)  # e^γ Q
+    qc = q.reshape(b, hkv, grp, nc, c, d).transpose(2, 3).reshape(x, grp * c, d)  # (.., G·C, D)
+    p = torch.bmm(qc, kc.transpose(1, 2)).view(x, grp, c, c)  # (BHkv·nc, G, C, C)
+    p = p.tril_() if decay is None else p.mul_(decay[:, None])  # ⊙ Γ ⊙ M
+    z = torch.bmm(p.view(x, grp * c, c), xw)  # (BHkv·nc, G·C, Dv + D): [P U | P W]
+    zw = z[..., dv:]  # P W − e^γ Q, in place
+    if g is None:
+        zw.sub_(qc)
+    else:
+        zw.view(x, grp, c, d).addcmul_(qc.view(x, grp, c, d), eg[:, None], value=-1)
     if state is None and nc == 1:  # S = 0: the intra-chunk term alone
         out = z[..., :dv]
     else:
-        st = torch.stack(states[:nc], 1).view(bn, d, dv)  # the state before each chunk
-        out = torch.baddbmm(z[..., :dv], qe - z[..., dv:], st)  # (e^γ Q − P W) S + P U
+        st = states.view(x, d, dv)  # the state before each chunk
+        out = torch.baddbmm(z[..., :dv], zw, st, alpha=-1)  # P U − (P W − e^γ Q) S
     # (BHkv·nc, G·C, Dv) → (B, Hkv, nc, G, C, Dv) → (B, Hkv, G, nc·C, Dv)
     out = out.reshape(b, hkv, nc, grp, c, dv).transpose(2, 3).reshape(b, hkv, grp, nc * c, dv)
     return out[..., :n, :], s_out
+
+
+def _pass_states(add: torch.Tensor, carry: torch.Tensor, s: torch.Tensor, keep: bool,
+                 final: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """S_{i+1} = carry_i S_i + add_i from S_0 = s over the nc chunks (add, carry: (BHkv, nc, ...)):
+    the states before each chunk (BHkv, nc, D, Dv) when `keep`, and the last when `final`. One op
+    per chunk."""
+    adds, carries = add.unbind(1), carry.unbind(1)  # views, in two ops
+    nc = len(adds)
+    if not keep:
+        for i in range(nc):
+            s = torch.baddbmm(adds[i], carries[i], s)
+        return None, s
+    if torch.is_grad_enabled() and (add.requires_grad or s.requires_grad):
+        out = [s]  # a list (autograd)
+        for i in range(nc - 1):
+            out.append(torch.baddbmm(adds[i], carries[i], out[-1]))
+        states = torch.stack(out, 1)
+    else:
+        states = s.new_empty(s.shape[0], nc, *s.shape[1:])
+        states[:, 0] = s
+        views = states.unbind(1)
+        for i in range(nc - 1):  # written in place
+            torch.baddbmm(adds[i], carries[i], views[i], out=views[i + 1])
+    last = torch.baddbmm(adds[-1], carries[-1], states[:, -1]) if final else None
+    return states, last
 
 
 def unit_lower_solve(a: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -154,7 +183,7 @@ def delta_flops(bh: int, groups: int, n: int, d: int, chunk: int, final: bool,
     nc, e = -(-n // c), 2 * d  # e: the width of [U | W]
     f = nc * (2 * c * c * d + solve_flops(c, e) + 2 * d * c * e)  # β K Kᵀ, solve, K̃ᵀ[U | W]
     f += (nc if final else nc - 1) * 2 * d * d * d  # the chunk loop
-    if queries:  # P, P [U | W], (e^γ Q − P W) S
+    if queries:  # P, P [U | W], (P W − e^γ Q) S
         f += nc * groups * (2 * c * c * d + 2 * c * c * e)
         f += 0 if nc == 1 and not initial else nc * groups * 2 * c * d * d
     return float(bh * f)
@@ -166,3 +195,19 @@ def solve_flops(c: int, m: int) -> float:
     nb, size = -(-c // blk), 1 << (blk - 1).bit_length()
     inverse = nb * sum(2 * size * s * s for s in (1 << i for i in range(size.bit_length() - 1)))
     return inverse + sum(2 * blk * (j * blk + blk) * m for j in range(nb))  # L_{j,<j} X, T_jj r
+
+
+def delta_algorithm_flops(bh: int, groups: int, n: int, d: int, chunk: int,
+                          queries: bool) -> float:
+    """The least matmul work of the chunked delta rule over n positions (Dv = D): per chunk of m,
+    β K Kᵀ and the triangular solve on their strict triangles, K̃ᵀ[U | W], the carry times the
+    state at each chunk boundary, and with queries P and P [U | W] on their causal triangles
+    (diagonal included) and (P W − e^γ Q) S; no padding."""
+    c = max(1, min(chunk, n))
+    lengths = [c] * (n // c) + ([n % c] if n % c else [])
+    e = 2 * d  # the width of [U | W]
+    f = sum(m * (m - 1) * (d + e) + 2 * d * m * e for m in lengths)  # A, solve, K̃ᵀ[U | W]
+    f += (len(lengths) - 1) * 2 * d * d * d  # the state passed across chunk boundaries
+    if queries:
+        f += groups * sum(m * (m + 1) * (d + e) + 2 * m * d * d for m in lengths)
+    return float(bh * f)

@@ -3,9 +3,9 @@ representation (Yang et al. 2024, https://arxiv.org/abs/2406.06484).
 
 Per k/v head, S (d_k × d_v), o_t = q_t S_t: S_t = (I − β_t k_tᵀ k_t) S_{t−1} + β_t k_tᵀ v_t, with
 q_t, k_t L2-normalised and β_t = σ(k_t·w_β) from the raw k_t and a fixed projection w_β ~
-N(0, 1/d) per k/v head, drawn from `seed` (variants.recurrent.delta.gate_weights). The contract
-is in `delta.py`, the engine in `delta_chunk.py` and `delta_recurrent.py`; this file adds the
-name and the fla kernel.
+N(0, 1/d) shared by the heads, drawn from `seed` (variants.recurrent.delta.gate_weights). The
+contract is in `delta.py`, the engine in `delta_chunk.py` and `delta_recurrent.py`; this file
+adds the name and the fla kernel.
 """
 
 from __future__ import annotations

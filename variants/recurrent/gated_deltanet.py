@@ -2,12 +2,11 @@
 representation and the cumulative log-decays folded in (§3).
 
 Per k/v head, S (d_k × d_v), o_t = q_t S_t: S_t = α_t (I − β_t k_tᵀ k_t) S_{t−1} + β_t k_tᵀ v_t,
-q_t, k_t L2-normalised, from the raw k_t and fixed per-head parameters drawn from `seed`
-(variants.recurrent.delta.gate_weights, the paper's / fla's initialisation):
-    β_t = σ(k_t·w_β),   α_t = exp(−A_h · softplus(k_t·w_α + b_h)),
-w ~ N(0, 1/d), A_h ~ U(0, 16), b_h = softplus⁻¹(dt_h), dt_h ~ logU(1e-3, 1e-1). The decay is
-kept in log space (γ = cumulative log α inside a chunk; only differences γ_i − γ_j <= 0 are
-exponentiated).
+q_t, k_t L2-normalised, from the raw k_t and fixed parameters shared by the heads, drawn from
+`seed` (variants.recurrent.delta.gate_weights, the paper's / fla's initialisation):
+    β_t = σ(k_t·w_β),   α_t = exp(−A · softplus(k_t·w_α + b)),
+w ~ N(0, 1/d), A ~ U(0, 16), b = softplus⁻¹(dt), dt ~ logU(1e-3, 1e-1). The decay is kept in
+log space: the exponents inside a chunk are segment sums of log α (`decays`), all <= 0.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ class GLA(DecayRNN):
     per_dim: ClassVar[bool] = True
     per_query_head: ClassVar[bool] = False
     fla_op: ClassVar[str] = "chunk_gla"
+    intra: ClassVar[str] = "tree-matmul"
 
     seed: int = 0
     tau: float = 16.0
@@ -48,7 +49,7 @@ class GLA(DecayRNN):
 
     def gates(self, k: torch.Tensor, heads: int) -> tuple[torch.Tensor, None]:
         w = self.projection(k.shape[-1], k.device, k.dtype)
-        return F.logsigmoid(k @ w) / self.tau, None  # log α_t: (B, Hkv, N, D)
+        return F.logsigmoid(k @ w).div_(self.tau), None  # log α_t: (B, Hkv, N, D)
 
     def gate_flops(self, shape: Shape) -> float:
         return 2.0 * shape.batch * shape.hkv * shape.seq_len * shape.head_dim**2

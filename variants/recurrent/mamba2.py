@@ -45,8 +45,8 @@ class Mamba2(DecayRNN):
     def gates(self, k: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
         b, hkv, n, d = k.shape
         a, w, bias = self.parameters(heads, d, k.device, k.dtype)
-        z = torch.einsum("zknd,kgd->zkgn", k, w.view(hkv, heads // hkv, d))  # (B, Hkv, G, N)
-        dt = F.softplus(z.reshape(b, heads, n) + bias[:, None])  # Δ_t: (B, H, N)
+        z = k @ w.view(hkv, heads // hkv, d).transpose(-1, -2)  # (B, Hkv, N, G), contiguous
+        dt = F.softplus(z.transpose(-1, -2).reshape(b, heads, n) + bias[:, None])  # Δ_t (B, H, N)
         return (dt * a[:, None]).unsqueeze(-1), dt  # log a_t = Δ_t A_h: (B, H, N, 1)
 
     def gate_flops(self, shape: Shape) -> float:

@@ -24,6 +24,7 @@ class RetNet(DecayRNN):
 
     name: ClassVar[str] = "retnet"
     fla_op: ClassVar[str] = "chunk_retention"
+    intra: ClassVar[str] = "fixed-decay"
 
     def gammas(self, heads: int, device, dtype: torch.dtype) -> torch.Tensor:
         """γ_h = 1 − 2^(−5−h), (H,)."""
