@@ -9,41 +9,56 @@ the CPU from `seed` (the same on every device), for any n, then cast and moved:
   centres lie in a random rank-8 subspace (norm ≈ √d); token i of cluster c(i) has
   q_i = μ_c + ε_i + 0.3·η_i and k_i = μ_c + ε_i + 0.3·η'_i with ε, η, η' ~ N(0, I): each query
   sees mostly its own key, then its cluster. Entries have std ≈ 1.45; v is standard normal.
-- ``local``: locality through RoPE, as in a trained model. Each k/v head has a random unit
-  direction u that its query heads share; q_i = R_i(a·u + ε_i), k_j = R_j(a·u + ε'_j) with R_p
-  the rotary embedding of position p (base 10000, rotate-half layout) and a = √(LOCAL·√d):
-  the score of a key at distance 0 gains LOCAL, and the gain fades as RoPE's frequencies fall
-  out of phase with the distance ([RoFormer §3.4.3](https://arxiv.org/abs/2104.09864)).
-- ``sink``: Gaussian scores plus an attention sink: key 0 gains SINK in every query's score (a
-  direction w per k/v head added to every query and to key 0, after RoPE: real sinks live in
-  the slow, unrotated frequencies), and its value is scaled by 0.2, a near no-op as in trained
-  models ([Xiao et al. 2023](https://arxiv.org/abs/2309.17453)).
-- ``heavy``: Gaussian scores plus heavy hitters: one key in 256 (at least one, random positions
-  after 0) gains HEAVY in every query's score ([H2O](https://arxiv.org/abs/2306.14048)).
-- ``realistic``: the three together (local, sink and heavy hitters), their strengths set so that
-  the statistics below land on the real sample's.
+- ``local``: locality through RoPE, as in a trained model. Each k/v head has a direction u
+  with equal weight on every RoPE frequency pair (random phases), shared by its query heads;
+  q_i = R_i(a·u + ε_i), k_j = R_j(a·u + ε'_j), R_p the rotary embedding of position p (base
+  10000, rotate-half layout), a = √(LOCAL·√d): a key at distance Δ gains LOCAL·mean_f cos(Δθ_f)
+  in the score, which fades as RoPE's frequencies fall out of phase
+  ([RoFormer §3.4.3](https://arxiv.org/abs/2104.09864)).
+- ``sink``: Gaussian scores plus an attention sink: key 0 gains SINK in every query's score, and
+  its value is scaled by 0.2, a near no-op as in trained models
+  ([Xiao et al. 2023](https://arxiv.org/abs/2309.17453)). A direction w per k/v head, after RoPE
+  (real sinks live in the slow, barely rotated frequencies), is added to every query and to a
+  noise-free key 0; every other key is made orthogonal to w.
+- ``heavy``: Gaussian scores plus heavy hitters: one key in 256 (at least one; random positions
+  after 0) gains HEAVY in every query's score, the same way through its own direction
+  ([H2O](https://arxiv.org/abs/2306.14048)).
+- ``realistic``: the three together, strengths set so that the statistics below land on the real
+  sample's.
 - ``real``: q, k, v recorded from a small pretrained model reading text (SmolLM2-135M-Instruct,
   Apache-2.0; harness/run/real.py). Needs the `real` extra.
 - ``file:PATH``: a capture written by `attnbench capture` (harness/run/capture.py), replayed.
 
+Strengths are in score units (what q·k/√d gains), in `STRUCTURES`: local 11.5, sink 6.0,
+heavy 4.9; realistic local 9.8, sink 9.4, heavy 4.6. The u, w and heavy directions are
+orthonormal, so the features add without interfering.
+
 Replayed kinds take a selection after the name: ``@layers:LIST`` and ``@heads:LIST`` (query
 heads of the capture; LIST is ``3``, ``0-5`` or ``2+9+17``), e.g. ``inputs=real@layers:14``,
 ``inputs=file:run.safetensors@layers:0-3@heads:0+1``. They replay the first n positions (the
-queries: the last q_len of those); k/v heads keep the model's grouping (harness/run/replay.py):
-a point needs B·Hkv k/v heads each with H/Hkv of its query heads, picked evenly across the
-selected layers and heads, and tiled when the point asks for more than the capture holds.
+queries: the last q_len of those), the same for every seed; k/v heads keep the model's grouping
+(harness/run/replay.py): a point needs B·Hkv k/v heads each with H/Hkv of its query heads,
+picked evenly across the selected layers and heads, and tiled when the point asks for more than
+the capture holds.
 
-The kinds' statistics against the real sample (`benchmarks/input_stats.py`; causal, n=2048,
-B=1, H=9, Hkv=3, d=64, 256 evenly spaced query rows, float64 softmax; real: 10 layers, every
-third from 2, all heads; results/benchmarks/input-stats-cpu.txt). entropy: mean entropy of a
-query's attention in nats (uniform: log n ≈ 3.5 on average over causal rows... see
-`attention_stats`); sink: mass on key 0; local64/local256: mass on the 64/256 keys ending at the
-query; heavy: share of the mass beyond those 64 keys and off key 0 that the top 1% of keys
-take.
+What each kind's attention looks like beside the real sample's (`attention_stats`, printed by
+benchmarks/input_stats.py into results/benchmarks/input-stats-cpu.txt): causal, n=2048, 9 query
+/ 3 k/v heads, d=64, means over heads and ten batch elements (the real sample's ten default
+layers, or ten seeded draws). entropy in nats; sink: weight on key 0; local64/256: weight on the
+64/256 keys ending at the query; heavy: share of the weight beyond those 64 keys and off key 0
+that the top 1% of keys take. What each kind is matched to is in the last column; the ranges
+tests/test_inputs.py holds them to are wider (a batch of two).
 
-| kind | entropy | sink | local64 | local256 | heavy |
-| --- | --- | --- | --- | --- | --- |
-STATS_TABLE
+| kind | entropy | sink | local64 | local256 | heavy | matched to |
+| --- | --- | --- | --- | --- | --- | --- |
+| real, all 30 layers | 2.55 | 0.30 | 0.41 | 0.56 | 0.33 | |
+| real, default layers | 2.60 | 0.28 | 0.42 | 0.57 | 0.32 | |
+| gaussian | 6.12 | 0.01 | 0.14 | 0.39 | 0.04 | |
+| peaked | 3.40 | 0.01 | 0.39 | 0.56 | 0.12 | |
+| local | 3.03 | 0.00 | 0.77 | 0.89 | 0.08 | local64 of real layers 1, 2, 10, 11 (0.58-0.83) |
+| sink | 5.00 | 0.29 | 0.09 | 0.31 | 0.03 | sink 0.30 |
+| heavy | 5.06 | 0.01 | 0.14 | 0.39 | 0.33 | heavy 0.33 |
+| realistic | 2.69 | 0.34 | 0.42 | 0.60 | 0.31 | all five (±0.15 nats, ±0.05) |
 """
 
 from __future__ import annotations
@@ -161,7 +176,7 @@ def _structured(p: Structure) -> Generator:
 
 
 # Strengths matched to the real sample (module docstring's table): local to its local heads
-# (layers 1, 2, 10, 11: local64 0.56–0.82), sink and heavy to its means, realistic to all.
+# (layers 1, 2, 10, 11: local64 0.58–0.83), sink and heavy to its means, realistic to all.
 STRUCTURES = {
     "local": Structure(local=11.5),
     "sink": Structure(sink=6.0),
