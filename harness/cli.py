@@ -1,12 +1,12 @@
 """The `attnbench` command: a Hydra app for sweeps, plus `pick`, `list`, `plan`, `report`,
-`compare`.
+`compare`, `capture`.
 
     attnbench pick seq_len=16384 causal=true max_error=0.01 max_memory=2GB   # the answer
     attnbench                                  # the default sweep for this machine
     attnbench -m variant=full variant.backend=naive,sdpa seq_len=1024,2048
     attnbench seq_len=4096 variant=local       # one point, printed as a line
     attnbench plan -m variant=full,local seq_len=1024,2048   # what a sweep would do; runs nothing
-    attnbench list | report DIR | compare A B
+    attnbench list | report DIR | compare A B | capture MODEL TEXT -o OUT
     attnbench --help | --hydra-help | --version
 """
 
@@ -24,11 +24,13 @@ from attnbench.harness.run.config import fail
 SUBCOMMANDS = {"pick": "attnbench.harness.ask", "list": "attnbench.harness.listing",
                "plan": "attnbench.harness.run.plan",
                "report": "attnbench.harness.report.build",
-               "compare": "attnbench.harness.report.compare"}
+               "compare": "attnbench.harness.report.compare",
+               "capture": "attnbench.harness.run.capture"}
 HELP = """\
 usage: attnbench pick [--dry-run] KEY=VALUE ...  which variant to use: measured and answered
        attnbench [-m] [KEY=VALUE ...]           one point; with -m a sweep (every combination)
        attnbench list | plan [-m] [KEY=VALUE ...] | report DIR | compare A B
+       attnbench capture MODEL TEXT -o OUT.safetensors
        attnbench --help | --hydra-help | --version
 
 Benchmarks attention variants on this machine: latency, peak memory, FLOP rate, error against
@@ -49,6 +51,7 @@ Subcommands (each takes --help):
                     which would be skipped or unsupported and why, a rough time; runs nothing
   report DIR        rewrite a sweep folder's report (results.csv, summary.md, index.html)
   compare A B       two sweep folders side by side (B/A latency; --fail-on-regression)
+  capture MODEL TEXT -o OUT   record a causal LM's q, k, v reading TEXT (for inputs=file:OUT)
 
 Most used keys (KEY=VALUE; with -m a comma list sweeps it):
   variant=local                   attnbench list shows them; full_flash, ... are full's backends
@@ -58,6 +61,8 @@ Most used keys (KEY=VALUE; with -m a comma list sweeps it):
   dtype=bfloat16                  float32 | float16 | bfloat16
   mode=fwd_bwd                    fwd | fwd_bwd | decode
   causal=true
+  inputs=realistic                gaussian | peaked | local | sink | heavy | realistic | real |
+                                  file:PATH (README, "Inputs": which answers which question)
   device=cpu                      auto | cpu | cuda
   max_memory=2GB                  skip points predicted above this (0: half the free RAM)
   +sweep=cpu_quick                a sweep preset (conf/sweep/: cpu_quick, gpu_scaling, ...)

@@ -26,6 +26,10 @@ CASES = [
     (["+sweep=gpu_scaling", "sweep.tokens=abc"], "batch", "abc"),
     (["seq_len=${oc.env:ATTNBENCH_NO_SUCH_VAR}"], "seq_len", "ATTNBENCH_NO_SUCH_VAR"),
     (["variant=nope"], "variant", "full"),
+    (["inputs=nope"], "inputs", "realistic"),
+    (["inputs=real@layer:3"], "inputs", "@layers:"),
+    (["inputs=file:/no/such/capture.safetensors"], "inputs", "no such file"),
+    (["inputs=local", "head_dim=7"], "inputs", "even head_dim"),
 ]
 
 

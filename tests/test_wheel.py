@@ -68,6 +68,7 @@ def test_wheel_ships_the_configs(installed):
     assert "attnbench/conf/config.yaml" in names
     assert "attnbench/conf/variant/full.yaml" in names
     assert "attnbench/conf/sweep/cpu_quick.yaml" in names
+    assert "attnbench/harness/run/data/sample_text.md" in names  # the real sample's text
     assert not any(n.startswith("conf/") for n in names)
 
 

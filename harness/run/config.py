@@ -244,10 +244,13 @@ def validate(run: RunConfig) -> None:
             raise ConfigError(f"{name}={getattr(run, name)!r}: expected true or false")
     if not isinstance(run.threads, int) or run.threads < 0:
         raise ConfigError(f"threads={run.threads!r}: must be 0 (auto: the free cores) or positive")
-    from attnbench.harness.run.inputs import KINDS
+    from attnbench.harness.run.inputs import inputs_problem
 
-    if run.inputs not in KINDS:
-        raise ConfigError(f"inputs={run.inputs!r}: expected one of {', '.join(KINDS)}")
+    if not isinstance(run.inputs, str):
+        raise ConfigError(f"inputs={run.inputs!r}: expected a string (inputs=gaussian, …)")
+    problem = inputs_problem(run.inputs, run.shape, run.seq_len + (run.mode == "decode"))
+    if problem:
+        raise ConfigError(problem)
     t = run.timing
     for name, lo in (("warmup", 0), ("min_reps", 1), ("max_reps", 1)):
         value = getattr(t, name)
