@@ -36,7 +36,10 @@ def test_faults_become_rows_and_the_sweep_goes_on(tmp_path):
     proc = attnbench("-m", "variant=faulty", "variant.how=oom,cpu_oom,nonfinite,error",
                      "variant.fail_at=64", "seq_len=32,64,96", *FAST,
                      f"hydra.sweep.dir={tmp_path}")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 1, proc.stderr[-2000:]  # error and invalid points: exit 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("attnbench: 2 of 12 points failed:"), last
+    assert "n=64 (error)" in last and "n=64 (invalid)" in last
     df = pd.read_csv(tmp_path / "results.csv")
     assert len(df) == 12
     hows = df.params.str.extract(r'"how": "(\w+)"')[0]
