@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import shlex
 import sys
 from pathlib import Path
 
@@ -125,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
             module = importlib.import_module(SUBCOMMANDS[argv[0]])
             code = module.main(argv[1:])
         except KeyboardInterrupt:  # Ctrl-C: files are written whole or not at all
-            print(f"attnbench: {argv[0]} interrupted", file=sys.stderr, flush=True)
+            print(f"attnbench: interrupted; each file written is whole: run `attnbench "
+                  f"{shlex.join(argv)}` again", file=sys.stderr, flush=True)
             code = 130
         raise SystemExit(code)
     if argv and not is_override(argv[0]):

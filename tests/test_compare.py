@@ -133,3 +133,16 @@ def test_a_point_missing_from_b_is_a_regression_and_an_empty_folder_is_exit_2(
     assert compare.main([str(a), str(empty), "--out", str(tmp_path / "out2")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no readable records" in err[0]
+
+
+def test_points_match_on_their_seed_too(sweeps, tmp_path, capsys):
+    """Seed 0 and seed 1 are two points (other inputs): B measured at another seed has nothing
+    in common with A, and A's seed-1 point is matched with B's seed-1 point only."""
+    a, _ = sweeps
+    b = tmp_path / "b"
+    shutil.copytree(a, b, ignore=shutil.ignore_patterns("compare-*"))
+    _edit(b, lambda rec: rec.update(seed=1))
+    assert compare.main([str(a), str(b), "--out", str(tmp_path / "out")]) == 0
+    assert "0 matched points (no common points); 6 only in" in capsys.readouterr().out
+    df = pd.read_csv(tmp_path / "out" / "compare.csv")
+    assert (df.verdict == "missing in B").all()

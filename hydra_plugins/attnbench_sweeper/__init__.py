@@ -87,7 +87,10 @@ class ValidatingSweeper(BasicSweeper):
             worker.shutdown()
         for r in failed:  # a job raised outside its point's guard: a bug of attnbench's
             log.error("attnbench: job %s raised", r.overrides, exc_info=_exception(r))
-        problem = _finish(sweep_dir)
+        try:
+            problem = _finish(sweep_dir)
+        except KeyboardInterrupt:  # Ctrl-C during the report: every record is written
+            _report_interrupted(sweep_dir)
         conclude(sweep_dir, checked, problem)
         return returns
 
@@ -165,6 +168,15 @@ def _interrupted(sweep_dir: Path, config: DictConfig) -> None:
     written = problem or "results.csv and the report are written"
     print(f"attnbench: interrupted; {kept} point(s) kept in {sweep_dir} ({written}). Resume "
           f"with:\n  {command}", file=sys.stderr, flush=True)
+    raise SystemExit(130)
+
+
+def _report_interrupted(sweep_dir: Path) -> None:
+    import sys
+
+    print(f"attnbench: interrupted while writing the report; every point is kept in "
+          f"{sweep_dir} (each file written is whole): run `attnbench report {sweep_dir}`",
+          file=sys.stderr, flush=True)
     raise SystemExit(130)
 
 
