@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import shlex
 import sys
 from pathlib import Path
 
@@ -81,10 +82,21 @@ Results: a sweep writes results/<timestamp>/ (one folder per point with its resu
 results.csv, summary.md, index.html, plots/); a single run prints its record as one line and
 writes it under results/runs/<timestamp>/.
 
+Exit status (a sweep or a single run): 0 when every point is ok, oom, skipped or unsupported;
+1 when a point ended error or invalid, or the results could not be written (the last line names
+the failed points); 2 for bad input (one line naming the field, before any work); 130 on Ctrl-C.
+No point ends the sweep: exceptions, sys.exit() and crashes (a segfault) are error rows.
+
 Every key and its default: `attnbench --cfg job` (the composed config) or conf/config.yaml.
 Hydra's own options (--cfg, --info, --multirun, shell completion, launchers):
 `attnbench --hydra-help`.
 """
+
+
+# Hydra's flags that each choose what the command does; Hydra takes only one of them.
+EXCLUSIVE = {"-m": "--multirun", "--multirun": "--multirun", "-c": "--cfg", "--cfg": "--cfg",
+             "-i": "--info", "--info": "--info", "-r": "--run", "--run": "--run",
+             "-sc": "--shell-completion", "--shell-completion": "--shell-completion"}
 
 
 def version() -> str:
@@ -126,8 +138,14 @@ def main(argv: list[str] | None = None) -> None:
         print(version())
         raise SystemExit(0)
     if argv and argv[0] in SUBCOMMANDS:
-        module = importlib.import_module(SUBCOMMANDS[argv[0]])
-        raise SystemExit(module.main(argv[1:]))
+        try:
+            module = importlib.import_module(SUBCOMMANDS[argv[0]])
+            code = module.main(argv[1:])
+        except KeyboardInterrupt:  # Ctrl-C: files are written whole or not at all
+            print(f"attnbench: interrupted; each file written is whole: run `attnbench "
+                  f"{shlex.join(argv)}` again", file=sys.stderr, flush=True)
+            code = 130
+        raise SystemExit(code)
     if argv and not is_override(argv[0]):
         fail(unknown_command(argv[0]))
     if not Path(CONF_DIR, "config.yaml").is_file():
@@ -135,15 +153,23 @@ def main(argv: list[str] | None = None) -> None:
     if not argv:
         argv = ["--multirun", f"+sweep={default_sweep()}"]
     flags = [a for a in argv if a.startswith("-")]
+    modes = {EXCLUSIVE[f] for f in flags if f in EXCLUSIVE}
+    if len(modes) > 1:
+        fail(f"{' and '.join(sorted(modes))} do not go together: --cfg and --info show one "
+             f"run's config (drop -m); `attnbench plan -m ...` shows a sweep's points")
     if not flags:  # a single run: check before Hydra starts
         precheck(argv)
     elif set(flags) <= {"-m", "--multirun"}:
         argv = sweep_argv(argv)
         precheck([a for a in argv if a not in flags], multirun=True)
     sys.argv = [sys.argv[0], *argv]
+    from attnbench.harness.records import NotWritten
     from attnbench.harness.run.task import sweep_job
 
-    sweep_job()
+    try:
+        sweep_job()
+    except NotWritten as exc:  # a single run (a sweep says it itself, with the resume command)
+        fail(str(exc), code=1)
 
 
 if __name__ == "__main__":

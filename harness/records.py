@@ -145,6 +145,15 @@ def point_folder(label: str, seq_len: int, dtype: str, mode: str, causal: bool,
     return f"{slug}-n{seq_len}-{dtype}-{mode}{'-causal' if causal else ''}-{point_id}"
 
 
+class NotWritten(BaseException):
+    """A record could not be written (a full or read-only disk): the sweep stops, keeping what
+    was written. A BaseException, so that no per-job `except Exception` (Hydra's) swallows it
+    and lets the sweep measure points it cannot keep."""
+
+    def __init__(self, path: Path, exc: OSError) -> None:
+        super().__init__(f"could not write {path} ({exc.strerror or exc})")
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write `path` atomically: a temp file beside it (named by host and pid, so that a later
     `remove_stale_temps` knows whether its writer is gone), fsync, rename. The file gets the
@@ -163,6 +172,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def make_writable_folder(folder: str | os.PathLike) -> str:
+    """Create `folder` (and its parents) and check a file can be written in it: "" when it can,
+    else why not (the OS's words), for a one-line error naming the folder."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".attnbench-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return ""
 
 
 def remove_stale_temps(root: str | os.PathLike) -> list[Path]:
@@ -205,8 +228,20 @@ def write_record(record: Record, folder: str | os.PathLike) -> Path:
     return atomic_write_text(folder / RECORD_FILE, json.dumps(data, indent=1, allow_nan=False))
 
 
+# Bounds of a readable record: integers fit int64 (pandas' integer columns); a number no
+# measurement reaches, or ±Infinity (strict JSON never holds it), is not data.
+MAX_INT = 2**63 - 1
+MAX_FLOAT = 1e30
+NON_NEGATIVE = ("latency_ms", "latency_p10_ms", "latency_p90_ms", "setup_s", "peak_mem_bytes",
+                "predicted_mem_bytes", "state_bytes", "flops", "tflops", "density",
+                "rel_error", "max_abs_error", "softmax_rel_error", "ops_per_call",
+                "host_syncs")
+
+
 def read_record(path: str | os.PathLike) -> Record:
-    """Read and check one record; raises ValueError saying what is wrong."""
+    """Read and check one record; raises ValueError saying what is wrong (bad JSON, a missing
+    field, a value of the wrong type, ±Infinity, or a value out of range: see MAX_INT,
+    MAX_FLOAT, NON_NEGATIVE)."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -242,10 +277,15 @@ def read_record(path: str | os.PathLike) -> Record:
                 clean[key] = value
         except (TypeError, ValueError):
             raise ValueError(f"field {key} has a bad value {value!r}") from None
+    for key, value in clean.items():
+        if _TYPES[key] == "int" and not 0 <= value <= MAX_INT:
+            raise ValueError(f"field {key} has an absurd value {value!r}")
+        if _TYPES[key] == "float" and (math.isinf(value) or abs(value) > MAX_FLOAT):
+            raise ValueError(f"field {key} has an absurd value {value!r}")
     for key in ("batch", "heads", "seq_len", "head_dim"):
         if clean[key] <= 0:
             raise ValueError(f"field {key} has an absurd value {clean[key]!r}")
-    for key in ("latency_ms", "peak_mem_bytes"):
+    for key in NON_NEGATIVE:
         if key in clean and clean[key] < 0:
             raise ValueError(f"field {key} has an absurd value {clean[key]!r}")
     return Record(**clean)
@@ -277,12 +317,17 @@ def _legacy_error(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def find_records(root: str | os.PathLike) -> list[Path]:
-    """Every result.json below `root`, in a stable order."""
-    return sorted(Path(root).rglob(RECORD_FILE))
+    """The records of the sweep folder `root`, in a stable order: `root/<point folder>/
+    result.json` (a point folder directly under it), and `root/result.json` (a single run's
+    folder). Nothing deeper: a sweep written into a subfolder of `root` is another sweep."""
+    root = Path(root)
+    own = root / RECORD_FILE
+    return ([own] if own.is_file() else []) + sorted(root.glob(f"*/{RECORD_FILE}"))
 
 
 def load_records(root: str | os.PathLike) -> list[Record]:
-    """Every valid record below `root`; a bad one is skipped with a warning naming its file."""
+    """Every valid record of `root` (`find_records`); a bad one is skipped with a warning
+    naming its file."""
     records, skipped = [], 0
     for path in find_records(root):
         try:

@@ -30,6 +30,23 @@ CASES = [
     (["inputs=real@layer:3"], "inputs", "@layers:"),
     (["inputs=file:/no/such/capture.safetensors"], "inputs", "no such file"),
     (["inputs=local", "head_dim=7"], "inputs", "even head_dim"),
+    (["variant=null"], "variant=null", "full"),
+    (["threads=100000"], "threads", "CPUs"),
+    (["timing.max_time_s=1e308"], "timing.max_time_s", "3600"),
+    (["timing.min_time_s=1e308", "timing.max_time_s=1e308"], "timing.min_time_s", "3600"),
+    (["timing.max_reps=1000000000000"], "timing.max_reps", "100000"),
+    (["timing.warmup=1000000000"], "timing.warmup", "1000"),
+    (["variant=performer", "variant.seed=-1"], "variant.seed", "2^63"),
+    (["variant=bigbird", "variant.seed=99999999999999999999"], "variant.seed", "2^63"),
+]
+# Sweep-only: what a sweep's values or its folder layout can get wrong.
+SWEEP_CASES = [
+    (["variant=glob(zzz*)"], "variant=glob(zzz*)", "matches nothing"),
+    (["seq_len=range(5,5)"], "seq_len=range(5,5)", "matches nothing"),
+    (["variant=full,null"], "variant=null", "full"),
+    (["hydra.sweep.subdir=same"], "hydra.sweep.subdir", "hydra.sweep.dir"),
+    (["hydra.sweep.subdir=${hydra.job.num}"], "hydra.sweep.subdir", "named by what it measures"),
+    (["hydra.sweep.subdir=../escaped_${hydra.job.num}"], "hydra.sweep.subdir", ""),
 ]
 
 
@@ -56,3 +73,36 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, capsys, args, key, word
     assert lines[0].startswith(f"attnbench: error: {key}"), lines[0]
     assert word in lines[0], lines[0]
     assert not (tmp_path / "s").exists() and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(("args", "key", "word"), SWEEP_CASES,
+                         ids=[" ".join(c[0]) for c in SWEEP_CASES])
+def test_bad_sweep_input_is_one_line_before_any_work(tmp_path, capsys, args, key, word):
+    code, err = _run(tmp_path, capsys, ["-m", *args])
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"attnbench: error: {key}"), lines[0]
+    assert word in lines[0], lines[0]
+    assert not (tmp_path / "s").exists() and not list(tmp_path.glob("escaped_*"))
+
+
+@pytest.mark.parametrize("args", [["-m", "hydra.sweep.dir="], ["hydra.run.dir="]],
+                         ids=["sweep", "single"])
+def test_an_empty_output_folder_is_refused(tmp_path, capsys, monkeypatch, args):
+    """An empty folder would put the records straight into the current folder."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from attnbench.harness.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main([*args, "seq_len=32"])
+    finally:
+        GlobalHydra.instance().clear()
+    lines = capsys.readouterr().err.strip().splitlines()
+    key = args[-1].rstrip("=")
+    assert exit_.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"attnbench: error: {key}=''") and "empty" in lines[0]
+    assert list(tmp_path.iterdir()) == []

@@ -123,3 +123,61 @@ def test_a_parameter_no_selected_variant_has_is_one_line(tmp_path):
                                     f"hydra.run.dir={tmp_path}/r"))
     assert line.startswith("attnbench: error: variant.window:")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_help_documents_the_exit_status():
+    page = attnbench("--help").stdout
+    assert "Exit status" in page
+    for words in ("0 when every point is ok, oom, skipped or unsupported", "1 when a point ended",
+                  "2 for bad input"):
+        assert words in " ".join(page.split()), words
+
+
+def test_hydra_modes_that_do_not_go_together_are_one_line(tmp_path):
+    for args in (["-m", "--cfg", "job"], ["--cfg", "job", "-m"], ["--info", "--multirun"]):
+        line = one_error_line(attnbench(*args, cwd=tmp_path))
+        assert "--multirun" in line and "do not go together" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def _sweep_folder(folder: Path, points: int = 1) -> Path:
+    from attnbench.harness.records import Record, write_record
+
+    for n in range(points):
+        write_record(Record(variant="full", label="full[sdpa]", family="full", params="{}",
+                            batch=1, heads=1, seq_len=64 * 2**n, head_dim=8, dtype="float32",
+                            device="cpu", causal=False, mode="fwd", inputs="gaussian", seed=0,
+                            status="ok", latency_ms=1.0 + n, latency_p10_ms=0.9 + n,
+                            latency_p90_ms=1.1 + n, peak_mem_bytes=1e6, point_id=f"p{n}",
+                            timestamp=str(n)), folder / f"p{n}")
+    return folder
+
+
+def test_an_out_folder_that_cannot_be_written_is_one_line(tmp_path):
+    a, b = _sweep_folder(tmp_path / "a"), _sweep_folder(tmp_path / "b")
+    (tmp_path / "file").write_text("")
+    for out in ("/proc/attnbench-nope", str(tmp_path / "file" / "sub")):
+        line = one_error_line(attnbench("report", str(a), "--out", out))
+        assert line.startswith(f"attnbench: error: --out {out}: cannot write there"), line
+        line = one_error_line(attnbench("compare", str(a), str(b), "--out", out))
+        assert line.startswith(f"attnbench: error: --out {out}: cannot write there"), line
+
+
+def test_ctrl_c_while_the_report_is_written_is_one_line(tmp_path):
+    import signal
+    import time
+
+    folder = _sweep_folder(tmp_path / "s", points=4)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "attnbench.harness.cli", "report",
+                             str(folder)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (folder / "results.csv").exists() and time.time() < deadline:
+        time.sleep(0.01)  # the report has started writing (the plots come next, and take seconds)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "interrupted" in lines[0] and "attnbench report" in lines[0]

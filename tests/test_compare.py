@@ -167,3 +167,16 @@ def test_errors_side_by_side_and_a_broken_check_in_b_is_a_regression(sweeps, tmp
     assert "| 0.2 |" in row  # B's error against exact attention
     row = next(r for r in md.splitlines() if r.startswith("| full[sdpa] |") and "| 64 |" in r)
     assert "| no reference |" in row
+
+
+def test_points_match_on_their_seed_too(sweeps, tmp_path, capsys):
+    """Seed 0 and seed 1 are two points (other inputs): B measured at another seed has nothing
+    in common with A, and A's seed-1 point is matched with B's seed-1 point only."""
+    a, _ = sweeps
+    b = tmp_path / "b"
+    shutil.copytree(a, b, ignore=shutil.ignore_patterns("compare-*"))
+    _edit(b, lambda rec: rec.update(seed=1))
+    assert compare.main([str(a), str(b), "--out", str(tmp_path / "out")]) == 0
+    assert "0 matched points (no common points); 6 only in" in capsys.readouterr().out
+    df = pd.read_csv(tmp_path / "out" / "compare.csv")
+    assert (df.verdict == "missing in B").all()

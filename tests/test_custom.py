@@ -47,6 +47,37 @@ class MyAttention(torch.nn.Module):
 
 class NotAModule:
     pass
+
+
+def doubles_q(q, k, v, causal):  # modifies its input: the reference would see the change
+    q.mul_(2.0)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def shifts_k(q, k, v, causal):
+    with torch.no_grad():
+        k.add_(1.0)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def in_float64(q, k, v, causal):  # another computation than the one asked for
+    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal)
+
+
+def in_float16(q, k, v, causal):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal).half()
+
+
+def as_int64(q, k, v, causal):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal).long()
+
+
+def one_head(q, k, v, causal):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)[:, :1]
+
+
+def as_tuple(q, k, v, causal):
+    return (F.scaled_dot_product_attention(q, k, v, is_causal=causal),)
 '''
 
 
@@ -125,3 +156,17 @@ def test_custom_from_the_command_line(tmp_path, my_module):
     assert bad.returncode == 2 and len(lines) == 1, bad.stderr
     assert lines[0].startswith("attnbench: error: variant.target:")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(("attr", "words"), [
+    ("doubles_q", "modified its input q in place"), ("shifts_k", "modified its input k in place"),
+    ("in_float64", "dtype is float64, not the inputs' float32"),
+    ("in_float16", "dtype is float16"), ("as_int64", "dtype is int64"),
+    ("one_head", "shape is (1, 1, 96, 16)"), ("as_tuple", "returned a tuple, not a tensor")])
+def test_a_target_that_modifies_its_inputs_or_returns_another_dtype_is_invalid(my_module, attr,
+                                                                               words):
+    """The float64 reference must see the inputs the harness drew, and the timing must be of
+    the computation asked for: otherwise the point is `invalid`, saying why, never `ok`."""
+    rec = run_point(_run(f"{my_module}:{attr}"))
+    assert rec.status == "invalid", (rec.status, rec.rel_error)
+    assert words in rec.reason, rec.reason

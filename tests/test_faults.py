@@ -3,6 +3,7 @@ concurrent writers and sweeps, a job that raises, bad input before any work."""
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 import signal
@@ -36,7 +37,10 @@ def test_faults_become_rows_and_the_sweep_goes_on(tmp_path):
     proc = attnbench("-m", "variant=faulty", "variant.how=oom,cpu_oom,nonfinite,error",
                      "variant.fail_at=64", "seq_len=32,64,96", *FAST,
                      f"hydra.sweep.dir={tmp_path}")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 1, proc.stderr[-2000:]  # error and invalid points: exit 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("attnbench: 2 of 12 points failed:"), last
+    assert "n=64 (error)" in last and "n=64 (invalid)" in last
     df = pd.read_csv(tmp_path / "results.csv")
     assert len(df) == 12
     hows = df.params.str.extract(r'"how": "(\w+)"')[0]
@@ -285,3 +289,129 @@ def test_ctrl_c_keeps_what_was_measured_and_prints_the_resume_command(tmp_path):
     assert done.stdout.count("(kept from an earlier run)") == kept
     assert sorted(pd.read_csv(tmp_path / "results.csv").seq_len) == [16, 24, 32, 40, 48, 56,
                                                                        64, 72]
+
+
+def test_no_point_ends_the_sweep_not_even_a_crash(tmp_path):
+    """User code that segfaults, aborts, calls os._exit(0) or raises SystemExit(0) ends only its
+    own point: an `error` row saying why, the later points still run in a new worker, results.csv
+    and the report are written, and the command exits 1 naming the failed points."""
+    proc = attnbench("-m", "variant=faulty", "variant.how=segv,abort,exit0,sysexit",
+                     "variant.fail_at=64", "seq_len=32,64", *FAST, f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    df = pd.read_csv(tmp_path / "results.csv")
+    assert len(df) == 8
+    df["how"] = df.params.str.extract(r'"how": "(\w+)"')[0]
+    assert (df[df.seq_len == 32].status == "ok").all()  # each crash is followed by a point
+    failed = df[df.seq_len == 64].set_index("how")
+    assert (failed.status == "error").all()
+    assert "SIGSEGV" in failed.reason["segv"] and "SIGABRT" in failed.reason["abort"]
+    assert "exit code 0" in failed.reason["exit0"]
+    assert failed.reason["sysexit"].startswith("SystemExit")
+    assert (tmp_path / "index.html").exists() and (tmp_path / "summary.md").exists()
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("attnbench: 4 of 8 points failed:"), last
+
+
+def test_a_single_run_that_fails_exits_1_with_a_last_line(tmp_path):
+    for how, fail_at, code in (("error", 32, 1), ("exit0", 32, 1), ("error", 0, 0)):
+        proc = attnbench("variant=faulty", f"variant.how={how}", f"variant.fail_at={fail_at}",
+                         "seq_len=32", *FAST, f"hydra.run.dir={tmp_path / how / str(fail_at)}")
+        assert proc.returncode == code, (how, proc.stderr[-2000:])
+        assert (tmp_path / how / str(fail_at) / "result.json").exists()
+        if code:
+            last = proc.stderr.strip().splitlines()[-1]
+            assert last.startswith("attnbench: the point failed: faulty[") and "(error)" in last
+
+
+def test_a_full_disk_mid_sweep_stops_with_one_line_and_resume_completes(tmp_path):
+    sweep = ["-m", "variant=faulty", "variant.how=error", "variant.fail_at=0",
+             "seq_len=16,24,32,40", *FAST, f"hydra.sweep.dir={tmp_path}"]
+    full = attnbench(*sweep, env=dict(os.environ, ATTNBENCH_TEST_NOSPACE="result.json:2"))
+    assert full.returncode == 1, full.stderr[-3000:]
+    assert "Traceback" not in full.stderr, full.stderr[-3000:]
+    last = full.stderr.strip().splitlines()[-1]
+    assert last.startswith("attnbench: error: could not write ") and "No space left" in last
+    assert len(list(tmp_path.glob("*/result.json"))) == 2 and "[4/4]" not in full.stdout
+    command = shlex.split(last.split("resume with: ")[1])
+    assert command[0] == "attnbench" and "resume=true" in command
+    done = attnbench(*command[1:])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("(kept from an earlier run)") == 2
+    assert sorted(pd.read_csv(tmp_path / "results.csv").seq_len) == [16, 24, 32, 40]
+
+
+def test_results_that_cannot_be_written_at_the_end_are_exit_1(tmp_path):
+    proc = attnbench("-m", "variant=faulty", "variant.how=error", "variant.fail_at=0",
+                     "seq_len=16", *FAST, f"hydra.sweep.dir={tmp_path}",
+                     env=dict(os.environ, ATTNBENCH_TEST_NOSPACE="results.csv:0"))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("attnbench: error: results.csv and the report could not be written")
+    assert "No space left" in last and "attnbench report" in last
+    assert "UserWarning" not in proc.stderr and "Traceback" not in proc.stderr
+    assert len(list(tmp_path.glob("*/result.json"))) == 1  # the record is kept
+
+
+def test_resume_refuses_a_folder_that_holds_no_sweep(tmp_path, capsys):
+    from hydra.core.global_hydra import GlobalHydra
+
+    from attnbench.harness.cli import main
+
+    typo = tmp_path / "typo"
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main(["-m", "resume=true", "seq_len=32", f"hydra.sweep.dir={typo}"])
+    finally:
+        GlobalHydra.instance().clear()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("attnbench: error: hydra.sweep.dir=") and "no sweep" in lines[0]
+    assert not typo.exists()
+
+
+@pytest.mark.parametrize("sdpa_backend", ["auto", "math", "flash"])
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+def test_chunked_prefill_runs_and_its_ops_are_counted(sdpa_backend, mode):
+    """Fewer queries than keys, causal: SDPA takes torch's bottom-right causal bias, a tensor
+    subclass, which the op counter's dispatch mode refused to see created."""
+    from attnbench.harness.run.config import from_dictconfig
+
+    rec = run_point(from_dictconfig(dict(
+        variant={"name": "full", "sdpa_backend": sdpa_backend}, batch=1, heads=2, seq_len=96,
+        q_len=32, head_dim=8, causal=True, mode=mode, device="cpu",
+        timing={"warmup": 0, "min_reps": 1, "min_time_s": 0})))
+    if rec.status == "unsupported":
+        pytest.skip(rec.reason)
+    assert rec.status == "ok", rec.reason
+    assert rec.kernel.startswith("sdpa:") and rec.ops_per_call > 0
+    assert rec.rel_error < 1e-5
+
+
+def test_a_call_the_op_counter_cannot_see_is_ok_with_a_note():
+    from attnbench.harness.run.config import from_dictconfig
+
+    sys.path.insert(0, str(TESTS))
+    import fault_variants  # noqa: F401
+
+    rec = run_point(from_dictconfig(dict(
+        variant={"name": "faulty", "how": "subclass"}, batch=1, heads=1, seq_len=32,
+        head_dim=8, timing={"warmup": 0, "min_reps": 1, "min_time_s": 0})))
+    assert rec.status == "ok", rec.reason
+    assert "ops not counted" in rec.notes and math.isnan(rec.ops_per_call)
+
+
+def test_ctrl_c_while_the_sweep_writes_its_report_is_one_line(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", BOOT, "-m", "variant=faulty",
+                             "variant.how=error", "variant.fail_at=0", "seq_len=16,24", *FAST,
+                             f"hydra.sweep.dir={tmp_path}"], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not (tmp_path / "results.csv").exists() and time.time() < deadline:
+        time.sleep(0.01)  # gathered: the report (plots: seconds) is being written
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert "interrupted while writing the report" in last and "attnbench report" in last
+    assert len(list(tmp_path.glob("*/result.json"))) == 2

@@ -91,7 +91,7 @@ def test_a_point_folder_is_named_by_what_it_measures():
     same = [
         _run("seq_len=512", "causal=true", "variant=local"),  # another order
         _run("variant=local", "variant.window=256", "seq_len=512", "causal=true"),  # defaults
-        _run("variant=local", "seq_len=512", "causal=true", "threads=2", "max_memory=1GB",
+        _run("variant=local", "seq_len=512", "causal=true", "threads=1", "max_memory=1GB",
              "timing.min_reps=9", "resume=true"),  # how, not what, it measures
     ]
     for run in same:
@@ -166,3 +166,56 @@ def test_old_records_with_rel_error_still_read(tmp_path):
     assert rnn.impl_ok and "replaces softmax" in rnn.quality_note
     new = write_record(Record(**dict(BASE, impl_error=0.5, impl_ok=False)), tmp_path / "f")
     assert read_record(new).impl_error == 0.5 and not read_record(new).impl_ok
+
+
+def test_a_sweep_reads_only_its_own_points_not_a_sweep_nested_in_it(tmp_path):
+    """A sweep written into A/nested is another sweep: its record of the same point (newer)
+    must not replace A's own."""
+    from attnbench.harness.report.gather import records_frame
+
+    own = Record(**{**BASE, "status": "ok", "latency_ms": 1.0, "timestamp": "1"})
+    write_record(own, tmp_path / "full-n64-p")
+    write_record(Record(**{**BASE, "status": "ok", "latency_ms": 99.0, "timestamp": "2"}),
+                 tmp_path / "nested" / "full-n64-p")
+    assert find_records(tmp_path) == [tmp_path / "full-n64-p" / "result.json"]
+    df = records_frame(tmp_path)
+    assert len(df) == 1 and df.latency_ms.iloc[0] == 1.0
+    single = write_record(own, tmp_path / "run")  # a single run's folder holds its record
+    assert find_records(single.parent) == [single]
+
+
+@pytest.mark.parametrize(("field", "text"), [
+    ("latency_ms", "Infinity"), ("peak_mem_bytes", "-Infinity"), ("flops", "1e300"),
+    ("seq_len", "1e300"), ("seq_len", "100000000000000000000000000000"), ("tflops", "-1"),
+    ("reps", "-3")])
+def test_a_record_holding_infinity_or_an_absurd_value_is_skipped(tmp_path, capsys, field, text):
+    from attnbench.harness.report import build
+
+    good = Record(**{**BASE, "status": "ok", "latency_ms": 1.0, "latency_p10_ms": 0.9,
+                     "latency_p90_ms": 1.1})
+    write_record(good, tmp_path / "good")
+    data = json.loads((tmp_path / "good" / "result.json").read_text())
+    data.update(point_id="bad", seq_len=128)
+    path = tmp_path / "bad" / "result.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(data).replace(f'"{field}": {json.dumps(data[field])}',
+                                             f'"{field}": {text}'))
+    with pytest.raises(ValueError, match=field):
+        read_record(path)
+    assert build.main([str(tmp_path)]) == 0  # the report of the good one; no traceback
+    out, err = capsys.readouterr()
+    assert "used 1 records, skipped 1" in out and str(path) in err
+
+
+def test_points_are_filed_by_identity_whatever_hydra_s_subdir_says(tmp_path):
+    """Under Hydra's own sweeper (no attnbench check of the override), a `hydra.sweep.subdir`
+    shared by every job still cannot make one point overwrite another."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "attnbench.harness.cli", "-m", "hydra/sweeper=basic",
+         "hydra.sweep.subdir=same", "variant=full", "seq_len=32,64", "batch=1", "heads=1",
+         "head_dim=8", "timing.min_reps=1", "timing.min_time_s=0", "timing.warmup=0",
+         f"hydra.sweep.dir={tmp_path}"],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(find_records(tmp_path)) == 2
+    assert sorted(pd.read_csv(tmp_path / "results.csv").seq_len) == [32, 64]

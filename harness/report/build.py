@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from attnbench.harness.records import atomic_write_text, find_records
+from attnbench.harness.records import atomic_write_text, find_records, make_writable_folder
 from attnbench.harness.report import html, pick, plots, tables
 from attnbench.harness.report.gather import (
     DEFAULT_BASELINE,
@@ -182,7 +182,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"attnbench: error: {args.folder} is not a folder", file=sys.stderr)
         return 2
     if not find_records(args.folder):
-        print(f"attnbench: error: no result.json records below {args.folder}", file=sys.stderr)
+        print(f"attnbench: error: no result.json records in {args.folder} (a sweep folder holds "
+              f"one folder per point)", file=sys.stderr)
+        return 2
+    out = args.out if args.out is not None else args.folder
+    why = make_writable_folder(out)
+    if why:
+        flag = "--out" if args.out is not None else "the sweep folder"
+        print(f"attnbench: error: {flag} {out}: cannot write there ({why})", file=sys.stderr)
         return 2
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -191,6 +198,15 @@ def main(argv: list[str] | None = None) -> int:
         except BaselineError as exc:
             print(f"attnbench: error: {exc}", file=sys.stderr)
             return 2
+        except OSError as exc:  # a full or read-only disk midway: the files written are whole
+            print(f"attnbench: error: the report of {args.folder} could not be written into "
+                  f"{out} ({exc.strerror or exc}); the records are untouched", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"attnbench: interrupted; the report of {args.folder} is incomplete (each "
+                  f"file written is whole); run `attnbench report {args.folder}` again",
+                  file=sys.stderr)
+            return 130
     for w in caught:
         print(str(w.message), file=sys.stderr)
     print(f"attnbench: report of {args.folder}: used {rep.used} records, skipped "

@@ -5,7 +5,7 @@ the same label and the same SETTING values are the same question. Every consumer
 list from it, so a setting column added to the record is added here once:
 
 - speedup and memory ratio (gather.with_derived): the baseline at the same SETTING;
-- `compare` (compare.KEY): label + SETTING;
+- `compare` (compare.KEY): POINT, i.e. label + SETTING + seed;
 - the pick table (pick.KEYS): SETTING with seq_len, mode, causal, dtype, device first (pick.csv's
   column order, and the order its rows and sentences are sorted in);
 - fits and crossovers (scaling.SETTING): SETTING less seq_len (fits run over n), dtype, mode,
@@ -22,8 +22,11 @@ from attnbench.harness.records import FIELDS
 
 SETTING = ("batch", "heads", "kv_heads", "q_len", "seq_len", "head_dim", "dtype", "device", "mode",
            "causal", "inputs")
-if not set(SETTING) <= set(FIELDS):  # a renamed record field must be renamed here too
-    raise ImportError(f"setting columns {sorted(set(SETTING) - set(FIELDS))} are not record "
+# A point as the records name it: its label, its setting and its seed (the inputs it drew). Two
+# sweeps' points match on these columns (`compare`); seed 0 and seed 1 are two points.
+POINT = ("label", *SETTING, "seed")
+if not set(POINT) <= set(FIELDS):  # a renamed record field must be renamed here too
+    raise ImportError(f"setting columns {sorted(set(POINT) - set(FIELDS))} are not record "
                       f"fields")
 
 

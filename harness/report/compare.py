@@ -1,9 +1,10 @@
 """`attnbench compare A B`: two sweeps side by side, point by point.
 
-Points match on label and setting (columns.SETTING: batch, heads, kv_heads, q_len, seq_len,
-head_dim, dtype, device, mode, causal, inputs). ratio = B latency / A latency (above 1: B is
-slower). A change counts only beyond the measured spread: "slower" when B's p10 is above A's p90
-(the p10–p90 intervals do not overlap), "faster" when B's p90 is below A's p10; otherwise "same".
+Points match on label, setting and seed (columns.POINT: label; batch, heads, kv_heads, q_len,
+seq_len, head_dim, dtype, device, mode, causal, inputs; seed): seed 0 is not seed 1.
+ratio = B latency / A latency (above 1: B is slower). A change counts only beyond the measured
+spread: "slower" when B's p10 is above A's p90 (the p10–p90 intervals do not overlap), "faster"
+when B's p90 is below A's p10; otherwise "same".
 A point that ran in A and failed in B is "now <status>" and counts as a regression, as does a
 point of A that B lacks ("missing in B"). `--fail-on-regression` exits 1 when any point
 regressed; a folder that does not exist or holds no readable record is one line and exit 2.
@@ -36,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from attnbench.harness.records import make_writable_folder
 from attnbench.harness.report import columns, html
 from attnbench.harness.report.gather import records_frame
 from attnbench.harness.report.pick import NOT_COMPARABLE
@@ -43,7 +45,7 @@ from attnbench.harness.report.plots import label_styles, safe_name, tidy_log
 from attnbench.harness.report.tables import Table, markdown
 from attnbench.harness.units import cell
 
-KEY = ["label", *columns.SETTING]  # a point: its label and its setting (columns.py)
+KEY = list(columns.POINT)  # a point: its label, setting and seed (columns.py)
 COLS = ["family", "status", "latency_ms", "latency_p10_ms", "latency_p90_ms", "peak_mem_bytes",
         "kernel", "noisy", "contended", "softmax_rel_error", "impl_error", "impl_ok"]
 
@@ -223,14 +225,29 @@ def main(argv: list[str] | None = None) -> int:
         if frames[-1].empty:
             print(f"attnbench: error: no readable records in {folder}", file=sys.stderr)
             return 2
-    name_a, name_b = args.a.resolve().name, args.b.resolve().name
     out = args.out or default_out(args.a, args.b)
     for folder in (args.a, args.b):
         if inside(out, folder):
             print(f"attnbench: error: --out {out} is inside the sweep {folder}: write the "
                   f"comparison elsewhere", file=sys.stderr)
             return 2
-    out.mkdir(parents=True, exist_ok=True)
+    why = make_writable_folder(out)
+    if why:
+        flag = "--out " if args.out is not None else ""
+        hint = "" if args.out is not None else "; name another folder with --out"
+        print(f"attnbench: error: {flag}{out}: cannot write there ({why}){hint}",
+              file=sys.stderr)
+        return 2
+    try:
+        return _write_comparison(args, frames, out)
+    except OSError as exc:  # a full or read-only disk midway
+        print(f"attnbench: error: the comparison could not be written into {out} "
+              f"({exc.strerror or exc})", file=sys.stderr)
+        return 1
+
+
+def _write_comparison(args, frames: list[pd.DataFrame], out: Path) -> int:
+    name_a, name_b = args.a.resolve().name, args.b.resolve().name
     m = compare_frames(*frames)
     m.to_csv(out / "compare.csv", index=False)
     table = ratio_table(m, name_a, name_b)
@@ -238,10 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     (out / "compare.md").write_text(text, encoding="utf-8")
     plot = ratio_plot(m, name_a, name_b, out / "compare")
     print(text)
-    only_a, only_b = len(frames[0]) - len(m), len(frames[1]) - len(m)
-    counts = m.verdict.value_counts().to_dict()
+    only_a = int((m.verdict == "missing in B").sum())
+    matched = len(m) - only_a
+    only_b = len(frames[1]) - matched
+    counts = m[m.verdict != "missing in B"].verdict.value_counts().to_dict()
     summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no common points"
-    lines = [f"{len(m)} matched points ({summary}); {only_a} only in {name_a}, {only_b} only in "
+    lines = [f"{matched} matched points ({summary}); {only_a} only in {name_a}, {only_b} only in "
              f"{name_b}"]
     changed = m[m.kernel_changed]
     if len(changed):

@@ -16,6 +16,7 @@ from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -60,6 +61,7 @@ def checked_points(config: DictConfig, loader: Any, arguments: list[str]) -> lis
     parser = OverridesParser.create(config_loader=loader)
     try:
         overrides = parser.parse_overrides(arguments)
+        check_values(loader, overrides)
         everything = BasicSweeper.split_arguments(overrides, None)[0]
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(explain_hydra_error(exc)) from None
@@ -116,6 +118,31 @@ def _no_form(run: RunConfig) -> bool:
         return bool(att.not_supported_reasons(*args, run.causal, run.mode)) and not \
             att.not_supported_reasons(*args, not run.causal, run.mode)
     except Exception:  # a variant that fails here fails as its own row
+        return False
+
+
+def check_values(loader: Any, overrides: list[Override]) -> None:
+    """Raise ConfigError (one line naming the override) for what Hydra accepts but cannot
+    compose, or composes into nothing: a config group set to null (`variant=null`), and a sweep
+    with no value (`variant=glob(zzz*)`, `seq_len=range(5,5)`)."""
+    for o in overrides:
+        if o.is_delete():
+            continue
+        key = o.key_or_group
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
+        if not values:
+            raise ConfigError(f"{o.input_line}: matches nothing, so the sweep would have no "
+                              f"point (a glob, range or choice needs at least one value)")
+        if any(v is None or v == "null" for v in values) and _is_group(loader, key):
+            options = ", ".join(loader.get_group_options(key))
+            raise ConfigError(f"{key}=null: {key} is a config group; choose one of its options "
+                              f"({options})")
+
+
+def _is_group(loader: Any, key: str) -> bool:
+    try:
+        return bool(loader.repository.group_exists(key))
+    except Exception:  # another loader: Hydra itself will say what is wrong
         return False
 
 
@@ -179,14 +206,44 @@ def _params_of(config: DictConfig, loader: Any, choice: str) -> set[str] | None:
         return None
 
 
+# Each point's folder inside the sweep folder (conf/config.yaml, harness/run/task.py): named by
+# what the point measures, so no other point, sweep or job order can write there.
+POINT_SUBDIR = "${attnbench_point:}"
+
+
 def check_sweep_folder(config: DictConfig, create: bool = True) -> Path:
-    """The sweep folder, checked: `resume=true` needs it named; it must be writable (`create`:
-    by creating it and writing a probe; otherwise only looked at, nothing created)."""
-    sweep_dir = Path(str(config.hydra.sweep.dir))
-    if config.get("resume") and not _named_sweep_dir(config):
-        raise ConfigError("resume=true: name the sweep folder to resume with hydra.sweep.dir=DIR")
+    """The sweep folder, checked: named (not empty); points filed in it by identity (an
+    override of `hydra.sweep.subdir` is refused); `resume=true` needs it named and holding a
+    sweep; it must be writable (`create`: by creating it and writing a probe; otherwise only
+    looked at, nothing created)."""
+    sub = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir")
+    if sub != POINT_SUBDIR:
+        raise ConfigError(f"hydra.sweep.subdir={sub!r}: attnbench files each point in a folder "
+                          f"named by what it measures, directly in the sweep folder; leave "
+                          f"hydra.sweep.subdir as it is (choose the folder with hydra.sweep.dir)")
+    raw = OmegaConf.select(config, "hydra.sweep.dir")
+    if raw is None or not str(raw).strip():
+        raise ConfigError(f"hydra.sweep.dir={raw!r}: empty; name the folder the sweep writes "
+                          f"into (hydra.sweep.dir=DIR)")
+    sweep_dir = Path(str(raw))
+    if config.get("resume"):
+        if not _named_sweep_dir(config):
+            raise ConfigError("resume=true: name the sweep folder to resume with "
+                              "hydra.sweep.dir=DIR")
+        if not holds_sweep(sweep_dir):
+            raise ConfigError(f"hydra.sweep.dir={str(sweep_dir)!r}: resume=true, but no sweep "
+                              f"was written there (no multirun.yaml, no result.json); check "
+                              f"the folder's name")
     check_writable(sweep_dir, "hydra.sweep.dir", create=create)
     return sweep_dir
+
+
+def holds_sweep(folder: Path) -> bool:
+    """Whether `folder` holds a sweep: its multirun.yaml (written before any point runs) or a
+    record."""
+    from attnbench.harness.records import find_records
+
+    return (folder / "multirun.yaml").is_file() or bool(find_records(folder))
 
 
 def _named_sweep_dir(config: DictConfig) -> bool:
@@ -202,6 +259,8 @@ def precheck(overrides: list[str], multirun: bool = False) -> None:
 
     try:
         with hydra_loader() as loader:
+            check_values(loader, OverridesParser.create(config_loader=loader)
+                         .parse_overrides(overrides))
             if multirun:
                 first = [o for o in first_point(overrides) if not is_variant_param(o)]
                 cfg = loader.load_configuration("config", first, RunMode.MULTIRUN)
@@ -212,7 +271,11 @@ def precheck(overrides: list[str], multirun: bool = False) -> None:
                 cfg = loader.load_configuration("config", overrides, RunMode.RUN)
         from_dictconfig(cfg)
         if not multirun:  # the sweeper checks the sweep folder
-            check_writable(Path(str(cfg.hydra.run.dir)).parent, "hydra.run.dir")
+            run_dir = OmegaConf.select(cfg, "hydra.run.dir")
+            if run_dir is None or not str(run_dir).strip():
+                raise ConfigError(f"hydra.run.dir={run_dir!r}: empty; name the folder the run "
+                                  f"writes its record into (hydra.run.dir=DIR)")
+            check_writable(Path(str(run_dir)).parent, "hydra.run.dir")
     except (HydraException, OmegaConfBaseException) as exc:
         fail(explain_hydra_error(exc))
     except ConfigError as exc:

@@ -101,6 +101,9 @@ class RunConfig:
         return torch.device(resolve_device(self.device))
 
 
+# Upper bounds of the timing knobs: a point must end (1e308 seconds or 10^12 repeats would not).
+TIMING_LIMITS = {"warmup": 1000, "min_reps": 100_000, "max_reps": 100_000,
+                 "min_time_s": 3600.0, "max_time_s": 3600.0}
 _HINTS = {cls: get_type_hints(cls) for cls in (RunConfig, TimingConfig, ErrorConfig)}
 
 
@@ -242,8 +245,10 @@ def validate(run: RunConfig) -> None:
     for name in ("causal", "resume"):
         if not isinstance(getattr(run, name), bool):
             raise ConfigError(f"{name}={getattr(run, name)!r}: expected true or false")
-    if not isinstance(run.threads, int) or run.threads < 0:
-        raise ConfigError(f"threads={run.threads!r}: must be 0 (auto: the free cores) or positive")
+    cores = os.cpu_count() or 1
+    if not isinstance(run.threads, int) or not 0 <= run.threads <= cores:
+        raise ConfigError(f"threads={run.threads!r}: must be 0 (auto: the free cores) or at most "
+                          f"this machine's {cores} CPUs")
     from attnbench.harness.run.inputs import inputs_problem
 
     if not isinstance(run.inputs, str):
@@ -253,24 +258,30 @@ def validate(run: RunConfig) -> None:
         raise ConfigError(problem)
     t = run.timing
     for name, lo in (("warmup", 0), ("min_reps", 1), ("max_reps", 1)):
-        value = getattr(t, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < lo:
-            raise ConfigError(f"timing.{name}={value!r}: must be an integer >= {lo}")
+        value, hi = getattr(t, name), TIMING_LIMITS[name]
+        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+            raise ConfigError(f"timing.{name}={value!r}: must be an integer in [{lo}, {hi}]")
     if t.max_reps < t.min_reps:
         raise ConfigError(f"timing.max_reps={t.max_reps}: must be >= timing.min_reps={t.min_reps}")
     for name in ("min_time_s", "max_time_s"):
-        value = getattr(t, name)
+        value, hi = getattr(t, name), TIMING_LIMITS[name]
         if not isinstance(value, int | float) or isinstance(value, bool) or not \
-                math.isfinite(value) or value < 0:
-            raise ConfigError(f"timing.{name}={value!r}: must be a finite number >= 0")
+                math.isfinite(value) or not 0 <= value <= hi:
+            raise ConfigError(f"timing.{name}={value!r}: must be a finite number in [0, {hi:g}] "
+                              f"(seconds)")
     if t.max_time_s < t.min_time_s:
         raise ConfigError(f"timing.max_time_s={t.max_time_s}: must be >= timing.min_time_s="
                           f"{t.min_time_s} (timing stops at max_time_s)")
-    if not isinstance(run.seed, int) or isinstance(run.seed, bool) or not 0 <= run.seed < 2**63:
-        raise ConfigError(f"seed={run.seed!r}: must be an integer in [0, 2^63)")
+    check_seed("seed", run.seed)
     if not isinstance(run.error.rows, int) or run.error.rows < 0:
         raise ConfigError(f"error.rows={run.error.rows!r}: must be an integer >= 0")
     _check_variant(run)
+
+
+def check_seed(key: str, value: Any) -> None:
+    """A seed, the run's or a variant's (`variant.seed`): an integer in [0, 2^63)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
+        raise ConfigError(f"{key}={value!r}: must be an integer in [0, 2^63)")
 
 
 def _check_variant(run: RunConfig) -> None:
@@ -285,6 +296,8 @@ def _check_variant(run: RunConfig) -> None:
         if key not in hints:
             raise ConfigError(unknown_key(f"variant.{key}", hints, f"parameter of {run.variant}"))
         check_type(f"variant.{key}", value, hints[key])
+        if key == "seed":  # every variant's seed seeds a torch.Generator
+            check_seed(f"variant.{key}", value)
     try:
         variants.build(run.variant, **run.params)
     except (TypeError, ValueError) as exc:

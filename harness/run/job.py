@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import multiprocessing
+import signal
 import time
 import traceback
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from attnbench.harness.run.inputs import attention_entropy, make_inputs
 from attnbench.harness.run.machine import gpu_state, machine_info
 from attnbench.harness.run.memory import peak_memory
 from attnbench.harness.run.opcount import count_call
-from attnbench.harness.run.point import decide, on_device, point_id
+from attnbench.harness.run.point import decide, on_device, point_id, point_label
 from attnbench.harness.run.timing import Timing, measure_latency
 from attnbench.variants.base import Shape, Variant
 
@@ -87,9 +88,34 @@ def _run_in_subprocess(run: RunConfig) -> Record:
     proc.join()
     if isinstance(record, Record):
         return record
-    return Record(**_run_fields(run), status="error",
-                  reason=f"the point's process died (exit code {proc.exitcode}) before it "
-                         f"returned a record; see the log")
+    return died(run, proc.exitcode)
+
+
+def died(run: RunConfig, exitcode: int | None) -> Record:
+    """The `error` row of a point whose process ended before it returned a record: a crash in
+    native code (SIGSEGV), an abort, a kill, or user code calling os._exit."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        why = f"was killed by {name}{SIGNAL_WORDS.get(name, '')}"
+    else:
+        why = f"exited (exit code {exitcode})"
+    return error_record(run, f"the point's process {why} before it returned a record; see the "
+                             f"log")
+
+
+def error_record(run: RunConfig, reason: str) -> Record:
+    """An `error` row of a point from its config alone (it never returned a record)."""
+    fields = _run_fields(run)
+    fields["label"] = point_label(run)
+    return Record(**fields, status="error", reason=_short(reason))
+
+
+SIGNAL_WORDS = {"SIGSEGV": " (a crash in native code)", "SIGBUS": " (a crash in native code)",
+                "SIGABRT": " (an abort)", "SIGKILL": " (e.g. the out-of-memory killer)",
+                "SIGFPE": " (a crash in native code)", "SIGILL": " (a crash in native code)"}
 
 
 def _child(run: RunConfig, module: str, send) -> None:
@@ -128,7 +154,7 @@ def _run_point_here(run: RunConfig) -> Record:
         base["density"] = _nan_if_none(att.density(shape.seq_len, run.causal))
         measure = _measure_decode if run.mode == "decode" else _measure
         return measure(run, att, shape, dtype, device, predicted, finish)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # user code calling sys.exit() ends only its point
         if is_oom(exc):
             return finish("oom", _short(exc))
         log.error("point %s failed:\n%s", base["label"], traceback.format_exc())
@@ -143,6 +169,7 @@ def _run_point_here(run: RunConfig) -> Record:
 def _measure(run, att: Variant, shape: Shape, dtype, device: str, predicted: int, finish):
     grad = run.mode == "fwd_bwd"
     q, k, v = make_inputs(shape, dtype, device, run.seed, run.inputs, requires_grad=grad)
+    saved = _host_copies(q, k, v)
     call = _make_call(att, q, k, v, run.causal, grad)
     inputs = (q, k, v) if grad else ()
 
@@ -150,6 +177,9 @@ def _measure(run, att: Variant, shape: Shape, dtype, device: str, predicted: int
     out = call()  # first call: compilation, masks, caches; reported as setup, never as latency
     _sync(device)
     setup_s = time.perf_counter() - t0
+    bad = _output_problem(out, q, v) or _changed(saved, (q, k, v))
+    if bad:
+        return finish("invalid", f"{bad} (first call)", setup_s=setup_s)
     bad = _non_finite(out, inputs)
     if bad:
         return finish("invalid", f"non-finite values in {bad} (first call)", setup_s=setup_s)
@@ -161,9 +191,14 @@ def _measure(run, att: Variant, shape: Shape, dtype, device: str, predicted: int
     counted = _dispatch_fields(call, kernel)
 
     timing, fields = _time(call, run, device)
-    bad = _non_finite(fields.pop("last"), inputs)
+    last = fields.pop("last")
+    bad = _output_problem(last, q, v) or _changed(saved, (q, k, v))
+    if bad:
+        return finish("invalid", f"{bad} (a timed call)", setup_s=setup_s)
+    bad = _non_finite(last, inputs)
     if bad:
         return finish("invalid", f"non-finite values in {bad} (a timed call)", setup_s=setup_s)
+    fields["notes"] = _join(counted.pop("notes", ""), fields["notes"])
     for x in inputs:  # the measured call's own gradients count in its peak
         x.grad = None
     peak = peak_memory(call, device)
@@ -192,6 +227,7 @@ def _measure_decode(run, att: Variant, shape: Shape, dtype, device: str, predict
     n = shape.seq_len
     full = dataclasses.replace(shape, seq_len=n + 1, q_len=0)
     q, k, v = make_inputs(full, dtype, device, run.seed, run.inputs)
+    saved = _host_copies(q, k, v)
     q1, k1, v1 = q[:, :, n:], k[:, :, n:], v[:, :, n:]  # the new token
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -205,6 +241,9 @@ def _measure_decode(run, att: Variant, shape: Shape, dtype, device: str, predict
         out = step()
         _sync(device)
     state_bytes = float(tensor_bytes(state))
+    bad = _output_problem(out, q1, v1) or _changed(saved, (q, k, v))
+    if bad:
+        return finish("invalid", f"{bad} (first step)", setup_s=setup_s, state_bytes=state_bytes)
     if _non_finite(out, ()):
         return finish("invalid", "non-finite values in output (first step)", setup_s=setup_s,
                       state_bytes=state_bytes)
@@ -220,8 +259,13 @@ def _measure_decode(run, att: Variant, shape: Shape, dtype, device: str, predict
 
     counted = _dispatch_fields(call, kernel)
     timing, fields = _time(call, run, device)
-    if _non_finite(fields.pop("last"), ()):
+    last = fields.pop("last")
+    bad = _output_problem(last, q1, v1) or _changed(saved, (q, k, v))
+    if bad:
+        return finish("invalid", f"{bad} (a timed step)", setup_s=setup_s)
+    if _non_finite(last, ()):
         return finish("invalid", "non-finite values in output (a timed step)", setup_s=setup_s)
+    fields["notes"] = _join(counted.pop("notes", ""), fields["notes"])
     peak = peak_memory(call, device)
     flops = att.decode_flops(shape)
     return finish(
@@ -299,7 +343,11 @@ def _dispatch_fields(call: Callable[[], object], kernel: str) -> dict:
     around compiled code makes dynamo run the op eagerly, which is not the kernel measured."""
     if kernel.startswith("flex"):
         return {"kernel": kernel}
-    c = count_call(call)
+    try:
+        c = count_call(call)
+    except Exception as exc:  # e.g. a tensor subclass made inside the call: counts left empty
+        return {"kernel": kernel, "notes": f"ops not counted ({type(exc).__name__}: "
+                                           f"{_short(exc, 120)})"}
     sdpa = "+".join(sorted(set(c.sdpa)))
     if kernel.startswith("sdpa"):  # what torch ran, whatever was asked for ("math": composite)
         kernel = f"sdpa:{sdpa or 'math'}"
@@ -353,12 +401,47 @@ def _non_finite(out, inputs) -> str:
     return ""
 
 
+def _host_copies(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Copies of the inputs in host memory (never the device's, whose cap the point was sized
+    against): what the float64 reference must see, compared after the variant's calls."""
+    return tuple(t.detach().to("cpu", copy=True) for t in tensors)
+
+
+def _changed(saved: tuple[torch.Tensor, ...], tensors: tuple[torch.Tensor, ...]) -> str:
+    """Which input the variant modified in place ("" if none): its error would be measured
+    against the modified inputs, and its latency on them."""
+    for name, old, t in zip("qkv", saved, tensors, strict=True):
+        if not torch.equal(t.detach().cpu(), old):
+            return (f"the variant modified its input {name} in place (its error would be "
+                    f"against the modified inputs)")
+    return ""
+
+
+def _output_problem(out, q: torch.Tensor, v: torch.Tensor) -> str:
+    """What is wrong with a call's output ("" if nothing): not a tensor, not (B, H, Nq, Dv), or
+    not the inputs' dtype (a float64 result of float32 inputs times another computation and
+    hides its rounding error; an integer one is not attention)."""
+    if not isinstance(out, torch.Tensor):
+        return f"the variant returned a {type(out).__name__}, not a tensor"
+    want = (*q.shape[:-1], v.shape[-1])
+    if tuple(out.shape) != want:
+        return (f"the output's shape is {tuple(out.shape)}, not (B, H, Nq, Dv) = {want}")
+    if out.dtype != q.dtype:
+        return (f"the output's dtype is {str(out.dtype).removeprefix('torch.')}, not the "
+                f"inputs' {str(q.dtype).removeprefix('torch.')}")
+    return ""
+
+
+def _join(*notes: str) -> str:
+    return "; ".join(n for n in notes if n)
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
 
 
-def _short(exc: BaseException, limit: int = 300) -> str:
+def _short(exc: object, limit: int = 300) -> str:
     msg = " ".join(str(exc).split())
     return msg if len(msg) <= limit else msg[: limit - 1] + "…"
 

@@ -19,11 +19,19 @@ def _sdpa(q, k, v, causal: bool, backend: str) -> torch.Tensor:
     gqa = k.shape[1] != q.shape[1]
     with _sdpa_context(backend):
         if causal and q.shape[-2] != k.shape[-2]:
-            from torch.nn.attention.bias import causal_lower_right
-
-            bias = causal_lower_right(q.shape[-2], k.shape[-2])
+            bias = _lower_right(q.shape[-2], k.shape[-2])
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=gqa)
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+
+
+@functools.lru_cache(maxsize=64)
+def _lower_right(nq: int, nk: int):
+    """torch's bottom-right causal bias (a tensor subclass holding only the two lengths), made
+    once per shape: not per call, and never inside a dispatch mode (an op counter), where torch
+    refuses to create a tensor subclass."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    return causal_lower_right(nq, nk)
 
 
 def _xformers(q, k, v, causal: bool) -> torch.Tensor:
