@@ -217,11 +217,16 @@ class Variant:
 
     # -- definition, for references and error ---------------------------------------------------
     def reference(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """The variant's own definition in float64, for families that replace softmax rather
-        than approximate it (the recurrent family: its step-by-step recurrence). None (the
-        default): the error is measured against softmax attention (under `key_mask`)."""
+        than approximate it (the recurrent family: its step-by-step recurrence; MoBA's and
+        NSA's selections). None (the default): the error is measured against softmax attention
+        (under `key_mask`). `rows`: the query rows (0..Nq−1) to return, (B, H, len(rows), D);
+        None: all. Given rows, a reference computes what they need only, in tiles of at most
+        `reference.REFERENCE_BYTES`: the harness samples rows, and a reference over all n rows
+        (or all n steps at once) would outgrow the point's own predicted peak."""
         return None
 
     def key_mask(self, rows: torch.Tensor, n: int, causal: bool) -> torch.Tensor | None:

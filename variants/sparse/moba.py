@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import torch
 
+from attnbench.variants import reference as _reference
 from attnbench.variants.base import Shape, Variant, gpu_path
 from attnbench.variants.cache import CACHE_STEP, KVCache
 from attnbench.variants.registry import register
@@ -127,35 +128,49 @@ class MoBA(Variant):
         return out, MobaCache(kv, buf, done)
 
     # -- definition -----------------------------------------------------------------------------
-    def select(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def select(self, q: torch.Tensor, k: torch.Tensor,
+               pos: torch.Tensor | None = None) -> torch.Tensor:
         """The selection in float64: (B, H, Nq, topk) blocks of each query, its own first (-1:
-        empty slot)."""
+        empty slot). `pos`: the positions of q's rows (default: the last Nq)."""
         b, h, nq, d = q.shape
         hkv, n = k.shape[1], k.shape[2]
-        means = block_means(k.reshape(b * hkv, n, d), self.block, torch.float64)
+        if pos is None:
+            pos = torch.arange(nq, device=q.device) + (n - nq)
+        kz = k.reshape(b * hkv, n, d)
+        # float64 block means a k/v head and a span of whole blocks at a time (a tile's bytes)
+        span = max(1, _reference.REFERENCE_BYTES // (16 * d * self.block)) * self.block
+        means = torch.cat([torch.cat([block_means(kz[i : i + 1, s : s + span], self.block,
+                                                  torch.float64) for s in range(0, n, span)], 1)
+                           for i in range(b * hkv)])  # (Z, nb, D)
         qi = q.reshape(b * hkv, h // hkv * nq, d)
-        qpos = torch.arange(qi.shape[1], device=q.device) % nq + (n - nq)
+        qpos = pos.to(q.device).repeat(h // hkv)  # item i of a group is row i mod Nq
         rest = self._route(qi, means, qpos)
         own = (qpos // self.block)[None, :, None].expand(rest.shape[0], -1, 1)
         return torch.cat([own, rest], -1).view(b, h, nq, -1)
 
-    def definition(self, q, k, v, causal: bool = True, dtype=torch.float64) -> torch.Tensor:
+    def definition(self, q, k, v, causal: bool = True, dtype=torch.float64,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
         """Dense softmax in `dtype` under the float64 selection: each query sees the keys of its
-        selected blocks at or before its position."""
-        sel = self.select(q.detach(), k.detach())  # (B, H, Nq, S)
+        selected blocks at or before its position. `rows`: the query rows to compute (None:
+        all), (B, H, R, D); tiled (`select_naive.dense_reference`)."""
         n, nq = k.shape[2], q.shape[2]
-        blocks = torch.arange(n, device=q.device) // self.block
+        idx = torch.arange(nq, device=q.device) if rows is None else rows.to(q.device)
+        q = q[:, :, idx]  # (B, H, R, D)
+        pos = idx + (n - nq)
+        sel = self.select(q.detach(), k.detach(), pos)  # (B, H, R, S)
+        keys = torch.arange(n, device=q.device)
+        blocks = keys // self.block
+        g = q.shape[1] // k.shape[1]
 
-        def sees(r0: int, r1: int) -> torch.Tensor:
-            chosen = (sel[:, :, r0:r1, :, None] == blocks).any(3)  # (B, H, r, N)
-            pos = torch.arange(r0, r1, device=q.device) + (n - nq)
-            return chosen & (torch.arange(n, device=q.device) <= pos[:, None])
+        def sees(bi: int, j: int, r0: int, r1: int) -> torch.Tensor:
+            mine = sel[bi, j * g : (j + 1) * g, r0:r1, :, None]  # (G, r, S, 1)
+            return (mine == blocks).any(2) & (keys <= pos[r0:r1, None])  # (G, r, N)
 
         return dense_reference(q, k, v, sees, dtype)
 
-    def reference(self, q, k, v, causal: bool) -> torch.Tensor:
-        """Its own definition in float64 (selection and attention)."""
-        return self.definition(q, k, v, causal, torch.float64)
+    def reference(self, q, k, v, causal: bool, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Its own definition in float64 (selection and attention), on `rows` (None: all)."""
+        return self.definition(q, k, v, causal, torch.float64, rows)
 
     # -- models ---------------------------------------------------------------------------------
     def _sizes(self, shape: Shape) -> tuple[int, int, int, int]:

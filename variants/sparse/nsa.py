@@ -204,14 +204,15 @@ class NSA(Variant):
         return out.transpose(1, 2).reshape(b, h, 1, d), NsaCache(kv, kcb, vcb, count)
 
     # -- definition -----------------------------------------------------------------------------
-    def definition(self, q, k, v, causal: bool = True, dtype=torch.float64) -> torch.Tensor:
+    def definition(self, q, k, v, causal: bool = True, dtype=torch.float64,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
         """The three branches densely in `dtype`, the selection from float64 compressed scores
-        (`nsa_naive.nsa_definition`)."""
-        return nsa_definition(self, q, k, v, dtype)
+        (`nsa_naive.nsa_definition`), on `rows` (None: all)."""
+        return nsa_definition(self, q, k, v, dtype, rows)
 
-    def reference(self, q, k, v, causal: bool) -> torch.Tensor:
-        """Its own definition in float64 (selection and the three branches)."""
-        return self.definition(q, k, v, causal, torch.float64)
+    def reference(self, q, k, v, causal: bool, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Its own definition in float64 (selection and the three branches), on `rows`."""
+        return self.definition(q, k, v, causal, torch.float64, rows)
 
     # -- models ---------------------------------------------------------------------------------
     def _geometry(self, shape: Shape):
