@@ -88,7 +88,7 @@ def predicted_bytes(att: Variant, shape: Shape, dtype: torch.dtype, run: RunConf
     inputs = (shape.heads * shape.nq + 2 * shape.hkv * shape.seq_len) * b * d * el
     device = resolve_device(run.device)
     if run.mode == "decode":  # the state of the context and one step
-        return int(inputs + att.decode_memory_bytes(shape, dtype))
+        return int(inputs + on_device(att.decode_memory_bytes, device)(shape, dtype))
     fwd = on_device(att.memory_bytes, device)(shape, dtype, run.causal)
     return int(inputs + (fwd * 3 + 2 * inputs if run.mode == "fwd_bwd" else fwd))
 
