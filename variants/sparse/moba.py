@@ -20,6 +20,7 @@ from attnbench.variants.cache import CACHE_STEP, KVCache
 from attnbench.variants.registry import register
 from attnbench.variants.sparse.select import (
     block_means,
+    block_pairs,
     own_and_rest,
     own_rows,
     part_bytes,
@@ -212,9 +213,11 @@ class MoBA(Variant):
         return int(router + engine + 2 * shape.bh * shape.nq * d * max(el, 4))
 
     def density(self, n: int, causal: bool = False) -> float:
-        """Scores computed per head (router and the engine's rows) over n²."""
-        shape = Shape(1, 1, n, 1)
-        return (n * self._sizes(shape)[2] + self._rows(shape) * self.block) / n**2
+        """The fraction of the n×n scores it computes (≤ 1): each query's own block and the
+        topk − 1 earlier blocks it selects (fewer where fewer exist), whole blocks clipped at n.
+        The router's scores against block means are no entries of the n×n matrix, and the
+        engine's padded tiles are executed work, not scores: both are in `flops`."""
+        return block_pairs(n, self.block, lambda j: 1 + min(self.topk - 1, j)) / n**2
 
     def kernel(self, shape: Shape, device, causal: bool, grad: bool) -> str:
         return "select:gather-bmm" if gpu_path(device) else "select:gather-flash_cpu"

@@ -32,6 +32,7 @@ from attnbench.variants.registry import register
 from attnbench.variants.sparse.nsa_naive import GATES, nsa_definition
 from attnbench.variants.sparse.select import (
     band_rows,
+    block_pairs,
     own_and_rest,
     own_rows,
     part_bytes,
@@ -263,10 +264,20 @@ class NSA(Variant):
         return int(cmp + engine + 4 * shape.bh * m * d * max(el, 4))
 
     def density(self, n: int, causal: bool = False) -> float:
-        """Scores computed per head (compressed keys and the engine's rows) over n²."""
-        shape = Shape(1, 1, n, 1)
-        _, m, c, _, _ = self._geometry(shape)
-        return (m * c + self._rows(shape) * self.sel_block) / n**2
+        """The fraction of the n×n scores it computes (≤ 1), an upper bound (the selection is
+        data-dependent): per query block j, the window's blocks (its own and ⌈w/l′⌉ before it)
+        and the selected blocks besides the own and the previous one (both in the window),
+        counted apart, at most the j + 1 blocks up to its own; whole blocks clipped at n. The
+        compressed keys are no entries of the n×n matrix, and the engine's padded tiles are
+        executed work, not scores: both are in `flops`."""
+        reach = -(-self.window // self.sel_block)
+
+        def blocks(j: int) -> int:
+            window = min(j + 1, reach + 1)
+            extra = max(0, min(self.sel_count - 1, j) - (1 if j else 0))
+            return min(j + 1, window + extra)
+
+        return block_pairs(n, self.sel_block, blocks) / n**2
 
     def kernel(self, shape: Shape, device, causal: bool, grad: bool) -> str:
         tiles = "gather-bmm" if gpu_path(device) else "gather-flash_cpu"
