@@ -57,3 +57,17 @@ def test_model_shape_preset_names_itself_and_its_heads(name):
         cfg = compose(config_name="config", overrides=[f"+shape={name}"])
     run = from_dictconfig(cfg)
     assert run.model == name and run.kv_heads >= 1 and run.heads % run.kv_heads == 0
+
+
+def test_a_model_name_only_for_the_models_shape():
+    """`+shape=llama3_8b heads=8` runs 8 query heads: the record must not say llama3_8b (32);
+    it names the model and what was overridden. The preset as it is keeps its plain name."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        changed = compose(config_name="config", overrides=["+shape=llama3_8b", "heads=8"])
+        both = compose(config_name="config",
+                       overrides=["+shape=llama3_8b", "heads=16", "head_dim=64"])
+        same = compose(config_name="config", overrides=["+shape=llama3_8b", "seq_len=2048"])
+    run = from_dictconfig(changed)
+    assert (run.heads, run.kv_heads, run.model) == (8, 8, "llama3_8b[heads=8]")
+    assert from_dictconfig(both).model == "llama3_8b[heads=16,head_dim=64]"
+    assert from_dictconfig(same).model == "llama3_8b"

@@ -43,6 +43,24 @@ def test_every_point_of_a_long_sweep_runs_compiled(variant, causal):
         assert _flex.COUNTS["refused"] == before.get("refused", 0)
 
 
+@pytest.mark.slow
+def test_flex_without_a_mask_stays_linear():
+    """A call without a mask runs with an explicit all-keys block mask: maskless, the compiled
+    CPU kernel stored all n² scores (10 / 37 / 137 MiB at n = 1K / 2K / 4K, B1 H2 d64) while the
+    row said ok, flex:compiled and O(n). One compile (n = 1K)."""
+    n = 1024
+    rec = run_point(from_dictconfig(dict(
+        variant={"name": "full", "backend": "flex"}, batch=1, heads=2, seq_len=n, head_dim=64,
+        causal=False, device="cpu", timing={"warmup": 0, "min_reps": 1, "min_time_s": 0},
+        error={"rows": 8},
+    )))
+    assert rec.status == "ok" and rec.kernel == "flex:compiled", rec.reason
+    scores = 2 * n * n * 4  # (1, 2, n, n) float32
+    assert rec.peak_mem_bytes < scores / 2, rec.peak_mem_bytes
+    assert rec.peak_mem_bytes <= 1.5 * rec.predicted_mem_bytes
+    assert rec.rel_error < 1e-5
+
+
 def test_uncompiled_flex_is_refused_not_run():
     """Whatever stops compilation (here a force_eager stance), flex raises instead of running
     its unfused fallback, and the sweep records an error row that says so."""

@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from attnbench import variants
+from attnbench.harness.run.config import RunConfig
+from attnbench.harness.run.inputs import make_inputs
 from attnbench.harness.run.memory import peak_memory
+from attnbench.harness.run.opcount import count_call
+from attnbench.harness.run.point import decide
 from attnbench.variants.base import Shape
 from attnbench.variants.full.backends import _pinned_sdpa_reasons
 from attnbench.variants.testing import assert_matches, random_qkv
@@ -68,6 +72,24 @@ def test_memory_truth_naive_vs_sdpa():
     sdpa = peak_memory(lambda: variants.build("full", backend="sdpa")(q, k, v))
     assert naive >= scores
     assert sdpa < scores / 4
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_sdpa_math_model_counts_the_scores_it_materialises(causal):
+    """sdpa pinned to math runs the composite path (no fused kernel: the dispatch shows none),
+    which stores the scores and probabilities: its model and declared exponent say so. It once
+    predicted the tiled kernels' O(n) (66–72 MiB) and measured 18.5 / 73 / 290 MiB at
+    n = 1K / 2K / 4K (B1 H4)."""
+    att = variants.build("full", sdpa_backend="math")
+    assert att.memory_exponent == 2.0 and variants.build("full").memory_exponent == 1.0
+    n = 4096
+    run = RunConfig(variant="full", params=att.params(), heads=2, seq_len=n, causal=causal,
+                    device="cpu")
+    q, k, v = make_inputs(run.shape, torch.float32, "cpu")
+    assert count_call(lambda: att(q, k, v, causal=causal)).sdpa == []  # no fused kernel
+    peak = peak_memory(lambda: att(q, k, v, causal=causal))
+    predicted = decide(att, run).predicted
+    assert 2 * 2 * n * n * 4 <= peak <= 1.5 * predicted, (peak, predicted)
 
 
 def test_causal_flops_count_the_triangle_unless_the_kernel_materialises():

@@ -117,3 +117,15 @@ def test_every_parameter_change_changes_the_label(name):
             except ValueError:
                 continue  # not a valid value for this parameter
             assert changed.label != default.label, (param, other, default.label)
+
+
+@pytest.mark.parametrize("name", variants.names())
+def test_density_is_a_fraction_of_the_scores(name):
+    """density: the fraction of the n×n scores the algorithm computes, at most 1 at every n
+    (blocks larger than n included); None where it has no meaning. Padded, executed work is in
+    the FLOPs."""
+    att = variants.build(name)
+    for n in (1, 64, 100, 1024):
+        for causal in (False, True):
+            d = att.density(n, causal)
+            assert d is None or 0 < d <= 1, (n, causal, d)

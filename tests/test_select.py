@@ -213,3 +213,39 @@ def test_parameters_are_checked():
         variants.build("moba", topk=0)
     with pytest.raises(ValueError, match="cmp_stride"):
         variants.build("nsa", cmp_block=32, cmp_stride=12)
+
+
+@pytest.mark.parametrize("n", [10, 16, 75, 200])
+def test_moba_density_counts_the_scores_its_blocks_cover(n):
+    """Token by token: the own block (clipped at n) and min(topk − 1, earlier blocks) whole
+    blocks, over n². Never the engine's padded tiles: at n = 64 with blocks of 128 it once said
+    12.0 (now 1.0)."""
+    att = variants.build("moba", **MOBA)
+    b = MOBA["block"]
+    pairs = 0
+    for p in range(n):
+        own = p // b
+        pairs += min(n, (own + 1) * b) - own * b + b * min(MOBA["topk"] - 1, own)
+    assert att.density(n, True) == pytest.approx(pairs / n**2)
+    assert variants.build("moba").density(64, True) == 1.0
+
+
+@pytest.mark.parametrize(("params", "n"), [(NSA, 75), (NSA_WIDE, 200), (NSA, 200)])
+def test_nsa_density_bounds_the_scores_its_blocks_cover(params, n):
+    """An upper bound of the distinct query–key pairs its selected and window blocks cover
+    (whole blocks clipped at n), counted token by token from a real selection; at most 1."""
+    att = variants.build("nsa", **params)
+    q, k, _ = _inputs(h=2, hkv=1, n=n, nq=n)
+    lp, w = params["sel_block"], params["window"]
+    qpos = torch.arange(n)
+    qi = q.view(1, 1, 2, n, 16).transpose(2, 3).reshape(1, n, 2, 16)
+    kz = k.reshape(1, n, 16)
+    _, p_cmp = att._compressed(qi, att._compress(kz), att._compress(kz), qpos)
+    rest = att._select(p_cmp, qpos, n)[0]  # (N, S) blocks besides the own one
+    pairs = 0
+    for p in range(n):
+        window = {j // lp for j in range(max(0, p - w), p + 1)}
+        chosen = {p // lp} | {int(j) for j in rest[p] if j >= 0} | window
+        pairs += sum(min(n, (j + 1) * lp) - j * lp for j in chosen)
+    assert pairs / n**2 <= att.density(n, True) <= 1.0
+    assert variants.build("nsa").density(64, True) == 1.0

@@ -7,6 +7,7 @@ It takes q, k, v in (B, H, N, D) and returns (B, H, N, D). Variants never see a 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -199,11 +200,15 @@ class Variant:
         variants whose backward recomputes (flash-style) or skips constant operands override."""
         return 2.0 * self.flops(shape, causal)
 
-    def decode_memory_bytes(self, shape: Shape, dtype: torch.dtype) -> int:
+    def decode_memory_bytes(self, shape: Shape, dtype: torch.dtype,
+                            device: torch.device | str = "cpu") -> int:
         """Predicted peak of building the decode state for a context of shape.seq_len and one
-        step (beyond the context's k, v). Default: the forward's model over the context, an
-        upper estimate for a state built by the chunked form; a cache overrides it."""
-        return self.memory_bytes(shape, dtype, True)
+        step (beyond the context's k, v). Default: the forward's model over the context (on
+        `device` where the model takes one), an upper estimate for a state built by the chunked
+        form; a cache overrides it."""
+        model = self.memory_bytes
+        kw = {"device": device} if "device" in inspect.signature(model).parameters else {}
+        return model(shape, dtype, True, **kw)
 
     def decode_flops(self, shape: Shape) -> float:
         """FLOPs of one decode step against a context of shape.seq_len (NaN: no model)."""
@@ -226,11 +231,16 @@ class Variant:
 
     # -- definition, for references and error ---------------------------------------------------
     def reference(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """The variant's own definition in float64, for families that replace softmax rather
-        than approximate it (the recurrent family: its step-by-step recurrence). None (the
-        default): the error is measured against softmax attention (under `key_mask`)."""
+        than approximate it (the recurrent family: its step-by-step recurrence; MoBA's and
+        NSA's selections). None (the default): the error is measured against softmax attention
+        (under `key_mask`). `rows`: the query rows (0..Nq−1) to return, (B, H, len(rows), D);
+        None: all. Given rows, a reference computes what they need only, in tiles of at most
+        `reference.REFERENCE_BYTES`: the harness samples rows, and a reference over all n rows
+        (or all n steps at once) would outgrow the point's own predicted peak."""
         return None
 
     def key_mask(self, rows: torch.Tensor, n: int, causal: bool) -> torch.Tensor | None:
@@ -294,6 +304,20 @@ def mm_dtype(dtype: torch.dtype, device: torch.device | str, states: bool = Fals
     if not gpu_path(device):
         return compute_dtype(dtype)
     return torch.bfloat16 if states and dtype == torch.float16 else dtype
+
+
+CUDA_WORKSPACE = 64 << 20
+
+
+def fused_workspace(device: torch.device | str, head_dim: int) -> int:
+    """Scratch bytes of a fused attention kernel (SDPA's flash / efficient / cuDNN, flex) beyond
+    its output and log-sum-exp: a bounded workspace on CUDA (64 MiB); on the CPU, per-thread
+    tiles of scores and of rows of head_dim (aten's flash_cpu, measured at 2 threads: 0.6, 0.8
+    and 2 MiB a thread at head_dim 64, 256 and 512; counted 1 MiB + 4 KiB·head_dim a thread),
+    so the CPU model grows with `torch.get_num_threads()`."""
+    if torch.device(device).type == "cuda":
+        return CUDA_WORKSPACE
+    return ((1 << 20) + 4096 * head_dim) * torch.get_num_threads()
 
 
 def full_flops(shape: Shape, causal: bool = False) -> float:

@@ -47,7 +47,8 @@ def flex_attention_compiled(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask=None
 ) -> torch.Tensor:
     """Compiled `flex_attention(q, k, v, block_mask=block_mask)`; q (B, H, Nq, D), k and v
-    (B, Hkv, Nk, D) (grouped-query heads natively: enable_gqa), out (B, H, Nq, D).
+    (B, Hkv, Nk, D) (grouped-query heads natively: enable_gqa), out (B, H, Nq, D). No mask
+    (None) runs with `every_key_mask`, never maskless.
 
     Its first call per shape and mask compiles (seconds to tens of seconds on CPU), which the
     runner reports as setup time. Dynamo keeps at most ``recompile_limit`` (8) compiled versions
@@ -57,6 +58,8 @@ def flex_attention_compiled(
     """
     from torch._dynamo.exc import FailOnRecompileLimitHit
 
+    if block_mask is None:  # maskless, compiled flex on a CPU stores all n×n scores
+        block_mask = every_key_mask(q.shape[-2], k.shape[-2], str(q.device))
     fn = _compiled()
     gqa = k.shape[1] != q.shape[1]
     try:
@@ -75,6 +78,20 @@ def flex_attention_compiled(
             ) from exc
     COUNTS["compiled"] += 1
     return out
+
+
+@functools.lru_cache(maxsize=32)
+def every_key_mask(nq: int, nk: int, device: str):
+    """An explicit block mask in which every query sees every key: what a call without a mask
+    means. Passed instead of None, as flex's compiled CPU kernel given no mask materialises the
+    (B, H, Nq, Nk) scores (10 / 37 / 137 MiB at n = 1K / 2K / 4K, B1 H2 d64, measured) where
+    this mask, all full blocks, keeps it O(n)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def every_key(b, h, q_idx, kv_idx):
+        return kv_idx >= 0
+
+    return create_block_mask(every_key, None, None, nq, nk, device=device)
 
 
 def flex_reasons(device: torch.device | str, mode: str) -> list[str]:

@@ -6,6 +6,10 @@ import math
 
 import torch
 
+# The working set of one tile of a float64 reference (scores, casts, a stretch of a recurrence):
+# references on long sequences walk over tiles instead of holding O(n) or O(n²) float64 at once.
+REFERENCE_BYTES = 64 << 20
+
 
 def attention_reference(
     q: torch.Tensor,

@@ -16,6 +16,7 @@ The recurrent family replaces softmax: no softmax error, no recall (`quality_not
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -53,9 +54,9 @@ def quality(att: Variant, q, k, v, out, run: RunConfig,
     rows = rows.to(q.device)
     q, k, v = q.detach(), k.detach(), v.detach()
     got = out.detach()[..., rows, :]  # (B, H, R, D)
-    own = att.reference(q, k, v, run.causal)
+    own = own_reference(att, q, k, v, run.causal, rows)  # (B, H, R, D): the sampled rows
     if own is not None:
-        ref = own[..., rows, :]
+        ref = own
         f.update(impl_error=rel_error(got, ref), max_abs_error=max_abs_error(got, ref),
                  error_ref="own definition")
     if att.family in NOT_SOFTMAX:
@@ -162,3 +163,13 @@ def softmax_scan(att: Variant, q, k, v, got, rows: torch.Tensor, causal: bool,
         out.update(masked_max_abs=mabs, masked_rel_error=out["softmax_rel_error"] if mask is None
                    else math.sqrt(mdiff2 / max(mref2, 1e-300)))
     return out
+
+
+def own_reference(att: Variant, q, k, v, causal: bool, rows: torch.Tensor):
+    """The variant's own float64 definition on the sampled `rows` (None where it has none). A
+    `reference` that takes `rows` computes only those, tiled (the built-ins); one that does not
+    (an older plugin's) computes every row, then the sampled ones are kept."""
+    if "rows" in inspect.signature(att.reference).parameters:
+        return att.reference(q, k, v, causal, rows=rows)
+    own = att.reference(q, k, v, causal)
+    return None if own is None else own[..., rows, :]

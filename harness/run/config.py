@@ -71,7 +71,8 @@ class RunConfig:
     head_dim: int = 64
     kv_heads: int = 0  # heads of k and v (0: heads); must divide heads; 1 is multi-query
     q_len: int = 0  # query positions (0: seq_len); the last q_len of seq_len when causal
-    model: str = ""  # the model-shape preset that set heads, kv_heads, head_dim ("" none)
+    model: str = ""  # the model-shape preset that set heads, kv_heads, head_dim ("" none;
+    # `name[heads=8]` where an override changed its shape: `model_name`)
     dtype: str = "float32"
     device: str = "auto"
     causal: bool = False
@@ -164,9 +165,31 @@ def from_dictconfig(cfg: Any) -> RunConfig:
     raw["max_memory"] = parse_bytes(raw.get("max_memory", 0) or 0)
     run = RunConfig(variant=str(name), params=variant, timing=timing, error=error, **raw)
     validate(run)
+    run = dataclasses.replace(run, model=model_name(run))
     if run.mode == "decode" and not run.causal:  # one token after its context: causal by nature,
         run = dataclasses.replace(run, causal=True)  # before any identity is taken from it
     return run
+
+
+SHAPE_KEYS = ("heads", "kv_heads", "head_dim")
+
+
+def model_name(run: RunConfig) -> str:
+    """The model-shape preset's name where the point has that model's shape; where an override
+    changed it (``+shape=llama3_8b heads=8``), the name with what differs
+    (``llama3_8b[heads=8]``), so no record claims a model whose shape it did not run. A name
+    with no preset in conf/shape/ stays as written."""
+    if not run.model:
+        return run.model
+    preset = Path(conf_dir()) / "shape" / f"{run.model}.yaml"
+    if not preset.is_file():
+        return run.model
+    import yaml
+
+    model = yaml.safe_load(preset.read_text()) or {}
+    differs = [f"{key}={getattr(run, key)}" for key in SHAPE_KEYS
+               if key in model and getattr(run, key) != model[key]]
+    return f"{run.model}[{','.join(differs)}]" if differs else run.model
 
 
 def unknown_key(key: str, allowed: Iterable[str], what: str = "config key") -> str:

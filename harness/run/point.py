@@ -86,7 +86,7 @@ def predicted_bytes(att: Variant, shape: Shape, dtype: torch.dtype, run: RunConf
     inputs = input_bytes(shape, dtype)
     device = resolve_device(run.device)
     if run.mode == "decode":  # the state of the context and one step
-        return int(inputs + att.decode_memory_bytes(shape, dtype))
+        return int(inputs + on_device(att.decode_memory_bytes, device)(shape, dtype))
     fwd = on_device(att.memory_bytes, device)(shape, dtype, run.causal)
     return int(inputs + (fwd * 3 + 2 * inputs if run.mode == "fwd_bwd" else fwd))
 

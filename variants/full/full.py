@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import torch
 
-from attnbench.variants.base import Shape, Variant, full_flops
+from attnbench.variants.base import Shape, Variant, full_flops, fused_workspace
 from attnbench.variants.cache import CACHE_STEP, KVCache
 from attnbench.variants.flex import flex_attention_compiled, flex_reasons
 from attnbench.variants.full.backends import (
@@ -71,7 +71,7 @@ class Full(Variant):
 
     @property
     def memory_exponent(self) -> float:  # type: ignore[override]
-        return 2.0 if self.backend == "naive" else 1.0
+        return 2.0 if self._materialises else 1.0
 
     def not_supported_reasons(
         self,
@@ -138,14 +138,28 @@ class Full(Variant):
             return 1.0
         return super().density(n, causal)
 
-    def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = False) -> int:
+    def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = False,
+                     device: torch.device | str = "cpu") -> int:
+        """naive: scores and probabilities in the input dtype, the causal mask. sdpa math (the
+        composite path, materialised like naive): scores and probabilities in at least float32,
+        softmax's all-masked-row flags (2 bytes a score, measured), `is_causal`'s float mask
+        (4 bytes per query–key pair). The tiled kernels: the output, log-sum-exp and a bounded
+        workspace (`fused_workspace`); flex on top keeps a second output-sized buffer. Fewer
+        queries than keys, causal, through sdpa: the bottom-right bias is materialised (bool
+        and float, 13–15 bytes per query–key pair measured; 16 counted)."""
         el = torch.empty((), dtype=dtype).element_size()
         bh, nq, nk, d = shape.bh, shape.nq, shape.seq_len, shape.head_dim
         out = bh * nq * d * el + bh * nq * 4  # output + log-sum-exp
         if self.backend == "naive":  # scores, probs, mask
             return out + 2 * bh * nq * nk * el + (nq * nk if causal else 0)
-        lower_right = causal and nq < nk and self.backend == "sdpa"  # a materialised bias
-        return out + (64 << 20) + (nq * nk if lower_right else 0)  # tiled: O(n) + workspace
+        lower_right = causal and nq < nk and self.backend == "sdpa"
+        bias = 16 * nq * nk if lower_right else 0
+        if self._materialises:  # sdpa math
+            causal_mask = 4 * nq * nk if causal and not lower_right else 0
+            return out + bh * nq * nk * (2 * max(el, 4) + 2) + causal_mask + bias
+        if self.backend == "flex":
+            out += bh * nq * d * el
+        return out + bias + fused_workspace(device, shape.head_dim)  # tiled: O(n) + workspace
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
@@ -160,11 +174,12 @@ class Full(Variant):
         block_mask = _causal_block_mask(nq, nk, str(q.device)) if causal else None
         return flex_attention_compiled(q, k, v, block_mask)
 
-    def decode_memory_bytes(self, shape: Shape, dtype: torch.dtype) -> int:
+    def decode_memory_bytes(self, shape: Shape, dtype: torch.dtype,
+                            device: torch.device | str = "cpu") -> int:
         el = torch.empty((), dtype=dtype).element_size()
         cache = 2 * shape.batch * shape.hkv * (shape.seq_len + CACHE_STEP) * shape.head_dim * el
         row = 2 * shape.bh * (shape.seq_len + 1) * max(el, 4)  # one row of scores and probs
-        return cache + row + (64 << 20)
+        return cache + row + fused_workspace(device, shape.head_dim)
 
     def decode_flops(self, shape: Shape) -> float:
         return 4.0 * shape.bh * (shape.seq_len + 1) * shape.head_dim  # q·K and p·V

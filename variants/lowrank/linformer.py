@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from attnbench.variants.base import Shape, Variant, compute_dtype, mm_dtype
+from attnbench.variants.base import Shape, Variant, compute_dtype, fused_workspace, mm_dtype
 from attnbench.variants.registry import register
 
 
@@ -100,14 +100,15 @@ class Linformer(Variant):
         project = 2 * shape.hkv * shape.seq_len * kp * d
         return 2.0 * b * (project + 5 * shape.heads * shape.nq * kp * d)
 
-    def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = False) -> int:
+    def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = False,
+                     device: torch.device | str = "cpu") -> int:
         el = torch.empty((), dtype=compute_dtype(dtype)).element_size()
         b, h, hkv, d, kp = shape.batch, shape.heads, shape.hkv, shape.head_dim, self.k
         nq, nk = shape.nq, shape.seq_len
         # copies of q, k, v (casts, k and v transposed for the projection); E K, F V;
         # output, log-sum-exp; E, F
         words = b * (2 * h * nq * d + 4 * hkv * nk * d + 2 * hkv * kp * d + h * nq) + 2 * kp * nk
-        return words * el + (64 << 20)  # SDPA's tiled workspace, bounded
+        return words * el + fused_workspace(device, d)  # SDPA's tiled workspace, bounded
 
     def density(self, n: int, causal: bool = False) -> float | None:
         return None

@@ -145,15 +145,15 @@ class DecayRNN(Recurrent):
         return out.to(q.dtype), state
 
     # -- definition -----------------------------------------------------------------------------
-    def reference(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
-    ) -> torch.Tensor:
+    def reference_tile(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Any, at: torch.Tensor
+    ) -> tuple[torch.Tensor, Any]:
         """Float64 step by step (`decay_naive.naive_decay`): S_t = Diag(a_t) S_{t−1} +
-        g_t k_tᵀ v_t, o_t = q_t S_t, heads repeated for grouped queries, the first Nk − Nq steps
-        without outputs."""
+        g_t k_tᵀ v_t, o_t = q_t S_t, heads repeated for grouped queries, over one stretch of
+        `Recurrent.reference`."""
         q, k, v = q.double(), self.prepare(k.double()), v.double()
         log_a, gain = self.gates(k, q.shape[1])
-        return naive_decay(q, k, v, log_a, gain)
+        return naive_decay(q, k, v, log_a, gain, state, at)
 
     # -- what it supports, costs ----------------------------------------------------------------
     def not_supported_reasons(self, shape, dtype, device, causal, mode="fwd") -> list[str]:

@@ -8,8 +8,8 @@ https://arxiv.org/abs/2412.06464, §3):
 
 Its forms, one file each: `delta_chunk.chunk_delta` the chunked form with the WY/UT
 representation (prefill, training), `delta_recurrent.recurrent_delta` the per-step form (the
-float64 reference, the decode step and the ``impl=recurrent`` benchmark form, never the prefill
-path).
+decode step and the ``impl=recurrent`` benchmark form, never the prefill path),
+`delta_naive.naive_delta` the float64 step-by-step reference.
 
 The state depends only on k, v and the gates (drawn from k), so grouped-query heads share it:
 both forms run per k/v head, the query heads of a group as rows.
@@ -21,7 +21,7 @@ import functools
 import importlib.util
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,7 @@ from attnbench.variants.recurrent.delta_chunk import (
     delta_algorithm_flops,
     delta_flops,
 )
+from attnbench.variants.recurrent.delta_naive import naive_delta
 from attnbench.variants.recurrent.delta_recurrent import recurrent_delta
 from attnbench.variants.recurrent.segments import segment_span
 
@@ -189,12 +190,14 @@ class DeltaRule(Recurrent):
         out, s = recurrent_delta(qn, kn, vc, beta, g, state)
         return out.reshape(q.shape).to(q.dtype), s  # (B, H, 1, D)
 
-    def reference(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
-    ) -> torch.Tensor:
-        """The float64 per-step recurrence over all Nk steps; the last Nq outputs."""
-        q, k, v = (t.double() for t in (q, k, v))
-        return run_delta(recurrent_delta, *self._inputs(q, k, v), 0).reshape(q.shape)  # q's shape
+    def reference_tile(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Any, at: torch.Tensor
+    ) -> tuple[torch.Tensor, Any]:
+        """The float64 per-step recurrence (`delta_naive.naive_delta`) over one stretch of
+        `Recurrent.reference`; the state (B, Hkv, D, Dv) per k/v head."""
+        qn, kn, vc, beta, g = self._inputs(*(t.double() for t in (q, k, v)))
+        out, state = naive_delta(qn, kn, vc, beta, g, state, at)  # (B, Hkv, G, R, Dv)
+        return out.reshape(*q.shape[:-1], out.shape[-1]), state  # (B, H, R, Dv)
 
     # -- what it supports, costs ----------------------------------------------------------------
     def not_supported_reasons(

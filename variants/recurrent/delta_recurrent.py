@@ -1,5 +1,6 @@
-"""The delta rule's per-step form (the rule: `attnbench.variants.recurrent.delta`): the float64
-reference, the decode step and the ``impl=recurrent`` benchmark form, never the prefill path."""
+"""The delta rule's per-step form (the rule: `attnbench.variants.recurrent.delta`): the decode
+step and the ``impl=recurrent`` benchmark form, never the prefill path (the float64 reference is
+`delta_naive.naive_delta`, the same steps)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def recurrent_delta(
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The per-step recurrence, same arguments as `delta_chunk.chunk_delta` (`chunk` unused);
     returns the outputs (None when q is None) and the final state. A loop over the N steps: the
-    reference, the decode form and `impl=recurrent`."""
+    decode form and `impl=recurrent`."""
     b, hkv, n, d = k.shape
     s = k.new_zeros(b, hkv, d, v.shape[-1]) if state is None else state
     outs = []

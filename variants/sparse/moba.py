@@ -14,12 +14,14 @@ from typing import ClassVar
 
 import torch
 
+from attnbench.variants import reference as _reference
 from attnbench.variants.base import Shape, Variant, gpu_path
 from attnbench.variants.cache import CACHE_STEP, KVCache
 from attnbench.variants.registry import register
 from attnbench.variants.sparse.select import (
     block_means,
     blocks_to_keys,
+    block_pairs,
     own_and_rest,
     own_rows,
     part_bytes,
@@ -129,43 +131,56 @@ class MoBA(Variant):
 
     # -- definition -----------------------------------------------------------------------------
     def select(self, q: torch.Tensor, k: torch.Tensor,
-               rows: torch.Tensor | None = None) -> torch.Tensor:
-        """The selection in float64: (B, H, R, topk) blocks of each query row in `rows`
-        (default: all Nq), its own first (-1: empty slot)."""
+               pos: torch.Tensor | None = None) -> torch.Tensor:
+        """The selection in float64: (B, H, Nq, topk) blocks of each query, its own first (-1:
+        empty slot). `pos`: the positions of q's rows (default: the last Nq)."""
         b, h, nq, d = q.shape
         hkv, n = k.shape[1], k.shape[2]
-        rows = torch.arange(nq, device=q.device) if rows is None else rows.to(q.device)
-        means = block_means(k.reshape(b * hkv, n, d), self.block, torch.float64)
-        qi = q[:, :, rows].reshape(b * hkv, h // hkv * len(rows), d)  # item = (head, row)
-        qpos = (rows + (n - nq)).repeat(h // hkv)
+        if pos is None:
+            pos = torch.arange(nq, device=q.device) + (n - nq)
+        kz = k.reshape(b * hkv, n, d)
+        # float64 block means a k/v head and a span of whole blocks at a time (a tile's bytes)
+        span = max(1, _reference.REFERENCE_BYTES // (16 * d * self.block)) * self.block
+        means = torch.cat([torch.cat([block_means(kz[i : i + 1, s : s + span], self.block,
+                                                  torch.float64) for s in range(0, n, span)], 1)
+                           for i in range(b * hkv)])  # (Z, nb, D)
+        qi = q.reshape(b * hkv, h // hkv * nq, d)
+        qpos = pos.to(q.device).repeat(h // hkv)  # item i of a group is row i mod Nq
         rest = self._route(qi, means, qpos)
         own = (qpos // self.block)[None, :, None].expand(rest.shape[0], -1, 1)
-        return torch.cat([own, rest], -1).view(b, h, len(rows), -1)
+        return torch.cat([own, rest], -1).view(b, h, nq, -1)
 
     def attended_keys(self, q, k, rows: torch.Tensor, causal: bool = True) -> torch.Tensor:
         """(B, H, R, Nk) bool: the keys of each query row's float64-selected blocks at or
         before its position (what `definition` attends)."""
         n, nq = k.shape[2], q.shape[2]
-        sel = self.select(q.detach(), k.detach(), rows)  # (B, H, R, topk)
-        return blocks_to_keys(sel, self.block, n, rows.to(q.device) + (n - nq))
+        pos = rows.to(q.device) + (n - nq)
+        sel = self.select(q[:, :, rows].detach(), k.detach(), pos)  # (B, H, R, topk)
+        return blocks_to_keys(sel, self.block, n, pos)
 
-    def definition(self, q, k, v, causal: bool = True, dtype=torch.float64) -> torch.Tensor:
+    def definition(self, q, k, v, causal: bool = True, dtype=torch.float64,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
         """Dense softmax in `dtype` under the float64 selection: each query sees the keys of its
-        selected blocks at or before its position."""
-        sel = self.select(q.detach(), k.detach())  # (B, H, Nq, S)
+        selected blocks at or before its position. `rows`: the query rows to compute (None:
+        all), (B, H, R, D); tiled (`select_naive.dense_reference`)."""
         n, nq = k.shape[2], q.shape[2]
-        blocks = torch.arange(n, device=q.device) // self.block
+        idx = torch.arange(nq, device=q.device) if rows is None else rows.to(q.device)
+        q = q[:, :, idx]  # (B, H, R, D)
+        pos = idx + (n - nq)
+        sel = self.select(q.detach(), k.detach(), pos)  # (B, H, R, S)
+        keys = torch.arange(n, device=q.device)
+        blocks = keys // self.block
+        g = q.shape[1] // k.shape[1]
 
-        def sees(r0: int, r1: int) -> torch.Tensor:
-            chosen = (sel[:, :, r0:r1, :, None] == blocks).any(3)  # (B, H, r, N)
-            pos = torch.arange(r0, r1, device=q.device) + (n - nq)
-            return chosen & (torch.arange(n, device=q.device) <= pos[:, None])
+        def sees(bi: int, j: int, r0: int, r1: int) -> torch.Tensor:
+            mine = sel[bi, j * g : (j + 1) * g, r0:r1, :, None]  # (G, r, S, 1)
+            return (mine == blocks).any(2) & (keys <= pos[r0:r1, None])  # (G, r, N)
 
         return dense_reference(q, k, v, sees, dtype)
 
-    def reference(self, q, k, v, causal: bool) -> torch.Tensor:
-        """Its own definition in float64 (selection and attention)."""
-        return self.definition(q, k, v, causal, torch.float64)
+    def reference(self, q, k, v, causal: bool, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Its own definition in float64 (selection and attention), on `rows` (None: all)."""
+        return self.definition(q, k, v, causal, torch.float64, rows)
 
     # -- models ---------------------------------------------------------------------------------
     def _sizes(self, shape: Shape) -> tuple[int, int, int, int]:
@@ -207,9 +222,11 @@ class MoBA(Variant):
         return int(router + engine + 2 * shape.bh * shape.nq * d * max(el, 4))
 
     def density(self, n: int, causal: bool = False) -> float:
-        """Scores computed per head (router and the engine's rows) over n²."""
-        shape = Shape(1, 1, n, 1)
-        return (n * self._sizes(shape)[2] + self._rows(shape) * self.block) / n**2
+        """The fraction of the n×n scores it computes (≤ 1): each query's own block and the
+        topk − 1 earlier blocks it selects (fewer where fewer exist), whole blocks clipped at n.
+        The router's scores against block means are no entries of the n×n matrix, and the
+        engine's padded tiles are executed work, not scores: both are in `flops`."""
+        return block_pairs(n, self.block, lambda j: 1 + min(self.topk - 1, j)) / n**2
 
     def kernel(self, shape: Shape, device, causal: bool, grad: bool) -> str:
         return "select:gather-bmm" if gpu_path(device) else "select:gather-flash_cpu"

@@ -33,6 +33,7 @@ from attnbench.variants.sparse.nsa_naive import GATES, nsa_definition, nsa_selec
 from attnbench.variants.sparse.select import (
     band_rows,
     blocks_to_keys,
+    block_pairs,
     own_and_rest,
     own_rows,
     part_bytes,
@@ -205,14 +206,15 @@ class NSA(Variant):
         return out.transpose(1, 2).reshape(b, h, 1, d), NsaCache(kv, kcb, vcb, count)
 
     # -- definition -----------------------------------------------------------------------------
-    def definition(self, q, k, v, causal: bool = True, dtype=torch.float64) -> torch.Tensor:
+    def definition(self, q, k, v, causal: bool = True, dtype=torch.float64,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
         """The three branches densely in `dtype`, the selection from float64 compressed scores
-        (`nsa_naive.nsa_definition`)."""
-        return nsa_definition(self, q, k, v, dtype)
+        (`nsa_naive.nsa_definition`), on `rows` (None: all)."""
+        return nsa_definition(self, q, k, v, dtype, rows)
 
-    def reference(self, q, k, v, causal: bool) -> torch.Tensor:
-        """Its own definition in float64 (selection and the three branches)."""
-        return self.definition(q, k, v, causal, torch.float64)
+    def reference(self, q, k, v, causal: bool, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Its own definition in float64 (selection and the three branches), on `rows`."""
+        return self.definition(q, k, v, causal, torch.float64, rows)
 
     def attended_keys(self, q, k, rows: torch.Tensor, causal: bool = True) -> torch.Tensor:
         """(B, H, R, Nk) bool: the union of the full-resolution branches of each query row, its
@@ -273,10 +275,20 @@ class NSA(Variant):
         return int(cmp + engine + 4 * shape.bh * m * d * max(el, 4))
 
     def density(self, n: int, causal: bool = False) -> float:
-        """Scores computed per head (compressed keys and the engine's rows) over n²."""
-        shape = Shape(1, 1, n, 1)
-        _, m, c, _, _ = self._geometry(shape)
-        return (m * c + self._rows(shape) * self.sel_block) / n**2
+        """The fraction of the n×n scores it computes (≤ 1), an upper bound (the selection is
+        data-dependent): per query block j, the window's blocks (its own and ⌈w/l′⌉ before it)
+        and the selected blocks besides the own and the previous one (both in the window),
+        counted apart, at most the j + 1 blocks up to its own; whole blocks clipped at n. The
+        compressed keys are no entries of the n×n matrix, and the engine's padded tiles are
+        executed work, not scores: both are in `flops`."""
+        reach = -(-self.window // self.sel_block)
+
+        def blocks(j: int) -> int:
+            window = min(j + 1, reach + 1)
+            extra = max(0, min(self.sel_count - 1, j) - (1 if j else 0))
+            return min(j + 1, window + extra)
+
+        return block_pairs(n, self.sel_block, blocks) / n**2
 
     def kernel(self, shape: Shape, device, causal: bool, grad: bool) -> str:
         tiles = "gather-bmm" if gpu_path(device) else "gather-flash_cpu"

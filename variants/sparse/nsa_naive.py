@@ -31,29 +31,38 @@ def nsa_selection(nsa, q, k, rows: torch.Tensor | None = None) -> torch.Tensor:
         return sel.expand(-1, -1, g, -1, -1).reshape(b, h, r, -1)  # (B, H, R, S)
 
 
-def nsa_definition(nsa, q, k, v, dtype=torch.float64) -> torch.Tensor:
+def nsa_definition(nsa, q, k, v, dtype=torch.float64,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
     """The three branches of `nsa` (an `NSA`) densely in `dtype`, the selection from float64
-    compressed scores."""
+    compressed scores, for the query rows `rows` (0..Nq−1; None: all): (B, H, R, D)."""
     b, h, nq, d = q.shape
     hkv, n = k.shape[1], k.shape[2]
-    z, g = b * hkv, h // hkv
-    qpos = torch.arange(nq, device=q.device) + (n - nq)
-    qi = q.view(b, hkv, g, nq, d).transpose(2, 3).reshape(z, nq, g, d)  # (Z, Nq, G, D)
+    idx = torch.arange(nq, device=q.device) if rows is None else rows.to(q.device)
+    qpos = idx + (n - nq)  # the rows' positions
+    q = q[:, :, idx]  # (B, H, R, D)
+    r, z, g = len(idx), b * hkv, h // hkv
+    qi = q.reshape(b, hkv, g, r, d).transpose(2, 3).reshape(z, r, g, d)  # (Z, R, G, D)
     kz, vz = k.reshape(z, n, d), v.reshape(z, n, d)  # (Z, N, D)
-    sel = nsa_selection(nsa, q, k)  # (B, H, Nq, S)
-    o_cmp, _ = nsa._compressed(qi.to(dtype), nsa._compress(kz.to(dtype)),
-                               nsa._compress(vz.to(dtype)), qpos)
-    o_cmp = o_cmp.view(b, hkv, nq, g, d).transpose(2, 3).reshape(b, h, nq, d)  # (B, H, Nq, D)
+    with torch.no_grad():
+        _, p64 = nsa._compressed(*(x.detach().double() for x in (qi, nsa._compress(kz),
+                                                                 nsa._compress(vz))), qpos)
+        rest = nsa._select(p64, qpos, n)
+        own = (qpos // nsa.sel_block)[None, :, None].expand(z, -1, 1)  # (Z, R, 1)
+        sel = torch.cat([own, rest], -1).view(b, hkv, r, -1)  # (B, Hkv, R, S): one per group
+    kc, vc = (torch.cat([nsa._compress(x[i : i + 1].to(dtype)) for i in range(z)])
+              for x in (kz, vz))  # (Z, C, D), one k/v head's cast at a time
+    o_cmp, _ = nsa._compressed(qi.to(dtype), kc, vc, qpos)
+    o_cmp = o_cmp.view(b, hkv, r, g, d).transpose(2, 3).reshape(b, h, r, d)  # (B, H, R, D)
     keys = torch.arange(n, device=q.device)
     blocks = keys // nsa.sel_block
 
-    def selected(r0: int, r1: int) -> torch.Tensor:
-        chosen = (sel[:, :, r0:r1, :, None] == blocks).any(3)  # (B, H, r, N)
-        return chosen & (keys <= qpos[r0:r1, None])
+    def selected(bi: int, j: int, r0: int, r1: int) -> torch.Tensor:
+        chosen = (sel[bi, j, r0:r1, :, None] == blocks).any(1)  # (r, N), the group's
+        return (chosen & (keys <= qpos[r0:r1, None]))[None]  # (1, r, N)
 
-    def window(r0: int, r1: int) -> torch.Tensor:
+    def window(bi: int, j: int, r0: int, r1: int) -> torch.Tensor:
         rel = qpos[r0:r1, None] - keys
-        return ((rel >= 0) & (rel <= nsa.window))[None, None]
+        return ((rel >= 0) & (rel <= nsa.window))[None]  # (1, r, N)
 
     o_sel = dense_reference(q, k, v, selected, dtype)
     o_win = dense_reference(q, k, v, window, dtype)

@@ -29,6 +29,7 @@ form in `select_naive`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,17 @@ def own_rows(runs: int, nq: int, n: int, block: int) -> int:
 def band_rows(nq: int, n: int, block: int) -> int:
     """Padded query rows of a run of nq consecutive queries (the last at n − 1) in blocks."""
     return (-(-n // block) - (n - nq) // block) * block
+
+
+def block_pairs(n: int, block: int, blocks: Callable[[int], int]) -> int:
+    """Query–key pairs inside the n×n matrix that whole key blocks cover, as the pattern variants
+    count density: each query of query block j scores `blocks(j)` key blocks, its own (clipped at
+    n, its causal part masked but computed) and blocks(j) − 1 whole earlier ones."""
+    total = 0
+    for j in range(-(-n // block)):
+        width = min(block, n - j * block)  # the own block's keys, and its queries
+        total += width * ((blocks(j) - 1) * block + width)
+    return total
 
 
 def part_bytes(z: int, items: int, g: int, slots: int, n: int, block: int, d: int,
