@@ -20,8 +20,8 @@ from attnbench.variants.cache import CACHE_STEP, KVCache
 from attnbench.variants.registry import register
 from attnbench.variants.sparse.select import (
     block_means,
-    blocks_to_keys,
     block_pairs,
+    blocks_to_keys,
     own_and_rest,
     own_rows,
     part_bytes,

@@ -32,8 +32,8 @@ from attnbench.variants.registry import register
 from attnbench.variants.sparse.nsa_naive import GATES, nsa_definition, nsa_selection
 from attnbench.variants.sparse.select import (
     band_rows,
-    blocks_to_keys,
     block_pairs,
+    blocks_to_keys,
     own_and_rest,
     own_rows,
     part_bytes,
