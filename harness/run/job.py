@@ -1,8 +1,10 @@
 """One sweep point, end to end: build → check support → inputs → measure → one record.
 
-Failures are data: an unsupported point, an out-of-memory, a NaN output or any other exception
-becomes a record with a status and a reason; nothing here raises past `run_point` except a
-ConfigError for bad input (raised before any work).
+Failures are data: an unsupported point, an out-of-memory, a NaN output, an output of the wrong
+dtype or shape, an input modified in place, any other exception (SystemExit included) becomes a
+record with a status and a reason; nothing here raises past `run_point` except a ConfigError for
+bad input (raised before any work). `measure` runs the point where `isolate` says: in a worker
+process that a crash (a segfault in user code) ends without ending the sweep.
 """
 
 from __future__ import annotations

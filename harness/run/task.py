@@ -62,7 +62,8 @@ def sweep_job(cfg: DictConfig) -> Record:
         fail(str(exc))
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
-    out_dir = Path(str(hc.sweep.dir)) / point_folder_of(run) if multirun else \
+    # hydra.sweep.dir as Hydra reads it: from the folder the command started in (runtime.cwd)
+    out_dir = Path(hc.runtime.cwd, str(hc.sweep.dir), point_folder_of(run)) if multirun else \
         Path(hc.runtime.output_dir)
     job_num = hc.job.num if multirun else None
     if run.resume and (out_dir / RECORD_FILE).exists():
