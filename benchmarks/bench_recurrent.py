@@ -99,15 +99,21 @@ def probe():
 
 def speedup_words(name: str, speed: float, target: float, floor_ms: float, base_ms: float,
                   executed: float, ms: float, rate: float, contended: bool) -> str:
-    """Why a speed-up target is missed: the floor (algorithm FLOPs at the matmul rate) or the
-    engine (the fraction of the rate it would need)."""
+    """Why a speed-up target is missed, the first that binds: the floor (the algorithm's FLOPs
+    at the matmul rate), the executed FLOPs at that rate, or the engine (the fraction of the
+    rate it reaches against the fraction the target needs)."""
     need_ms = base_ms / target
+    at_rate = executed / rate * 1e3  # ms
     if floor_ms > need_ms:
         verdict = "out of reach in this contended run" if contended else "impossible here"
         return (f"{name}: {speed:.1f}x, target {target:g}x {verdict}: the algorithm's "
                 f"FLOPs at the measured matmul rate take {floor_ms:.1f} ms > {base_ms:.0f} / "
                 f"{target:g} = {need_ms:.1f} ms")
-    have, need = executed / (ms / 1e3) / rate, executed / (need_ms / 1e3) / rate
+    if at_rate > need_ms:
+        return (f"{name}: {speed:.1f}x, the executed FLOPs bind: at the measured matmul rate "
+                f"they take {at_rate:.1f} ms > {need_ms:.1f} ms (the algorithm's: "
+                f"{floor_ms:.1f} ms)")
+    have, need = at_rate / ms, at_rate / need_ms
     return (f"{name}: {speed:.1f}x, the engine binds: it runs its matmuls at {have:.0%} of the "
             f"measured rate, {target:g}x needs {need:.0%} (floor {floor_ms:.1f} ms, target "
             f"{need_ms:.1f} ms)")
