@@ -109,3 +109,12 @@ def test_a_parameter_no_selected_variant_has_is_one_line(tmp_path):
                                     f"hydra.run.dir={tmp_path}/r"))
     assert line.startswith("attnbench: error: variant.window:")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_plan_shows_the_inputs_when_a_sweep_varies_them(tmp_path):
+    proc = attnbench("plan", "-m", "variant=full", "seq_len=64", "inputs=gaussian,realistic",
+                     *TINY, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("#  label"))
+    assert "inputs" in header.split()
+    assert sum(" realistic " in line for line in proc.stdout.splitlines()) == 1
