@@ -8,8 +8,11 @@ ten default layers (one batch element each, every head), and ten seeded draws of
 kind. Statistics (`attention_stats`, float64 softmax over 256 evenly spaced query rows, averaged
 over batch and heads): mean entropy (nats), sink (mass on key 0), local64/local256 (mass on the
 64/256 keys ending at the query), heavy (share of the mass beyond distance 64 and off key 0 that
-the top 1% of keys take). `--all-layers` adds the real sample over all 30 layers (B=30) and one
-row per layer. Needs the `real` extra for the real rows (they are left out without it).
+the top 1% of keys take). What that does to an approximation: err w256 (+s4), the relative
+error of causal attention over the last 256 keys (plus the first 4, StreamingLLM-style) against
+full causal attention, float64, every query. `--all-layers` adds the real sample over all 30
+layers (B=30) and one row per layer. Needs the `real` extra for the real rows (they are left out
+without it).
 """
 
 from __future__ import annotations
@@ -23,14 +26,35 @@ from attnbench.harness.run import real
 from attnbench.harness.run.inputs import KINDS, attention_stats, make_inputs
 from attnbench.variants.base import Shape
 
-COLUMNS = ("entropy", "sink", "local64", "local256", "heavy")
+COLUMNS = ("entropy", "sink", "local64", "local256", "heavy", "err w256", "err w256+s4")
+WINDOW, SINKS = 256, 4
+
+
+def window_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[float, float]:
+    """Relative Frobenius error, float64, of causal attention restricted to the last WINDOW keys
+    (then also to the first SINKS keys) against full causal attention, one (b, h) at a time."""
+    n, d, g = k.shape[-2], k.shape[-1], q.shape[1] // k.shape[1]
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    masks = [(j <= i) & (i - j < WINDOW), (j <= i) & ((i - j < WINDOW) | (j < SINKS))]
+    num, den = [0.0, 0.0], 0.0
+    for b in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            s = q[b, h].double() @ k[b, h // g].double().T / d**0.5  # (N, N)
+            full = torch.softmax(s.masked_fill(j > i, -torch.inf), -1) @ v[b, h // g].double()
+            den += float(full.square().sum())
+            for m, mask in enumerate(masks):
+                out = torch.softmax(s.masked_fill(~mask, -torch.inf), -1) @ v[b, h // g].double()
+                num[m] += float((out - full).square().sum())
+    return (num[0] / den) ** 0.5, (num[1] / den) ** 0.5
 
 
 def stats(kind: str, shape: Shape) -> dict[str, float]:
     """Means over batch elements (one at a time: float64 rows × n per head stay small)."""
-    q, k, _ = make_inputs(shape, torch.float32, "cpu", seed=0, kind=kind)
+    q, k, v = make_inputs(shape, torch.float32, "cpu", seed=0, kind=kind)
     per = [attention_stats(q[b:b + 1], k[b:b + 1]) for b in range(shape.batch)]
-    return {c: sum(p[c] for p in per) / len(per) for c in COLUMNS}
+    out = {c: sum(p[c] for p in per) / len(per) for c in COLUMNS[:5]}
+    out["err w256"], out["err w256+s4"] = window_errors(q, k, v)
+    return out
 
 
 def row(label: str, s: dict[str, float]) -> str:

@@ -189,7 +189,7 @@ def planned_entries(subset: list[str] | None, rest: list[str], folder: str,
 
     options = list(dict.fromkeys([*(subset or candidate_options()), BASELINE]))
     overrides = [f"variant={','.join(options)}", *rest, f"hydra.sweep.dir={folder}",
-                 "resume=true"]
+                 *_resume(Path(folder))]
     try:
         planned, _ = plan(overrides)
     except ConfigError as exc:
@@ -252,6 +252,14 @@ def mark_kept(entries: Iterable[Entry], folder: Path) -> None:
         e.kept = old.point_id == point_id(e.planned.run) and old.status in KEPT_ON_RESUME
 
 
+def _resume(folder: Path) -> list[str]:
+    """`resume=true` once the folder holds a sweep (a fresh folder has nothing to resume, and a
+    resume of it is refused)."""
+    from attnbench.harness.run.compose import holds_sweep
+
+    return ["resume=true"] if holds_sweep(folder) else []
+
+
 def predicted_seconds(todo: list[Entry]) -> float:
     fresh = [e.planned.seconds for e in todo if not e.kept]
     return sum(fresh) + SWEEP_OVERHEAD_S + START_S
@@ -263,7 +271,7 @@ def measure(todo: list[Entry], rest: list[str], folder: Path) -> int:
     """One multirun of `todo` into `folder` (resumed), its lines on stderr; its exit code."""
     cmd = [sys.executable, "-m", "attnbench.harness.cli", "-m",
            f"variant={','.join(e.option for e in todo)}", *rest, f"hydra.sweep.dir={folder}",
-           "resume=true"]
+           *_resume(folder)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     for line in proc.stdout:  # the answer goes to stdout; the sweep's progress to stderr

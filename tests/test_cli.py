@@ -181,3 +181,12 @@ def test_ctrl_c_while_the_report_is_written_is_one_line(tmp_path):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
     assert "interrupted" in lines[0] and "attnbench report" in lines[0]
+
+
+def test_plan_shows_the_inputs_when_a_sweep_varies_them(tmp_path):
+    proc = attnbench("plan", "-m", "variant=full", "seq_len=64", "inputs=gaussian,realistic",
+                     *TINY, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("#  label"))
+    assert "inputs" in header.split()
+    assert sum(" realistic " in line for line in proc.stdout.splitlines()) == 1

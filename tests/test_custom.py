@@ -168,5 +168,5 @@ def test_a_target_that_modifies_its_inputs_or_returns_another_dtype_is_invalid(m
     """The float64 reference must see the inputs the harness drew, and the timing must be of
     the computation asked for: otherwise the point is `invalid`, saying why, never `ok`."""
     rec = run_point(_run(f"{my_module}:{attr}"))
-    assert rec.status == "invalid", (rec.status, rec.rel_error)
+    assert rec.status == "invalid", (rec.status, rec.impl_error)
     assert words in rec.reason, rec.reason

@@ -204,3 +204,14 @@ def test_real_without_the_extra_says_how_to_get_it(monkeypatch):
     assert problem.startswith("inputs='real': real needs the optional `real` extra"), problem
     assert "transformers" in problem and "EXTRAS=test,real" in problem
     assert inputs_module.REPLAYED == ("real", "file")
+
+
+def test_realistic_values_share_a_direction_like_the_real_samples():
+    """15% of v's energy in its k/v head's mean (the real sample: 0.05–0.24 by layer)."""
+    _, _, v = make_inputs(GQA, torch.float64, "cpu", kind="realistic")
+    v = v[:, :, 1:]  # the sink's value is scaled down
+    share = v.mean(2).square().sum(-1) / v.square().sum(-1).mean(-1)  # (B, Hkv)
+    assert float(share.min()) > 0.12 and float(share.max()) < 0.18, share
+    _, _, v = make_inputs(GQA, torch.float64, "cpu", kind="local")
+    share = v.mean(2).square().sum(-1) / v.square().sum(-1).mean(-1)
+    assert float(share.max()) < 0.01, share

@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.skipif(bool(MISSING), reason=MISSING), pytest.mark.slo
 
 SMOL = Shape(1, real.HEADS, 2048, real.HEAD_DIM, kv_heads=real.KV_HEADS)
 # benchmarks/input_stats.py's real row (results/benchmarks/input-stats-cpu.txt, README)
-DOCUMENTED = {"entropy": 2.60, "sink": 0.28, "local64": 0.42, "local256": 0.57, "heavy": 0.32}
+DOCUMENTED = {"entropy": 2.50, "sink": 0.31, "local64": 0.39, "local256": 0.56, "heavy": 0.29}
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,23 @@ def test_the_real_sample_has_the_documented_statistics(sample):
     per = [attention_stats(q[b:b + 1], k[b:b + 1]) for b in range(shape.batch)]
     for name, value in DOCUMENTED.items():
         assert sum(p[name] for p in per) / len(per) == pytest.approx(value, abs=0.01), name
+
+
+def test_real_means_its_default_layers_whatever_the_cache_holds(tmp_path, monkeypatch):
+    """A cached file with more layers (all 30, from an earlier real@layers:0-29) serves
+    `inputs=real` too, and the point still gets the default layers, one per batch element."""
+    from attnbench.harness.run import capture
+
+    monkeypatch.setenv("ATTNBENCH_CACHE", str(tmp_path))
+    n = 16
+    got = {layer: (*(torch.full((1, h, n, 64), float(layer)) for h in (9, 3, 3)), 0.125)
+           for layer in range(real.LAYERS)}
+    capture.save(real.cache_path(n, tuple(range(real.LAYERS))), got, {"model": "fake"})
+    assert real.sample(n) == real.cache_path(n, tuple(range(real.LAYERS)))
+    shape = Shape(len(real.DEFAULT_LAYERS), 9, n, 64, kv_heads=3)
+    q, k, _ = make_inputs(shape, torch.float32, "cpu", kind="real")
+    for b, layer in enumerate(real.DEFAULT_LAYERS):
+        assert q[b].unique().tolist() == [layer] and k[b].unique().tolist() == [layer]
 
 
 def test_shorter_points_replay_the_first_positions(sample):

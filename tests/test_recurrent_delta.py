@@ -242,9 +242,12 @@ def test_decode_flops_model(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_launch_light(name):
-    """No host syncs; ops per call independent of B·H (the only loop is over chunks)."""
+def test_launch_light(name, monkeypatch):
+    """No host syncs; ops per call independent of B·H (the only loop is over chunks): on the GPU
+    path one op (a baddbmm, the carry form) per extra chunk, on the CPU 2 (deltanet) or 3 (the
+    gated one's decay too: the values' form, fewer FLOPs)."""
     att = variants.build(name, chunk=16)
+    per_chunk = {"0": 3 if att.gated else 2, "1": 1}
 
     def ops(b, h, n):
         q, k, v = random_qkv(b, h, n, 8, torch.float32)
@@ -254,8 +257,10 @@ def test_launch_light(name):
         assert c.host_syncs == 0
         return c.ops
 
-    assert ops(2, 2, 100) == ops(3, 4, 100)
-    assert ops(2, 2, 200) - ops(2, 2, 100) == 13 - 7  # one op (a baddbmm) per extra chunk
+    for forced, per in per_chunk.items():
+        monkeypatch.setenv(FORCE_GPU_PATHS, forced)
+        assert ops(2, 2, 100) == ops(3, 4, 100)
+        assert ops(2, 2, 200) - ops(2, 2, 100) == (13 - 7) * per
 
 
 @pytest.mark.parametrize("impl", ["chunk", "recurrent"])
@@ -349,10 +354,10 @@ def test_segments_equal_one_pass(name, monkeypatch):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_algorithm_flops_count_the_triangles(name):
-    """The least work of the chunked delta rule, counted here chunk by chunk (Dv = D, [U | W]
-    2D wide): β K Kᵀ and the solve on the strict triangle, K̃ᵀ[U | W], the carry at each chunk
-    boundary, P and P [U | W] on the causal triangle and (P W − e^γ Q) S per query head; gate
-    projections. Never above what runs."""
+    """The least work of the chunked delta rule in the values' form (the CPU's), counted here
+    chunk by chunk (Dv = D, [U | W] 2D wide): β K Kᵀ and the solve on the strict triangle, U − W S
+    per chunk, K̃ᵀ V' for each state passed on (the context's last one too), P and P V' on the
+    causal triangle and (e^γ Q) S per query head; gate projections. Never above what runs."""
     att = variants.build(name, chunk=16)
     for shape in (Shape(2, 4, 100, 8), Shape(1, 4, 90, 8, kv_heads=2, q_len=37)):
         d, bh, g = shape.head_dim, shape.batch * shape.hkv, shape.groups
@@ -364,6 +369,7 @@ def test_algorithm_flops_count_the_triangles(name):
 
 def _delta_work(n: int, d: int, groups: int) -> int:
     chunks = [min(16, n - lo) for lo in range(0, n, 16)]
-    f = sum(c * (c - 1) // 2 * 2 * 3 * d + 2 * d * c * 2 * d for c in chunks)
-    f += (len(chunks) - 1) * 2 * d**3
-    return f + groups * sum(c * (c + 1) // 2 * 2 * 3 * d + 2 * c * d * d for c in chunks)
+    passed = chunks[:-1] if groups else chunks
+    f = sum(c * (c - 1) // 2 * 2 * 3 * d + 2 * c * d * d for c in chunks)
+    f += sum(2 * d * c * d for c in passed)
+    return f + groups * sum(c * (c + 1) // 2 * 2 * 2 * d + 2 * c * d * d for c in chunks)

@@ -1,8 +1,10 @@
 """One sweep point, end to end: build → check support → inputs → measure → one record.
 
-Failures are data: an unsupported point, an out-of-memory, a NaN output or any other exception
-becomes a record with a status and a reason; nothing here raises past `run_point` except a
-ConfigError for bad input (raised before any work).
+Failures are data: an unsupported point, an out-of-memory, a NaN output, an output of the wrong
+dtype or shape, an input modified in place, any other exception (SystemExit included) becomes a
+record with a status and a reason; nothing here raises past `run_point` except a ConfigError for
+bad input (raised before any work). `measure` runs the point where `isolate` says: in a worker
+process that a crash (a segfault in user code) ends without ending the sweep.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import importlib
 import json
 import logging
 import math
-import multiprocessing
+import os
 import signal
 import time
 import traceback
@@ -27,6 +29,7 @@ import torch
 
 from attnbench import variants
 from attnbench.harness.records import Record
+from attnbench.harness.run import worker
 from attnbench.harness.run.accuracy import quality
 from attnbench.harness.run.config import RunConfig, resolve_device
 from attnbench.harness.run.contention import free_cores
@@ -36,6 +39,7 @@ from attnbench.harness.run.memory import peak_memory
 from attnbench.harness.run.opcount import count_call
 from attnbench.harness.run.point import decide, on_device, point_id, point_label
 from attnbench.harness.run.timing import Timing, measure_latency
+from attnbench.harness.run.worker import Worker, WorkerDied
 from attnbench.variants.base import Shape, Variant
 
 log = logging.getLogger("attnbench")
@@ -74,21 +78,60 @@ def isolated(run: RunConfig) -> bool:
 
 
 def _run_in_subprocess(run: RunConfig) -> Record:
-    ctx = multiprocessing.get_context("spawn")
-    recv, send = ctx.Pipe(duplex=False)
-    module = ""
-    with contextlib.suppress(KeyError):
-        module = variants.get(run.variant).__module__  # a plugin's module, for the child
-    proc = ctx.Process(target=_child, args=(run, module, send), daemon=True)
-    proc.start()
-    send.close()
-    record = None
-    with contextlib.suppress(EOFError):
-        record = recv.recv()  # EOF: the child died without answering
-    proc.join()
-    if isinstance(record, Record):
-        return record
-    return died(run, proc.exitcode)
+    """The point in a fresh worker process of its own, closed after it."""
+    one = Worker()
+    try:
+        return one.measure(run)
+    except WorkerDied as exc:
+        return died(run, exc.exitcode)
+    finally:
+        one.close()
+
+
+def measure(run: RunConfig) -> Record:
+    """The record of one point, measured where `run.isolate` says, so that no point can end the
+    sweep: `auto` on a CPU, in this process's worker (one per sweep, started at the first point,
+    kept for the next): user code that segfaults, aborts or calls `os._exit` ends only the
+    worker, its point becomes an `error` row naming the signal or exit code (`died`), and the
+    next point starts a new worker — one interpreter start per sweep (and per crash), not per
+    point. `auto` on CUDA or `true`: a fresh process per point (`run_point`). `false`: in this
+    process, unprotected. Exceptions and SystemExit are rows wherever the point runs."""
+    if run.isolate == "auto" and resolve_device(run.device) == "cpu":
+        try:
+            return worker.shared().measure(run)
+        except WorkerDied as exc:
+            log.error("attnbench: the worker process ended during %s (exit code %s); the next "
+                      "point starts a new one", point_label(run), exc.exitcode)
+            return died(run, exc.exitcode)
+    return run_point(run)
+
+
+def serve(down: int, up: int) -> None:
+    """A worker's loop (harness.run.worker): a pickled RunConfig in on fd `down`, its Record
+    out on fd `up`, until the supervisor closes the pipe."""
+    import faulthandler
+    import pickle
+
+    faulthandler.enable()  # a crash prints the Python stack of the point that caused it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+    threads = torch.get_num_threads()
+    with os.fdopen(down, "rb") as inbox, os.fdopen(up, "wb") as outbox:
+        while True:
+            try:
+                run, module = pickle.load(inbox)
+            except (EOFError, OSError):
+                return
+            if module:
+                with contextlib.suppress(ImportError):
+                    importlib.import_module(module)
+            if torch.get_num_threads() != threads:  # threads=0: the default, not the last one's
+                torch.set_num_threads(threads)
+            try:
+                record = _run_point_here(replace(run, isolate=False))
+            except BaseException as exc:  # what the point's guard does not turn into a row
+                record = error_record(run, f"{type(exc).__name__}: {exc}")
+            pickle.dump(record, outbox)
+            outbox.flush()
 
 
 def died(run: RunConfig, exitcode: int | None) -> Record:
@@ -116,14 +159,6 @@ def error_record(run: RunConfig, reason: str) -> Record:
 SIGNAL_WORDS = {"SIGSEGV": " (a crash in native code)", "SIGBUS": " (a crash in native code)",
                 "SIGABRT": " (an abort)", "SIGKILL": " (e.g. the out-of-memory killer)",
                 "SIGFPE": " (a crash in native code)", "SIGILL": " (a crash in native code)"}
-
-
-def _child(run: RunConfig, module: str, send) -> None:
-    if module:
-        with contextlib.suppress(ImportError):
-            importlib.import_module(module)
-    send.send(_run_point_here(replace(run, isolate=False)))
-    send.close()
 
 
 def _run_point_here(run: RunConfig) -> Record:

@@ -22,6 +22,7 @@ fixed cost for start-up and the report. It assumes a quiet machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import shlex
@@ -191,8 +192,9 @@ def render(planned: list[Planned], sweep_dir: str, overrides: list[str], single:
     counts = {o: sum(p.outcome == o for p in planned) for o in
               ("run", "skipped", "unsupported", "error")}
     total = sum(p.seconds for p in planned) + SWEEP_OVERHEAD_S * (len(planned) > 1)
-    rows = [("#", "label", "shape B×H×N×D", "dtype", "mode", "causal", "pred. peak", "outcome",
-             "est.", "why")]
+    inputs = any(p.run.inputs != "gaussian" for p in planned)  # a column only when it varies
+    rows = [("#", "label", "shape B×H×N×D", *(("inputs",) * inputs), "dtype", "mode", "causal",
+             "pred. peak", "outcome", "est.", "why")]
     for i, p in enumerate(planned, 1):
         r = p.run
         shape = f"{r.batch}×{r.heads}×{r.seq_len}×{r.head_dim}"
@@ -200,7 +202,8 @@ def render(planned: list[Planned], sweep_dir: str, overrides: list[str], single:
             shape += f" kv={r.kv_heads}"
         if r.q_len:
             shape += f" q={r.q_len}"
-        rows.append((str(i), p.label, shape, r.dtype, r.mode, "yes" if r.causal else "no",
+        rows.append((str(i), p.label, shape, *((r.inputs,) * inputs), r.dtype, r.mode,
+                     "yes" if r.causal else "no",
                      _bytes(p.predicted) if p.predicted >= 0 else "-", p.outcome,
                      _seconds(p.seconds) if p.outcome == "run" else "-", p.reason))
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]) - 1)]
@@ -224,10 +227,31 @@ def render(planned: list[Planned], sweep_dir: str, overrides: list[str], single:
         f"{COMPILE_S['cuda']:g} s (GPU) per FlexAttention compile and {SWEEP_OVERHEAD_S:g} s "
         "for start-up and the report. Assumes a quiet machine; memory- or overhead-bound "
         "points take longer.",
+        *_capture_note(planned),
         "Run it: " + shlex.join(["attnbench", *([] if single and len(planned) == 1 else ["-m"]),
                                  *overrides]),
     ]
     return "\n".join(lines)
+
+
+def _capture_note(planned: list[Planned]) -> list[str]:
+    """A line when a point would first capture the real sample (not in the estimate)."""
+    from attnbench.harness.run.inputs import parse_inputs
+    from attnbench.harness.run.real import cache_path
+
+    missing = set()
+    for p in planned:
+        spec = parse_inputs(p.run.inputs)
+        if spec.kind == "real" and p.outcome == "run":
+            with contextlib.suppress(ValueError, OSError):
+                path = cache_path(p.run.seq_len + (p.run.mode == "decode"), spec.layers)
+                if not path.is_file():
+                    missing.add(path.name)
+    if not missing:
+        return []
+    return [f"inputs=real: {len(missing)} capture{'s' if len(missing) > 1 else ''} of the real "
+            f"sample not cached yet: the first point that needs one loads SmolLM2-135M and runs "
+            f"it once (a minute or more on a CPU; not in the estimate)."]
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def tensor_name(layer: int, which: str) -> str:
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """A safetensors file's metadata, from its header alone (no tensor is read)."""
-    p = Path(path)
+    p = Path(path).expanduser()
     if not p.is_file():
         raise ValueError(f"{p}: no such file")
     try:
@@ -174,7 +174,7 @@ def replay(path: str | Path, shape: Shape, layers: tuple[int, ...] | None = None
                          "pip install 'attnbench[real]')") from None
     b, h, hkv, n, d = shape.batch, shape.heads, shape.hkv, shape.seq_len, shape.head_dim
     loaded: dict[int, tuple[torch.Tensor, ...]] = {}
-    with safe_open(str(path), framework="pt") as f:
+    with safe_open(str(Path(path).expanduser()), framework="pt") as f:
         for layer in sorted({s.layer for s in slots}):
             loaded[layer] = tuple(f.get_slice(tensor_name(layer, x))[:, :, :n].float()[0]
                                   for x in "qkv")  # (H|Hkv, N, D)

@@ -1,5 +1,5 @@
 """The Hydra task: one job = one point. Composed by Hydra from conf/ (under any sweeper and
-launcher), checked into a RunConfig, measured where `isolate` says (`worker.measure`: no point can
+launcher), checked into a RunConfig, measured where `isolate` says (`job.measure`: no point can
 end the sweep), written as one record in the folder named by what it measures, printed as one
 progress line."""
 
@@ -52,7 +52,8 @@ def sweep_job(cfg: DictConfig) -> Record:
     folder). A record that cannot be written raises NotWritten, which ends the sweep. A single
     run whose point ends `error` or `invalid` exits 1 with a last line saying so."""
     from attnbench.harness.records import RECORD_FILE, NotWritten, read_record, write_record
-    from attnbench.harness.run import progress, worker
+    from attnbench.harness.run import progress
+    from attnbench.harness.run.job import measure
     from attnbench.harness.run.point import point_id
 
     try:
@@ -61,7 +62,8 @@ def sweep_job(cfg: DictConfig) -> Record:
         fail(str(exc))
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
-    out_dir = Path(str(hc.sweep.dir)) / point_folder_of(run) if multirun else \
+    # hydra.sweep.dir as Hydra reads it: from the folder the command started in (runtime.cwd)
+    out_dir = Path(hc.runtime.cwd, str(hc.sweep.dir), point_folder_of(run)) if multirun else \
         Path(hc.runtime.output_dir)
     job_num = hc.job.num if multirun else None
     if run.resume and (out_dir / RECORD_FILE).exists():
@@ -72,7 +74,7 @@ def sweep_job(cfg: DictConfig) -> Record:
         if old is not None and old.point_id == point_id(run) and old.status in KEPT_ON_RESUME:
             print(f"{progress.line(old, job_num)} (kept from an earlier run)", flush=True)
             return old
-    record = worker.measure(run)
+    record = measure(run)
     try:
         write_record(record, out_dir)
     except OSError as exc:

@@ -1,112 +1,123 @@
-"""Where a point runs, so that no point can end the sweep: the job's process supervises a worker.
+"""A worker process that measures points for a supervisor, restarted after a point kills it.
 
-`measure(run)` by `isolate`:
-- `auto` on a CPU: in one worker process per sweep (started at the first point, kept for the
-  next). User code — a custom target, a plugin — that segfaults, aborts or calls `os._exit`
-  ends only the worker: its point becomes an `error` row naming the signal or exit code
-  (`job.died`), and the next point starts a new worker. A point costs one RunConfig and one
-  Record through a pipe (well under a millisecond), not a new interpreter.
-- `auto` on CUDA, or `true`: a fresh process per point (`job.run_point`), as before.
-- `false`: in this process (no protection; for debugging).
+The transport only: `Worker.measure(run)` sends a RunConfig to the worker and returns its
+Record, or raises `WorkerDied` with the exit code (negative: the signal) when the worker ended
+first — a segfault or abort in native code, `os._exit`, a kill. The worker runs
+`attnbench.harness.run.job.serve` (named here as text: job decides where points run and imports
+this module, never the other way round). `job.measure` keeps one worker per sweep on a CPU;
+`job.run_point` uses a fresh one per point for `isolate=true` and on CUDA.
 
-Exceptions and `SystemExit` in user code are rows wherever the point runs (`job.run_point`).
+A plain subprocess of this interpreter, not multiprocessing's: it starts the same way under
+any launcher (inside a joblib worker, whose own start method a multiprocessing child cannot
+use) and needs no `__main__` guard in the program that measures. Pickled RunConfigs and Records
+go through two pipes (about half a millisecond a point); the worker gets this process's
+sys.path, so plugins, tests' variants and custom targets import there as here.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import faulthandler
-import importlib
-import logging
-import multiprocessing
-import signal
-from dataclasses import replace
+import json
+import os
+import pickle
+import subprocess
+import sys
 
 from attnbench import variants
 from attnbench.harness.records import Record
-from attnbench.harness.run.config import RunConfig, resolve_device
+from attnbench.harness.run.config import RunConfig
 
-log = logging.getLogger("attnbench")
+SERVE = "attnbench.harness.run.job"  # its `serve(down_fd, up_fd)` is the worker's loop
 
 
-def measure(run: RunConfig) -> Record:
-    """The record of one point, measured where `run.isolate` says (module docstring)."""
-    from attnbench.harness.run.job import run_point
+class WorkerDied(Exception):
+    """The worker process ended before it returned a record; `exitcode` < 0: killed by that
+    signal."""
 
-    if run.isolate == "auto" and resolve_device(run.device) == "cpu":
-        return _shared().measure(run)
-    return run_point(run)
+    def __init__(self, exitcode: int | None) -> None:
+        super().__init__(f"the worker process ended (exit code {exitcode})")
+        self.exitcode = exitcode
 
 
 class Worker:
     """One worker process, started on demand and again after a point killed it."""
 
     def __init__(self) -> None:
-        self._proc: multiprocessing.process.BaseProcess | None = None
-        self._conn = None
+        self._proc: subprocess.Popen | None = None
+        self._to = self._from = None
 
     def measure(self, run: RunConfig) -> Record:
-        if self._proc is None or not self._proc.is_alive():
+        """The worker's record of `run`; WorkerDied if the point ended the worker."""
+        if self._proc is None or self._proc.poll() is not None:
             self._start()
         try:
-            self._conn.send((run, _module_of(run)))
-            record = self._conn.recv()
-        except (EOFError, BrokenPipeError, ConnectionResetError):  # the point killed it
-            return self._died(run)
+            pickle.dump((run, _module_of(run)), self._to)
+            self._to.flush()
+            return pickle.load(self._from)
+        except (EOFError, OSError, pickle.UnpicklingError):  # the point killed it
+            raise WorkerDied(self._ended()) from None
         except BaseException:  # Ctrl-C here: the worker goes with the point it was measuring
             self.close()
             raise
-        return record
 
     def _start(self) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        parent, child = ctx.Pipe(duplex=True)
-        self._proc = ctx.Process(target=_serve, args=(child,), daemon=True,
-                                 name="attnbench-worker")
-        self._proc.start()
-        child.close()
-        self._conn = parent
-
-    def _died(self, run: RunConfig) -> Record:
-        from attnbench.harness.run.job import died
-
-        proc = self._proc
-        proc.join(timeout=30)
-        code = proc.exitcode
         self.close()
-        log.error("attnbench: the worker process ended during %s (exit code %s); the next "
-                  "point starts a new one", run.variant, code)
-        return died(run, code)
+        down_r, down_w = os.pipe()  # supervisor → worker
+        up_r, up_w = os.pipe()  # worker → supervisor
+        boot = (f"import sys, json; sys.path[:] = json.loads(sys.argv[1]); "
+                f"from {SERVE} import serve; serve(int(sys.argv[2]), int(sys.argv[3]))")
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", boot, json.dumps(sys.path), str(down_r), str(up_w)],
+                pass_fds=(down_r, up_w), stdin=subprocess.DEVNULL)
+        finally:
+            os.close(down_r)
+            os.close(up_w)
+        self._to, self._from = os.fdopen(down_w, "wb"), os.fdopen(up_r, "rb")
+
+    def _ended(self) -> int | None:
+        proc = self._proc
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # it closed its pipe but lives on: not to be trusted
+            proc.kill()
+            code = proc.wait()
+        self.close()
+        return code
 
     def close(self) -> None:
         """Stop the worker (if any); the next `measure` starts a new one."""
-        proc, conn = self._proc, self._conn
-        self._proc = self._conn = None
-        if conn is not None:
-            conn.close()  # an idle worker reads EOF and returns
+        proc, pipes = self._proc, (self._to, self._from)
+        self._proc = self._to = self._from = None
+        for pipe in pipes:
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()  # an idle worker reads EOF and returns
         if proc is not None:
-            proc.join(timeout=5)
-            if proc.is_alive():
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.join()
+                proc.wait()
 
 
-_worker: Worker | None = None
+_shared: Worker | None = None
 
 
-def _shared() -> Worker:
-    global _worker
-    if _worker is None:
-        _worker = Worker()
+def shared() -> Worker:
+    """This process's worker for a sweep's points (one at a time), stopped at exit."""
+    global _shared
+    if _shared is None:
+        _shared = Worker()
         atexit.register(shutdown)
-    return _worker
+    return _shared
 
 
 def shutdown() -> None:
-    """Stop this process's worker (the sweeper calls it before the report)."""
-    if _worker is not None:
-        _worker.close()
+    """Stop this process's shared worker (the sweeper calls it before the report)."""
+    if _shared is not None:
+        _shared.close()
 
 
 def _module_of(run: RunConfig) -> str:
@@ -115,28 +126,3 @@ def _module_of(run: RunConfig) -> str:
     with contextlib.suppress(KeyError):
         return variants.get(run.variant).__module__
     return ""
-
-
-def _serve(conn) -> None:
-    """The worker's loop: a RunConfig in, its Record out, until the pipe closes."""
-    import torch
-
-    from attnbench.harness.run.job import _run_point_here, error_record
-
-    faulthandler.enable()  # a crash prints the Python stack of the point that caused it
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
-    threads = torch.get_num_threads()
-    while True:
-        try:
-            run, module = conn.recv()
-        except (EOFError, OSError):
-            return
-        if module:
-            with contextlib.suppress(ImportError):
-                importlib.import_module(module)
-        torch.set_num_threads(threads)  # threads=0 means PyTorch's default, not the last point's
-        try:
-            record = _run_point_here(replace(run, isolate=False))
-        except BaseException as exc:  # what run_point does not turn into a row itself
-            record = error_record(run, f"{type(exc).__name__}: {exc}")
-        conn.send(record)

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from attnbench.variants.base import Shape
+from attnbench.variants.base import Shape, gpu_path
 from attnbench.variants.base import compute_dtype as _half_to_float
 from attnbench.variants.recurrent._base import Recurrent
 from attnbench.variants.recurrent.decay_chunk import (
@@ -50,6 +50,7 @@ class DecayRNN(Recurrent):
     fla_op: ClassVar[str] = ""  # the flash-linear-attention op of the `fla` impl
     input_gain: ClassVar[bool] = False  # a gain g_t on k_tᵀv_t (mamba2's Δ_t)
     intra: ClassVar[str] = "tree-scale"  # how the chunked form decays its intra-chunk scores
+    # (tree-scale: the scores scaled by the halving tree; the GPU path: by e^segsum)
 
     def gates(self, k: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """log a (B, Ha, N, Dd) and the input gain (B, Ha, N) or None, from k (B, Hkv, N, D)
@@ -168,7 +169,8 @@ class DecayRNN(Recurrent):
     def kernel(self, shape: Shape, device, causal: bool, grad: bool) -> str:
         if self.impl == "chunk":
             L = chunk_length(self.chunk, shape.nq)
-            return f"chunk:{self.intra}[L={L}]"
+            intra = "segsum" if self.intra == "tree-scale" and gpu_path(device) else self.intra
+            return f"chunk:{intra}[L={L}]"
         return f"fla:{self.fla_op}" if self.impl == "fla" else "recurrent"
 
     def density(self, n: int, causal: bool = False) -> float | None:

@@ -17,14 +17,16 @@ factors are the current ones times the other half's total (doubling), log2(L) le
   γ^{t−s} is formed once per head;
 - per-key-dimension decays (gla): the factors differ per key dimension, so each level's blocks
   are one matmul of q ⊙ e^{b_t − b_r} and k ⊙ e^{b_r − b_s} (GLA's secondary chunking taken down
-  to single positions), the factors kept as products of the gates (one exponential per gate):
-  L(L−1)·d multiply-adds per chunk, the causal triangle.
+  to single positions); q and k are carried already scaled, each level multiplying half of each
+  by the other half's product of gates (one exponential per gate in all, one multiply per
+  element and level); L(L−1)/2·d multiply-adds per chunk and row, the strict triangle.
 After the tree the factors are e^{b_t} and e^{b_L − b_s}: the inter-chunk terms' decays.
 The state is passed from chunk to chunk by one fused op per chunk (n/L: the only sequential part;
-everything else is batched over batch, heads and chunks). On the CPU the sequence runs in
-segments (`segments`), the state carried across. Decays per query head (retnet, mamba2) give each
-query head its own state (k and v repeated to the query heads); decays per k/v head (gla) share
-one state between the G query heads of a group, folded into the rows of its matmuls.
+everything else is batched over batch, heads and chunks). On the CPU the variants run it
+segment by segment (`segments`), the state carried across. Decays per query head (retnet,
+mamba2) give each query head its own state (k and v repeated to the query heads); decays per k/v
+head (gla) share one state between the G query heads of a group, folded into the rows of its
+matmuls.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ import torch.nn.functional as F
 
 from attnbench.variants.base import Shape, gpu_path
 from attnbench.variants.recurrent.decays import segsum, suffix_sums
-from attnbench.variants.recurrent.segments import segment_span
 
 
 def chunk_length(chunk: int, n: int) -> int:
@@ -90,31 +91,20 @@ def _run(q, k, v, log_a, chunk, gain, state) -> tuple[torch.Tensor | None, torch
         k, v = k.repeat_interleave(ha // hkv, 1), v.repeat_interleave(ha // hkv, 1)
     rows, z = h // ha, b * ha  # query heads reading one state; states
     fixed = dd == 1 and n > 1 and log_a.stride(-2) == 0
-    L = chunk_length(chunk, n)
-    span = segment_span(n, L, z * rows * max(L, dk, dv), k.device)
     track = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, log_a, gain, state))
-    qz = None if q is None else q.reshape(z, rows, n, dk)  # (B·Ha, G, N, Dk)
-    kz, vz = k.reshape(z, n, dk), v.reshape(z, n, dv)  # (B·Ha, N, D)
-    la = log_a[:, :, 0].reshape(z, 1) if fixed else log_a.reshape(z, n, dd)
-    gz = None if gain is None else gain.reshape(z, n)
-    s = None if state is None else state.reshape(z, dk, dv).to(k.dtype)
-    outs = []
-    for lo in range(0, n, span):
-        part = slice(lo, min(n, lo + span))
-        o, s = _segment(None if qz is None else qz[:, :, part], kz[:, part], vz[:, part],
-                        la if fixed else la[:, part], None if gz is None else gz[:, part], s, L,
-                        fixed, track)
-        outs.append(o)
+    out, s = _segment(None if q is None else q.reshape(z, rows, n, dk), k.reshape(z, n, dk),
+                      v.reshape(z, n, dv),
+                      log_a[:, :, 0].reshape(z, 1) if fixed else log_a.reshape(z, n, dd),
+                      None if gain is None else gain.reshape(z, n),
+                      None if state is None else state.reshape(z, dk, dv).to(k.dtype),
+                      chunk_length(chunk, n), fixed, track)
     last = s.reshape(b, ha, dk, dv)  # (B, Ha, Dk, Dv)
-    if q is None:
-        return None, last
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)  # (B·Ha, G, N, Dv)
-    return out.reshape(b, h, n, dv), last
+    return (None if out is None else out.reshape(b, h, n, dv)), last
 
 
 def _segment(q, k, v, la, g, s, L: int, fixed: bool, track: bool):
-    """One segment of m positions: q (Z, G, m, Dk) or None, k (Z, m, Dk), v (Z, m, Dv), la
+    """m positions: q (Z, G, m, Dk) or None, k (Z, m, Dk), v (Z, m, Dv), la
     (Z, m, Dd) (fixed: (Z, 1)), g (Z, m) or None, s the state before (Z, Dk, Dv) or None.
     Returns the outputs (Z, G, m, Dv) (None without q) and the state after."""
     z, m, dk = k.shape

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from attnbench.variants.base import Shape, compute_dtype
+from attnbench.variants.base import Shape, compute_dtype, gpu_path
 from attnbench.variants.recurrent._base import Recurrent
 from attnbench.variants.recurrent.delta_chunk import (
     SOLVE_BLOCK,
@@ -216,26 +216,35 @@ class DeltaRule(Recurrent):
                 reasons.append("fla: k heads must equal q heads (expanding would copy k/v)")
         return reasons
 
-    def flops(self, shape: Shape, causal: bool = False) -> float:
+    def flops(self, shape: Shape, causal: bool = False, device: str = "cpu") -> float:
+        """Matmul FLOPs of one forward: the values' form on the CPU, the carry form on the GPU
+        path (`delta_chunk`)."""
         bh, g, d = shape.batch * shape.hkv, shape.groups, shape.head_dim
         p, nq = shape.seq_len - shape.nq, shape.nq
         f = 2.0 * bh * shape.seq_len * d * (2 if self.gated else 1)  # gate projections
         if self.impl == "recurrent":  # k S, kᵀ u per step; q S per step and query head
             return f + bh * (4.0 * shape.seq_len * d * d + 2.0 * g * nq * d * d)
+        values = not gpu_path(device)
         if p:
-            f += delta_flops(bh, g, p, d, self.chunk, final=True, queries=False, initial=False)
+            f += delta_flops(bh, g, p, d, self.chunk, final=True, queries=False, initial=False,
+                             values=values)
         return f + delta_flops(bh, g, nq, d, self.chunk, final=False, queries=True,
-                               initial=p > 0)
+                               initial=p > 0, values=values)
 
-    def algorithm_flops(self, shape: Shape) -> float:
-        """The least matmul work of the chunked algorithm (forward): the triangles once, no
-        padding; `flops` counts what runs (full C×C tiles, the blocked solve, padded chunks)."""
+    def backward_flops(self, shape: Shape, causal: bool = False, device: str = "cpu") -> float:
+        return 2.0 * self.flops(shape, causal, device)
+
+    def algorithm_flops(self, shape: Shape, device: str = "cpu") -> float:
+        """The least matmul work of the chunked algorithm that runs on `device` (forward): the
+        triangles once, no padding; `flops` counts what runs (full C×C tiles, the blocked solve,
+        padded chunks)."""
         bh, g, d = shape.batch * shape.hkv, shape.groups, shape.head_dim
         p, nq = shape.seq_len - shape.nq, shape.nq
+        values = not gpu_path(device)
         f = 2.0 * bh * shape.seq_len * d * (2 if self.gated else 1)  # gate projections
         if p:
-            f += delta_algorithm_flops(bh, g, p, d, self.chunk, queries=False)
-        return f + delta_algorithm_flops(bh, g, nq, d, self.chunk, queries=True)
+            f += delta_algorithm_flops(bh, g, p, d, self.chunk, False, values)
+        return f + delta_algorithm_flops(bh, g, nq, d, self.chunk, True, values)
 
     def decode_flops(self, shape: Shape) -> float:
         """One `decode_step`: gate projections, k S and kᵀu per k/v head, q S per query head."""

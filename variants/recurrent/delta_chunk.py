@@ -11,10 +11,15 @@ Everything but the state passing is batched over B·H·chunks. The triangular so
 forward substitution (`unit_lower_solve`: the 16×16 diagonal blocks inverted by doubling, then
 C/16 block rows), matmuls only; it beat forming T by doubling and one matmul T·[βV | βe^γK]
 (1.6 against 2.3 ms for 64 chunks of 64 on one core: fewer FLOPs) and LAPACK's per-matrix
-triangular solve (2.9 ms; with 2 threads on a busy CPU it spun for seconds). The chunk loop
-(sequential by nature: n/C steps) is one fused matmul per chunk, S' = (e^(γ_C) I − K̃ᵀW) S + K̃ᵀU,
-both factors formed for all chunks at once: a launch per chunk. The output is
-rearranged as P U − (P W − e^γ Q) S, P = Q Kᵀ ⊙ Γ ⊙ M: one batched matmul after the loop.
+triangular solve (2.9 ms; with 2 threads on a busy CPU it spun for seconds). The chunk loop is
+sequential by nature (n/C steps), in one of two forms:
+- the values' form (FLA's; the CPU): per chunk V' = U − W S and S' = e^(γ_C) S + K̃ᵀ V', two
+  matmuls (and the decay) per chunk; the output e^γ Q S + P V', P = Q Kᵀ ⊙ Γ ⊙ M, in two batched
+  matmuls after the loop. 14.5 C·D² FLOPs per chunk at C = D against 18.5 for the carry form:
+  0.69× the time of its part of a segment (64 chunks of 64, one core);
+- the carry form (the GPU path: one launch per chunk): S' = (e^(γ_C) I − K̃ᵀW) S + K̃ᵀU, both
+  factors formed for all chunks at once, one fused matmul per chunk; the output rearranged as
+  P U − (P W − e^γ Q) S.
 
 The state depends only on k, v and the gates (drawn from k), so grouped-query heads share it:
 the engine runs per k/v head and folds the query heads of a group into the rows of the chunk.
@@ -26,6 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from attnbench.variants.base import gpu_path
 from attnbench.variants.recurrent.decays import decay_matrix, suffix_sums
 
 SOLVE_BLOCK = 16  # rows of the diagonal blocks `unit_lower_solve` inverts by doubling
@@ -78,11 +84,17 @@ def chunk_delta(
         rhs = torch.cat([vc * bc, kb * eg], -1)  # β [V | e^γ K]
         kt = kc * suffix_sums(gc)[..., None].exp()  # K̃ = e^(γ_C − γ) K
     xw = unit_lower_solve(a, rhs)  # [U | W], (BHkv·nc, C, Dv + D)
-    y = torch.bmm(kt.transpose(1, 2), xw).view(bh, nc, d, dv + d)  # [K̃ᵀU | K̃ᵀW]
-    carry = y[..., dv:].neg_()  # −K̃ᵀW, (BHkv, nc, D, D), then + e^(γ_C) I on its diagonal
-    carry.diagonal(0, -2, -1).add_(1.0 if g is None else last.view(bh, nc, 1))
     s = k.new_zeros(bh, d, dv) if state is None else state.reshape(bh, d, dv)  # (BHkv, D, Dv)
-    states, last = _pass_states(y[..., :dv], carry, s, q is not None, final)  # before each
+    tot = None if g is None else last.view(bh, nc, 1, 1)  # e^(γ_C)
+    if gpu_path(k.device):  # the carry form: one launch per chunk
+        y = torch.bmm(kt.transpose(1, 2), xw).view(bh, nc, d, dv + d)  # [K̃ᵀU | K̃ᵀW]
+        carry = y[..., dv:].neg_()  # −K̃ᵀW, (BHkv, nc, D, D), then + e^(γ_C) I on its diagonal
+        carry.diagonal(0, -2, -1).add_(1.0 if g is None else last.view(bh, nc, 1))
+        states, last = _pass_states(y[..., :dv], carry, s, q is not None, final)  # before each
+        values = None
+    else:  # the values' form: fewer FLOPs, 2 or 3 ops per chunk
+        states, values, last = _pass_values(xw.view(bh, nc, c, dv + d), kt.view(bh, nc, c, d),
+                                            tot, s, q is not None, final)
     s_out = None if last is None else last.reshape(b, hkv, d, dv)  # (B, Hkv, D, Dv)
     if q is None:
         return None, s_out
@@ -90,20 +102,60 @@ def chunk_delta(
     qc = q.reshape(b, hkv, grp, nc, c, d).transpose(2, 3).reshape(x, grp * c, d)  # (.., G·C, D)
     p = torch.bmm(qc, kc.transpose(1, 2)).view(x, grp, c, c)  # (BHkv·nc, G, C, C)
     p = p.tril_() if decay is None else p.mul_(decay[:, None])  # ⊙ Γ ⊙ M
-    z = torch.bmm(p.view(x, grp * c, c), xw)  # (BHkv·nc, G·C, Dv + D): [P U | P W]
-    zw = z[..., dv:]  # P W − e^γ Q, in place
-    if g is None:
-        zw.sub_(qc)
-    else:
-        zw.view(x, grp, c, d).addcmul_(qc.view(x, grp, c, d), eg[:, None], value=-1)
-    if state is None and nc == 1:  # S = 0: the intra-chunk term alone
-        out = z[..., :dv]
-    else:
-        st = states.view(x, d, dv)  # the state before each chunk
-        out = torch.baddbmm(z[..., :dv], zw, st, alpha=-1)  # P U − (P W − e^γ Q) S
+    qe = qc if g is None else (qc.view(x, grp, c, d) * eg[:, None]).view(x, grp * c, d)
+    empty = state is None and nc == 1  # S = 0: the intra-chunk term alone
+    if values is not None:  # e^γ Q S + P (U − W S)
+        vals = values.view(x, c, dv)
+        out = torch.bmm(p.view(x, grp * c, c), vals)
+        if not empty:
+            out = out.baddbmm_(qe, states.view(x, d, dv))
+    else:  # P U − (P W − e^γ Q) S
+        z = torch.bmm(p.view(x, grp * c, c), xw)  # (BHkv·nc, G·C, Dv + D): [P U | P W]
+        zw = z[..., dv:].sub_(qe)  # P W − e^γ Q, in place
+        out = z[..., :dv] if empty else torch.baddbmm(z[..., :dv], zw, states.view(x, d, dv),
+                                                      alpha=-1)
     # (BHkv·nc, G·C, Dv) → (B, Hkv, nc, G, C, Dv) → (B, Hkv, G, nc·C, Dv)
     out = out.reshape(b, hkv, nc, grp, c, dv).transpose(2, 3).reshape(b, hkv, grp, nc * c, dv)
     return out[..., :n, :], s_out
+
+
+def _pass_values(uw: torch.Tensor, kt: torch.Tensor, tot: torch.Tensor | None, s: torch.Tensor,
+                 keep: bool, final: bool):
+    """The values' form of the chunk loop (FLA's): per chunk V' = U − W S, then
+    S' = e^(γ_C) S + K̃ᵀ V'. uw: [U | W] (BHkv, nc, C, Dv + D), kt: K̃ (BHkv, nc, C, D), tot:
+    e^(γ_C) (BHkv, nc, 1, 1) or None. Returns the states before each chunk (BHkv, nc, D, Dv)
+    and the values V' (BHkv, nc, C, Dv) when `keep`, and the last state when `final`."""
+    dv = s.shape[-1]
+    us, ws, ks = uw[..., :dv].unbind(1), uw[..., dv:].unbind(1), kt.transpose(-1, -2).unbind(1)
+    nc = len(us)
+    decays = [None] * nc if tot is None else tot.unbind(1)
+    track = torch.is_grad_enabled() and (uw.requires_grad or s.requires_grad)
+    if keep and not track:  # written in place
+        states = s.new_empty(s.shape[0], nc, *s.shape[1:])  # (BHkv, nc, D, Dv)
+        values = s.new_empty(s.shape[0], nc, *us[0].shape[1:])  # (BHkv, nc, C, Dv)
+        states[:, 0] = s
+        svs, vvs = states.unbind(1), values.unbind(1)
+        for i in range(nc):
+            torch.baddbmm(us[i], ws[i], svs[i], alpha=-1, out=vvs[i])
+            if i + 1 < nc:
+                prev = svs[i] if decays[i] is None else svs[i] * decays[i]
+                torch.baddbmm(prev, ks[i], vvs[i], out=svs[i + 1])
+        last = None
+        if final:
+            prev = svs[-1] if decays[-1] is None else svs[-1] * decays[-1]
+            last = torch.baddbmm(prev, ks[-1], vvs[-1])
+        return states, values, last
+    sl, vl = [], []
+    for i in range(nc):  # a list (autograd), or the last state only
+        v = torch.baddbmm(us[i], ws[i], s, alpha=-1)
+        if keep:
+            sl.append(s)
+            vl.append(v)
+        if i + 1 < nc or final:
+            s = torch.baddbmm(s if decays[i] is None else s * decays[i], ks[i], v)
+    if not keep:
+        return None, None, s
+    return torch.stack(sl, 1), torch.stack(vl, 1), (s if final else None)
 
 
 def _pass_states(add: torch.Tensor, carry: torch.Tensor, s: torch.Tensor, keep: bool,
@@ -177,14 +229,19 @@ def unit_lower_inverse(a: torch.Tensor) -> torch.Tensor:
 
 
 def delta_flops(bh: int, groups: int, n: int, d: int, chunk: int, final: bool,
-                queries: bool, initial: bool) -> float:
-    """Matmul FLOPs of `chunk_delta` over bh = B·Hkv (Dv = D); `initial`: a state enters."""
+                queries: bool, initial: bool, values: bool) -> float:
+    """Matmul FLOPs of `chunk_delta` over bh = B·Hkv (Dv = D); `initial`: a state enters;
+    `values`: the values' form (the CPU's), else the carry form (the GPU path's)."""
     c = max(1, min(chunk, n))
     nc, e = -(-n // c), 2 * d  # e: the width of [U | W]
-    f = nc * (2 * c * c * d + solve_flops(c, e) + 2 * d * c * e)  # β K Kᵀ, solve, K̃ᵀ[U | W]
-    f += (nc if final else nc - 1) * 2 * d * d * d  # the chunk loop
-    if queries:  # P, P [U | W], (P W − e^γ Q) S
-        f += nc * groups * (2 * c * c * d + 2 * c * c * e)
+    steps = nc if final else nc - 1  # the states passed on
+    f = nc * (2 * c * c * d + solve_flops(c, e))  # β K Kᵀ, the solve
+    if values:  # V' = U − W S per chunk, S' = e^(γ_C) S + K̃ᵀ V'
+        f += nc * 2 * c * d * d + steps * 2 * d * c * d
+    else:  # K̃ᵀ[U | W], then the carry times the state
+        f += nc * 2 * d * c * e + steps * 2 * d * d * d
+    if queries:  # P, then P V' or P [U | W], and (e^γ Q) S or (P W − e^γ Q) S
+        f += nc * groups * (2 * c * c * d + 2 * c * c * (d if values else e))
         f += 0 if nc == 1 and not initial else nc * groups * 2 * c * d * d
     return float(bh * f)
 
@@ -198,16 +255,22 @@ def solve_flops(c: int, m: int) -> float:
 
 
 def delta_algorithm_flops(bh: int, groups: int, n: int, d: int, chunk: int,
-                          queries: bool) -> float:
-    """The least matmul work of the chunked delta rule over n positions (Dv = D): per chunk of m,
-    β K Kᵀ and the triangular solve on their strict triangles, K̃ᵀ[U | W], the carry times the
-    state at each chunk boundary, and with queries P and P [U | W] on their causal triangles
-    (diagonal included) and (P W − e^γ Q) S; no padding."""
+                          queries: bool, values: bool) -> float:
+    """The least matmul work of the chunked delta rule over n positions (Dv = D), per chunk of
+    m: β K Kᵀ and the triangular solve on their strict triangles; the values' form: U − W S per
+    chunk and K̃ᵀ V' for each state passed on, with queries P and P V' on the causal triangle
+    (diagonal included) and (e^γ Q) S; the carry form: K̃ᵀ[U | W], the carry times each state
+    passed on, P and P [U | W] on the causal triangle and (P W − e^γ Q) S; no padding."""
     c = max(1, min(chunk, n))
     lengths = [c] * (n // c) + ([n % c] if n % c else [])
     e = 2 * d  # the width of [U | W]
-    f = sum(m * (m - 1) * (d + e) + 2 * d * m * e for m in lengths)  # A, solve, K̃ᵀ[U | W]
-    f += (len(lengths) - 1) * 2 * d * d * d  # the state passed across chunk boundaries
+    passed = lengths[:-1] if queries else lengths  # the context's last state is passed on
+    f = sum(m * (m - 1) * (d + e) for m in lengths)  # A, solve
+    if values:
+        f += sum(2 * m * d * d for m in lengths) + sum(2 * d * m * d for m in passed)
+    else:
+        f += sum(2 * d * m * e for m in lengths) + len(passed) * 2 * d * d * d
     if queries:
-        f += groups * sum(m * (m + 1) * (d + e) + 2 * m * d * d for m in lengths)
+        f += groups * sum(m * (m + 1) * (2 * d if values else d + e) + 2 * m * d * d
+                          for m in lengths)
     return float(bh * f)
