@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from attnbench import variants
-from attnbench.harness.run import accuracy
 from attnbench.harness.run.accuracy import quality
 from attnbench.harness.run.config import ErrorConfig, RunConfig, from_dictconfig
 from attnbench.harness.run.job import run_point
+from attnbench.variants import reference as _reference
 from attnbench.variants import registry
 from attnbench.variants.base import IMPL_TOL, Variant
 from attnbench.variants.testing import random_qkv
@@ -231,7 +231,7 @@ def test_no_reference_is_said_not_guessed(monkeypatch):
     f = quality(att, q, k, v, out, _run(rows=0))
     assert math.isnan(f["softmax_rel_error"]) and math.isnan(f["impl_error"])
     assert "error.rows=0" in f["quality_note"]
-    monkeypatch.setattr(accuracy, "BLOCK_BYTES", 1024)  # one row's scores do not fit
+    monkeypatch.setattr(_reference, "REFERENCE_BYTES", 1024)  # one row's scores do not fit
     f = quality(att, q, k, v, out, _run())
     assert math.isnan(f["softmax_rel_error"]) and math.isnan(f["recall_mean"])
     assert "no softmax reference" in f["quality_note"]
@@ -244,7 +244,7 @@ def test_small_blocks_give_the_same_numbers(monkeypatch):
     k, v = k[:, :2], v[:, :2]
     out = att(q, k, v, causal=True)
     whole = quality(att, q, k, v, out, _run(True, rows=24))
-    monkeypatch.setattr(accuracy, "BLOCK_BYTES", 2 * 96 * 8 * 5 * 3 + 2 * 96 * 16 * 8)
+    monkeypatch.setattr(_reference, "REFERENCE_BYTES", 2 * 96 * 8 * 5 * 3 + 2 * 96 * 16 * 8)
     parts = quality(att, q, k, v, out, _run(True, rows=24))
     assert whole.keys() == parts.keys() and not math.isnan(whole["recall_p10"])
     for key, value in whole.items():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from attnbench import variants
-from attnbench.harness.run.accuracy import error
+from attnbench.harness.run.accuracy import quality
 from attnbench.harness.run.config import ErrorConfig, RunConfig
 from attnbench.harness.run.inputs import make_inputs
 from attnbench.harness.run.memory import peak_memory
@@ -35,12 +35,12 @@ def test_own_reference_stays_inside_its_tiles(name, params, monkeypatch):
     q, k, v = make_inputs(run.shape, torch.float32, "cpu")
     with torch.no_grad():
         out = att(q, k, v, causal=True)
-    rel, _, what = error(att, q, k, v, out, run)
-    assert what == "own definition" and rel < 1e-4
+    f = quality(att, q, k, v, out, run)
+    assert f["error_ref"] == "own definition" and f["impl_error"] < 1e-4
     # the sampled rows' float64 outputs (B, H, R, D): a few copies (NSA's three branches, their
     # gated sum, the error's differences)
     rows_out = 8 * run.shape.bh * 128 * run.head_dim * 8
-    peak = peak_memory(lambda: error(att, q, k, v, out, run))
+    peak = peak_memory(lambda: quality(att, q, k, v, out, run))
     assert peak <= (4 << 20) + rows_out, f"{peak / 2**20:.1f} MiB"
 
 
@@ -69,7 +69,7 @@ def test_recurrent_reference_keeps_resident_memory_flat(tmp_path):
     script = textwrap.dedent("""
         import resource, torch
         from attnbench import variants
-        from attnbench.harness.run.accuracy import error
+        from attnbench.harness.run.accuracy import quality
         from attnbench.harness.run.config import RunConfig
         from attnbench.harness.run.inputs import make_inputs
         from attnbench.harness.run.point import decide
@@ -78,9 +78,9 @@ def test_recurrent_reference_keeps_resident_memory_flat(tmp_path):
         q, k, v = make_inputs(run.shape, torch.float32, "cpu")
         with torch.no_grad():
             out = att(q, k, v, causal=True)
-        error(att, q[..., :64, :], k[..., :64, :], v[..., :64, :], out[..., :64, :], run)
+        quality(att, q[..., :64, :], k[..., :64, :], v[..., :64, :], out[..., :64, :], run)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        error(att, q, k, v, out, run)
+        quality(att, q, k, v, out, run)
         grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
         print(grown, decide(att, run).predicted)
     """)

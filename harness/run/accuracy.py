@@ -24,11 +24,12 @@ import torch
 
 from attnbench.harness.run.config import RunConfig
 from attnbench.variants.base import Variant
+from attnbench.variants import reference as _reference
 from attnbench.variants.reference import max_abs_error, rel_error
 
 # The float64 scores and probabilities of one block of (batch·k/v head, query rows) stay under
-# this; a single query row of one k/v group above it (a vast n) is not computed, and said so.
-BLOCK_BYTES = 256 << 20
+# `reference.REFERENCE_BYTES` (the bound every float64 reference keeps, read when called); a
+# single query row of one k/v group above it (a vast n) is not computed, and said so.
 NOT_SOFTMAX = ("recurrent",)  # families that replace softmax: nothing to be close to
 
 
@@ -69,7 +70,7 @@ def quality(att: Variant, q, k, v, out, run: RunConfig,
     scan = softmax_scan(att, q, k, v, got, rows, run.causal, mask, masked=att.exact)
     if scan is None:
         notes.append(f"no softmax reference: one query row of one k/v group needs over "
-                     f"{BLOCK_BYTES >> 20} MB of float64 scores")
+                     f"{_reference.REFERENCE_BYTES >> 20} MB of float64 scores")
         return _judged(att, run, f, notes)
     head, recall = scan["head_error"], scan["recall"]
     f.update(softmax_rel_error=scan["softmax_rel_error"],
@@ -96,7 +97,7 @@ def _judged(att: Variant, run: RunConfig, f: dict, notes: list[str]) -> dict:
 def softmax_scan(att: Variant, q, k, v, got, rows: torch.Tensor, causal: bool,
                  mask: torch.Tensor | None = None, masked: bool = False) -> dict | None:
     """Float64 full softmax attention on `rows`, walked in blocks of batch·k/v heads and rows
-    (BLOCK_BYTES of scores at most), against `got` (B, H, R, D), the variant's output there.
+    (`reference.REFERENCE_BYTES` of scores at most), against `got` (B, H, R, D), the variant's output there.
 
     Returns softmax_rel_error (relative Frobenius over every row and head), head_error (B·H,)
     (the same per (batch, head)), recall (B·H·R,) (softmax mass on `att.attended_keys`, None
@@ -107,10 +108,11 @@ def softmax_scan(att: Variant, q, k, v, got, rows: torch.Tensor, causal: bool,
     grp, z, r = h // hkv, b * hkv, len(rows)
     per_row = grp * nk * 8 * (5 if masked else 3)  # scores, probabilities, temporaries
     per_head = 2 * nk * d * 8  # one k/v head's float64 k and v
-    if per_row + per_head > BLOCK_BYTES:
+    budget = _reference.REFERENCE_BYTES
+    if per_row + per_head > budget:
         return None
-    rstep = max(1, min(r, (BLOCK_BYTES - per_head) // per_row))
-    zstep = max(1, BLOCK_BYTES // (per_row * rstep + per_head))
+    rstep = max(1, min(r, (budget - per_head) // per_row))
+    zstep = max(1, budget // (per_row * rstep + per_head))
     qz = q.reshape(z, grp, nq, d)  # (Z, G, Nq, D): the query heads of one k/v head
     gz = got.reshape(z, grp, r, d)
     kz, vz = k.reshape(z, 1, nk, d), v.reshape(z, 1, nk, d)
