@@ -75,6 +75,10 @@ class Record:
     entropy: float = NAN
     error_ref: str = ""  # what rel_error is against: softmax | masked softmax | own definition
     softmax_rel_error: float = NAN  # own-definition approximations (moba, nsa): vs full softmax
+    # query rows the errors are measured on: a seeded sample (decode: the new token); the float64
+    # reference runs on these rows only, in tiles of REFERENCE_BYTES (variants/reference.py),
+    # after the measured call and outside predicted_mem_bytes
+    error_rows: int = 0
     notes: str = ""  # caveats of an ok point (a CUDA graph that fell back, NVML missing)
     kernel: str = ""  # the kernel that actually ran (SDPA backend, flex compiled, engine path)
     compute_dtype: str = ""  # dtype of the matmuls ("" where not recorded)

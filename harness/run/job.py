@@ -168,6 +168,7 @@ def _measure(run, att: Variant, shape: Shape, dtype, device: str, predicted: int
         max_abs_error=mab,
         error_ref=error_ref,
         softmax_rel_error=softmax_rel,
+        error_rows=min(run.error.rows, shape.nq),
         entropy=entropy,
         **counted,
         **fields,
@@ -227,6 +228,7 @@ def _measure_decode(run, att: Variant, shape: Shape, dtype, device: str, predict
         max_abs_error=mab,
         error_ref=error_ref,
         softmax_rel_error=softmax_rel,
+        error_rows=min(run.error.rows, 1),
         **counted,
         **fields,
     )
