@@ -73,7 +73,6 @@ def test_recurrent_reference_keeps_resident_memory_flat(tmp_path):
         from attnbench.harness.run.accuracy import error
         from attnbench.harness.run.config import RunConfig
         from attnbench.harness.run.inputs import make_inputs
-from attnbench.harness.run.job import run_point
         from attnbench.harness.run.point import decide
         att = variants.build("retnet")
         run = RunConfig(variant="retnet", params={}, seq_len=2048, causal=True, device="cpu")
