@@ -87,6 +87,10 @@ class Record:
     recall_mean: float = NAN  # share of the float64 softmax mass on the keys it attends
     recall_p10: float = NAN  # (over sampled rows and heads): mean and 10th percentile
     quality_note: str = ""  # why a quality field is NaN (recurrent, no reference, no key set)
+    # query rows the errors are measured on: a seeded sample (decode: the new token); the float64
+    # reference runs on these rows only, in tiles of REFERENCE_BYTES (variants/reference.py),
+    # after the measured call and outside predicted_mem_bytes
+    error_rows: int = 0
     notes: str = ""  # caveats of an ok point (a CUDA graph that fell back, NVML missing)
     kernel: str = ""  # the kernel that actually ran (SDPA backend, flex compiled, engine path)
     compute_dtype: str = ""  # dtype of the matmuls ("" where not recorded)

@@ -13,8 +13,9 @@ import torch
 
 from attnbench import variants
 from attnbench.harness.run.accuracy import quality
-from attnbench.harness.run.config import ErrorConfig, RunConfig
+from attnbench.harness.run.config import ErrorConfig, RunConfig, from_dictconfig
 from attnbench.harness.run.inputs import make_inputs
+from attnbench.harness.run.job import run_point
 from attnbench.harness.run.memory import peak_memory
 from attnbench.variants import reference as _reference
 
@@ -91,3 +92,18 @@ def test_recurrent_reference_keeps_resident_memory_flat(tmp_path):
     grown, predicted = map(int, res.stdout.split()[-2:])
     assert grown < predicted, f"resident memory grew {grown / 2**20:.0f} MiB " \
                               f"(predicted peak {predicted / 2**20:.0f} MiB)"
+
+
+@pytest.mark.parametrize("mode,rows,want", [("fwd", 16, 16), ("fwd", 0, 0), ("fwd", 999, 128),
+                                            ("decode", 16, 1)])
+def test_the_record_states_the_rows_the_error_is_measured_on(mode, rows, want):
+    """The reference is sampled (and tiled), outside the prediction: the record says on how many
+    query rows."""
+    rec = run_point(from_dictconfig(dict(
+        variant={"name": "retnet"}, batch=1, heads=2, seq_len=128, head_dim=16, causal=True,
+        mode=mode, device="cpu", timing={"warmup": 0, "min_reps": 1, "min_time_s": 0},
+        error={"rows": rows},
+    )))
+    assert rec.status == "ok", rec.reason
+    assert rec.error_rows == want
+    assert (rec.error_ref == "own definition") == (want > 0)

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from attnbench.harness.run.config import RunConfig
-from attnbench.variants.base import Variant
 from attnbench.variants import reference as _reference
+from attnbench.variants.base import Variant
 from attnbench.variants.reference import max_abs_error, rel_error
 
 # The float64 scores and probabilities of one block of (batch·k/v head, query rows) stay under
@@ -97,7 +97,8 @@ def _judged(att: Variant, run: RunConfig, f: dict, notes: list[str]) -> dict:
 def softmax_scan(att: Variant, q, k, v, got, rows: torch.Tensor, causal: bool,
                  mask: torch.Tensor | None = None, masked: bool = False) -> dict | None:
     """Float64 full softmax attention on `rows`, walked in blocks of batch·k/v heads and rows
-    (`reference.REFERENCE_BYTES` of scores at most), against `got` (B, H, R, D), the variant's output there.
+    (`reference.REFERENCE_BYTES` of scores at most), against `got` (B, H, R, D), the variant's
+    output there.
 
     Returns softmax_rel_error (relative Frobenius over every row and head), head_error (B·H,)
     (the same per (batch, head)), recall (B·H·R,) (softmax mass on `att.attended_keys`, None

@@ -82,13 +82,20 @@ def _identity(blob: str) -> tuple[str, str]:
 
 
 def predicted_bytes(att: Variant, shape: Shape, dtype: torch.dtype, run: RunConfig) -> int:
-    """Predicted peak of one measured call, inputs included (×3 for forward+backward)."""
+    """Predicted peak of one measured call, inputs included. Forward and backward: the model's
+    own (`memory_bytes(..., grad=True)`, where it takes `grad`), else 3× the forward's."""
     inputs = input_bytes(shape, dtype)
     device = resolve_device(run.device)
     if run.mode == "decode":  # the state of the context and one step
         return int(inputs + on_device(att.decode_memory_bytes, device)(shape, dtype))
-    fwd = on_device(att.memory_bytes, device)(shape, dtype, run.causal)
-    return int(inputs + (fwd * 3 + 2 * inputs if run.mode == "fwd_bwd" else fwd))
+    model = on_device(att.memory_bytes, device)
+    if run.mode != "fwd_bwd":
+        return int(inputs + model(shape, dtype, run.causal))
+    if "grad" in inspect.signature(model).parameters:  # the model of forward and backward
+        work = model(shape, dtype, run.causal, grad=True)
+    else:  # what the backward keeps and makes: about twice the forward's working set
+        work = 3 * model(shape, dtype, run.causal)
+    return int(inputs + work + 2 * inputs)  # + the gradients of q, k, v and of the output
 
 
 def input_bytes(shape: Shape, dtype: torch.dtype) -> int:

@@ -42,6 +42,15 @@ class Recurrent(Variant):
     def label(self) -> str:
         return self._label({"impl": None if self.impl == "chunk" else self.impl})
 
+    def _saved_states(self, shape, el: int, heads: int) -> int:
+        """Bytes autograd keeps through the per-step form (impl=recurrent): a (Dk, Dv) state of
+        `heads` heads per position, 1.25× for what each step saves beside it; 0 for the other
+        forms, whose chunk states are in their forward model."""
+        if self.impl != "recurrent":
+            return 0
+        d = shape.head_dim
+        return int(1.25 * shape.batch * heads * shape.seq_len * d * d * el)
+
     # -- definition -----------------------------------------------------------------------------
     def reference(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,

@@ -200,10 +200,17 @@ class DecayRNN(Recurrent):
         gates = self.gate_flops(shape)
         return 2.0 * (self.flops(shape, causal) - gates) + gates
 
-    def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = False) -> int:
+    def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = False,
+                     grad: bool = False) -> int:
+        """The chunked form's working set (`decay_chunk.decay_memory`, an upper estimate for the
+        per-step form's forward too). `grad`: forward and backward, 3× that, and the per-step
+        form's autograd keeps every step's state (Ha·Dk·Dv per position, measured 1.1×)."""
         ct = compute_dtype(dtype)
         el = torch.empty((), dtype=ct).element_size()
-        return decay_memory(shape, self._ha(shape), self.per_dim, self.chunk, el, ct != dtype)
+        fwd = decay_memory(shape, self._ha(shape), self.per_dim, self.chunk, el, ct != dtype)
+        if not grad:
+            return fwd
+        return 3 * fwd + self._saved_states(shape, el, self._ha(shape))
 
     # -- flash-linear-attention (CUDA) ----------------------------------------------------------
     def fla_call(self, q, k, v, log_a, gain, state):

@@ -17,6 +17,7 @@ both forms run per k/v head, the query heads of a group as rows.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import math
@@ -252,11 +253,18 @@ class DeltaRule(Recurrent):
         return float(bh * (2 * d * (2 if self.gated else 1) + 4 * d * d)
                      + shape.batch * shape.heads * 2 * d * d)
 
-    def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = True) -> int:
+    def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = True,
+                     grad: bool = False) -> int:
         """Upper estimate: the normalised inputs and gates, plus every intermediate of the larger
         of the two parts (context, queries) counted as live at once (the GPU path; and what
         autograd keeps). On the CPU without autograd the segments (`segments`) hold one
-        segment's intermediates at a time: the peak stays far below."""
+        segment's intermediates at a time: the peak stays far below. `grad`: forward and
+        backward, 3× that, and the per-step form's autograd keeps every step's state, twice
+        when gated (α_t S_{t−1} and S_{t−1}; measured 1.14× and 2.14×)."""
+        if grad:
+            el = torch.empty((), dtype=compute_dtype(dtype)).element_size()
+            states = self._saved_states(shape, el, shape.hkv) * (2 if self.gated else 1)
+            return 3 * self.memory_bytes(shape, dtype, causal) + states
         el = torch.empty((), dtype=compute_dtype(dtype)).element_size()
         bh, g, d, n, nq = shape.batch * shape.hkv, shape.groups, shape.head_dim, shape.seq_len, \
             shape.nq
@@ -272,6 +280,10 @@ class DeltaRule(Recurrent):
             rows = queries * padded * ((8 + extra) * d + 2 * c)  # Q, P, P[U|W], Q̃, outputs
             segments.append(keys + rows + chunks * 6 * d * d)  # [K̃ᵀU | K̃ᵀW], carry, states
         return int(bh * el * (words + max(segments)))
+
+    def decode_memory_bytes(self, shape: Shape, dtype: torch.dtype) -> int:
+        """The state is built by the chunked form whatever the impl (`decode_init`)."""
+        return dataclasses.replace(self, impl="chunk").memory_bytes(shape, dtype, True)
 
     def kernel(self, shape: Shape, device: torch.device | str, causal: bool, grad: bool) -> str:
         return {"chunk": "chunk-wy", "recurrent": "recurrent"}.get(

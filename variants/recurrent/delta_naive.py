@@ -17,12 +17,12 @@ def naive_delta(
     at: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Float64 step by step over the T steps of k (B, Hkv, T, D), v, β (B, Hkv, T) and log α
-    (B, Hkv, T) or None, continuing from `state` (B, Hkv, D, Dv) (None: zero; updated in place);
+    (B, Hkv, T) or None, continuing from `state` (B, Hkv, D, Dv) (None: zero);
     q (B, Hkv, G, R, D) the rows read, row r after step at[r] (default: the last R steps).
     Returns the rows' outputs (B, Hkv, G, R, Dv) and the state after step T − 1.
 
-    As `decay_naive.naive_decay`, nothing allocated in one step outlives it (the state in
-    place, the outputs into one buffer), so a long recurrence does not fragment the heap."""
+    As `decay_naive.naive_decay`, the outputs go into one buffer: nothing small allocated in a
+    step outlives it, so a long recurrence does not fragment the heap."""
     b, hkv, t_len, d = k.shape
     r = q.shape[3]
     at = torch.arange(t_len - r, t_len) if at is None else at.cpu()
@@ -33,9 +33,9 @@ def naive_delta(
     for t in range(t_len):
         kt = k[:, :, t, None, :]  # (B, Hkv, 1, D)
         if g is not None:
-            s.mul_(g[:, :, t, None, None].exp())  # α_t S_{t−1}
+            s = s * g[:, :, t, None, None].exp()  # α_t S_{t−1}
         u = beta[:, :, t, None, None] * (v[:, :, t, None, :] - kt @ s)  # (B, Hkv, 1, Dv)
-        s.add_(kt.transpose(-1, -2) @ u)  # (B, Hkv, D, 1) @ (B, Hkv, 1, Dv)
+        s = s + kt.transpose(-1, -2) @ u  # (B, Hkv, D, 1) @ (B, Hkv, 1, Dv)
         while i < len(reads) and reads[i][0] == t:
             j = reads[i][1]
             out[:, :, :, j] = q[:, :, :, j] @ s  # (B, Hkv, G, Dv)
