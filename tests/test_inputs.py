@@ -148,6 +148,25 @@ def test_entropy_peaked_far_below_uniform_gaussian_near():
     assert h_peaked < 0.3 * log_n, (h_peaked, log_n)
 
 
+def test_entropy_follows_the_points_mask():
+    """The record's `entropy` is of the attention the point computes: under its causal mask
+    (grouped heads, the last Nq positions as queries), checked row by row against a float64
+    softmax written here; causal rows see fewer keys, so gaussian entropy drops."""
+    shape = Shape(1, 4, 96, 16, kv_heads=2, q_len=40)
+    q, k, _ = make_inputs(shape, torch.float32, "cpu", seed=3, kind="gaussian")
+    got = attention_entropy(q, k, rows=40, causal=True)
+    kk = k.double().repeat_interleave(2, dim=1)
+    want = []
+    for h in range(4):
+        for i in range(40):
+            pos = 96 - 40 + i
+            s = q[0, h, i].double() @ kk[0, h, : pos + 1].T / 4.0
+            p = torch.softmax(s, -1)
+            want.append(float(-(p * p.log()).sum()))
+    assert got == pytest.approx(sum(want) / len(want), rel=1e-12)
+    assert attention_entropy(q, k, rows=40) > got
+
+
 def test_gaussian_and_peaked_draws_are_unchanged():
     """The draw of the two old kinds at kv_heads = 0, q_len = 0 is what it always was: three
     standard normal draws from the seed, in order."""

@@ -304,18 +304,32 @@ def make_inputs(
                  for t in (q, k, v))
 
 
-def attention_entropy(q: torch.Tensor, k: torch.Tensor, rows: int = 256, seed: int = 0) -> float:
-    """Mean entropy (nats) of softmax(q·kᵀ/√d) over a sample of query rows, in float64.
+def attention_entropy(q: torch.Tensor, k: torch.Tensor, rows: int = 256, seed: int = 0,
+                      causal: bool = False) -> float:
+    """Mean entropy (nats) of softmax(q·kᵀ/√d) over a seeded sample of query rows, in float64,
+    under the point's own mask (`causal`: query i, the (N − Nq + i)-th position, sees keys up to
+    itself), a head at a time.
 
-    Compare with log(n), the entropy of uniform attention.
+    Compare with log(n), the entropy of uniform attention (causal: the mean of log of each
+    sampled row's key count).
     """
-    n = q.shape[-2]
+    nq, n, d = q.shape[-2], k.shape[-2], q.shape[-1]
     g = torch.Generator(device="cpu").manual_seed(seed)
-    idx = torch.randperm(n, generator=g)[: min(rows, n)].to(q.device)
+    idx = torch.randperm(nq, generator=g)[: min(rows, nq)].to(q.device)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped k/v heads
-    s = q[..., idx, :].double() @ k.double().transpose(-2, -1) / q.shape[-1] ** 0.5
-    logp = torch.log_softmax(s, dim=-1)
-    return float(-(logp.exp() * logp).sum(-1).mean())
+    qs = q[..., idx, :].flatten(0, 1)  # (B·H, R, D)
+    ks = k.flatten(0, 1)  # (B·H, N, D)
+    hidden = None
+    if causal:
+        hidden = torch.arange(n, device=q.device)[None, :] > (idx + n - nq)[:, None]  # (R, N)
+    total = 0.0
+    for h in range(qs.shape[0]):
+        s = qs[h].double() @ ks[h].double().T / math.sqrt(d)
+        if hidden is not None:
+            s = s.masked_fill(hidden, -math.inf)
+        logp = torch.log_softmax(s, dim=-1)
+        total += float(-(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1).sum())
+    return total / (qs.shape[0] * qs.shape[1])
 
 
 def attention_stats(q: torch.Tensor, k: torch.Tensor, causal: bool = True, rows: int = 256,

@@ -220,7 +220,8 @@ def _measure(run, att: Variant, shape: Shape, dtype, device: str, predicted: int
         return finish("invalid", f"non-finite values in {bad} (first call)", setup_s=setup_s)
 
     quality_fields = quality(att, q, k, v, out, run)
-    entropy = attention_entropy(q.detach(), k.detach(), rows=min(run.error.rows or 64, 64))
+    entropy = attention_entropy(q.detach(), k.detach(), rows=min(run.error.rows or 64, 64),
+                                causal=run.causal)
     del out
     kernel = att.kernel(shape, device, run.causal, grad)
     counted = _dispatch_fields(call, kernel)
