@@ -185,7 +185,8 @@ def test_a_sweep_reads_only_its_own_points_not_a_sweep_nested_in_it(tmp_path):
 
 
 @pytest.mark.parametrize(("field", "text"), [
-    ("latency_ms", "Infinity"), ("rel_error", "-Infinity"), ("flops", "1e300"),
+    ("latency_ms", "Infinity"), ("impl_error", "-Infinity"), ("softmax_rel_error", "Infinity"),
+    ("flops", "1e300"),
     ("seq_len", "1e300"), ("seq_len", "100000000000000000000000000000"), ("tflops", "-1"),
     ("reps", "-3")])
 def test_a_record_holding_infinity_or_an_absurd_value_is_skipped(tmp_path, capsys, field, text):
