@@ -157,8 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     if len(modes) > 1:
         fail(f"{' and '.join(sorted(modes))} do not go together: --cfg and --info show one "
              f"run's config (drop -m); `attnbench plan -m ...` shows a sweep's points")
-    if not flags:  # a single run: check before Hydra starts
-        precheck(argv)
+    if not flags:  # a single run: check before Hydra starts (a renamed parameter renamed)
+        argv = precheck(argv)
     elif set(flags) <= {"-m", "--multirun"}:
         argv = sweep_argv(argv)
         precheck([a for a in argv if a not in flags], multirun=True)

@@ -113,6 +113,13 @@ def rows(device: str, dtype: torch.dtype) -> list[Row]:
     return out
 
 
+def renamed_line() -> str:
+    """'; renamed (…): strided window → window_blocks, …' from `Variant.renamed`."""
+    done = [f"{n} {old} → {new}" for n in variants.names()
+            for old, (new, _) in variants.get(n).renamed.items()]
+    return f"; renamed (the old name is read for one release): {', '.join(done)}" if done else ""
+
+
 def to_markdown(table: list[Row]) -> str:
     cells = [list(COLUMNS)] + [[_md(str(getattr(r, c))) for c in COLUMNS] for r in table]
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
@@ -154,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         note = "" if device != "cuda" or torch.cuda.is_available() else " (no CUDA device here)"
         print(f"\nsupport on {device}{note}, {str(dtype).removeprefix('torch.')}, {shape}: "
               f"yes = forward and backward; `attnbench plan ARGS` checks a point exactly")
+        print(f"units: `window` counts tokens in every variant that has one (a window "
+              f"counted in blocks is `window_blocks`){renamed_line()}")
     return 0
 
 

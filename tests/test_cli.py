@@ -3,6 +3,7 @@ running it, and a variant parameter applies across the variants of a sweep that 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -101,14 +102,34 @@ def test_plan_refuses_a_bad_point_in_one_line(tmp_path):
 
 
 def test_a_variant_parameter_applies_to_the_variants_that_have_it(tmp_path):
+    """local's window counts tokens, strided's window_blocks blocks: each takes its own."""
     out = tmp_path / "sweep"
-    proc = attnbench("-m", "variant=local,strided,full", "variant.window=1,2", "seq_len=128",
-                     *TINY, f"hydra.sweep.dir={out}")
+    proc = attnbench("-m", "variant=local,strided,full", "variant.window=1,2",
+                     "variant.window_blocks=1,2", "seq_len=128", *TINY, f"hydra.sweep.dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     df = pd.read_csv(out / "results.csv")
     assert (df.status == "ok").all(), df[["label", "status", "reason"]]
     assert sorted(df.label) == sorted(["local[w=1]", "local[w=2]", "strided[b=64,w=1,s=32]",
                                        "strided[b=64,w=2,s=32]", "full[sdpa]"])  # full once
+
+
+def test_a_window_in_blocks_by_its_name_and_by_its_old_name(tmp_path):
+    proc = attnbench("plan", "-m", "variant=strided", "variant.window_blocks=1,2", *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "strided[b=64,w=1,s=32]" in proc.stdout and "strided[b=64,w=2,s=32]" in proc.stdout
+    assert "renamed" not in proc.stderr
+    line = one_error_line(attnbench("plan", "-m", "variant=local,strided",
+                                    "variant.window=64,256", *TINY))
+    assert line.startswith("attnbench: error: variant.window: local takes it as its own window")
+    assert "variant.window_blocks" in line
+    run = tmp_path / "r"  # a single run with the old name: read as window_blocks, one line
+    proc = attnbench("variant=strided", "variant.window=1", "seq_len=128", *TINY,
+                     f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("window=1 read as window_blocks=1") == 1, proc.stderr
+    record = json.loads((run / "result.json").read_text())
+    assert json.loads(record["params"])["window_blocks"] == 1 and \
+        record["label"] == "strided[b=64,w=1,s=32]"
 
 
 def test_a_parameter_no_selected_variant_has_is_one_line(tmp_path):

@@ -96,8 +96,8 @@ class _Ops(TorchDispatchMode):
 # (variant, params, n): band interiors with cut edges, a whole-block pattern, a padded one
 ENGINE_POINTS = [
     ("local", {"window": 13, "block": 8}, 151),
-    ("strided", {"block": 16, "window": 1, "stride": 4}, 128),
-    ("bigbird", {"block": 16, "window": 3, "globals": 1, "random": 1}, 100),
+    ("strided", {"block": 16, "window_blocks": 1, "stride": 4}, 128),
+    ("bigbird", {"block": 16, "window_blocks": 3, "globals": 1, "random": 1}, 100),
 ]
 
 

@@ -100,8 +100,9 @@ def test_local_softmax_error_and_recall_from_the_definition(causal, window, sink
 def test_patterns_recall_is_the_softmax_mass_on_their_mask(name):
     """Grouped heads and fewer queries than keys, causal: the mask is the pattern's
     `key_mask` (its definition), the mass and errors are computed here."""
-    params = {"strided": dict(block=8, window=1, stride=4), "fixed": dict(block=8, stride=4),
-              "bigbird": dict(block=8, window=1, globals=1, random=1),
+    params = {"strided": dict(block=8, window_blocks=1, stride=4),
+              "fixed": dict(block=8, stride=4),
+              "bigbird": dict(block=8, window_blocks=1, globals=1, random=1),
               "longformer": dict(block=8, window=12, global_tokens=8)}[name]
     att = variants.build(name, **params)
     q, k, v = random_qkv(1, 4, 128, 16, torch.float32, seed=2)

@@ -12,9 +12,9 @@ from attnbench.variants.testing import assert_matches, random_qkv
 PATTERNS = ["strided", "fixed", "bigbird", "longformer"]
 # Small blocks so that awkward n (prime, not a multiple of anything) spans many blocks.
 SMALL = {
-    "strided": dict(block=4, window=1, stride=3),
+    "strided": dict(block=4, window_blocks=1, stride=3),
     "fixed": dict(block=4, stride=3, summary=1),
-    "bigbird": dict(block=4, window=3, globals=1, random=2),
+    "bigbird": dict(block=4, window_blocks=3, globals=1, random=2),
     "longformer": dict(block=4, window=5, global_tokens=3),
 }
 
@@ -130,7 +130,7 @@ def test_flops_linear_in_n(name):
 def test_strided_and_fixed_cost_follows_their_columns():
     # n²/stride: 4× n gives 4× rows, each with 4× the column blocks (plus the constant window).
     shape = [variants.Shape(1, 1, n, 64) for n in (8192, 32768)]
-    att = variants.build("strided", block=64, window=2, stride=32)
+    att = variants.build("strided", block=64, window_blocks=2, stride=32)
     rows = [(5 + n // 64 / 32 - 1) * n for n in (8192, 32768)]  # window ∪ columns, per block row
     assert att.flops(shape[1]) / att.flops(shape[0]) == pytest.approx(rows[1] / rows[0], rel=0.02)
     att = variants.build("fixed", block=32, stride=16, summary=1)
@@ -141,13 +141,14 @@ def test_strided_and_fixed_cost_follows_their_columns():
 def test_whole_pattern_equals_full_attention():
     full = variants.build("full", backend="naive")
     q, k, v = random_qkv(1, 2, 37, 8)
-    for att in (small("longformer", window=40), small("strided", window=10)):
+    for att in (small("longformer", window=40), small("strided", window_blocks=10)):
         assert_matches(att, q, k, v, causal=True, reference=full)
 
 
 @pytest.mark.parametrize("name,field", [
-    ("strided", "stride"), ("strided", "block"), ("strided", "window"), ("fixed", "summary"),
-    ("bigbird", "random"), ("bigbird", "window"), ("longformer", "window"),
+    ("strided", "stride"), ("strided", "block"), ("strided", "window_blocks"),
+    ("fixed", "summary"),
+    ("bigbird", "random"), ("bigbird", "window_blocks"), ("longformer", "window"),
 ])
 def test_invalid_params_name_the_field(name, field):
     with pytest.raises(ValueError, match=field):

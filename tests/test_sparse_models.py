@@ -24,13 +24,15 @@ PARAMS = {
     "local": [dict(window=5, block=4), dict(window=0, block=8), dict(window=16, block=16),
               dict(window=100, block=3), dict(window=2, block=1), dict(window=5, block=4, sinks=3),
               dict(window=0, block=8, sinks=20), dict(window=3, block=2, sinks=1)],
-    "strided": [dict(block=4, window=1, stride=3), dict(block=3, window=0, stride=1),
-                dict(block=5, window=2, stride=7), dict(block=1, window=3, stride=4)],
+    "strided": [dict(block=4, window_blocks=1, stride=3), dict(block=3, window_blocks=0, stride=1),
+                dict(block=5, window_blocks=2, stride=7),
+                dict(block=1, window_blocks=3, stride=4)],
     "fixed": [dict(block=4, stride=3, summary=1), dict(block=3, stride=5, summary=5),
               dict(block=2, stride=4, summary=2), dict(block=7, stride=1, summary=1)],
-    "bigbird": [dict(block=4, window=3, globals=1, random=2),
-                dict(block=3, window=1, globals=0, random=3, seed=5),
-                dict(block=2, window=5, globals=3, random=1), dict(block=4, window=7, random=0)],
+    "bigbird": [dict(block=4, window_blocks=3, globals=1, random=2),
+                dict(block=3, window_blocks=1, globals=0, random=3, seed=5),
+                dict(block=2, window_blocks=5, globals=3, random=1),
+                dict(block=4, window_blocks=7, random=0)],
     "longformer": [dict(block=4, window=5, global_tokens=3), dict(block=8, window=0,
                    global_tokens=0), dict(block=3, window=20, global_tokens=50)],
 }
@@ -80,7 +82,7 @@ def test_layout_is_built_only_when_needed(name):
 
 
 def test_bigbird_random_blocks_are_exact_under_causal_and_seeded():
-    att = variants.build("bigbird", block=4, window=3, globals=1, random=3)
+    att = variants.build("bigbird", block=4, window_blocks=3, globals=1, random=3)
     for n in (97, 130):
         nb = -(-n // 4)
         drawn = att._random(nb)
@@ -93,7 +95,7 @@ def test_bigbird_random_blocks_are_exact_under_causal_and_seeded():
             got = drawn[r][drawn[r] >= 0].tolist()
             assert len(got) == len(set(got))
         assert att.density(n, True) == att.layout(n, True).computed / n**2
-    other = variants.build("bigbird", block=4, window=3, globals=1, random=3, seed=1)
+    other = variants.build("bigbird", block=4, window_blocks=3, globals=1, random=3, seed=1)
     assert not torch.equal(att._random(40), other._random(40))
 
 

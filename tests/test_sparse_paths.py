@@ -17,9 +17,9 @@ from attnbench.variants.testing import assert_matches, random_qkv
 PATHS = [pytest.param("0", id="cpu"), pytest.param("1", id="gpu")]
 SMALL = {
     "local": dict(window=5, block=4, sinks=3),
-    "strided": dict(block=4, window=1, stride=3),
+    "strided": dict(block=4, window_blocks=1, stride=3),
     "fixed": dict(block=4, stride=3, summary=1),
-    "bigbird": dict(block=4, window=3, globals=1, random=2),
+    "bigbird": dict(block=4, window_blocks=3, globals=1, random=2),
     "longformer": dict(block=4, window=5, global_tokens=3),
 }
 
@@ -132,7 +132,7 @@ def test_decode_repeated_steps_from_one_state_agree(name):
 
 def test_bigbird_causal_rows_do_not_depend_on_the_length():
     """A causal row is the same at every sequence length (decode needs it)."""
-    att = variants.build("bigbird", block=4, window=3, globals=1, random=2)
+    att = variants.build("bigbird", block=4, window_blocks=3, globals=1, random=2)
     short, long = att.block_layout(20, True), att.block_layout(90, True)
     assert torch.equal(long[:20, :20], short)
     assert (att._random(90, True)[5:] >= 0).all()  # enough earlier blocks: all drawn

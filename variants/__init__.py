@@ -24,10 +24,11 @@ from attnbench.variants.registry import (
     load_plugins,
     names,
     register,
+    renamed_params,
 )
 
 __all__ = ["ENTRY_POINT_GROUP", "Family", "Shape", "Variant", "build", "get", "load_plugins",
-           "names", "register"]
+           "names", "register", "renamed_params"]
 
 # Built-in variants register themselves on import.
 from attnbench.variants import custom, full, linear, lowrank, recurrent, sparse  # noqa: F401

@@ -83,6 +83,8 @@ class Variant:
         at_most_n: names of parameters (a rank, a landmark count) that may not exceed n.
         impl_tolerance: per dtype name, the largest relative error against its own float64
             definition that passes the implementation check (default IMPL_TOL).
+        renamed: old parameter name -> (its new name, the unit the new name states), accepted
+            for one release by `build` and the sweep, each use noted in one line.
     """
 
     name: ClassVar[str] = ""
@@ -102,6 +104,9 @@ class Variant:
     no_q_len: ClassVar[str] = "not implemented"  # why q_len < seq_len is unsupported
     at_most_n: ClassVar[tuple[str, ...]] = ()  # parameters that may not exceed seq_len
     impl_tolerance: ClassVar[dict[str, float]] = IMPL_TOL
+    # A parameter is named for its unit where it is not tokens (`window_blocks`): one name, one
+    # meaning across variants. An old name keeps working for one release, with a note.
+    renamed: ClassVar[dict[str, tuple[str, str]]] = {}
 
     # -- identity -------------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:

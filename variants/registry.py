@@ -75,9 +75,13 @@ def get(name: str) -> type[Variant]:
 def build(name: str, **params: Any) -> Variant:
     """A ready variant object: ``build("local", window=64)``.
 
-    Unknown parameters raise TypeError naming the parameter and the accepted ones.
+    Unknown parameters raise TypeError naming the parameter and the accepted ones. A renamed
+    parameter (`Variant.renamed`) is read under its new name with a FutureWarning of one line.
     """
     cls = get(name)
+    params, notes = renamed_params(name, params)
+    for note in notes:
+        warnings.warn(note, FutureWarning, stacklevel=2)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(params) - fields)
     if unknown:
@@ -86,6 +90,30 @@ def build(name: str, **params: Any) -> Variant:
             f"accepted: {', '.join(sorted(fields)) or '(none)'}"
         )
     return cls(**params)
+
+
+def renamed_params(name: str, params: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """`params` of variant `name` with each old parameter name (`Variant.renamed`) replaced by
+    its new one, and one note per replacement: ``strided: `window` counts blocks and is renamed
+    `window_blocks`; window=2 read as window_blocks=2``. TypeError where both names are set."""
+    cls = get(name)
+    out, notes = dict(params), []
+    for old, (new, unit) in cls.renamed.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise TypeError(f"{old}={out[old]!r}: the old name of {name}'s {new}, which is set "
+                            f"too ({new}={out[new]!r}); drop {old}")
+        value = out.pop(old)
+        out[new] = value
+        notes.append(rename_note(name, old, new, unit, value))
+    return out, notes
+
+
+def rename_note(name: str, old: str, new: str, unit: str, value: Any) -> str:
+    """The one line that says an old parameter name was read under its new one."""
+    return (f"{name}: `{old}` counts {unit} and is renamed `{new}`; {old}={value} read as "
+            f"{new}={value} (`{old}` is accepted until the next release)")
 
 
 OLD_NAMES = ("variants", "harness")  # the import names before attnbench 0.2

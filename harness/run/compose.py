@@ -155,15 +155,25 @@ def is_variant_param(override: str) -> bool:
 def fit_variant_params(config: DictConfig, loader: Any,
                        points: list[list[str]]) -> list[list[str]]:
     """Each point without the variant parameters its variant does not have: in
-    `variant=local,strided,full variant.window=64,256`, `window` sets local's and strided's window
-    and full ignores it (its otherwise identical points then measure the same thing: run once).
-    Raises ConfigError naming a parameter that no selected variant has."""
+    `variant=local,longformer,full variant.window=64,256`, `window` sets local's and
+    longformer's window (tokens) and full ignores it (its otherwise identical points then
+    measure the same thing: run once). A renamed parameter (`Variant.renamed`: strided's
+    `window` is `window_blocks`) is set under its new name, one log line per value, where no
+    selected variant has the old name as its own; where one has (`variant=local,strided
+    variant.window=64`: tokens for local, blocks for strided) it is refused. Raises ConfigError
+    (one line) naming a parameter that no selected variant has, or that means two things."""
     if not any(is_variant_param(o) for point in points for o in point):
         return points
+    from attnbench.variants.registry import rename_note
+
     default = str(config.hydra.runtime.choices.get("variant", ""))
-    params: dict[str, set[str] | None] = {}  # option → its parameters
+    params: dict[str, _Params | None] = {}  # option → its variant's parameters
     used: set[str] = set()
     asked: dict[str, None] = {}
+    own: dict[str, dict[str, None]] = {}  # parameter → the variants that have it
+    renamed: dict[str, dict[str, tuple[str, str]]] = {}  # old name → variant → (new, unit)
+    notes: dict[str, None] = {}
+    shadowed: dict[str, str] = {}  # an old name beside its new one: for the other variants
     out = []
     for point in points:
         choice = next((o.split("=", 1)[1] for o in reversed(point)
@@ -174,22 +184,57 @@ def fit_variant_params(config: DictConfig, loader: Any,
         kept = []
         for o in point:
             if is_variant_param(o):
-                key = o.split("=", 1)[0].removeprefix("variant.")
+                key, value = o.split("=", 1)
+                key = key.removeprefix("variant.")
                 asked[key] = None
-                if have is not None and key not in have:
+                if have is not None and key in have.renamed and key not in have.fields:
+                    new, unit = have.renamed[key]
+                    if any(x.split("=", 1)[0] == f"variant.{new}" for x in point):
+                        shadowed[key] = f"{have.variant}'s {new}"  # set: `key` is another's
+                        continue
+                    renamed.setdefault(key, {})[have.variant] = (new, unit)
+                    notes[rename_note(have.variant, key, new, unit, value)] = None
+                    o = f"variant.{new}={value}"
+                elif have is not None and key not in have.fields:
                     continue
+                elif have is not None:
+                    own.setdefault(key, {})[have.variant] = None
                 used.add(key)
             kept.append(o)
         out.append(kept)
+    for key, where in renamed.items():
+        if key in own:
+            (new, unit), names = next(iter(where.values())), ", ".join(where)
+            one = len(own[key]) == 1
+            raise ConfigError(
+                f"variant.{key}: {', '.join(own[key])} take{'s' * one} it as "
+                f"{'its' if one else 'their'} own {key}, {names} "
+                f"would read it as {new} (in {unit}; {key} is its old name): one value cannot "
+                f"mean both, so set variant.{new}=... for {names} beside variant.{key}=... "
+                f"(each variant takes only the parameters it has)")
     for key in asked:
+        if key in shadowed and key not in used:
+            raise ConfigError(f"variant.{key}: the old name of {shadowed[key]}, which is set "
+                              f"too; drop variant.{key}")
         if key not in used:
-            allowed = set().union(*(p for p in params.values() if p is not None))
+            allowed = set().union(*(p.fields for p in params.values() if p is not None))
             names = ", ".join(sorted(c for c, p in params.items() if p is not None))
             raise ConfigError(unknown_key(f"variant.{key}", allowed, f"parameter of {names}"))
+    for note in notes:
+        log.warning("attnbench: %s", note)
     return out
 
 
-def _params_of(config: DictConfig, loader: Any, choice: str) -> set[str] | None:
+@dataclass(frozen=True)
+class _Params:
+    """A variant config's registered name, its parameters and its renamed ones."""
+
+    variant: str
+    fields: set[str]
+    renamed: dict[str, tuple[str, str]]
+
+
+def _params_of(config: DictConfig, loader: Any, choice: str) -> _Params | None:
     """The parameters of the variant config `variant/<choice>.yaml` (None: it does not compose,
     and the point's own check will say why)."""
     from attnbench import variants
@@ -199,9 +244,10 @@ def _params_of(config: DictConfig, loader: Any, choice: str) -> set[str] | None:
         node = OmegaConf.to_container(cfg.variant, resolve=False)
         name = node.pop("name")
         try:
-            return {f.name for f in dataclasses.fields(variants.get(name))}
+            cls = variants.get(name)
+            return _Params(name, {f.name for f in dataclasses.fields(cls)}, dict(cls.renamed))
         except KeyError:
-            return set(node)
+            return _Params(str(name), set(node), {})
     except Exception:  # a bad option: left to the point's own composition and check
         return None
 
@@ -250,12 +296,13 @@ def _named_sweep_dir(config: DictConfig) -> bool:
     return any(str(o).startswith("hydra.sweep.dir=") for o in config.hydra.overrides.hydra)
 
 
-def precheck(overrides: list[str], multirun: bool = False) -> None:
+def precheck(overrides: list[str], multirun: bool = False) -> list[str]:
     """Compose and check a config before Hydra starts: one line per problem. For a multirun,
     the first point of the sweep (each swept key at its first value, variant parameters left
     out): Hydra composes a config before the sweeper runs, and would fail on it with a dump;
     the sweeper checks every point afterwards. For a single run, a variant parameter its variant
-    does not have is named."""
+    does not have is named. Returns the overrides to run: a single run's renamed variant
+    parameter under its new name (`fit_variant_params`), a multirun's as given."""
 
     try:
         with hydra_loader() as loader:
@@ -266,8 +313,9 @@ def precheck(overrides: list[str], multirun: bool = False) -> None:
                 cfg = loader.load_configuration("config", first, RunMode.MULTIRUN)
             else:
                 base = [o for o in overrides if not is_variant_param(o)]
-                fit_variant_params(loader.load_configuration("config", base, RunMode.RUN),
-                                   loader, [overrides])
+                overrides = fit_variant_params(
+                    loader.load_configuration("config", base, RunMode.RUN), loader,
+                    [overrides])[0]
                 cfg = loader.load_configuration("config", overrides, RunMode.RUN)
         from_dictconfig(cfg)
         if not multirun:  # the sweeper checks the sweep folder
@@ -280,6 +328,7 @@ def precheck(overrides: list[str], multirun: bool = False) -> None:
         fail(explain_hydra_error(exc))
     except ConfigError as exc:
         fail(str(exc))
+    return overrides
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import os
 import re
@@ -151,6 +152,7 @@ def from_dictconfig(cfg: Any) -> RunConfig:
     name = variant.pop("name", None)
     if not name:
         raise ConfigError("variant: no variant selected (e.g. variant=full)")
+    variant = _new_names(str(name), variant)
     timing = _sub(TimingConfig, raw.pop("timing", {}) or {}, "timing")
     error = _sub(ErrorConfig, raw.pop("error", {}) or {}, "error")
     raw.pop("sweep", None)  # sweep presets may leave a descriptive block
@@ -325,6 +327,23 @@ def _check_variant(run: RunConfig) -> None:
         variants.build(run.variant, **run.params)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"variant.{_field_of(str(exc))}: {exc}") from None
+
+
+def _new_names(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """`params` with a renamed parameter (`Variant.renamed`: `+variant.window=2` on strided, a
+    config written before the rename) under its new name, one log line each. The command line
+    and sweeps rename before composing (`compose.fit_variant_params`); this catches the rest."""
+    from attnbench import variants
+
+    try:
+        params, notes = variants.renamed_params(name, params)
+    except KeyError:  # an unknown variant: `_check_variant` names it
+        return params
+    except TypeError as exc:
+        raise ConfigError(f"variant.{_field_of(str(exc))}: {exc}") from None
+    for note in notes:
+        logging.getLogger("attnbench").warning("attnbench: %s", note)
+    return params
 
 
 def _hint(cls: type, f: dataclasses.Field) -> Any:

@@ -76,9 +76,17 @@ def _identity(blob: str) -> tuple[str, str]:
     label = d["variant"]
     with contextlib.suppress(Exception):  # a point that fails to build: params as written
         att = variants.build(d["variant"], **d["params"])
-        d["params"], label = att.params(), att.label
+        d["params"], label = _old_names(att), att.label
     full = json.dumps(d, sort_keys=True, default=str)
     return label, hashlib.sha256(full.encode()).hexdigest()[:16]
+
+
+def _old_names(att: Variant) -> dict:
+    """The variant's parameters, a renamed one (`Variant.renamed`) under its old name: a point
+    keeps its id, and so its folder, across the rename (strided's window_blocks hashes as
+    `window`, as before it was renamed)."""
+    old = {new: name for name, (new, _) in type(att).renamed.items()}
+    return {old.get(k, k): v for k, v in att.params().items()}
 
 
 def predicted_bytes(att: Variant, shape: Shape, dtype: torch.dtype, run: RunConfig) -> int:

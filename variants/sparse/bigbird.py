@@ -19,41 +19,45 @@ from attnbench.variants.sparse.pattern import BlockSparse
 @register
 @dataclass
 class BigBird(BlockSparse):
-    """BigBird-ITC: `window` sliding blocks (odd, centred), the first `globals` blocks attend to
-    and are attended by everything, `random` blocks per row drawn (seeded, without replacement)
-    outside the others (causal: among the earlier blocks). The draw is part of the pattern
-    and costs O(nb·random), so density and FLOPs count it exactly before any layout exists.
-    Defaults at n=8192: 7.7% density."""
+    """BigBird-ITC: `window_blocks` sliding blocks (odd, centred: window_blocks=3 is the
+    query's block and one each side; `window` is its old name, accepted for one release), the
+    first `globals` blocks attend to and are attended by everything, `random` blocks per row
+    drawn (seeded, without replacement) outside the others (causal: among the earlier blocks).
+    Every count is in blocks of `block` tokens; the label keeps `w=` for window_blocks. The
+    draw is part of the pattern and costs O(nb·random), so density and FLOPs count it exactly
+    before any layout exists. Defaults at n=8192: 7.7% density."""
 
     name: ClassVar[str] = "bigbird"
+    renamed: ClassVar[dict[str, tuple[str, str]]] = {"window": ("window_blocks", "blocks")}
     block: int = 64
-    window: int = 3
+    window_blocks: int = 3
     globals: int = 2
     random: int = 3
     seed: int = 0
     impl: str = "blocked"
 
     def _check_params(self) -> None:
-        _positive(self, "window", "globals", "random", allow_zero=("globals", "random"))
-        if self.window % 2 == 0:
-            raise ValueError(f"window={self.window}: must be odd (blocks centred on the query)")
+        _positive(self, "window_blocks", "globals", "random", allow_zero=("globals", "random"))
+        if self.window_blocks % 2 == 0:
+            raise ValueError(f"window_blocks={self.window_blocks}: must be odd (blocks centred "
+                             f"on the query)")
 
     @property
     def label(self) -> str:
         return self._label({  # a non-default seed is appended
-            "block": f"b={self.block}", "window": f"w={self.window}",
+            "block": f"b={self.block}", "window_blocks": f"w={self.window_blocks}",
             "globals": f"g={self.globals}", "random": f"r={self.random}",
             "impl": "flex" if self.impl == "flex" else None,
         })
 
     def block_allowed(self, i, j, nb: int, causal: bool = False) -> torch.Tensor:
         g = self.globals
-        fixed = ((i - j).abs() <= self.window // 2) | (i < g) | (j < g)
+        fixed = ((i - j).abs() <= self.window_blocks // 2) | (i < g) | (j < g)
         drawn = self._random(nb, causal)[i]  # (..., random)
         return fixed | (drawn == j.unsqueeze(-1)).any(-1)
 
     def row_counts(self, nb: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        counts, last = _band_and_globals(nb, causal, self.window // 2, self.globals)
+        counts, last = _band_and_globals(nb, causal, self.window_blocks // 2, self.globals)
         drawn = self._random(nb, causal)  # exact: the draw itself, O(nb·random)
         valid = drawn >= 0
         return counts + valid.sum(1), last | (valid & (drawn == nb - 1)).any(1)
@@ -67,7 +71,7 @@ class BigBird(BlockSparse):
         key = ("random", nb, causal)
         if key in self._cache:
             return self._cache[key]
-        i, r, h = torch.arange(nb), self.random, self.window // 2
+        i, r, h = torch.arange(nb), self.random, self.window_blocks // 2
         g = min(self.globals, nb)
         lo, hi = (i - h).clamp(min=g), (i + h).clamp(max=nb - 1)  # the window outside globals
         below = lo - g  # candidates below the window: g .. lo-1; the rest: hi+1 ..
@@ -86,8 +90,8 @@ class BigBird(BlockSparse):
         return self._cache[key]
 
     def _fit_reasons(self, n: int) -> list[str]:
-        need = self.globals + self.window + self.random
+        need = self.globals + self.window_blocks + self.random
         if self._nb(n) < need:
             return [f"bigbird: n={n} is {self._nb(n)} blocks of {self.block}; the pattern "
-                    f"needs >= globals + window + random = {need} blocks"]
+                    f"needs >= globals + window_blocks + random = {need} blocks"]
         return []

@@ -19,8 +19,8 @@ from attnbench.variants.sparse.pattern import BlockSparse
 @register
 @dataclass
 class Longformer(BlockSparse):
-    """Token i sees j with |i − j| ≤ window, and the first `global_tokens` tokens see and are
-    seen by all. Computed in blocks of `block`; defaults at n=8192: 5.4% density."""
+    """Token i sees j with |i − j| ≤ window (in tokens), and the first `global_tokens` tokens
+    see and are seen by all. Computed in blocks of `block`; defaults at n=8192: 5.4% density."""
 
     name: ClassVar[str] = "longformer"
     _token_level: ClassVar[bool] = True

@@ -54,7 +54,7 @@ class NSA(Variant):
     Exact to its own definition (`reference`); an approximation of softmax attention.
 
     Args: cmp_block (l); cmp_stride (d, dividing l and l′); sel_block (l′); sel_count (n,
-    the first and 2 local blocks included); window (w).
+    the first and 2 local blocks included); window (w, in tokens: keys t − w … t).
     """
 
     name: ClassVar[str] = "nsa"
