@@ -60,7 +60,8 @@ def test_multirun_writes_the_whole_report_and_progress_lines(sweep):
     cross = pd.read_csv(folder / "crossovers.csv")
     assert set(cross.label) == {"full[naive]", "full[sdpa]"}
     md = (folder / "summary.md").read_text()
-    for title in ("Median latency (ms)", "Speedup vs full[sdpa]", "Peak memory (MB)",
+    for title in ("Median latency (ms)", "Speedup vs full[sdpa]",
+                  "Peak memory (MB; peak beyond q, k, v)",
                   "Error vs exact attention (softmax_rel_error)", "Implementation check",
                   "Attention-mass recall", "per head (median / max)", "Fitted exponents",
                   "Crossovers"):
