@@ -9,6 +9,7 @@ import warnings
 
 import matplotlib.colors as mcolors
 import pytest
+from test_report import assert_all_rendered
 from test_report_rules import _rec, _write
 
 from attnbench.harness.report import build as report
@@ -143,3 +144,7 @@ def test_a_multi_n_sweep_keeps_its_lines(tmp_path):
     for stem in ("latency", "memory", "speedup", "pareto", "exponents"):
         assert (folder / "plots" / f"{stem}.png").exists()
     assert not (folder / "plots" / "error.png").exists()
+
+
+def test_the_bars_page_renders_in_a_headless_browser(drawn, tmp_path):
+    assert_all_rendered(drawn[0] / "index.html", tmp_path, len(BARS))
