@@ -42,6 +42,7 @@ from pathlib import Path
 import pandas as pd
 
 from attnbench.harness import units
+from attnbench.harness.report import columns
 from attnbench.harness.report import pick as picks
 from attnbench.harness.run.config import ConfigError, RunConfig, fail, parse_bytes
 from attnbench.harness.run.plan import SWEEP_OVERHEAD_S, Planned
@@ -92,9 +93,8 @@ def softmax_error(row: dict) -> float:
 
 def held_bytes(row: dict) -> float:
     """Memory against max_memory: the call's peak beyond q, k, v; in decode the state the
-    deployment holds plus the step's peak."""
-    peak = _num(row.get("peak_mem_bytes"))
-    return peak + _num(row.get("state_bytes")) if row.get("mode") == "decode" else peak
+    deployment holds plus the step's peak (the report's memory: columns.held_bytes)."""
+    return columns.held_bytes(row)
 
 
 def _num(x) -> float:

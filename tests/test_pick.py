@@ -137,7 +137,7 @@ def test_one_sentence_per_n_first_on_the_page(folder):
                            "(2.50× full[sdpa])")
     assert "fastest within 1%: nystrom[m=64] 3.00 ms (3.33× full[sdpa], error 0.5%)" in line
     assert "fastest recurrent: retention 0.800 ms" in line and "error not comparable" in line
-    assert "leanest: linear 0.954 MB (0.125× full[sdpa])" in line
+    assert "leanest (peak beyond q, k, v): linear 0.954 MB (0.125× full[sdpa])" in line
     assert "none exact; none within 1%" in md
     page = (folder / "index.html").read_text()
     assert page.index("Which attention to use") < page.index("<img")

@@ -60,7 +60,8 @@ def test_multirun_writes_the_whole_report_and_progress_lines(sweep):
     cross = pd.read_csv(folder / "crossovers.csv")
     assert set(cross.label) == {"full[naive]", "full[sdpa]"}
     md = (folder / "summary.md").read_text()
-    for title in ("Median latency (ms)", "Speedup vs full[sdpa]", "Peak memory (MB)",
+    for title in ("Median latency (ms)", "Speedup vs full[sdpa]",
+                  "Peak memory (MB; peak beyond q, k, v)",
                   "Error vs exact attention (softmax_rel_error)", "Implementation check",
                   "Attention-mass recall", "per head (median / max)", "Fitted exponents",
                   "Crossovers"):
@@ -125,21 +126,41 @@ def _browser() -> str | None:
         "google-chrome")
 
 
-def test_html_renders_every_plot_in_a_headless_browser(sweep, tmp_path):
+def rendered(page: Path, tmp_path: Path) -> dict[str, tuple[int, int]]:
+    """Render `page` in a headless browser: what its load script counted (html.SCRIPT), as
+    name → (rendered, total); skips without a browser unless ATTNBENCH_REQUIRE_BROWSER is set."""
     if _browser() is None:  # CI sets ATTNBENCH_REQUIRE_BROWSER: there a missing browser fails
         if os.environ.get("ATTNBENCH_REQUIRE_BROWSER"):
             pytest.fail("no headless browser (chromium): `make browser` installs it as root")
         pytest.skip("no headless browser (chromium) installed")
-    page = sweep[0] / "index.html"
     flags = [_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run([*flags, "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
                          capture_output=True, text=True, timeout=60).stdout
-    loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
-    assert loaded, dom[:500]
-    assert loaded.group(1) == loaded.group(2) == str(len(PLOTS))
+    counts = {m.group(1): (int(m.group(2)), int(m.group(3)))
+              for m in re.finditer(r'data-(\w+(?:-\w+)*)-(?:loaded|rendered)="(\d+)/(\d+)"',
+                                   dom)}
+    assert set(counts) == {"images", "tables", "picks", "answers"}, dom[:500]
     shot = tmp_path / "page.png"
     subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1200,3000", page.as_uri()],
                    capture_output=True, timeout=60)
     assert shot.read_bytes()[:8] == PNG_SIGNATURE
+    return counts
+
+
+def assert_all_rendered(page: Path, tmp_path: Path, images: int) -> None:
+    """Every plot decoded, every table laid out with rows, the pick's sentences and tables
+    among them; the totals as many as the page's source holds."""
+    src = page.read_text()
+    answer = src[src.index('<ul class="answer">'):]
+    want = {"images": images, "tables": src.count("<table"),
+            "picks": src.count('<table class="pick">'),
+            "answers": answer[:answer.index("</ul>")].count("<li>")}
+    assert want["picks"] >= 1 and want["answers"] >= 1 and want["tables"] > want["picks"]
+    got = rendered(page, tmp_path)
+    assert got == {k: (v, v) for k, v in want.items()}
+
+
+def test_html_renders_every_plot_and_table_in_a_headless_browser(sweep, tmp_path):
+    assert_all_rendered(sweep[0] / "index.html", tmp_path, len(PLOTS))

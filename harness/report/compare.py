@@ -2,7 +2,9 @@
 
 Points match on label, setting and seed (columns.POINT: label; batch, heads, kv_heads, q_len,
 seq_len, head_dim, dtype, device, mode, causal, inputs; seed): seed 0 is not seed 1.
-ratio = B latency / A latency (above 1: B is slower). A change counts only beyond the measured
+ratio = B latency / A latency (above 1: B is slower); memory ratio = B memory / A memory, the
+memory the report compares (columns.memory_bytes: in decode the cache or state plus the step's
+peak, otherwise the peak beyond q, k, v). A change counts only beyond the measured
 spread: "slower" when B's p10 is above A's p90 (the p10–p90 intervals do not overlap), "faster"
 when B's p90 is below A's p10; otherwise "same".
 A point that ran in A and failed in B is "now <status>" and counts as a regression, as does a
@@ -47,7 +49,8 @@ from attnbench.harness.units import cell
 
 KEY = list(columns.POINT)  # a point: its label, setting and seed (columns.py)
 COLS = ["family", "status", "latency_ms", "latency_p10_ms", "latency_p90_ms", "peak_mem_bytes",
-        "kernel", "noisy", "contended", "softmax_rel_error", "impl_error", "impl_ok"]
+        "memory_bytes", "kernel", "noisy", "contended", "softmax_rel_error", "impl_error",
+        "impl_ok"]
 
 
 def verdict(r) -> str:
@@ -104,10 +107,11 @@ def error_cell(r, side: str) -> str:
 def compare_frames(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     """One row per point of A (with B's, or "missing in B"), with ratios and a verdict; a point
     of A that B lacks, or that ran in A and not in B, is a regression."""
+    a, b = (f.assign(memory_bytes=columns.memory_bytes(f)) for f in (a, b))
     m = a[KEY + COLS].merge(b[KEY + COLS], on=KEY, suffixes=("_a", "_b"), how="left")
     m["family"] = m.family_a
     m["ratio"] = m.latency_ms_b / m.latency_ms_a
-    m["memory_ratio"] = m.peak_mem_bytes_b / m.peak_mem_bytes_a
+    m["memory_ratio"] = m.memory_bytes_b / m.memory_bytes_a
     m["verdict"] = [verdict(r) for r in m.itertuples()] if not m.empty else []
     ka, kb = m.kernel_a.fillna("").astype(str), m.kernel_b.fillna("").astype(str)
     m["kernel_changed"] = (ka != "") & (kb != "") & (ka != kb)
@@ -126,7 +130,9 @@ def ratio_table(m: pd.DataFrame, name_a: str, name_b: str) -> Table:
                "A error", "B error", "kernel", "note"],
               note="ratio = B/A latency (above 1: slower); verdict beyond the p10–p90 spread; "
                    "error: against float64 full softmax attention (softmax_rel_error; 'no "
-                   "reference' where none was computed); an implementation check that fails "
+                   "reference' where none was computed); memory ratio = B/A memory (decode: "
+                   "cache or state + step peak; otherwise peak beyond q, k, v); an "
+                   "implementation check that fails "
                    "in B and passed in A is a regression; kernel: the one that ran, A → B when "
                    "it changed; contended: other processes took a real share of the CPU, the "
                    "latency may be inflated.")

@@ -4,7 +4,10 @@ results.csv has one schema, whoever writes it: one row per point, every record f
 the record's order), then the derived columns `DERIVED`:
 
 - spread: (p90 − p10) / median latency; peak_mem_mb: peak memory in MB (2**20 bytes);
-- speedup = baseline latency / latency and memory_ratio = peak / baseline peak, against the
+- memory_bytes, memory_mb: the memory the report compares (columns.memory_bytes): in decode the
+  cache or state plus the step's peak (what a deployment holds), otherwise the peak; NaN for a
+  decode point whose record has no state_bytes;
+- speedup = baseline latency / latency and memory_ratio = memory / baseline memory, against the
   baseline at the same shape and setting (columns.SETTING); NaN for a point that did not run, or
   with no baseline point to compare with;
 - baseline_noisy, baseline_contended: that baseline point's marks; baseline: its label ("" when
@@ -39,13 +42,13 @@ from attnbench.harness.records import (
     load_records,
     remove_stale_temps,
 )
-from attnbench.harness.report.columns import SETTING
+from attnbench.harness.report.columns import SETTING, memory_bytes
 from attnbench.harness.units import to_mb
 
 RESULTS_CSV = "results.csv"
 DEFAULT_BASELINE = "full[sdpa]"
-DERIVED = ["spread", "peak_mem_mb", "speedup", "memory_ratio", "baseline_noisy",
-           "baseline_contended", "baseline"]
+DERIVED = ["spread", "peak_mem_mb", "memory_bytes", "memory_mb", "speedup", "memory_ratio",
+           "baseline_noisy", "baseline_contended", "baseline"]
 LOCK_FILE = ".attnbench.lock"
 _held: dict[Path, int] = {}  # folders this process holds the lock of (re-entrant)
 
@@ -112,19 +115,21 @@ def with_derived(df: pd.DataFrame, baseline: str | None) -> pd.DataFrame:
     df = df.copy()
     df["spread"] = (df.latency_p90_ms - df.latency_p10_ms) / df.latency_ms
     df["peak_mem_mb"] = to_mb(df.peak_mem_bytes)
+    df["memory_bytes"] = memory_bytes(df)
+    df["memory_mb"] = to_mb(df.memory_bytes)
     df["speedup"] = math.nan
     df["memory_ratio"] = math.nan
     df["baseline_noisy"] = df["baseline_contended"] = False
     if baseline and not df.empty:
         key = list(SETTING)
         base = df[(df.label == baseline) & (df.status == "ok")][
-            [*key, "latency_ms", "peak_mem_bytes", "noisy", "contended"]
+            [*key, "latency_ms", "memory_bytes", "noisy", "contended"]
         ].drop_duplicates(key).rename(columns={"noisy": "noisy_b", "contended": "contended_b"})
         m = df[key].merge(base, on=key, how="left", suffixes=("", "_b"))
         ok = (df.status == "ok").to_numpy()
         df.loc[ok, "speedup"] = (m.latency_ms.to_numpy() / df.latency_ms.to_numpy())[ok]
-        df.loc[ok, "memory_ratio"] = (df.peak_mem_bytes.to_numpy()
-                                      / m.peak_mem_bytes.to_numpy())[ok]
+        df.loc[ok, "memory_ratio"] = (df.memory_bytes.to_numpy()
+                                      / m.memory_bytes.to_numpy())[ok]
         for flag in ("noisy", "contended"):
             df[f"baseline_{flag}"] = m[f"{flag}_b"].fillna(False).astype(bool).to_numpy()
     df["baseline"] = baseline or ""

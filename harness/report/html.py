@@ -4,9 +4,11 @@ The page answers first — which variant to pick at each n (sentences, then the 
 shows the plots, the per-variant headlines, the tables, and last how it was measured (machine,
 command, method).
 
-The page needs no server and no network: plots are PNG data URIs. A tiny inline script counts the
-images that decoded and writes the count into `<body data-images-loaded=...>` (used by the test
-that renders the page in a headless browser).
+The page needs no server and no network: plots are PNG data URIs. A tiny inline script counts,
+once the page has loaded, what rendered and writes it into the body (used by the test that renders
+the page in a headless browser): `data-images-loaded` images that decoded (naturalWidth > 0),
+`data-tables-rendered` tables laid out with a header and a row, `data-picks-rendered` pick tables
+among them, `data-answers-rendered` answer sentences laid out — each as "rendered/total".
 """
 
 from __future__ import annotations
@@ -40,9 +42,18 @@ table.pick .marked{color:#b45a00}table.pick th{text-align:left}
 
 SCRIPT = """
 window.addEventListener('load', function () {
-  var imgs = Array.prototype.slice.call(document.images);
-  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
-  document.body.setAttribute('data-images-loaded', ok + '/' + imgs.length);
+  function count(name, items, ok) {
+    items = Array.prototype.slice.call(items);
+    document.body.setAttribute(name, items.filter(ok).length + '/' + items.length);
+  }
+  function shown(e) { return e.offsetWidth > 0 && e.offsetHeight > 0; }
+  function table(t) { return shown(t) && t.rows.length > 1 && t.rows[1].cells.length > 0; }
+  count('data-images-loaded', document.images,
+        function (i) { return i.complete && i.naturalWidth > 0; });
+  count('data-tables-rendered', document.querySelectorAll('table'), table);
+  count('data-picks-rendered', document.querySelectorAll('table.pick'), table);
+  count('data-answers-rendered', document.querySelectorAll('ul.answer li'),
+        function (li) { return shown(li) && li.textContent.length > 0; });
 });
 """
 

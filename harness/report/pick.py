@@ -10,7 +10,9 @@ pick table names, among the points that ran:
 - **within 1%**, **within 10%**: the fastest with softmax_rel_error ≤ 0.01, ≤ 0.1, whatever
   the family (a point with no softmax reference is never a candidate, and says so);
 - **fastest**: the fastest whatever its error;
-- **leanest**: the smallest peak memory (ties: the faster);
+- **leanest**: the least memory (ties: the faster), as columns.memory_bytes counts it: in decode
+  what a deployment holds, the cache or state plus the step's peak; otherwise the peak beyond q,
+  k, v. A decode point whose record has no state_bytes is not ranked, and the pick says so;
 - **fastest recurrent**, when the sweep has any: the recurrent family replaces softmax (no
   softmax error), so it is never "exact" nor "within x%" — it is ranked only here, under
   "fastest" and under "leanest", its error shown as not comparable.
@@ -23,7 +25,7 @@ Marked points (noisy ~: p10–p90 spread over 10% of the median; contended !: ot
 real share of the CPU) have a latency that may be inflated, or deflated by luck, so they never win
 silently: a latency pick is made among the clean candidates, and a marked candidate that was
 faster is named beside the winner ("marked, faster: …"). Only when every candidate is marked does
-a marked point win, shown with its mark and "no clean candidate". Peak memory is not affected by
+a marked point win, shown with its mark and "no clean candidate". Memory is not affected by
 contention: the leanest pick uses every point.
 """
 
@@ -45,7 +47,8 @@ NOT_COMPARABLE = ("recurrent",)  # families whose error is against their own def
 # the columns present in the frame are used.
 KEYS = columns.setting(first=("seq_len", "mode", "causal", "dtype", "device"))
 SHORT_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
-COLUMNS = ["pick", "label", "family", "latency_ms", "speedup", "peak_mem_mb", "memory_ratio",
+COLUMNS = ["pick", "label", "family", "latency_ms", "speedup", "peak_mem_mb", "memory_mb",
+           "memory_ratio",
            "softmax_rel_error", "noisy", "contended", "baseline_marks", "candidates", "clean",
            "marked_faster", "marked_faster_ms", "marked_faster_marks", "impl_failed",
            "impl_failed_error", "note"]
@@ -99,8 +102,9 @@ def _choose(cands: pd.DataFrame, kind: str) -> dict:
                                                   marked_faster="", marked_faster_marks="",
                                                   impl_failed="")
     if kind == "leanest":
-        cands = cands[cands.peak_mem_bytes.notna()]
-        every = cands.sort_values(["peak_mem_bytes", "latency_ms"], kind="stable")
+        unknown = cands[cands.memory_bytes.isna() & columns.missing_state(cands)]
+        cands = cands[cands.memory_bytes.notna()]
+        every = cands.sort_values(["memory_bytes", "latency_ms"], kind="stable")
     else:
         every = cands.sort_values(["latency_ms", "label"], kind="stable")
     passed = impl_ok(every)
@@ -114,8 +118,11 @@ def _choose(cands: pd.DataFrame, kind: str) -> dict:
     if not failed.empty:  # would have won, but computes something else than it claims
         out.update(impl_failed=failed.iloc[0].label,
                    impl_failed_error=failed.iloc[0].get("impl_error", math.nan))
+    if kind == "leanest" and not unknown.empty:
+        out["note"] = ("not ranked, no state recorded: "
+                       + ", ".join(sorted(unknown.label.astype(str).unique())))
     if win is None:
-        out["note"] = _none(kind)
+        out["note"] = out["note"] or _none(kind)
         return out
     if kind != "leanest":
         if clean.empty:
@@ -129,7 +136,8 @@ def _choose(cands: pd.DataFrame, kind: str) -> dict:
                                  + ("!" if bool(win.get("baseline_contended", False)) else ""))
     out.update(label=win.label, family=win.family, latency_ms=win.latency_ms,
                speedup=win.speedup, peak_mem_mb=units.to_mb(win.peak_mem_bytes),
-               memory_ratio=win.memory_ratio, softmax_rel_error=win.softmax_rel_error,
+               memory_mb=units.to_mb(win.memory_bytes), memory_ratio=win.memory_ratio,
+               softmax_rel_error=win.softmax_rel_error,
                noisy=bool(win.noisy), contended=bool(win.contended), baseline_marks=base_marks)
     return out
 
@@ -155,6 +163,8 @@ def pick_table(df: pd.DataFrame) -> pd.DataFrame:
     empty label and a note ("none within 1%").
     """
     keys = key_columns(df)
+    if "memory_bytes" not in df:  # a frame of records only (gather.with_derived adds it)
+        df = df.assign(memory_bytes=columns.memory_bytes(df))
     ok = df[(df.status == "ok") & df.latency_ms.notna()]
     rows = []
     kinds = pick_kinds(df) if not df.empty else []
@@ -200,14 +210,14 @@ def cell(r, baseline: str | None) -> str:
         return "\n".join(x for x in (r.note, failed_text(r)) if x)
     m = marks(r)
     if r.pick == "leanest":
-        mem = units.mb(r.peak_mem_mb) + (f" ({units.times(r.memory_ratio)})"
-                                         if math.isfinite(r.memory_ratio) else "")
+        mem = units.mb(r.memory_mb) + (f" ({units.times(r.memory_ratio)})"
+                                       if math.isfinite(r.memory_ratio) else "")
         lines = [r.label, f"{mem} · {units.ms(r.latency_ms)}{m} · {error_text(r)}"]
     else:
         speed = _speed(r, baseline)
         lines = [f"{r.label} {m}".strip(),
                  " · ".join(x for x in (units.ms(r.latency_ms), speed,
-                                        units.mb(r.peak_mem_mb), error_text(r)) if x)]
+                                        memory_text(r), error_text(r)) if x)]
     if r.marked_faster:
         lines.append(f"marked, faster: {r.marked_faster} {units.ms(r.marked_faster_ms)}"
                      f"{r.marked_faster_marks}")
@@ -216,6 +226,12 @@ def cell(r, baseline: str | None) -> str:
     if r.note:
         lines.append(r.note)
     return "\n".join(lines)
+
+
+def memory_text(r) -> str:
+    """A pick's memory beside its latency: "0.954 MB", in decode "holds 539 MB"."""
+    text = units.mb(r.memory_mb)
+    return f"holds {text}" if text and getattr(r, "mode", "") == columns.DECODE else text
 
 
 def setting_text(key: dict, varying: Sequence[str]) -> str:
@@ -234,9 +250,16 @@ SAID = {"fastest exact": "fastest exact", "fastest": "fastest overall:",
         "leanest": "leanest:", "fastest recurrent": "fastest recurrent:"}
 
 
-def said(kind: str) -> str:
-    """How a pick is named in a sentence: "fastest within 1%:", "leanest:"."""
+def said(kind: str, mode: str | None = None) -> str:
+    """How a pick is named in a sentence: "fastest within 1%:", "leanest:"; with a `mode`,
+    the leanest says what its memory counts ("leanest (peak beyond q, k, v):")."""
+    if kind == "leanest" and mode is not None:
+        return f"leanest ({columns.memory_what(mode)}):"
     return SAID.get(kind, f"fastest {kind}:")
+
+
+def _mode(r) -> str | None:
+    return getattr(r, "mode", None)
 
 
 def _part(r, baseline: str | None) -> str:
@@ -244,7 +267,7 @@ def _part(r, baseline: str | None) -> str:
     if r.pick == "leanest":
         ratio = f" ({units.times(r.memory_ratio)} {baseline})" if math.isfinite(
             r.memory_ratio) and baseline and r.label != baseline else ""
-        return f"{said(r.pick)} {r.label} {units.mb(r.peak_mem_mb)}{ratio}"
+        return f"{said(r.pick, _mode(r))} {r.label} {units.mb(r.memory_mb)}{ratio}"
     bits = [_speed(r, baseline)] + ([] if r.pick == "fastest exact" else [error_text(r)])
     inner = ", ".join(b for b in bits if b)
     return f"{said(r.pick)} {r.label} {units.ms(r.latency_ms)}{m}" + (f" ({inner})" if inner
@@ -269,13 +292,16 @@ def sentences(picks: pd.DataFrame, baseline: str | None) -> list[str]:
                 parts.append(f"nothing faster within {' or '.join(same)}")
                 same = []
             if not r.label:
-                parts.append(r.note)
+                unranked = r.pick == "leanest" and r.note.startswith("not ranked")
+                parts.append(f"{said(r.pick, _mode(r))} {r.note}" if unranked else r.note)
                 continue
             if r.pick != "leanest" and r.label in seen:
                 parts.append(f"{said(r.pick)} the same")
                 continue
             seen.add(r.label)
             text = _part(r, baseline)
+            if r.pick == "leanest" and r.note:
+                text += f" [{r.note}]"
             if r.marked_faster:
                 text += (f" [marked, faster: {r.marked_faster} {units.ms(r.marked_faster_ms)}"
                          f"{r.marked_faster_marks}]")
@@ -309,6 +335,7 @@ RULES = (
     "Recurrent variants replace softmax: their error is not comparable and they are ranked "
     "apart. Latency picks are made among clean "
     "points; a faster noisy (~) or contended (!) point is named beside the winner, and wins only "
-    "when every candidate is marked ('no clean candidate'). Leanest: smallest peak memory, all "
-    "points (contention does not change memory)."
+    "when every candidate is marked ('no clean candidate'). Leanest: the least memory, all "
+    "points (contention does not change memory): in decode the memory a deployment holds, the "
+    "cache or state plus the step's peak; otherwise the peak beyond q, k, v."
 )

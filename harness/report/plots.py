@@ -11,7 +11,14 @@ failed its implementation check is crossed out in red. Every log axis gets a han
 (`log_ticks`), whatever its range. Points that are noisy or contended (their latency may be
 inflated) are drawn hollow. Where batch varies with n,
 latency and memory are per sequence, as fitted; the dashed line is the fit, c + a·nᵏ or a·nᵏ
-(harness/scaling.py). Figures are sized to show 1:1 in the report page (≤ 1200 px wide).
+(harness/scaling.py). Memory is what the report compares (columns.memory_bytes): in decode the
+cache or state plus the step's peak, otherwise the peak beyond q, k, v; the axis says which.
+
+A sweep whose every setting has one n (nothing to draw against n, nothing to fit) gets bar charts
+instead (`bar_plot`): latency (p10–p90 whiskers), error against softmax (log, the budgets drawn
+as lines), speedup and memory, one bar per label in its family colour, one panel per setting;
+a point that did not run or has no such number is named where its bar would be. No exponent plot.
+Figures are sized to show 1:1 in the report page (≤ 1200 px wide).
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from attnbench.harness import units
 from attnbench.harness.report import columns
 from attnbench.harness.report.pick import BUDGETS, NOT_COMPARABLE, exact_tol, impl_ok
 from attnbench.harness.report.scaling import SETTING
-from attnbench.harness.report.tables import setting_name
+from attnbench.harness.report.tables import memory_counts, setting_name
 
 FAMILY_PALETTE = {"full": "Blues", "local": "Greens", "sparse": "Oranges", "linear": "Purples",
                   "lowrank": "Reds", "recurrent": "YlOrBr"}
@@ -86,12 +93,12 @@ def _save(fig, folder: Path, stem: str) -> list[Path]:
     return paths
 
 
-def _panels(names: list[str], ncols_max: int = 3, size=PANEL):
+def _panels(names: list[str], ncols_max: int = 3, size=PANEL, layout: str | None = None):
     k = max(1, len(names))
     ncols = min(k, ncols_max)
     nrows = math.ceil(k / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows),
-                             squeeze=False)
+                             squeeze=False, layout=layout)
     flat = list(axes.flat)
     for ax in flat[k:]:
         ax.set_visible(False)
@@ -223,10 +230,10 @@ def _line(ax, g, y, st, label, marked, lw=1.4, **kw) -> None:
 
 def scaling_plot(df, scaling, styles, metric, folder: Path, baseline: str | None = None,
                  ) -> list[Path]:
-    """Latency (or peak memory) vs n on log–log axes, one panel per family (× setting), the
+    """Latency (or memory) vs n on log–log axes, one panel per family (× setting), the
     baseline in grey in every panel, p10–p90 band and the fitted line."""
     col, unit = ("latency_ms", "median latency (ms)") if metric == "latency" else \
-        ("peak_mb", "peak memory (MB)")
+        ("mem_mb", memory_unit(df))
     ok = df[(df.status == "ok") & (df[col] > 0)]
     keys = family_panels(df)
     fig, axes = _panels([_title(*k) for k in keys])
@@ -268,6 +275,7 @@ def scaling_plot(df, scaling, styles, metric, folder: Path, baseline: str | None
         _panel_legend(ax)
     notes = ["per sequence where batch varies with n"] if (df.per == "sequence").any() else []
     notes += ["hollow: noisy or contended"] if metric == "latency" else []
+    notes += [memory_note(df)] if metric == "memory" else []
     notes += ["grey: the baseline", "dashed: the fit"]
     top = _suptitle(fig, f"{unit.split(' (')[0]} vs sequence length n, by family "
                          f"({'; '.join(notes)})")
@@ -373,6 +381,120 @@ def pareto_plot(df, styles, folder: Path) -> list[Path]:
     return _save(fig, folder, "pareto")
 
 
+def memory_unit(df: pd.DataFrame) -> str:
+    """The memory axis: "peak memory (MB)", in decode "memory held (MB)" (columns.MEMORY)."""
+    modes = set(df["mode"].astype(str)) if "mode" in df and not df.empty else set()
+    if modes == {columns.DECODE}:
+        return "memory held (MB)"
+    return "memory (MB)" if columns.DECODE in modes else "peak memory (MB)"
+
+
+def memory_note(df: pd.DataFrame) -> str:
+    """What the memory drawn counts: "memory held: cache or state + step peak", "memory: peak
+    beyond q, k, v"."""
+    counts = memory_counts(df)
+    return counts if counts.startswith("memory") else f"memory: {counts}"
+
+
+def single_n(df: pd.DataFrame) -> bool:
+    """Whether every setting of the sweep has one n only (then the report draws bars)."""
+    if df.empty:
+        return False
+    return bool((df.groupby("setting", sort=False).seq_len.nunique() <= 1).all())
+
+
+def _bar_value(r, metric: str, col: str) -> tuple[float, str]:
+    """(the bar's value, or NaN and why it has none)."""
+    if r.status != "ok":
+        return math.nan, str(r.status)
+    if metric == "error" and r.family in NOT_COMPARABLE:
+        return math.nan, "not softmax"
+    v = float(r[col]) if pd.notna(r[col]) else math.nan
+    if math.isfinite(v) and v > 0:
+        return v, ""
+    if metric == "error":
+        return math.nan, "no reference"
+    if metric == "memory" and r.get("mode") == columns.DECODE and pd.isna(r.get("state_bytes")):
+        return math.nan, columns.NO_STATE
+    return math.nan, "not measured" if metric != "speedup" else "no baseline"
+
+
+def bar_plot(df, styles, metric: str, folder: Path, baseline: str | None = None) -> list[Path]:
+    """One n per setting: `metric` (latency, error, speedup, memory) per label as bars on a log
+    axis, one panel per setting, each bar in its label's family colour with its value on top;
+    hollow: noisy or contended (latency, speedup); a red ×: failed its implementation check."""
+    col, unit = {"latency": ("latency_ms", "median latency (ms)"),
+                 "error": ("softmax_rel_error", "error vs exact attention"),
+                 "speedup": ("speedup", f"speedup vs {baseline} (×)"),
+                 "memory": ("mem_mb", memory_unit(df))}[metric]
+    pairs = df[["family", "label"]].drop_duplicates().sort_values(["family", "label"])
+    labels = list(pairs.label)
+    keys = sorted({(s, n) for s, n in zip(df.setting, df.seq_len, strict=True)}) or [("", 0)]
+    width = max(PANEL[0], 0.42 * len(labels) + 1.3)
+    fig, axes = _panels([f"{s} n={n}" for s, n in keys], max(1, min(3, int(10.9 // width))),
+                        size=(width, 3.9), layout="constrained")
+    for ax, (name, n) in zip(axes, keys, strict=True):
+        sub = df[(df.setting == name) & (df.seq_len == n)]
+        ax.set_yscale("log")
+        trans = matplotlib.transforms.blended_transform_factory(ax.transData, ax.transAxes)
+        drawn = []
+        for i, label in enumerate(labels):
+            rows = sub[sub.label == label]
+            if rows.empty:
+                continue
+            r = rows.iloc[0]
+            v, why = _bar_value(r, metric, col)
+            if why:
+                ax.text(i, 0.03, why, rotation=90, ha="center", va="bottom", fontsize=7.5,
+                        color="0.4", transform=trans)
+                continue
+            st = styles[label]
+            marked = metric in ("latency", "speedup") and bool(
+                _is_marked(rows.iloc[:1], speedup=metric == "speedup").iloc[0])
+            ax.bar(i, v, width=0.7, color="white" if marked else st["color"],
+                   edgecolor=st["color"], lw=1.4)
+            if metric == "latency" and pd.notna(r.latency_p10_ms) and pd.notna(r.latency_p90_ms):
+                ax.errorbar(i, v, yerr=[[max(v - r.latency_p10_ms, 0)],
+                                        [max(r.latency_p90_ms - v, 0)]],
+                            color="0.25", capsize=2, lw=0.8)
+            if not bool(impl_ok(rows.iloc[:1]).iloc[0]):
+                ax.scatter([i], [v], marker="x", color="red", s=70, lw=1.6, zorder=5)
+            ax.annotate(units.cell(v, 2), (i, v), xytext=(0, 2), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=7)
+            drawn.append(v)
+        if drawn:
+            lo, hi = min(drawn), max(drawn)
+            if metric == "error":
+                dtype = str(sub.dtype.iloc[0])
+                lo, hi = min(lo, exact_tol(dtype)), max(hi, max(BUDGETS))
+                _budget_lines(ax, dtype)
+            if metric == "speedup":
+                ax.axhline(1.0, color="black", lw=0.8)
+                lo, hi = min(lo, 0.8), max(hi, 1.25)
+            ax.set_ylim(lo / 3, hi * 4)  # room for the values above the bars
+            _fix_axis(ax, "y", log_ticks(*ax.get_ylim()))
+        else:
+            ax.set_ylim(0.1, 10)
+            ax.set_yticks([])
+            _empty(ax, "no points ran" if metric != "error" else "no error measured")
+        ax.set_xlim(-0.6, len(labels) - 0.4)
+        ax.set_xticks(range(len(labels)), labels, rotation=40, ha="right", fontsize=8)
+        ax.grid(axis="x", visible=False)
+        per = not sub.empty and (sub.per == "sequence").all()
+        ax.set_ylabel(unit.replace(" (", " per sequence (") if per and metric in (
+            "latency", "memory") else unit)
+        ax.set_title(f"{name} n={n_label(n)}".strip(), fontsize=10, fontweight="bold")
+    what = {"latency": "median latency (whiskers: p10–p90; hollow: noisy or contended)",
+            "error": ("relative error vs float64 full softmax attention (dotted: the pick "
+                      "table's exact, 1% and 10% budgets)"),
+            "speedup": f"speedup over {baseline} (above 1: faster; hollow: noisy or "
+                       f"contended, either side)",
+            "memory": memory_note(df)}[metric]
+    fig.suptitle(textwrap.fill(f"{what}, per variant at the sweep's one n (colours: families)",
+                               max(40, int(fig.get_figwidth() * 14))), fontsize=10)
+    return _save(fig, folder, metric)
+
+
 def exponent_plot(scaling, styles, folder: Path) -> list[Path]:
     """Fitted exponents with 95% intervals (dots, bars) against declared ones (crosses)."""
     rows = max(1, int((scaling.metric == "latency").sum()))
@@ -409,19 +531,31 @@ def all_plots(df: pd.DataFrame, scaling: pd.DataFrame, baseline: str | None,
                    for f in (df, scaling))
     if cross is not None and not cross.empty:
         cross = cross.assign(label=cross.label.astype(str).str.replace("$", r"\$", regex=False))
-    df = df.assign(setting=setting_names(df), peak_mb=units.to_mb(df.peak_mem_bytes))
+    if "memory_bytes" not in df:  # a frame of records only
+        df = df.assign(memory_bytes=columns.memory_bytes(df))
+    df = df.assign(setting=setting_names(df), mem_mb=units.to_mb(df.memory_bytes))
     names = setting_names(scaling) if not scaling.empty else pd.Series(dtype=str)
     scaling = scaling.assign(setting=names)
     styles = label_styles(df)
     if cross is not None and not cross.empty:
         cross = cross.assign(setting=setting_names(cross))
+    if single_n(df):  # nothing to draw against n nor to fit: bars
+        out = [("Latency per variant (one n)", bar_plot(df, styles, "latency", folder)),
+               ("Error vs exact attention per variant (one n)",
+                bar_plot(df, styles, "error", folder))]
+        if baseline:
+            out.append((f"Speedup vs {baseline} per variant (one n)",
+                        bar_plot(df, styles, "speedup", folder, baseline)))
+        out.append((f"Memory per variant (one n; {memory_counts(df)})",
+                     bar_plot(df, styles, "memory", folder)))
+        return out
     out = [("Latency vs n, by family", scaling_plot(df, scaling, styles, "latency", folder,
                                                      baseline)),
            ("Error vs latency, per n", pareto_plot(df, styles, folder))]
     if baseline:
         out.append((f"Speedup vs {baseline}, by family",
                     speedup_plot(df, styles, baseline, folder, cross)))
-    out.append(("Peak memory vs n, by family", scaling_plot(df, scaling, styles, "memory",
-                                                            folder, baseline)))
+    out.append((f"{memory_unit(df).split(' (')[0].capitalize()} vs n, by family",
+                scaling_plot(df, scaling, styles, "memory", folder, baseline)))
     out.append(("Fitted vs declared exponents", exponent_plot(scaling, styles, folder)))
     return out

@@ -1,5 +1,8 @@
 """Measured scaling exponents, crossovers against the baseline and the out-of-memory frontier.
 
+Memory is what the report compares everywhere (columns.memory_bytes): in decode the cache or
+state plus the step's peak, otherwise the peak beyond q, k, v.
+
 Groups: one fit per label × setting (SETTING: columns.SETTING less seq_len — dtype, mode, device,
 causal, batch, heads, kv_heads, q_len, head_dim, inputs — plus tokens) over the points that ran
 (`status == ok`). Where batch varies with n within a label × setting — the GPU presets hold the
@@ -52,9 +55,10 @@ CONST_MIN_POINTS = 4
 K_RANGE = (0.05, 4.0)
 REL_FLOOR = 1e-6  # relative residuals below this are rounding, not signal
 POWER, CONST = "a·n^k", "c + a·n^k"
-METRICS = {"latency": "latency_ms", "memory": "peak_mem_bytes"}
+METRICS = {"latency": "latency_ms", "memory": "memory_bytes"}  # memory: columns.memory_bytes
 DECLARED = {"latency": "time_exponent", "memory": "memory_exponent"}
-PER_SEQUENCE = ["latency_ms", "latency_p10_ms", "latency_p90_ms", "peak_mem_bytes"]
+PER_SEQUENCE = ["latency_ms", "latency_p10_ms", "latency_p90_ms", "peak_mem_bytes",
+                "memory_bytes"]
 # What makes two points comparable apart from n (columns.SETTING less seq_len, in the order of
 # setting names and scaling.csv's columns), plus tokens: the budget B·n, 0 when batch is held.
 SETTING = columns.setting(first=("dtype", "mode", "device", "causal"), drop=("seq_len",),
@@ -92,6 +96,8 @@ def fit_frame(df: pd.DataFrame) -> pd.DataFrame:
     if "per" in df:
         return df
     df = df.copy()
+    if "memory_bytes" not in df:  # a frame of records only (gather.with_derived adds it)
+        df["memory_bytes"] = columns.memory_bytes(df)
     for col in ("noisy", "contended"):
         df[col] = df[col].astype("boolean").fillna(False).astype(bool) if col in df else False
     for col in ("kv_heads", "q_len"):  # tables from before model shapes: 0 (= heads, seq_len)

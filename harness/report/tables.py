@@ -70,13 +70,15 @@ def per_note(df: pd.DataFrame) -> str:
             "fitted.")
 
 
-def pivot(df: pd.DataFrame, title: str, value: Callable[[pd.Series], str],
-          note: str = "") -> list[Table]:
-    """label × n grid of `value(row)`; failed points show their status."""
+def pivot(df: pd.DataFrame, title: str | Callable[[pd.DataFrame], str],
+          value: Callable[[pd.Series], str], note: str = "") -> list[Table]:
+    """label × n grid of `value(row)`; failed points show their status. `title` may depend on
+    the setting's rows (a callable of them)."""
     out = []
     for name, g in settings(df):
         ns = sorted(g.seq_len.unique())
-        t = Table(f"{title} — {name}" if name else title, ["label", *[f"n={n}" for n in ns]],
+        head = title(g) if callable(title) else title
+        t = Table(f"{head} — {name}" if name else head, ["label", *[f"n={n}" for n in ns]],
                   note=" ".join(x for x in (note, per_note(g)) if x))
         for label, lg in g.groupby("label", sort=True):
             by_n = {r.seq_len: r for r in lg.itertuples()}
@@ -141,6 +143,33 @@ IMPL_NOTE = ("Against the variant's own float64 definition (error_ref: softmax, 
              "tolerance for the dtype; blank: no definition of its own (linear, low-rank).")
 
 
+def memory_counts(g: pd.DataFrame) -> str:
+    """What the memory of these rows counts (columns.MEMORY), by their modes."""
+    modes = set(g["mode"].astype(str)) if "mode" in g else set()
+    if modes and modes == {columns.DECODE}:
+        return columns.memory_what(columns.DECODE)
+    if columns.DECODE in modes:
+        return f"decode: {columns.memory_what(columns.DECODE)}; otherwise {columns.PEAK_WHAT}"
+    return columns.PEAK_WHAT
+
+
+def memory_title(g: pd.DataFrame) -> str:
+    """The memory table's title for a setting's rows: "Peak memory (MB; peak beyond q, k, v)",
+    in decode "Memory (MB; memory held: cache or state + step peak)"."""
+    head = "Memory" if "mode" in g and (g["mode"] == columns.DECODE).any() else "Peak memory"
+    return f"{head} (MB; {memory_counts(g)})"
+
+
+def memory_cell(r) -> str:
+    """The memory of a point (columns.memory_bytes), or "no state" for a decode point whose
+    record has none."""
+    text = units.cell(units.to_mb(r.memory_bytes))
+    if not text and getattr(r, "mode", "") == columns.DECODE and math.isfinite(
+            r.peak_mem_bytes):
+        return columns.NO_STATE
+    return text
+
+
 def point_tables(df: pd.DataFrame, baseline: str | None) -> list[Table]:
     """The label × n grids; `df` is a fit frame (harness.scaling.fit_frame) with speedups."""
     cell = units.cell
@@ -148,9 +177,14 @@ def point_tables(df: pd.DataFrame, baseline: str | None) -> list[Table]:
     if baseline:
         tables += pivot(df, f"Speedup vs {baseline} (×, above 1: faster)",
                         lambda r: _marked(r, cell(r.speedup), speedup=True))
-    tables += pivot(df, "Peak memory (MB)", lambda r: cell(units.to_mb(r.peak_mem_bytes)))
+    if "memory_bytes" not in df:  # a frame of records only
+        df = df.assign(memory_bytes=columns.memory_bytes(df))
+    tables += pivot(df, memory_title, memory_cell,
+                    "'no state': a decode point recorded without its cache or state size."
+                    if columns.missing_state(df[df.status == "ok"]).any() else "")
     if baseline:
-        tables += pivot(df, f"Memory vs {baseline} (×, below 1: less)",
+        tables += pivot(df, lambda g: f"Memory vs {baseline} (×, below 1: less; "
+                                      f"{memory_counts(g)})",
                         lambda r: cell(r.memory_ratio))
     tables += pivot(df, "Error vs exact attention (softmax_rel_error)", softmax_cell,
                     ERROR_NOTE)
@@ -314,7 +348,8 @@ def pick_tables(picks: pd.DataFrame, baseline: str | None) -> list[Table]:
         tol = pick.exact_tol(k["dtype"])
         names = {"fastest exact": f"fastest exact (softmax error ≤ {tol:.0e})",
                  "fastest": "fastest (any error)",
-                 "leanest": f"leanest (peak memory{', × ' + baseline if baseline else ''})",
+                 "leanest": f"leanest ({columns.memory_what(k.get('mode', ''))}"
+                            f"{', × ' + baseline if baseline else ''})",
                  "fastest recurrent": "fastest recurrent (error not comparable)"}
         t = Table(f"Pick — {pick.setting_text(k, varying)}",
                   ["n", *[names.get(kd, f"fastest {kd}") for kd in kinds]], kind="pick")
