@@ -96,6 +96,8 @@ class Record:
     compute_dtype: str = ""  # dtype of the matmuls ("" where not recorded)
     ops_per_call: float = NAN  # ATen ops one call dispatches (counted once, outside timing)
     host_syncs: float = NAN  # device-to-host synchronisations one call makes
+    # declared growth in n (the variant's): latency and peak; in decode, one step's time and
+    # what the deployment holds (Variant.decode_time_exponent, decode_memory_exponent)
     time_exponent: float = NAN
     memory_exponent: float = NAN
     # where and when

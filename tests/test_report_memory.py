@@ -164,3 +164,24 @@ def test_compare_memory_ratio_counts_the_state(tmp_path):
     m = compare.compare_frames(a, b).set_index("label")
     assert m.loc["linear", "memory_ratio"] == pytest.approx((300_000 + 800_000) / 500_000)
     assert m.loc["full[sdpa]", "memory_ratio"] == 1.0
+
+
+@pytest.mark.parametrize(("option", "declared"), [
+    ({"name": "full"}, (1.0, 1.0)), ({"name": "linear"}, (0.0, 0.0)),
+    ({"name": "local"}, (0.0, 0.0)), ({"name": "retnet"}, (0.0, 0.0))])
+def test_a_decode_record_declares_the_growth_of_a_step_and_of_what_it_holds(option, declared):
+    """In decode the scaling table judges a step's time and the memory held (cache or state +
+    step), not the forward's: full's cache grows as n (its forward's peak exponent is 1 or 2),
+    a state or ring stays flat. A forward record keeps the forward's exponents."""
+    from attnbench import variants
+    from attnbench.harness.run.config import from_dictconfig
+    from attnbench.harness.run.job import run_point
+
+    base = dict(variant=option, batch=1, heads=2, seq_len=64, head_dim=8, device="cpu",
+                timing={"warmup": 0, "min_reps": 1, "min_time_s": 0}, error={"rows": 4})
+    rec = run_point(from_dictconfig({**base, "mode": "decode", "causal": True}))
+    assert rec.status == "ok", rec.reason
+    assert (rec.time_exponent, rec.memory_exponent) == declared
+    fwd = run_point(from_dictconfig({**base, "mode": "fwd", "causal": True}))
+    att = variants.build(option["name"])
+    assert (fwd.time_exponent, fwd.memory_exponent) == (att.time_exponent, att.memory_exponent)

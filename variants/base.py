@@ -91,6 +91,10 @@ class Variant:
     family: ClassVar[Family] = "full"
     time_exponent: ClassVar[float] = 2.0
     memory_exponent: ClassVar[float] = 2.0
+    # decode: one step against a context of n tokens takes time ∝ n^k and the deployment holds
+    # (cache or state + the step's peak) ∝ n^k; NaN: not declared (the report then judges none)
+    decode_time_exponent: ClassVar[float] = math.nan
+    decode_memory_exponent: ClassVar[float] = math.nan
     exact: ClassVar[bool] = True
     no_causal: ClassVar[str] = ""  # why the variant has no causal form ("": it has one)
     no_noncausal: ClassVar[str] = ""  # why it has only a causal form (the recurrent family)

@@ -516,8 +516,11 @@ def _variant_fields(run: RunConfig, att: Variant, shape: Shape) -> dict:
         family=att.family,
         params=json.dumps(att.params(), sort_keys=True),
         device=resolve_device(run.device),
-        time_exponent=float(att.time_exponent),
-        memory_exponent=float(att.memory_exponent),
+        # decode: the growth of one step's time and of what the deployment holds
+        time_exponent=float(att.decode_time_exponent if run.mode == "decode"
+                            else att.time_exponent),
+        memory_exponent=float(att.decode_memory_exponent if run.mode == "decode"
+                              else att.memory_exponent),
     )
 
 

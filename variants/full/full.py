@@ -46,6 +46,8 @@ class Full(Variant):
     supports_gqa: ClassVar[bool] = True
     supports_q_len: ClassVar[bool] = True
     time_exponent: ClassVar[float] = 2.0
+    decode_time_exponent: ClassVar[float] = 1.0  # a step reads the whole cache
+    decode_memory_exponent: ClassVar[float] = 1.0  # the KV cache
 
     backend: str = "sdpa"
     sdpa_backend: str = "auto"

@@ -40,6 +40,8 @@ class Linear(Variant):
     family: ClassVar[str] = "linear"
     time_exponent: ClassVar[float] = 1.0
     memory_exponent: ClassVar[float] = 1.0
+    decode_time_exponent: ClassVar[float] = 0.0  # a fixed-size state per step
+    decode_memory_exponent: ClassVar[float] = 0.0
     exact: ClassVar[bool] = False
     supports_gqa: ClassVar[bool] = True
     supports_q_len: ClassVar[bool] = True

@@ -23,6 +23,8 @@ class Recurrent(Variant):
     family: ClassVar[str] = "recurrent"
     time_exponent: ClassVar[float] = 1.0
     memory_exponent: ClassVar[float] = 1.0
+    decode_time_exponent: ClassVar[float] = 0.0  # a fixed-size state per step
+    decode_memory_exponent: ClassVar[float] = 0.0
     exact: ClassVar[bool] = False  # replaces softmax: its error is against its own recurrence
     no_noncausal: ClassVar[str] = "a recurrence runs forward in time"
     supports_gqa: ClassVar[bool] = True

@@ -34,6 +34,8 @@ class Local(BlockSparse):
     name: ClassVar[str] = "local"
     family: ClassVar[str] = "local"
     _token_level: ClassVar[bool] = True
+    decode_time_exponent: ClassVar[float] = 0.0  # a ring of window + 1 slots and the sinks
+    decode_memory_exponent: ClassVar[float] = 0.0
 
     window: int = 256
     block: int = 128
