@@ -256,9 +256,9 @@ class NSA(Variant):
         the selected keys (t mod l′ + 1 of its own block and min(n − 1, t // l′) earlier blocks
         of l′) and the window's min(w, t) + 1 keys; no padding, the compression means and the
         selection's sums are no matmuls."""
-        n, l, st, bs = shape.seq_len, self.cmp_block, self.cmp_stride, self.sel_block
+        n, lc, st, bs = shape.seq_len, self.cmp_block, self.cmp_stride, self.sel_block
         t = torch.arange(n - shape.nq, n)
-        cmp = torch.where(t >= l - 1, torch.div(t - l + 1, st, rounding_mode="floor") + 1, 0)
+        cmp = torch.where(t >= lc - 1, torch.div(t - lc + 1, st, rounding_mode="floor") + 1, 0)
         sel = t % bs + 1 + bs * (t // bs).clamp(max=self.sel_count - 1)
         win = t.clamp(max=self.window) + 1
         return float(4 * shape.bh * shape.head_dim * int((cmp + sel + win).sum()))
