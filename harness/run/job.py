@@ -38,6 +38,7 @@ from attnbench.harness.run.machine import gpu_state, machine_info
 from attnbench.harness.run.memory import peak_memory
 from attnbench.harness.run.opcount import count_call
 from attnbench.harness.run.point import decide, on_device, point_id, point_label
+from attnbench.harness.run.rate import process_matmul_rate
 from attnbench.harness.run.timing import Timing, measure_latency
 from attnbench.harness.run.worker import Worker, WorkerDied
 from attnbench.variants.base import Shape, Variant
@@ -326,10 +327,8 @@ def _measure_decode(run, att: Variant, shape: Shape, dtype, device: str, predict
 
 def flop_fields(algo: float, executed: float, median_ms: float, device: str,
                 dtype: str) -> dict[str, float]:
-    """algo_flops, executed_flops, the machine's matmul rate (`plan.process_matmul_rate`, once
+    """algo_flops, executed_flops, the machine's matmul rate (`rate.process_matmul_rate`, once
     per process) and limit_fraction = executed / latency / rate (NaN where not measured)."""
-    from attnbench.harness.run.plan import process_matmul_rate
-
     rate = process_matmul_rate(device, dtype)
     seconds = median_ms * 1e-3
     ok = math.isfinite(executed) and seconds > 0 and rate > 0
