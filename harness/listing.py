@@ -8,7 +8,9 @@ Support per mode is the variant's own `not_supported_reasons` for a small repres
 (forward and forward+backward), `fwd only` or `no`; `decode` says `yes` or `no`; `gqa` and
 `q_len` whether grouped k/v heads and fewer queries than keys run (asked of the causal form where
 there is one). `reason` gives, per mode that does not fully run, why. `full` gets one row per
-backend, since what runs differs per backend.
+backend, since what runs differs per backend. `exec/algo` is the forward FLOPs the engine executes
+over the method's own (`Variant.algorithm_flops`) at B=1, H=8, N=8192, D=64 on the device's path,
+causal where the variant has a causal form: ×1 where nothing is padded or recomputed.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ import torch
 from attnbench import variants
 from attnbench.variants.base import Shape, Variant
 
-COLUMNS = ("name", "label", "family", "params", "time", "memory", "noncausal", "causal", "decode",
-           "gqa", "q_len", "reason")
+COLUMNS = ("name", "label", "family", "params", "time", "memory", "exec/algo", "noncausal",
+           "causal", "decode", "gqa", "q_len", "reason")
 MODES = ("noncausal", "causal", "decode")
 SHAPE = Shape(batch=1, heads=8, seq_len=1024, head_dim=64)
+FLOPS_SHAPE = Shape(batch=1, heads=8, seq_len=8192, head_dim=64)  # where exec/algo is stated
 
 
 @dataclass(frozen=True)
@@ -40,12 +43,26 @@ class Row:
     params: str
     time: str
     memory: str
+    exec_algo: str  # executed / algorithm forward FLOPs at FLOPS_SHAPE: ×1, ×1.33
     noncausal: str  # yes | fwd only | no | error
     causal: str  # yes | fwd only | no | error
     decode: str  # yes | no | error: a decode form (cache or state)
     gqa: str  # yes | no: kv_heads < heads
     q_len: str  # yes | no: fewer queries than keys
     reason: str  # why, per mode that does not fully run
+
+
+def flops_ratio(att: Variant, device: str) -> str:
+    """The engine's executed forward FLOPs over the method's own (`algorithm_flops`) at
+    FLOPS_SHAPE on `device`'s path, causal where the variant has a causal form: ``×1`` when it
+    executes only what the method needs, ``×1.33`` a third more (padding, masked tiles)."""
+    from attnbench.harness.run.point import on_device
+
+    causal = not att.no_causal
+    done = on_device(att.flops, device)(FLOPS_SHAPE, causal)
+    algo = on_device(att.algorithm_flops, device)(FLOPS_SHAPE, causal)
+    ratio = done / algo
+    return "×1" if abs(ratio - 1) < 5e-3 else f"×{ratio:.2f}"
 
 
 def configurations(name: str) -> list[dict[str, Any]]:
@@ -101,13 +118,14 @@ def rows(device: str, dtype: torch.dtype) -> list[Row]:
                 att = variants.build(name, **params)
                 modes, reason = support(att, device, dtype)
                 gqa, q_len = shapes_supported(att, device, dtype)
+                ratio = flops_ratio(att, device)
             except Exception as exc:  # a broken (plugin) variant is a row, not a crash
-                out.append(Row(name, name, "?", "", "?", "?", "error", "error", "error", "?",
-                               "?", f"{type(exc).__name__}: {exc}"))
+                out.append(Row(name, name, "?", "", "?", "?", "?", "error", "error", "error",
+                               "?", "?", f"{type(exc).__name__}: {exc}"))
                 continue
             cx = att.complexity
             shown = ", ".join(f"{k}={v}" for k, v in att.params().items())
-            out.append(Row(name, att.label, att.family, shown, cx["time"], cx["memory"],
+            out.append(Row(name, att.label, att.family, shown, cx["time"], cx["memory"], ratio,
                            modes["noncausal"], modes["causal"], modes["decode"], gqa, q_len,
                            reason))
     return out
@@ -121,7 +139,7 @@ def renamed_line() -> str:
 
 
 def to_markdown(table: list[Row]) -> str:
-    cells = [list(COLUMNS)] + [[_md(str(getattr(r, c))) for c in COLUMNS] for r in table]
+    cells = [list(COLUMNS)] + [[_md(str(getattr(r, _attr(c)))) for c in COLUMNS] for r in table]
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
              for row in cells]
@@ -133,8 +151,12 @@ def to_csv(table: list[Row]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(COLUMNS)
-    writer.writerows([getattr(r, c) for c in COLUMNS] for r in table)
+    writer.writerows([getattr(r, _attr(c)) for c in COLUMNS] for r in table)
     return buf.getvalue().rstrip("\n")
+
+
+def _attr(column: str) -> str:
+    return column.replace("/", "_")
 
 
 def _md(text: str) -> str:
@@ -163,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
               f"yes = forward and backward; `attnbench plan ARGS` checks a point exactly")
         print(f"units: `window` counts tokens in every variant that has one (a window "
               f"counted in blocks is `window_blocks`){renamed_line()}")
+        f = FLOPS_SHAPE
+        print(f"exec/algo: forward FLOPs the engine executes (padding, masked tiles, a router "
+              f"over every block) over the method's own, at B={f.batch} H={f.heads} "
+              f"N={f.seq_len} D={f.head_dim}, causal where there is a causal form")
     return 0
 
 

@@ -68,8 +68,16 @@ class Record:
     peak_mem_bytes: float = NAN
     predicted_mem_bytes: float = NAN
     state_bytes: float = NAN  # decode: bytes held by the cache or state at context seq_len
-    flops: float = NAN
-    tflops: float = NAN
+    flops: float = NAN  # executed FLOPs (= executed_flops), kept for older readers
+    tflops: float = NAN  # flops / latency
+    # the method's minimal FLOPs (Variant.algorithm_flops; fwd_bwd: 3× forward, the backward
+    # counted as twice the forward), and what the engine executed (padding, recomputation)
+    algo_flops: float = NAN
+    executed_flops: float = NAN
+    # the machine's matmul rate in the point's dtype (the CPU's float32 for half inputs),
+    # measured once per process; limit_fraction = executed_flops / latency / that rate
+    matmul_gflops: float = NAN
+    limit_fraction: float = NAN
     density: float = NAN
     # the implementation check: relative error against the variant's own float64 definition
     # (error_ref: softmax | masked softmax | own definition; "": none, impl_error NaN), and its
@@ -239,7 +247,8 @@ def write_record(record: Record, folder: str | os.PathLike) -> Path:
 MAX_INT = 2**63 - 1
 MAX_FLOAT = 1e30
 NON_NEGATIVE = ("latency_ms", "latency_p10_ms", "latency_p90_ms", "setup_s", "peak_mem_bytes",
-                "predicted_mem_bytes", "state_bytes", "flops", "tflops", "density",
+                "predicted_mem_bytes", "state_bytes", "flops", "tflops", "algo_flops",
+                "executed_flops", "matmul_gflops", "limit_fraction", "density",
                 "rel_error", "max_abs_error", "softmax_rel_error", "ops_per_call",
                 "host_syncs")
 

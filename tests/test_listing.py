@@ -9,6 +9,8 @@ import sys
 import typing
 from pathlib import Path
 
+import torch
+
 from attnbench import variants
 from attnbench.harness import listing
 from attnbench.variants.base import Family
@@ -74,6 +76,15 @@ def test_cli_subcommand():
                            "csv"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("name,label,family,params,time,memory,noncausal,causal,decode,"
-                                  "gqa,q_len,reason")
+    assert proc.stdout.startswith("name,label,family,params,time,memory,exec/algo,noncausal,"
+                                  "causal,decode,gqa,q_len,reason")
     assert "full[sdpa]" in proc.stdout
+
+
+def test_exec_over_algo_is_stated_at_its_reference_point():
+    """full[naive] executes the whole square of a causal point (×2.00 of the triangle at
+    n=8192: 8192² over 8192·8193/2); fused sdpa only the triangle (×1)."""
+    rows = {r.label: r for r in listing.rows("cpu", torch.float32)}
+    n = listing.FLOPS_SHAPE.seq_len
+    assert rows["full[naive]"].exec_algo == f"×{n * n / (n * (n + 1) / 2):.2f}"
+    assert rows["full[sdpa]"].exec_algo == "×1"

@@ -200,8 +200,18 @@ class Variant:
 
     # -- models ---------------------------------------------------------------------------------
     def flops(self, shape: Shape, causal: bool = False) -> float:
-        """Forward FLOPs of this variant's own algorithm (multiply-add = 2 FLOPs)."""
+        """Forward FLOPs the engine executes (multiply-add = 2 FLOPs), padding and recomputation
+        included; `algorithm_flops` is the method's own minimum."""
         raise NotImplementedError
+
+    def algorithm_flops(self, shape: Shape, causal: bool = False) -> float:
+        """Forward FLOPs the method itself needs (multiply-add = 2): its query–key pairs and
+        matmuls counted once, without the engine's padding, masked halves of diagonal tiles or
+        recomputation; `flops` is what the engine executes (≥ this). Default: `flops` (the
+        engine executes no more than the method needs); variants whose engine does more
+        override it. The method's backward is counted as 2× this (two gradient matmuls per
+        forward matmul)."""
+        return self.flops(shape, causal)
 
     def backward_flops(self, shape: Shape, causal: bool = False) -> float:
         """FLOPs of the backward pass of this variant's own algorithm. Default: twice the
@@ -222,6 +232,10 @@ class Variant:
     def decode_flops(self, shape: Shape) -> float:
         """FLOPs of one decode step against a context of shape.seq_len (NaN: no model)."""
         return math.nan
+
+    def algorithm_decode_flops(self, shape: Shape) -> float:
+        """FLOPs one decode step of the method needs; default `decode_flops` (what runs)."""
+        return self.decode_flops(shape)
 
     def kernel(self, shape: Shape, device: torch.device | str, causal: bool, grad: bool) -> str:
         """The kernel or engine path one call takes at this point (e.g. ``blocksparse:band``).

@@ -202,10 +202,37 @@ def point_tables(df: pd.DataFrame, baseline: str | None) -> list[Table]:
                         lambda r: _pair(r.head_error_median, r.head_error_max),
                         "softmax_rel_error of each (batch, head) over its sampled rows.")
     tables += pivot(df, "Achieved GFLOP/s", lambda r: cell(r.tflops * 1e3))
+    tables += flop_tables(df)
     if (df.kernel.fillna("") != "").any():
         tables += pivot(df, "Kernel that ran", lambda r: r.kernel if isinstance(r.kernel, str)
                         else "", "A kernel that changes along a row is a backend fallback.")
     return tables
+
+
+def flop_tables(df: pd.DataFrame) -> list[Table]:
+    """"Fraction of the matmul rate" (executed FLOP/s over the machine's matmul rate, measured
+    once per process) and, for the labels whose engine executes more than the method needs,
+    "Executed / algorithm FLOPs"; none for records from before these fields."""
+    out: list[Table] = []
+    if "limit_fraction" in df and df.limit_fraction.notna().any():
+        out += pivot(df, "Fraction of the matmul rate", lambda r: _marked(
+            r, units.cell(r.limit_fraction, 2)), RATE_NOTE)
+    if {"algo_flops", "executed_flops"} <= set(df.columns):
+        ratio = df.executed_flops / df.algo_flops
+        more = df.label.isin(df.label[ratio.notna() & ((ratio - 1).abs() > 5e-3)])
+        if more.any():
+            out += pivot(df[more], "Executed / algorithm FLOPs (×)",
+                         lambda r: units.cell(r.executed_flops / r.algo_flops, 3), RATIO_NOTE)
+    return out
+
+
+RATE_NOTE = ("The point's executed FLOP/s (padding and recomputation included) over a square "
+             "matmul's FLOP/s in its dtype on the same machine (`matmul_gflops`; a CPU's float32 "
+             "for half inputs): how close it runs to what this machine's matmuls allow. "
+             "Blank: not measured (an older record).")
+RATIO_NOTE = ("FLOPs the engine executes (padding, masked halves of diagonal tiles, a router "
+              "over every block, recomputation) over the method's own minimum "
+              "(`Variant.algorithm_flops`); labels at 1 left out.")
 
 
 def marked_summary(df: pd.DataFrame) -> str:

@@ -38,6 +38,7 @@ from attnbench.harness.run.machine import gpu_state, machine_info
 from attnbench.harness.run.memory import peak_memory
 from attnbench.harness.run.opcount import count_call
 from attnbench.harness.run.point import decide, on_device, point_id, point_label
+from attnbench.harness.run.rate import process_matmul_rate
 from attnbench.harness.run.timing import Timing, measure_latency
 from attnbench.harness.run.worker import Worker, WorkerDied
 from attnbench.variants.base import Shape, Variant
@@ -241,6 +242,7 @@ def _measure(run, att: Variant, shape: Shape, dtype, device: str, predicted: int
     flops = on_device(att.flops, device)(shape, run.causal)
     if grad:
         flops += on_device(att.backward_flops, device)(shape, run.causal)
+    algo = on_device(att.algorithm_flops, device)(shape, run.causal) * (3 if grad else 1)
     return finish(
         "ok",
         setup_s=setup_s,
@@ -248,6 +250,7 @@ def _measure(run, att: Variant, shape: Shape, dtype, device: str, predicted: int
         predicted_mem_bytes=float(predicted),
         flops=float(flops),
         tflops=flops / (timing.median_ms * 1e-3) / 1e12,
+        **flop_fields(algo, flops, timing.median_ms, device, run.dtype),
         error_rows=min(run.error.rows, shape.nq),
         entropy=entropy,
         **quality_fields,
@@ -313,11 +316,25 @@ def _measure_decode(run, att: Variant, shape: Shape, dtype, device: str, predict
         state_bytes=state_bytes,
         flops=flops,
         tflops=flops / (timing.median_ms * 1e-3) / 1e12,
+        **flop_fields(att.algorithm_decode_flops(shape), flops, timing.median_ms, device,
+                      run.dtype),
         error_rows=min(run.error.rows, 1),
         **quality_fields,
         **counted,
         **fields,
     )
+
+
+def flop_fields(algo: float, executed: float, median_ms: float, device: str,
+                dtype: str) -> dict[str, float]:
+    """algo_flops, executed_flops, the machine's matmul rate (`rate.process_matmul_rate`, once
+    per process) and limit_fraction = executed / latency / rate (NaN where not measured)."""
+    rate = process_matmul_rate(device, dtype)
+    seconds = median_ms * 1e-3
+    ok = math.isfinite(executed) and seconds > 0 and rate > 0
+    return {"algo_flops": float(algo), "executed_flops": float(executed),
+            "matmul_gflops": rate / 1e9,
+            "limit_fraction": executed / seconds / rate if ok else math.nan}
 
 
 def _time(call: Callable[[], object], run: RunConfig, device: str) -> tuple[Timing, dict]:

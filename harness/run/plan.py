@@ -27,7 +27,6 @@ import dataclasses
 import math
 import shlex
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +37,7 @@ from attnbench.harness.run.config import (
     fail,
     resolve_device,
 )
+from attnbench.harness.run.rate import matmul_rate
 from attnbench.harness.units import duration as _seconds
 from attnbench.harness.units import size as _bytes
 
@@ -164,28 +164,6 @@ def point_seconds(att, run: RunConfig, rate: float) -> float:
     if kernel.startswith("flex"):
         seconds += COMPILE_S.get(resolve_device(run.device), 30.0)
     return seconds
-
-
-def matmul_rate(device: str, dtype: str) -> float:
-    """FLOP/s of a square matmul in `dtype` on `device`, measured for about 0.1 s (sized like
-    attention's large matmuls; a small one measures dispatch overhead, not the rate)."""
-    from attnbench.harness.run.config import DTYPES
-
-    n = 4096 if device == "cuda" else 1024
-    dt = DTYPES[dtype]
-    if device == "cpu" and dt != torch.float32:
-        dt = torch.float32  # CPU variants compute half inputs in float32 (see compute_dtype)
-    a = torch.randn(n, n, device=device).to(dt)
-    b = torch.randn(n, n, device=device).to(dt)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    a @ b
-    sync()
-    reps, t0 = 0, time.perf_counter()
-    while reps < 2 or time.perf_counter() - t0 < 0.1:
-        a @ b
-        reps += 1
-    sync()
-    return 2.0 * n**3 * reps / (time.perf_counter() - t0)
 
 
 def render(planned: list[Planned], sweep_dir: str, overrides: list[str], single: bool) -> str:

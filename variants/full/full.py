@@ -122,6 +122,11 @@ class Full(Variant):
     def flops(self, shape: Shape, causal: bool = False) -> float:
         return full_flops(shape, causal and not self._materialises)
 
+    def algorithm_flops(self, shape: Shape, causal: bool = False) -> float:
+        """The method's work whatever the backend: the causal triangle when causal (naive and
+        sdpa math execute, and `flops` counts, the whole square)."""
+        return full_flops(shape, causal)
+
     def backward_flops(self, shape: Shape, causal: bool = False) -> float:
         # Flash-style kernels keep no probabilities: backward recomputes QKᵀ (2.5× forward,
         # FlashAttention's count); naive and sdpa math keep them (2× forward: two gradient

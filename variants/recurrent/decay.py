@@ -191,9 +191,13 @@ class DecayRNN(Recurrent):
                 2.0 * shape.batch * shape.nq * shape.heads * d * d  # k_tᵀv_t, then q_t S_t
         return gates + decay_flops(shape, self._ha(shape), self.per_dim, self.chunk)
 
-    def algorithm_flops(self, shape: Shape) -> float:
+    def algorithm_flops(self, shape: Shape, causal: bool = False) -> float:
         """The least matmul work of the chunked algorithm (forward): each causal triangle once,
-        no padding; `flops` counts what runs (full L×L tiles, padded chunks)."""
+        no padding; `flops` counts what runs (full L×L tiles, padded chunks). impl=recurrent:
+        the step form's own count (`flops`: it pads nothing). Causal only: `causal` is not
+        read."""
+        if self.impl == "recurrent":
+            return self.flops(shape, True)
         return self.gate_flops(shape) + decay_algorithm_flops(shape, self._ha(shape), self.chunk)
 
     def backward_flops(self, shape: Shape, causal: bool = False) -> float:

@@ -235,10 +235,13 @@ class DeltaRule(Recurrent):
     def backward_flops(self, shape: Shape, causal: bool = False, device: str = "cpu") -> float:
         return 2.0 * self.flops(shape, causal, device)
 
-    def algorithm_flops(self, shape: Shape, device: str = "cpu") -> float:
+    def algorithm_flops(self, shape: Shape, causal: bool = False, device: str = "cpu") -> float:
         """The least matmul work of the chunked algorithm that runs on `device` (forward): the
         triangles once, no padding; `flops` counts what runs (full C×C tiles, the blocked solve,
-        padded chunks)."""
+        padded chunks). impl=recurrent: the step form's own count (`flops`: it pads nothing).
+        Causal only: `causal` is not read."""
+        if self.impl == "recurrent":
+            return self.flops(shape, True, device)
         bh, g, d = shape.batch * shape.hkv, shape.groups, shape.head_dim
         p, nq = shape.seq_len - shape.nq, shape.nq
         values = not gpu_path(device)

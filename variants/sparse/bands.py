@@ -30,6 +30,17 @@ def _band_and_globals(nb: int, causal: bool, width: int, g: int):
     return counts, last | (glob & (not causal))
 
 
+def _band_keys(pos: torch.Tensor, n: int, window: int, first: int,
+               causal: bool) -> torch.Tensor:
+    """Per query position: how many keys j in [0, n) have |pos − j| ≤ window or j < first
+    (causal: j ≤ pos), in closed form."""
+    lo = (pos - window).clamp(min=0)
+    hi = pos if causal else (pos + window).clamp(max=n - 1)
+    f = min(first, n)
+    keys = hi - lo + 1 + lo.clamp(max=f)  # the band, and the first keys below it
+    return keys if causal else keys + (f - 1 - hi).clamp(min=0)  # and those above it
+
+
 def _positive(obj, *fields: str, allow_zero: tuple[str, ...] = ()) -> None:
     for f in fields:
         value, low = getattr(obj, f), 0 if f in allow_zero else 1

@@ -18,6 +18,7 @@ import torch
 
 from attnbench.variants.base import Shape
 from attnbench.variants.registry import register
+from attnbench.variants.sparse.bands import _band_keys
 from attnbench.variants.sparse.engine import decode_attention
 from attnbench.variants.sparse.pattern import BlockSparse
 
@@ -74,6 +75,9 @@ class Local(BlockSparse):
 
     def allowed(self, q, k, n: int, causal: bool = False) -> torch.Tensor:
         return ((q - k).abs() <= self.window) | (k < self.sinks)
+
+    def row_keys(self, pos: torch.Tensor, n: int, causal: bool) -> torch.Tensor:
+        return _band_keys(pos, n, self.window, self.sinks, causal)
 
     # -- decode: the sinks and a ring buffer of the window --------------------------------------
     def decode_init(

@@ -12,7 +12,7 @@ from typing import ClassVar
 import torch
 
 from attnbench.variants.registry import register
-from attnbench.variants.sparse.bands import _band_and_globals, _positive
+from attnbench.variants.sparse.bands import _band_and_globals, _band_keys, _positive
 from attnbench.variants.sparse.pattern import BlockSparse
 
 
@@ -50,3 +50,8 @@ class Longformer(BlockSparse):
     def allowed(self, q, k, n: int, causal: bool = False) -> torch.Tensor:
         g = self.global_tokens
         return ((q - k).abs() <= self.window) | (q < g) | (k < g)
+
+    def row_keys(self, pos: torch.Tensor, n: int, causal: bool) -> torch.Tensor:
+        every = pos + 1 if causal else torch.full_like(pos, n)  # a global query sees all
+        band = _band_keys(pos, n, self.window, self.global_tokens, causal)
+        return torch.where(pos < self.global_tokens, every, band)

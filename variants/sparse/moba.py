@@ -201,6 +201,17 @@ class MoBA(Variant):
         route = 2.0 * z * m * nb * d  # q·mean(K) for every block
         return route + 4.0 * z * self._rows(shape) * self.block * d
 
+    def algorithm_flops(self, shape: Shape, causal: bool = True) -> float:
+        """The method's work, per query head and query at position p (own block o = p // b):
+        the router's q·mean(K) over the o complete earlier blocks (2·D each) and attention
+        (4·D per key) over p − o·b + 1 keys of its own block and min(topk − 1, o) earlier
+        blocks of b keys; no padding, no router score of the own or later blocks."""
+        n, b = shape.seq_len, self.block
+        pos = torch.arange(n - shape.nq, n)
+        own = pos // b
+        keys = pos - own * b + 1 + b * own.clamp(max=self.topk - 1)
+        return float(shape.bh * shape.head_dim * int((4 * keys + 2 * own).sum()))
+
     def backward_flops(self, shape: Shape, causal: bool = False) -> float:
         """Flash-style: scores recomputed (2.5× the engine's forward); the router has none."""
         z = shape.batch * shape.hkv
@@ -210,6 +221,11 @@ class MoBA(Variant):
         n = shape.seq_len + 1
         one = Shape(shape.batch, shape.heads, n, shape.head_dim, shape.kv_heads, 1)
         return self.flops(one, True)
+
+    def algorithm_decode_flops(self, shape: Shape) -> float:
+        n = shape.seq_len + 1
+        return self.algorithm_flops(Shape(shape.batch, shape.heads, n, shape.head_dim,
+                                          shape.kv_heads, 1), True)
 
     def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = False) -> int:
         el = torch.empty((), dtype=dtype).element_size()

@@ -250,6 +250,19 @@ class NSA(Variant):
         _, m, c, _, _ = self._geometry(shape)
         return 4.0 * z * m * g * c * d + 4.0 * z * g * self._rows(shape) * self.sel_block * d
 
+    def algorithm_flops(self, shape: Shape, causal: bool = True) -> float:
+        """The three branches as the paper defines them, per query head and query at position t
+        (4·D per key, scores and values): the complete compressed blocks (i·d + l − 1 <= t),
+        the selected keys (t mod l′ + 1 of its own block and min(n − 1, t // l′) earlier blocks
+        of l′) and the window's min(w, t) + 1 keys; no padding, the compression means and the
+        selection's sums are no matmuls."""
+        n, lc, st, bs = shape.seq_len, self.cmp_block, self.cmp_stride, self.sel_block
+        t = torch.arange(n - shape.nq, n)
+        cmp = torch.where(t >= lc - 1, torch.div(t - lc + 1, st, rounding_mode="floor") + 1, 0)
+        sel = t % bs + 1 + bs * (t // bs).clamp(max=self.sel_count - 1)
+        win = t.clamp(max=self.window) + 1
+        return float(4 * shape.bh * shape.head_dim * int((cmp + sel + win).sum()))
+
     def backward_flops(self, shape: Shape, causal: bool = False) -> float:
         """Compressed branch by autograd (2×); the engine flash-style (2.5×, scores recomputed);
         the compression means and the selection have no matmuls."""
@@ -261,6 +274,11 @@ class NSA(Variant):
         one = Shape(shape.batch, shape.heads, shape.seq_len + 1, shape.head_dim,
                     shape.kv_heads, 1)
         return self.flops(one, True)
+
+    def algorithm_decode_flops(self, shape: Shape) -> float:
+        one = Shape(shape.batch, shape.heads, shape.seq_len + 1, shape.head_dim,
+                    shape.kv_heads, 1)
+        return self.algorithm_flops(one, True)
 
     def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = False) -> int:
         el = torch.empty((), dtype=dtype).element_size()

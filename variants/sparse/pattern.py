@@ -182,6 +182,36 @@ class BlockSparse(Variant):
         b = self.block
         return 4.0 * shape.bh * shape.head_dim * b * b * self.pairs(shape, causal, device)
 
+    def row_keys(self, pos: torch.Tensor, n: int, causal: bool) -> torch.Tensor:
+        """Keys each query at positions `pos` (int64, 0..n−1) sees inside the n×n matrix
+        (causal: only j <= pos), as int64: the method's pairs, without the padding or the
+        masked part of blocks the engine computes. Block-level patterns: the real keys of the
+        query block's key blocks (`row_counts`, O(nb)) less, causal, the keys after the query
+        in its own block; token-level patterns override it with their closed form."""
+        b, nb = self.block, self._nb(n)
+        counts, last = self.row_counts(nb, causal)
+        blk = pos // b
+        keys = (counts * b - last.long() * (nb * b - n))[blk]
+        if causal:  # the own block is cut at the query: its later real keys are not seen
+            diag = self.block_allowed(blk, blk, nb, causal).long()
+            inside = (n - blk * b).clamp(max=b)
+            keys = keys - diag * (inside - (pos - blk * b) - 1)
+        return keys
+
+    def algorithm_flops(self, shape: Shape, causal: bool = False) -> float:
+        """QKᵀ and PV over the pattern's allowed pairs only, 4·B·H·D·pairs (causal: j <= i),
+        for the last Nq queries: no padding of partial blocks, no masked half of diagonal
+        blocks, no band edges (`flops` counts every computed block pair in full)."""
+        n = shape.seq_len
+        pairs = int(self.row_keys(torch.arange(n - shape.nq, n), n, causal).sum())
+        return 4.0 * shape.bh * shape.head_dim * pairs
+
+    def algorithm_decode_flops(self, shape: Shape) -> float:
+        """q·K and p·V over the new token's allowed keys (`decode_flops` counts the cache)."""
+        n = shape.seq_len + 1
+        keys = int(self.row_keys(torch.tensor([n - 1]), n, True).sum())
+        return 4.0 * shape.bh * keys * shape.head_dim
+
     def backward_flops(self, shape: Shape, causal: bool = False,
                        device: torch.device | str = "cpu") -> float:
         """Autograd through the gathered matmuls: two gradient matmuls per forward matmul, over

@@ -1,0 +1,58 @@
+"""The machine's matmul rate: what `plan` estimates times with and what a point's executed
+FLOP/s is compared with (`Record.limit_fraction`)."""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+
+import torch
+
+
+def matmul_rate(device: str, dtype: str) -> float:
+    """FLOP/s of a square matmul in `dtype` on `device`, measured for about 0.1 s (sized like
+    attention's large matmuls; a small one measures dispatch overhead, not the rate). On CUDA
+    after a warm-up, timed by events over a count of calls sized from one synced call (a
+    host-timed loop would end with a queue of calls still pending)."""
+    from attnbench.harness.run.config import DTYPES
+
+    cuda = torch.device(device).type == "cuda"
+    n = 4096 if cuda else 1024
+    dt = DTYPES[dtype]
+    if not cuda and dt != torch.float32:
+        dt = torch.float32  # CPU variants compute half inputs in float32 (see compute_dtype)
+    a = torch.randn(n, n, device=device).to(dt)
+    b = torch.randn(n, n, device=device).to(dt)
+    if cuda:
+        for _ in range(3):  # cuBLAS set-up, clocks up
+            a @ b
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        torch.cuda.synchronize()
+        reps = max(2, min(1000, math.ceil(0.1 / max(time.perf_counter() - t0, 1e-6))))
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        start.record()
+        for _ in range(reps):
+            a @ b
+        end.record()
+        end.synchronize()
+        return 2.0 * n**3 * reps / (start.elapsed_time(end) * 1e-3)
+    a @ b
+    reps, t0 = 0, time.perf_counter()
+    while reps < 2 or time.perf_counter() - t0 < 0.1:
+        a @ b
+        reps += 1
+    return 2.0 * n**3 * reps / (time.perf_counter() - t0)
+
+
+@functools.cache
+def _rate_once(device: str, dtype: str, threads: int) -> float:
+    return matmul_rate(device, dtype)
+
+
+def process_matmul_rate(device: str, dtype: str) -> float:
+    """`matmul_rate`, measured once per process for each (device, dtype, CPU threads): the
+    machine's rate a point's executed FLOP/s is compared with (`limit_fraction`)."""
+    return _rate_once(device, dtype, torch.get_num_threads())
