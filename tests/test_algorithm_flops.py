@@ -25,7 +25,7 @@ PATTERNS = [
     ("local", {"window": 5, "block": 4, "sinks": 3}),
     ("local", {"window": 0, "block": 4, "sinks": 9}),
     ("local", {"window": 300, "block": 128}),  # the window covers everything
-    ("strided", {"block": 4, "window": 1, "stride": 3}),
+    ("strided", {"block": 4, "window_blocks": 1, "stride": 3}),
     ("fixed", {"block": 4, "stride": 3, "summary": 1}),
     ("fixed", {"block": 3, "stride": 4, "summary": 2}),
     ("bigbird", {"block": 4}),
