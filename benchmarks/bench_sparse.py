@@ -3,11 +3,13 @@
     python benchmarks/bench_sparse.py [--flex] [--n 8192] [--threads T]
 
 At n (default 8192), B=1, H=8, D=64, float32, non-causal: latency, speed-up over full[sdpa], peak
-memory as a fraction of full[naive]'s, achieved GFLOP/s on the variant's own FLOP count and as a
-fraction of this machine's fp32 matmul rate (measured here), and the log-log slope of latency
-over n = 2048..16384. Each figure is printed beside its target; missed targets are named.
-Latencies are the 10th percentile of the repeats (the CPU may be shared: contention only adds
-time), the same statistic for the matmul rate, full[sdpa] and every variant.
+memory as a fraction of full[naive]'s, achieved GFLOP/s on the FLOPs the engine executes and as a
+fraction of this machine's fp32 matmul rate (measured here), the executed over the method's own
+FLOPs (`algorithm_flops`: padding and masked parts of blocks are what the engine adds), and the
+log-log slope of latency over n = 2048..16384 (strided and fixed grow as n²/stride by
+construction: their slope has no O(n) target). Each figure is printed beside its target; missed
+targets are named. Latencies are the 10th percentile of the repeats (the CPU may be shared:
+contention only adds time), the same statistic for the matmul rate, full[sdpa] and every variant.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from attnbench.harness.run.memory import peak_memory
 from attnbench.harness.run.timing import measure_latency
 from attnbench.variants.base import Shape
 
-TARGETS = {"speedup": 5.0, "matmul_frac": 0.40, "mem_frac": 1 / 8, "slope": 1.2}
+TARGETS = {"speedup": 5.0, "matmul_frac": 0.70, "exec_algo": 1.3, "mem_frac": 1 / 8, "slope": 1.2}
+AT_MOST = ("mem_frac", "exec_algo", "slope")
 SLOPE_NS = (2048, 4096, 8192, 16384)
 CASES = [
     ("local", dict(window=256)),
@@ -90,9 +93,9 @@ def main() -> None:
     if args.flex:
         cases += [(name, {**kw, "impl": "flex"}) for name, kw in CASES]
     header = (f"{'variant':34s} {'density':>7s} {'ms':>8s} {'x sdpa':>7s} {'mem/naive':>9s} "
-              f"{'GFLOP/s':>8s} {'/matmul':>7s} {'slope':>6s}")
+              f"{'GFLOP/s':>8s} {'/matmul':>7s} {'ex/alg':>6s} {'slope':>6s}")
     print(f"\n{header}\n{'target':34s} {'':>7s} {'':>8s} {'>= 5':>7s} {'<= 1/8':>9s} "
-          f"{'':>8s} {'>= 0.40':>7s} {'<= 1.2':>6s}")
+          f"{'':>8s} {'>= 0.70':>7s} {'<= 1.3':>6s} {'<= 1.2':>6s}")
     misses = []
     for name, kw in cases:
         att = variants.build(name, **kw)
@@ -103,20 +106,25 @@ def main() -> None:
         row = {
             "speedup": sdpa_ms / ms, "mem_frac": mem / naive_mem,
             "matmul_frac": gflops / peak, "slope": loglog_slope(SLOPE_NS, ts),
+            "exec_algo": att.flops(shape) / att.algorithm_flops(shape),
         }
         print(f"{att.label:34s} {att.density(n):7.2%} {ms:8.1f} {row['speedup']:7.2f} "
               f"{row['mem_frac']:9.4f} {gflops:8.1f} {row['matmul_frac']:7.2f} "
-              f"{row['slope']:6.2f}   (ms at n={'/'.join(map(str, SLOPE_NS))}: "
+              f"{row['exec_algo']:6.2f} {row['slope']:6.2f}"
+              f"{'*' if att.time_exponent > 1 else ' '}  (ms at n={'/'.join(map(str, SLOPE_NS))}: "
               f"{'/'.join(f'{t:.1f}' for t in ts)})")
         for key, target in TARGETS.items():
-            ok = row[key] <= target if key in ("mem_frac", "slope") else row[key] >= target
+            if key == "slope" and att.time_exponent > 1:
+                continue  # n²/stride by construction: the pattern's cost, not a defect
+            ok = row[key] <= target if key in AT_MOST else row[key] >= target
             if not ok:
                 misses.append(f"{att.label}: {key} = {row[key]:.3g} (target "
-                              f"{'<=' if key in ('mem_frac', 'slope') else '>='} {target:.3g})")
+                              f"{'<=' if key in AT_MOST else '>='} {target:.3g})")
     print(f"\nload average (1/5/15 min) at the end: {os.getloadavg()}")
     again = matmul_gflops()
     print(f"fp32 matmul rate again at the end: {again:.1f} GFLOP/s (fractions above use "
           f"{peak:.1f}; with the higher of the two they would be x{peak / max(peak, again):.2f})")
+    print("* grows as n²/stride by construction (declared time exponent 2): no slope target")
     print("\nmissed targets:" if misses else "\nall targets met")
     for m in misses:
         print(f"  MISSED {m}")
