@@ -73,7 +73,7 @@ def test_plugin_variant_is_listed(plugin_env):
     rows = {line.split(",")[1]: line for line in proc.stdout.splitlines()[1:]}
     assert "sigmoid" in rows and "full[sdpa]" in rows
     assert rows["sigmoid"].startswith("sigmoid,sigmoid,full,")
-    assert ",O(n^2),O(n^2),yes," in rows["sigmoid"]
+    assert ",O(n^2),O(n^2),×1,yes," in rows["sigmoid"]  # exec/algo: ×1 by default
 
 
 def test_plugin_variant_runs_in_a_sweep(plugin_env):
