@@ -178,6 +178,19 @@ def test_the_error_and_memory_axes_are_read_in_one_place():
     assert ask.parse_error("none") is None
 
 
+def test_judge_puts_a_marked_point_first_only_when_faster_beyond_its_noise():
+    """As the report's pick: a noisy 0.12 ms point whose p90 is under the clean winner's p10
+    comes first; one whose spread reaches the clean winner's does not."""
+    budget = ask.Budget(None, 0, True, "")
+    clean = entry("full", 3e-7, 1e6, 34.0, latency_p10_ms=33.0, latency_p90_ms=35.0)
+    sure = entry("linear", 0.8, 1e6, 0.12, noisy=True, latency_p10_ms=0.1, latency_p90_ms=0.2)
+    unsure = entry("local", 0.5, 1e6, 20.0, noisy=True, latency_p10_ms=10.0,
+                   latency_p90_ms=40.0)
+    assert [e.label for e in ask.judge([clean, unsure, sure], budget)] == \
+        ["linear", "full", "local"]
+    assert [e.label for e in ask.judge([clean, unsure], budget)] == ["full", "local"]
+
+
 def test_a_failed_implementation_check_is_never_picked():
     budget = ask.Budget(0.01, 10**9, False, "1GB")
     broken = entry("fast", 0.001, 1e6, 0.1, impl_error=0.3, impl_ok=False)
