@@ -16,6 +16,7 @@ from attnbench.harness.run.inputs import make_inputs
 from attnbench.harness.run.job import _make_call
 from attnbench.harness.run.memory import peak_memory
 from attnbench.harness.run.point import decide
+from attnbench.variants.base import Shape
 
 ROOT = Path(__file__).resolve().parents[1]
 RATIO = 1.5  # measured / predicted above this: the model is too low
@@ -111,3 +112,23 @@ def test_per_step_form_backward_keeps_a_state_per_step(name):
     predicted = decide(att, run).predicted
     assert peak <= RATIO * predicted, (peak, predicted)
     assert predicted <= 4 * peak, (peak, predicted)
+
+
+@pytest.mark.parametrize(("name", "params"), [("linear", {}), ("local", {}),
+                                              ("local", {"window": 128, "sinks": 4})])
+def test_a_decode_prediction_is_the_state_s_not_the_forward_s(name, params):
+    """A decode point is skipped when its prediction is over max_memory: the forward's model
+    (query-side chunks over the whole context) predicted 10 GB for linear's 2 MB state at
+    n = 65536 (llama3_8b's heads), a skip where nothing near that is needed. The decode model
+    stays an upper bound of the state's build and a step (the class test) and within 4× of it
+    here."""
+    att = variants.build(name, **params)
+    big = Shape(1, 32, 65536, 128, kv_heads=8)
+    assert att.decode_memory_bytes(big, torch.float32) < att.memory_bytes(big, torch.float32,
+                                                                          True) / 8
+    run = RunConfig(variant=att.name, params=att.params(), heads=8, kv_heads=2, seq_len=4096,
+                    head_dim=64, mode="decode", causal=True, device="cpu")
+    shape = run.shape
+    build = _measured(att, run)["decode state + step"]
+    predicted = att.decode_memory_bytes(shape, torch.float32)
+    assert build <= RATIO * predicted and predicted <= 4 * build, (build, predicted)

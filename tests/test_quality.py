@@ -255,6 +255,33 @@ def test_small_blocks_give_the_same_numbers(monkeypatch):
             assert parts[key] == value, key
 
 
+@pytest.mark.parametrize(("name", "params", "causal"), [
+    ("moba", {"block": 16, "topk": 2}, True), ("local", {"window": 20, "block": 16}, True),
+    ("local", {"window": 20, "block": 16}, False), ("linear", {}, False),
+    ("full", {}, True)])
+def test_key_tiles_give_the_same_numbers(monkeypatch, name, params, causal):
+    """Where one row of one k/v group is over the budget (n = 65536 at d = 128 in decode), the
+    keys are walked in tiles with softmax accumulated online: every quality number is the
+    untiled walk's to float64 rounding (errors, per-head errors, recall, the masked check)."""
+    from attnbench.harness.run import accuracy
+
+    att = variants.build(name, **params)
+    q, k, v = random_qkv(2, 4, 300, 16, torch.float32, seed=7)
+    k, v = k[:, :2], v[:, :2]
+    out = att(q, k, v, causal=causal)
+    whole = quality(att, q, k, v, out, _run(causal, rows=24))
+    monkeypatch.setattr(accuracy, "KEY_TILE_MIN", 32)
+    monkeypatch.setattr(_reference, "REFERENCE_BYTES", 60_000)  # under one row: 2·300·8·5 + …
+    tiled = quality(att, q, k, v, out, _run(causal, rows=24))
+    assert not math.isnan(tiled["softmax_rel_error"]), tiled["quality_note"]
+    assert whole.keys() == tiled.keys()
+    for key, value in whole.items():
+        if isinstance(value, float):
+            assert tiled[key] == pytest.approx(value, rel=1e-10, abs=1e-15, nan_ok=True), key
+        else:
+            assert tiled[key] == value, key
+
+
 @dataclass
 class OffByOne(Variant):
     """Exact attention that drops each query's own key: a wrong mask, for the check to catch."""

@@ -69,8 +69,9 @@ def quality(att: Variant, q, k, v, out, run: RunConfig,
         notes.append("no float64 definition of its own: no implementation check")
     scan = softmax_scan(att, q, k, v, got, rows, run.causal, mask, masked=att.exact)
     if scan is None:
-        notes.append(f"no softmax reference: one query row of one k/v group needs over "
-                     f"{_reference.REFERENCE_BYTES >> 20} MB of float64 scores")
+        notes.append(f"no softmax reference: one query row of one k/v group and "
+                     f"{KEY_TILE_MIN} keys need over {_reference.REFERENCE_BYTES >> 20} MB of "
+                     f"float64 scores")
         return _judged(att, run, f, notes)
     head, recall = scan["head_error"], scan["recall"]
     f.update(softmax_rel_error=scan["softmax_rel_error"],
@@ -110,23 +111,24 @@ def softmax_scan(att: Variant, q, k, v, got, rows: torch.Tensor, causal: bool,
     per_row = grp * nk * 8 * (5 if masked else 3)  # scores, probabilities, temporaries
     per_head = 2 * nk * d * 8  # one k/v head's float64 k and v
     budget = _reference.REFERENCE_BYTES
-    if per_row + per_head > budget:
-        return None
-    rstep = max(1, min(r, (budget - per_head) // per_row))
-    zstep = max(1, budget // (per_row * rstep + per_head))
     qz = q.reshape(z, grp, nq, d)  # (Z, G, Nq, D): the query heads of one k/v head
     gz = got.reshape(z, grp, r, d)
     kz, vz = k.reshape(z, 1, nk, d), v.reshape(z, 1, nk, d)
     pos = rows + (nk - nq)
     keys = torch.arange(nk, device=q.device)
     hidden = keys[None, :] > pos[:, None] if causal else None  # (R, Nk)
+    # a mask from the positions alone (the default: key_mask) is built once, not per block
+    per_block = type(att).attended_keys is not Variant.attended_keys
+    if per_row + per_head > budget:  # one row of one k/v group is too big: tile the keys too
+        return _scan_key_tiles(att, qz, gz, kz, vz, rows, hidden, mask, masked, per_block,
+                               causal, budget)
+    rstep = max(1, min(r, (budget - per_head) // per_row))
+    zstep = max(1, budget // (per_row * rstep + per_head))
     diff2 = torch.zeros(z, grp, dtype=torch.float64, device=q.device)
     ref2 = torch.zeros_like(diff2)
     mdiff2 = mref2 = 0.0
     mabs = 0.0
     recall = []
-    # a mask from the positions alone (the default: key_mask) is built once, not per block
-    per_block = type(att).attended_keys is not Variant.attended_keys
     shared = None if per_block else att.attended_keys(q, k, rows, causal)
     for z0 in range(0, z, zstep):
         z1 = min(z, z0 + zstep)
@@ -154,6 +156,104 @@ def softmax_scan(att: Variant, q, k, v, got, rows: torch.Tensor, causal: bool,
                 if mask is not None:
                     s.masked_fill_(~mask[r0:r1].to(s.device), -math.inf)
                     ref = torch.softmax(s, -1).nan_to_num_(0.0) @ vv  # a row with no key: 0
+                    mdiff2 += float((mine - ref).square().sum())
+                    mref2 += float(ref.square().sum())
+                mabs = max(mabs, float((mine - ref).abs().max().nan_to_num(math.inf)))
+        if part_r:
+            recall.append(torch.cat(part_r, -1))
+    head = (diff2 / ref2.clamp_min(1e-300)).sqrt().flatten()
+    out = dict(softmax_rel_error=math.sqrt(float(diff2.sum()) / max(float(ref2.sum()), 1e-300)),
+               head_error=head, recall=torch.cat(recall).flatten() if recall else None)
+    if masked:
+        out.update(masked_max_abs=mabs, masked_rel_error=out["softmax_rel_error"] if mask is None
+                   else math.sqrt(mdiff2 / max(mref2, 1e-300)))
+    return out
+
+
+KEY_TILE_MIN = 128  # keys: a smaller tile would take longer than the point measured
+
+
+def _scan_key_tiles(att: Variant, qz, gz, kz, vz, rows, hidden, mask, masked: bool,
+                    per_block: bool, causal: bool, budget: int) -> dict | None:
+    """`softmax_scan` where one query row of one k/v group needs more than `budget` (a long
+    context, a wide head: n = 65536 at d = 128): one k/v head and a block of rows at a time, the
+    keys in tiles, softmax accumulated online in float64 (running maximum, sum and output, as
+    flash attention does; the recall's mass and the masked reference likewise). The same
+    numbers as the untiled walk to float64 rounding; None when not even one row and
+    KEY_TILE_MIN keys fit."""
+    z, grp, _, d = qz.shape
+    nk, r = kz.shape[2], len(rows)
+    unit = grp * 8 * (5 if masked else 3)  # per row and key: scores, probabilities, temporaries
+    per_row = grp * d * 8 * (4 if masked else 2) + (grp * nk if per_block else 0)
+    rstep = min(r, 64)
+    tile = 0
+    while True:
+        tile = (budget - rstep * per_row) // (rstep * unit + 2 * d * 8)
+        if tile >= min(nk, KEY_TILE_MIN) or rstep == 1:
+            break
+        rstep = max(1, rstep // 2)
+    if tile < min(nk, KEY_TILE_MIN):
+        return None
+    tile = min(tile, nk)
+    scale = 1 / math.sqrt(d)
+    dev = qz.device
+    diff2 = torch.zeros(z, grp, dtype=torch.float64, device=dev)
+    ref2 = torch.zeros_like(diff2)
+    mdiff2 = mref2 = mabs = 0.0
+    shared = None if per_block else att.attended_keys(qz[:1], kz[:1], rows, causal)
+    recall = []
+
+    def online(state, s, vv, seen=None):
+        """Fold one tile's scores into (max, sum, output, mass on `seen`)."""
+        m, tot, acc, mass = state
+        m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+        base = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        alpha = torch.exp(m - base)
+        p = torch.exp(s - base)
+        tot = tot * alpha + p.sum(-1, keepdim=True)
+        acc = acc * alpha + p @ vv
+        if seen is not None:
+            mass = mass * alpha + (p * seen).sum(-1, keepdim=True)
+        return m_new, tot, acc, mass
+
+    for zi in range(z):
+        part_r = []
+        for r0 in range(0, r, rstep):
+            r1 = min(r, r0 + rstep)
+            sel = rows[r0:r1]
+            qq = qz[zi:zi + 1, :, sel].double()  # (1, G, rr, D)
+            if per_block:  # a selection that depends on q and k (MoBA, NSA)
+                seen = att.attended_keys(qz[zi:zi + 1], kz[zi:zi + 1], sel, causal)
+            else:
+                seen = None if shared is None else shared[r0:r1]
+            shape = (1, grp, r1 - r0, 1)
+            start = (torch.full(shape, -math.inf, dtype=torch.float64, device=dev),
+                     torch.zeros(shape, dtype=torch.float64, device=dev),
+                     torch.zeros(1, grp, r1 - r0, d, dtype=torch.float64, device=dev),
+                     torch.zeros(shape, dtype=torch.float64, device=dev))
+            full, under = start, start
+            for k0 in range(0, nk, tile):
+                k1 = min(nk, k0 + tile)
+                kk = kz[zi:zi + 1, :, k0:k1].double()
+                vv = vz[zi:zi + 1, :, k0:k1].double()
+                s = qq @ kk.transpose(-1, -2) * scale  # (1, G, rr, T)
+                if hidden is not None:
+                    s.masked_fill_(hidden[r0:r1, k0:k1], -math.inf)
+                full = online(full, s, vv, None if seen is None else
+                              seen[..., k0:k1].to(dev, torch.float64))
+                if masked and mask is not None:
+                    s.masked_fill_(~mask[r0:r1, k0:k1].to(dev), -math.inf)
+                    under = online(under, s, vv)
+            ref = full[2] / full[1]
+            mine = gz[zi:zi + 1, :, r0:r1].double()
+            diff2[zi:zi + 1] += (mine - ref).square().sum((-2, -1))
+            ref2[zi:zi + 1] += ref.square().sum((-2, -1))
+            if seen is not None:
+                part_r.append((full[3] / full[1]).squeeze(-1))  # (1, G, rr)
+            if masked:
+                if mask is not None:  # a row with no key: 0
+                    ref = torch.where(under[1] > 0, under[2] / under[1].clamp_min(1e-300),
+                                      torch.zeros_like(under[2]))
                     mdiff2 += float((mine - ref).square().sum())
                     mref2 += float(ref.square().sum())
                 mabs = max(mabs, float((mine - ref).abs().max().nan_to_num(math.inf)))

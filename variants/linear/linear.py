@@ -101,6 +101,21 @@ class Linear(Variant):
         out = (rows @ state.s) / (rows @ state.z).add_(self.eps)
         return out.view(b, h, 1, d).to(q.dtype), state
 
+    def decode_memory_bytes(self, shape: Shape, dtype: torch.dtype,
+                            device: torch.device | str = "cpu") -> int:
+        """Building S = φ(K)ᵀV over the context holds φ(K) (and a cast of k and v where the
+        compute dtype differs) beside the (D, D) state; a step makes a new state. Not the
+        forward's model: no query-side chunks (10 GB at n = 65536 for llama3_8b's heads,
+        against a 2 MB state)."""
+        ct = compute_dtype(dtype)
+        el = max(torch.empty((), dtype=ct).element_size(),
+                 torch.empty((), dtype=mm_dtype(dtype, device, states=True)).element_size())
+        b, hkv, n, d = shape.batch, shape.hkv, shape.seq_len, shape.head_dim
+        context = 3 * b * hkv * n * d * el  # k in ct, φ(k), v in the matmul dtype
+        state = 3 * b * hkv * (d * d + d) * el  # S, z, the step's new S
+        step = 4 * shape.bh * d * el  # φ(q), numerator, normaliser, output
+        return context + state + step
+
     def decode_flops(self, shape: Shape) -> float:
         d = shape.head_dim  # φ(k)ᵀv, then q against S and z
         return 2.0 * shape.batch * (shape.hkv * d * d + shape.heads * d * (d + 1))

@@ -96,6 +96,18 @@ class Local(BlockSparse):
         kc, vc, ok = state.visible()
         return decode_attention(q, kc, vc, ok), state
 
+    def decode_memory_bytes(self, shape: Shape, dtype: torch.dtype,
+                            device: torch.device | str = "cpu") -> int:
+        """The ring of window + 1 slots and the sinks (k and v), a gather of the context's last
+        slots while it is filled, and one step's scores over them. Not the forward's model."""
+        el = torch.empty((), dtype=dtype).element_size()
+        slots = min(self.window + 1, shape.seq_len) + self.sinks
+        b, hkv, d = shape.batch, shape.hkv, shape.head_dim
+        cache = 2 * b * hkv * (self.window + 1 + self.sinks) * d * el
+        gather = 2 * b * hkv * slots * d * el
+        step = shape.bh * (3 * slots * 4 + 2 * d * max(el, 4))  # scores, probs, mask; out
+        return cache + gather + step
+
     def decode_flops(self, shape: Shape) -> float:
         keys = min(self.window + 1, shape.seq_len + 1) + min(self.sinks, shape.seq_len + 1)
         return 4.0 * shape.bh * keys * shape.head_dim
