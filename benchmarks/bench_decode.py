@@ -42,6 +42,11 @@ CASES = [  # (variant, params, slope target (op, value), state target, slope fro
     ("fixed", {}, None, "", 4096),
     ("bigbird", {}, None, "", 4096),
     ("longformer", {}, None, "", 4096),
+    ("moba", {}, None, "∝ n", 4096),  # routes over n/block block means: a small slope
+    ("nsa", {}, None, "∝ n", 4096),  # the compressed branch reads n/stride block means
+    ("retnet", {}, ("<=", 0.15), "constant", 4096),
+    ("mamba2", {}, ("<=", 0.15), "constant", 4096),
+    ("gated_deltanet", {}, ("<=", 0.15), "constant", 4096),
 ]
 
 

@@ -217,6 +217,22 @@ class MoBA(Variant):
         z = shape.batch * shape.hkv
         return 2.5 * 4.0 * z * self._rows(shape) * self.block * shape.head_dim
 
+    def decode_memory_bytes(self, shape: Shape, dtype: torch.dtype,
+                            device: torch.device | str = "cpu") -> int:
+        """The KV cache (with its headroom), the router's block means, the float32 cast of the
+        context keys those means are taken from (while the cache is built), and one step: the
+        router's scores and the selected blocks' tiles. Not the forward's model (26 GB at
+        n = 65536 for llama3_8b's heads: the router's n × n/block scores of every query)."""
+        el = torch.empty((), dtype=dtype).element_size()
+        eg = 8 if dtype == torch.float64 else 4
+        b, hkv, n, d = shape.batch, shape.hkv, shape.seq_len, shape.head_dim
+        cache = 2 * b * hkv * (n + CACHE_STEP) * d * el
+        means = b * hkv * (n // self.block + CACHE_STEP // self.block + 1) * d * eg
+        build = 2 * b * hkv * n * d * eg  # k cast, padded, for the block means
+        step = shape.bh * ((n // self.block + 1) * eg * 4
+                           + 4 * (self.topk + 1) * self.block * (d + 1) * max(el, 4))
+        return cache + means + build + step
+
     def decode_flops(self, shape: Shape) -> float:
         n = shape.seq_len + 1
         one = Shape(shape.batch, shape.heads, n, shape.head_dim, shape.kv_heads, 1)

@@ -270,6 +270,22 @@ class NSA(Variant):
         _, m, c, _, _ = self._geometry(shape)
         return 8.0 * z * m * g * c * d + 10.0 * z * g * self._rows(shape) * self.sel_block * d
 
+    def decode_memory_bytes(self, shape: Shape, dtype: torch.dtype,
+                            device: torch.device | str = "cpu") -> int:
+        """The KV cache (with its headroom), the compressed keys and values (and their padded
+        buffers), and one step: the compressed branch's scores and probabilities over every
+        complete block, the selected blocks' and the window's tiles. Not the forward's model
+        (153 GB at n = 65536 for llama3_8b's heads: every query's compressed scores)."""
+        el = torch.empty((), dtype=dtype).element_size()
+        b, hkv, n, d = shape.batch, shape.hkv, shape.seq_len, shape.head_dim
+        c = max(0, (n - self.cmp_block) // self.cmp_stride + 1)
+        room = CACHE_STEP // self.cmp_stride + 1
+        cache = 2 * b * hkv * (n + CACHE_STEP) * d * el
+        compressed = 2 * b * hkv * (2 * c + room) * d * max(el, 4)  # kc, vc and their buffers
+        keys = self.sel_count * self.sel_block + self.window + 1
+        step = shape.bh * (4 * c * 8 + 4 * keys * (d + 1) * max(el, 4))
+        return cache + compressed + step
+
     def decode_flops(self, shape: Shape) -> float:
         one = Shape(shape.batch, shape.heads, shape.seq_len + 1, shape.head_dim,
                     shape.kv_heads, 1)

@@ -145,13 +145,42 @@ def _tiles(qf, k, v, lay: _Layout, blocks: dict):
     z, g, t, tiles, nb, b, n = (lay.shape[i] for i in (0, 3, 4, 5, 7, 8, 9))
     d = k.shape[-1]
     if b not in blocks:
-        blocks[b] = [(F.pad(x, (0, 0, 0, nb * b - n)) if nb * b != n else x)
-                     .reshape(z * nb, b, d) for x in (k, v)]  # (Z·nb, b, D)
+        blocks[b] = [_as_blocks(x, nb, b, n) for x in (k, v)]
     kb, vb = blocks[b]
     qr = qf.index_select(0, lay.q_index).view(z * tiles, 1, t * g, d)  # (Zt, 1, T·G, D)
     # (Zt, 1, b, D) each
-    kt, vt = (x.index_select(0, lay.k_index).view(z * tiles, 1, b, d) for x in (kb, vb))
+    kt, vt = (_gather_blocks(x, lay.k_index, nb).view(z * tiles, 1, b, d) for x in (kb, vb))
     return qr, kt, vt
+
+
+def _as_blocks(x: torch.Tensor, nb: int, b: int, n: int):
+    """x (Z, N, D) as a source of whole key blocks: (Z·nb, b, D) where that is x itself
+    (contiguous, b divides N); otherwise (its whole blocks as a view (Z, N // b, b, D), the
+    partial last block padded alone (Z, 1, b, D)): no copy of the whole keys, which a decode step
+    over a cache (a strided view, rarely a whole number of blocks long) made at every token."""
+    z, _, d = x.shape
+    if nb * b == n and x.is_contiguous():
+        return x.reshape(z * nb, b, d)
+    full = n // b
+    whole = x[:, : full * b].unflatten(1, (full, b))  # (Z, full, b, D): a view
+    tail = F.pad(x[:, full * b:], (0, 0, 0, nb * b - n)).unsqueeze(1) if full < nb else None
+    return whole, tail
+
+
+def _gather_blocks(src, index: torch.Tensor, nb: int) -> torch.Tensor:
+    """The blocks `index` (into Z·nb) names, (len(index), b, D), from an `_as_blocks` source."""
+    if isinstance(src, torch.Tensor):
+        return src.index_select(0, index)
+    whole, tail = src
+    zi, bi = index // nb, index % nb
+    full = whole.shape[1]
+    out = whole[zi, bi.clamp(max=max(full - 1, 0))] if full else None
+    if tail is None:
+        return out
+    last = tail[zi, 0]
+    if out is None:
+        return last
+    return torch.where((bi >= full)[:, None, None], last, out)
 
 
 class _Diagonal:
