@@ -161,11 +161,19 @@ def softmax_scan(att: Variant, q, k, v, got, rows: torch.Tensor, causal: bool,
                 mabs = max(mabs, float((mine - ref).abs().max().nan_to_num(math.inf)))
         if part_r:
             recall.append(torch.cat(part_r, -1))
+    return _scan_result(diff2, ref2, recall, masked, mask is None, mdiff2, mref2, mabs)
+
+
+def _scan_result(diff2, ref2, recall: list, masked: bool, maskless: bool, mdiff2: float,
+                 mref2: float, mabs: float) -> dict:
+    """A scan's sums as its result: the relative errors overall and per (batch, head), the
+    recall of every sampled row, and with `masked` the check against softmax under the mask
+    (`maskless`: the same reference)."""
     head = (diff2 / ref2.clamp_min(1e-300)).sqrt().flatten()
     out = dict(softmax_rel_error=math.sqrt(float(diff2.sum()) / max(float(ref2.sum()), 1e-300)),
                head_error=head, recall=torch.cat(recall).flatten() if recall else None)
     if masked:
-        out.update(masked_max_abs=mabs, masked_rel_error=out["softmax_rel_error"] if mask is None
+        out.update(masked_max_abs=mabs, masked_rel_error=out["softmax_rel_error"] if maskless
                    else math.sqrt(mdiff2 / max(mref2, 1e-300)))
     return out
 
@@ -259,13 +267,7 @@ def _scan_key_tiles(att: Variant, qz, gz, kz, vz, rows, hidden, mask, masked: bo
                 mabs = max(mabs, float((mine - ref).abs().max().nan_to_num(math.inf)))
         if part_r:
             recall.append(torch.cat(part_r, -1))
-    head = (diff2 / ref2.clamp_min(1e-300)).sqrt().flatten()
-    out = dict(softmax_rel_error=math.sqrt(float(diff2.sum()) / max(float(ref2.sum()), 1e-300)),
-               head_error=head, recall=torch.cat(recall).flatten() if recall else None)
-    if masked:
-        out.update(masked_max_abs=mabs, masked_rel_error=out["softmax_rel_error"] if mask is None
-                   else math.sqrt(mdiff2 / max(mref2, 1e-300)))
-    return out
+    return _scan_result(diff2, ref2, recall, masked, mask is None, mdiff2, mref2, mabs)
 
 
 def own_reference(att: Variant, q, k, v, causal: bool, rows: torch.Tensor):
