@@ -21,6 +21,8 @@ from typing import Any, Literal, NoReturn, get_args, get_origin, get_type_hints
 
 import torch
 
+from attnbench.harness.records import make_writable_folder
+
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -383,13 +385,9 @@ def check_writable(folder: Path, field: str, create: bool = True) -> None:
             raise ConfigError(f"{field}={str(folder)!r}: not writable ({existing} is not a "
                               f"writable folder)")
         return
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".attnbench-write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"{field}={str(folder)!r}: not writable ({exc.strerror})") from None
+    why = make_writable_folder(folder)
+    if why:
+        raise ConfigError(f"{field}={str(folder)!r}: not writable ({why})")
 
 
 def conf_dir() -> str:
