@@ -10,10 +10,10 @@ import warnings
 import matplotlib.colors as mcolors
 import pytest
 from test_report import assert_all_rendered
+from test_report_plots import build_keeping_figures
 from test_report_rules import _rec, _write
 
 from attnbench.harness.report import build as report
-from attnbench.harness.report import plots
 
 N = 4096
 BARS = ["latency", "error", "speedup", "memory"]
@@ -46,22 +46,8 @@ def _sweep() -> list:
 @pytest.fixture(scope="module")
 def drawn(tmp_path_factory):
     """The report of the one-n sweep, built with every warning an error, figures kept."""
-    figs = {}
-    save = plots._save
-
-    def spy(fig, folder, stem):
-        figs[stem] = fig
-        return save(fig, folder, stem)
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(plots, "_save", spy)
     folder = _write(tmp_path_factory.mktemp("bars") / "s", _sweep())
-    try:
-        with _errors():
-            report.build_report(folder)
-    finally:
-        mp.undo()
-    return folder, figs
+    return folder, build_keeping_figures(folder, _errors)
 
 
 @contextlib.contextmanager

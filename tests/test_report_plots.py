@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -39,24 +40,31 @@ def _sweep() -> list:
     return recs
 
 
-@pytest.fixture(scope="module")
-def drawn(tmp_path_factory):
-    """The report of the sweep, with every figure kept (plots._save spied) for inspection."""
+def build_keeping_figures(folder, around=contextlib.nullcontext) -> dict:
+    """Build `folder`'s report inside `around()`, every figure kept (plots._save spied): stem →
+    figure."""
     figs = {}
     save = plots._save
 
-    def spy(fig, folder, stem):
+    def spy(fig, out, stem):
         figs[stem] = fig
-        return save(fig, folder, stem)
+        return save(fig, out, stem)
 
     mp = pytest.MonkeyPatch()
     mp.setattr(plots, "_save", spy)
-    folder = _write(tmp_path_factory.mktemp("plots") / "s", _sweep())
     try:
-        report.build_report(folder)
+        with around():
+            report.build_report(folder)
     finally:
         mp.undo()
-    return folder, figs
+    return figs
+
+
+@pytest.fixture(scope="module")
+def drawn(tmp_path_factory):
+    """The report of the sweep, with every figure kept (plots._save spied) for inspection."""
+    folder = _write(tmp_path_factory.mktemp("plots") / "s", _sweep())
+    return folder, build_keeping_figures(folder)
 
 
 def _labels(axis) -> list[str]:
