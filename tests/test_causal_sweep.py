@@ -5,26 +5,20 @@ non-causal, with no `unsupported` point for a built-in on a CPU."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_cli import REPO, TINY
+from test_cli import attnbench as _cli
 
 from attnbench import variants
 from attnbench.harness.run.plan import plan
 
-REPO = Path(__file__).resolve().parent.parent
-TINY = ["batch=1", "heads=2", "head_dim=16", "timing.min_reps=2", "timing.min_time_s=0",
-        "timing.warmup=1"]
-
 
 def attnbench(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "attnbench.harness.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return _cli(*args, cwd=cwd, timeout=600)  # a default sweep's plan and points: slower
 
 
 def forms(planned) -> set[tuple[str, bool]]:

@@ -18,10 +18,10 @@ TINY = ["batch=1", "heads=2", "head_dim=16", "timing.min_reps=2", "timing.min_ti
         "timing.warmup=1"]
 
 
-def attnbench(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+def attnbench(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", "attnbench.harness.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
