@@ -173,7 +173,9 @@ def test_approximates_softmax_attention(name, params):
 
 
 @pytest.mark.parametrize(("name", "params"), CASES, ids=IDS)
-def test_flop_model_matches_the_dispatch_count(name, params):
+def test_flop_model_matches_the_dispatch_count(name, params, monkeypatch):
+    """The GPU path's static layout: its model is the count (the CPU path is below)."""
+    monkeypatch.setenv(FORCE_GPU_PATHS, "1")
     att = variants.build(name, **params)
     shape = Shape(2, 4, 203, 16, kv_heads=2)
     q, k, v = _inputs(h=4, hkv=2, n=203, nq=203, seed=9, dtype=torch.float32)
@@ -185,6 +187,21 @@ def test_flop_model_matches_the_dispatch_count(name, params):
     assert abs(model - fwd) <= 0.1 * fwd, (model, fwd)
     model_bwd = att.backward_flops(shape, True)
     assert abs(model_bwd - (both - fwd)) <= 0.1 * (both - fwd), (model_bwd, both - fwd)
+
+
+@pytest.mark.parametrize("name", ["moba", "nsa"])
+def test_cpu_flop_model_matches_the_dispatch_count(name):
+    """The CPU path drops the tiles no block fills (and NSA's compressed branch scores only the
+    blocks complete by each span's last query): it counts no more than the GPU path's static
+    layout, and its model (the expected padding) is within 10% of the count at defaults."""
+    att = variants.build(name)
+    shape = Shape(1, 8, 2048, 16)
+    q, k, v = _inputs(h=8, hkv=8, n=2048, nq=2048, seed=11, dtype=torch.float32, d=16)
+    with torch.no_grad():
+        fwd = count_call(lambda: att(q, k, v, causal=True)).flops
+    model, static = att.flops(shape, True), att.flops(shape, True, device="cuda")
+    assert fwd < static, (fwd, static)
+    assert abs(model - fwd) <= 0.1 * fwd, (model, fwd)
 
 
 @pytest.mark.parametrize("name", ["moba", "nsa"])

@@ -22,6 +22,7 @@ from attnbench.variants.sparse.select import (
     block_means,
     block_pairs,
     blocks_to_keys,
+    earlier_pairs,
     own_and_rest,
     own_rows,
     part_bytes,
@@ -188,18 +189,24 @@ class MoBA(Variant):
         nb = -(-shape.seq_len // self.block)
         return z, m, nb, min(self.topk - 1, nb)  # slots besides the own block
 
-    def _rows(self, shape: Shape) -> int:
-        """Rows the engine computes per k/v head: the own-block part and the other slots."""
+    def _rows(self, shape: Shape, device: torch.device | str = "cpu") -> int:
+        """Rows the engine computes per k/v head: the own-block part and the other slots (on
+        the CPU the expected count of the trimmed tiles, on the GPU the static capacity)."""
         _, m, _, s = self._sizes(shape)
         n = shape.seq_len
-        rest = part_rows(m, s, n, self.block) if s else 0
+        real = None if gpu_path(device) else shape.groups * earlier_pairs(
+            torch.arange(n - shape.nq, n), s, self.block)
+        rest = part_rows(m, s, n, self.block, trimmed=real) if s else 0
         return own_rows(shape.groups, shape.nq, n, self.block) + rest
 
-    def flops(self, shape: Shape, causal: bool = False) -> float:
+    def flops(self, shape: Shape, causal: bool = False,
+              device: torch.device | str = "cpu") -> float:
+        """The router's q·mean(K) for every block and the engine's rows × block keys (padding
+        included; on the CPU path its expected count, see `part_rows`)."""
         z, m, nb, _ = self._sizes(shape)
         d = shape.head_dim
         route = 2.0 * z * m * nb * d  # q·mean(K) for every block
-        return route + 4.0 * z * self._rows(shape) * self.block * d
+        return route + 4.0 * z * self._rows(shape, device) * self.block * d
 
     def algorithm_flops(self, shape: Shape, causal: bool = True) -> float:
         """The method's work, per query head and query at position p (own block o = p // b):
@@ -212,10 +219,11 @@ class MoBA(Variant):
         keys = pos - own * b + 1 + b * own.clamp(max=self.topk - 1)
         return float(shape.bh * shape.head_dim * int((4 * keys + 2 * own).sum()))
 
-    def backward_flops(self, shape: Shape, causal: bool = False) -> float:
+    def backward_flops(self, shape: Shape, causal: bool = False,
+                       device: torch.device | str = "cpu") -> float:
         """Flash-style: scores recomputed (2.5× the engine's forward); the router has none."""
         z = shape.batch * shape.hkv
-        return 2.5 * 4.0 * z * self._rows(shape) * self.block * shape.head_dim
+        return 2.5 * 4.0 * z * self._rows(shape, device) * self.block * shape.head_dim
 
     def decode_memory_bytes(self, shape: Shape, dtype: torch.dtype,
                             device: torch.device | str = "cpu") -> int:

@@ -34,6 +34,7 @@ from attnbench.variants.sparse.select import (
     band_rows,
     block_pairs,
     blocks_to_keys,
+    earlier_pairs,
     own_and_rest,
     own_rows,
     part_bytes,
@@ -41,7 +42,7 @@ from attnbench.variants.sparse.select import (
     select_attention,
     top_blocks,
 )
-from attnbench.variants.sparse.select_tiles import NEG, Part
+from attnbench.variants.sparse.select_tiles import NEG, SLAB_BYTES, Part
 
 
 @register
@@ -112,15 +113,40 @@ class NSA(Variant):
 
     def _branches(self, qi, kz, vz, kc, vc, qpos) -> torch.Tensor:
         n, work, fused = kz.shape[1], _work(qi), not gpu_path(qi.device)
-        o_cmp, p_cmp = self._compressed(qi.to(work), kc.to(work), vc.to(work), qpos)
-        with torch.no_grad():
-            idx = self._select(p_cmp, qpos, n)  # (Z, Nq, S)
+        o_cmp, idx = self._compressed_select(qi.to(work), kc.to(work), vc.to(work), qpos, n,
+                                             fused)  # (Z, Nq, G, D), (Z, Nq, S)
         parts = own_and_rest(idx, qpos // self.sel_block, self.sel_block, 1, n - qi.shape[1])
         o_sel = select_attention(qi, kz, vz, qpos, parts, work, fused)
         o_win = select_attention(qi, kz, vz, qpos, [self._window_part(qpos, n, kz.shape[0])],
                                  work, fused)
         g_cmp, g_slc, g_win = GATES
-        return (g_cmp * o_cmp.to(qi.dtype) + g_slc * o_sel + g_win * o_win).to(qi.dtype)
+        out = o_sel * g_slc  # one fresh tensor, the other branches added in place
+        return out.add_(o_win, alpha=g_win).add_(o_cmp.to(out.dtype), alpha=g_cmp).to(qi.dtype)
+
+    def _compressed_select(self, qi, kc, vc, qpos, n: int, spans: bool):
+        """The compressed branch's output (Z, Nq, G, D) and the selection (Z, Nq, S) from its
+        probabilities. `spans` (the CPU): a span of consecutive queries at a time, against only
+        the compressed blocks complete by the span's last query, so the scores and
+        probabilities stay small (under SLAB_BYTES; the whole (Nq, C) matrix was 134 MB at
+        n = 8K and its page faults and passes took most of NSA's time) and the blocks no
+        query of the span sees are not scored."""
+        z, nq, g, _ = qi.shape
+        c, st, lc = kc.shape[1], self.cmp_stride, self.cmp_block
+        span = max(st, SLAB_BYTES // max(1, 4 * z * g * c) // st * st) if spans else nq
+        if span >= nq:
+            o, p = self._compressed(qi, kc, vc, qpos)
+            with torch.no_grad():
+                return o, self._select(p, qpos, n)
+        outs, idxs = [], []
+        for s0 in range(0, nq, span):
+            s1 = min(nq, s0 + span)
+            last = n - nq + s1 - 1  # the span's last position
+            vis = min(c, max(0, (last - lc + 1) // st + 1)) if last >= lc - 1 else 0
+            o, p = self._compressed(qi[:, s0:s1], kc[:, :vis], vc[:, :vis], qpos[s0:s1])
+            with torch.no_grad():
+                idxs.append(self._select(p, qpos[s0:s1], n))
+            outs.append(o)
+        return torch.cat(outs, 1), torch.cat(idxs, 1)
 
     def _compressed(self, qi, kc, vc, qpos):
         """Attention of each query over the complete compressed blocks: output (Z, Nq, G, D)
@@ -150,7 +176,10 @@ class NSA(Variant):
         box = p[..., : a * nbs].clone()
         for r in range(1, c):
             box += p[..., r : r + a * nbs]
-        score = box.view(*box.shape[:-1], nbs, a).sum(-1)  # (Z, Nq, nbs)
+        box = box.view(*box.shape[:-1], nbs, a)  # (Z, Nq, nbs, a)
+        score = box[..., 0].clone()  # (Z, Nq, nbs): a strided add per m (a sum over the
+        for m in range(1, a):        # last dim of a few entries is a slow reduction)
+            score += box[..., m]
         own = qpos // self.sel_block
         col = torch.arange(nbs, device=p.device)
         forced = (col == 0) | (col == own[:, None] - 1)
@@ -235,20 +264,42 @@ class NSA(Variant):
         ws = self.window // self.sel_block + 2
         return n, m, c, s, ws
 
-    def _rows(self, shape: Shape) -> int:
-        """Engine rows per k/v head: own block, other selected blocks, window blocks."""
+    def _rows(self, shape: Shape, device: torch.device | str = "cpu") -> int:
+        """Engine rows per k/v head: own block, other selected blocks (on the CPU the expected
+        count of the trimmed tiles), window blocks."""
         n, m, _, s, ws = self._geometry(shape)
-        rest = part_rows(m, s, n, self.sel_block) if s else 0
+        real = None if gpu_path(device) else earlier_pairs(
+            torch.arange(n - m, n), s, self.sel_block)
+        rest = part_rows(m, s, n, self.sel_block, trimmed=real) if s else 0
         if m >= self.sel_block:  # the band: ⌈w/l′⌉ + 1 key blocks per query block
             win = band_rows(m, n, self.sel_block) * (-(-self.window // self.sel_block) + 1)
         else:
             win = part_rows(m, ws, n, self.sel_block)
         return own_rows(1, m, n, self.sel_block) + rest + win
 
-    def flops(self, shape: Shape, causal: bool = False) -> float:
+    def _cmp_pairs(self, shape: Shape, device: torch.device | str = "cpu") -> int:
+        """Query–compressed-block pairs the compressed branch scores per query head: every
+        block for every query (the GPU path), or on the CPU per span of queries the blocks
+        complete by its last one (`_compressed_select`)."""
+        n, m, c, _, _ = self._geometry(shape)
+        z, g, st, lc = shape.batch * shape.hkv, shape.groups, self.cmp_stride, self.cmp_block
+        span = max(st, SLAB_BYTES // max(1, 4 * z * g * c) // st * st)
+        if gpu_path(device) or span >= m:
+            return m * c
+        total = 0
+        for s0 in range(0, m, span):
+            last = n - m + min(m, s0 + span) - 1
+            vis = min(c, max(0, (last - lc + 1) // st + 1)) if last >= lc - 1 else 0
+            total += (min(m, s0 + span) - s0) * vis
+        return total
+
+    def flops(self, shape: Shape, causal: bool = False,
+              device: torch.device | str = "cpu") -> float:
+        """The compressed branch's scores and values (`_cmp_pairs`) and the engine's rows ×
+        l′ keys of the selected and window branches (padding included)."""
         z, g, d = shape.batch * shape.hkv, shape.groups, shape.head_dim
-        _, m, c, _, _ = self._geometry(shape)
-        return 4.0 * z * m * g * c * d + 4.0 * z * g * self._rows(shape) * self.sel_block * d
+        return 4.0 * z * g * d * (self._cmp_pairs(shape, device)
+                                  + self._rows(shape, device) * self.sel_block)
 
     def algorithm_flops(self, shape: Shape, causal: bool = True) -> float:
         """The three branches as the paper defines them, per query head and query at position t
@@ -263,12 +314,13 @@ class NSA(Variant):
         win = t.clamp(max=self.window) + 1
         return float(4 * shape.bh * shape.head_dim * int((cmp + sel + win).sum()))
 
-    def backward_flops(self, shape: Shape, causal: bool = False) -> float:
+    def backward_flops(self, shape: Shape, causal: bool = False,
+                       device: torch.device | str = "cpu") -> float:
         """Compressed branch by autograd (2×); the engine flash-style (2.5×, scores recomputed);
         the compression means and the selection have no matmuls."""
         z, g, d = shape.batch * shape.hkv, shape.groups, shape.head_dim
-        _, m, c, _, _ = self._geometry(shape)
-        return 8.0 * z * m * g * c * d + 10.0 * z * g * self._rows(shape) * self.sel_block * d
+        return (8.0 * z * g * d * self._cmp_pairs(shape, device)
+                + 10.0 * z * g * self._rows(shape, device) * self.sel_block * d)
 
     def decode_memory_bytes(self, shape: Shape, dtype: torch.dtype,
                             device: torch.device | str = "cpu") -> int:

@@ -37,9 +37,23 @@ import torch.nn.functional as F
 from attnbench.variants.sparse.select_tiles import NEG, Part, _Diagonal, _Layout, capacity
 
 
-def part_rows(items: int, slots: int, n: int, block: int, own: bool = False) -> int:
-    """Rows one part computes (padding included: the capacity is static)."""
-    return capacity(items * slots, -(-n // block), block, own)[1]
+def part_rows(items: int, slots: int, n: int, block: int, own: bool = False,
+              trimmed: int | None = None) -> int:
+    """Rows one part computes, padding included: the static capacity (the GPU path), or where
+    `trimmed` gives the part's real (item, block) pairs (the CPU path drops the tiles that only
+    empty slots or no pairs fill) their expected count: the pairs plus half a tile of padding
+    for each earlier block they can use (the fill of a block's last tile is data-dependent)."""
+    nb = -(-n // block)
+    t, rows = capacity(items * slots, nb, block, own)
+    if trimmed is None or own:
+        return rows
+    return min(rows, trimmed + min(nb - 1, trimmed) * (t - 1) // 2)
+
+
+def earlier_pairs(positions: torch.Tensor, slots: int, block: int) -> int:
+    """Real (query, block) pairs of `slots` selected blocks before each query's own block:
+    min(slots, the blocks before it) per query position."""
+    return int((positions // block).clamp(max=slots).sum())
 
 
 def own_rows(runs: int, nq: int, n: int, block: int) -> int:
@@ -107,7 +121,7 @@ def select_attention(
     with torch.no_grad():
         z, m, g = q.shape[:3]
         lays = [_Diagonal(z, m, g, p, k.shape[1], work, q.device)
-                if p.runs else _Layout(p, qpos, k.shape[1], g, work) for p in parts]
+                if p.runs else _Layout(p, qpos, k.shape[1], g, work, trim=fused) for p in parts]
     out = _SelectAttention.apply(q.to(work), k.to(work), v.to(work), lays, fused)
     return out.to(q.dtype)
 
@@ -122,22 +136,34 @@ class _SelectAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, lays: list, fused: bool):
         z, m, g, d = q.shape
         qf, blocks = q.reshape(z * m, g * d), {}  # (Z·M, G·D)
-        outs, lses = zip(*(lay.forward(qf, k, v, blocks, fused) for lay in lays), strict=True)
+        # pieces (items: an index into them, a slice of them in order, or None: all in
+        # order; the rows' output and log-sum-exp)
+        pieces = [x for lay in lays for x in lay.forward(qf, k, v, blocks, fused)]
         # each item's total log-sum-exp over its rows in every piece: max, then sum of exp
-        top = torch.full((z * m, g), NEG, dtype=lses[0].dtype, device=q.device)
-        for lay, lse in zip(lays, lses, strict=True):
-            top.scatter_reduce_(0, lay.q_index[:, None].expand(-1, g), lse, "amax")  # (rows, G)
+        top = torch.full((z * m, g), NEG, dtype=pieces[0][2].dtype, device=q.device)
+        for qi, _, lse in pieces:
+            if _ordered(qi):
+                torch.maximum(top[_span(qi)], lse, out=top[_span(qi)])
+            else:
+                top.scatter_reduce_(0, qi[:, None].expand(-1, g), lse, "amax")  # (rows, G)
         tot = torch.zeros_like(top)
         ws = []
-        for lay, lse in zip(lays, lses, strict=True):
-            w = (lse - top.index_select(0, lay.q_index)).exp_()  # (rows, G)
-            tot.index_add_(0, lay.q_index, w)
+        for qi, _, lse in pieces:
+            w = (lse - (top[_span(qi)] if _ordered(qi) else top.index_select(0, qi))).exp_()
+            tot[_span(qi)].add_(w) if _ordered(qi) else tot.index_add_(0, qi, w)  # (rows, G)
             ws.append(w)
         total = top + tot.log()  # (Z·M, G)
-        out = torch.zeros(z * m, g, d, dtype=q.dtype, device=q.device)
-        for lay, o, w in zip(lays, outs, ws, strict=True):
-            out.index_add_(0, lay.q_index, o.mul_((w / tot.index_select(0, lay.q_index))
-                                                  [..., None].to(o.dtype)))
+        out = None
+        for (qi, o, _), w in zip(pieces, ws, strict=True):
+            o = o.mul_((w / (tot[_span(qi)] if _ordered(qi) else tot.index_select(0, qi)))
+                       [..., None].to(o.dtype))  # (rows, G, D)
+            if qi is None and out is None:
+                out = o  # an all-items piece's rows are the first summand: no zeros, no add
+                continue
+            if out is None:
+                out = torch.zeros(z * m, g, d, dtype=q.dtype, device=q.device)
+            out[_span(qi)].add_(o) if _ordered(qi) else out.index_add_(0, qi, o)
+        out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, total)
         ctx.lays, ctx.fused = lays, fused
         return out.view(z, m, g, d)  # (Z, M, G, D)
@@ -156,12 +182,24 @@ class _SelectAttention(torch.autograd.Function):
 
 
 
+def _ordered(qi) -> bool:
+    """A piece whose rows are items in order: all (None) or a slice of them."""
+    return qi is None or isinstance(qi, slice)
+
+
+def _span(qi) -> slice:
+    return slice(None) if qi is None else qi
+
+
 def block_means(k: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor:
     """(Z, N, D) → (Z, ⌈N/block⌉, D) mean of each block's keys in `dtype` (a partial last block:
     the mean of its real keys)."""
     z, n, d = k.shape
     nb = -(-n // block)
-    kp = F.pad(k.to(dtype), (0, 0, 0, nb * block - n)).view(z, nb, block, d)  # (Z, nb, b, D)
+    kp = k.to(dtype)
+    if nb * block != n:
+        kp = F.pad(kp, (0, 0, 0, nb * block - n))
+    kp = kp.reshape(z, nb, block, d)  # (Z, nb, b, D)
     size = (n - torch.arange(nb, device=k.device) * block).clamp(max=block).to(dtype)
     return kp.sum(2) / size[:, None]
 

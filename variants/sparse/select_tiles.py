@@ -13,6 +13,10 @@ import torch.nn.functional as F
 
 NEG = -1e30  # finite mask: a row that sees nothing gets weight exp(NEG − max) = 0, never NaN
 MAX_TILE = 128  # items per tile at most
+# The CPU forward runs a layout's tiles in slabs of at most this many bytes of gathered queries:
+# a larger temporary is mapped fresh by the C allocator at each call (glibc: above 32 MiB), and
+# its first-touch page faults cost about as much as the tiles' matmuls (measured on 2-core EPYC).
+SLAB_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,8 @@ class _Layout:
     empty slot: those read item 0 and block 0 and get weight 0 forward, dO = 0 backward), and
     the additive mask (Z·tiles, 1, T·G, b) of masked parts."""
 
-    def __init__(self, part: Part, qpos: torch.Tensor, n: int, g: int, work) -> None:
+    def __init__(self, part: Part, qpos: torch.Tensor, n: int, g: int, work,
+                 trim: bool = False) -> None:
         idx, b = part.idx, part.block
         z, m, s = idx.shape
         nb, pairs, dev = -(-n // b), m * s, idx.device
@@ -75,20 +80,24 @@ class _Layout:
         first = counts.cumsum(1) - counts  # sorted index of each block's first pair
         rank = torch.arange(pairs, device=dev) - first.gather(1, sblk)
         dest = torch.empty_like(blk).scatter_(1, perm, (end - padded).gather(1, sblk) + rank)
+        full = rows
+        if trim:  # the host reads the rows the real blocks fill (free on the CPU): no spare tiles
+            tiles = max(1, -(-int(end[:, nb - 1].max()) // t))
+            rows = tiles * t
         starts = torch.arange(0, rows, t, device=dev).repeat(z, 1)  # (Z, tiles)
         tile_blk = torch.searchsorted(end, starts, right=True)  # (Z, tiles); >= nb: none
         item = torch.arange(pairs, device=dev) // s  # (P,) item of each pair
         zi = torch.arange(z, device=dev)[:, None]
-        row_item = torch.zeros(z, rows, dtype=torch.long, device=dev)
-        row_item.scatter_(1, dest, item.expand(z, pairs))  # (Z, P)
-        real = torch.zeros(z, rows, dtype=torch.bool, device=dev)
-        real.scatter_(1, dest, (blk < nb))  # (Z, rows)
+        row_item = torch.zeros(z, full, dtype=torch.long, device=dev)
+        row_item = row_item.scatter_(1, dest, item.expand(z, pairs))[:, :rows]  # (Z, rows)
+        real = torch.zeros(z, full, dtype=torch.bool, device=dev)
+        real = real.scatter_(1, dest, (blk < nb))[:, :rows]  # (Z, rows)
         self.mask = None
         if part.masked:
-            row_pos = torch.full((z, rows), -1, dtype=torch.long, device=dev)  # sees nothing
-            row_pos.scatter_(1, dest, qpos[item].expand(z, pairs))  # (Z, P)
+            row_pos = torch.full((z, full), -1, dtype=torch.long, device=dev)  # sees nothing
+            row_pos = row_pos.scatter_(1, dest, qpos[item].expand(z, pairs))[:, :rows]
             kpos = (tile_blk * b)[..., None, None] + torch.arange(b, device=dev)
-            rp = row_pos.view(z, tiles, t, 1)  # (Z, tiles, T, 1)
+            rp = row_pos.reshape(z, tiles, t, 1)  # (Z, tiles, T, 1)
             hidden = kpos > rp  # (Z, tiles, T, b); kpos <= qpos < n: padded keys are hidden too
             if part.window >= 0:
                 hidden |= kpos < rp - part.window
@@ -97,7 +106,7 @@ class _Layout:
             self.mask = mask[:, :, :, None].expand(z, tiles, t, g, b).reshape(
                 z * tiles, 1, t * g, b)  # (Z, tiles, T, G, b) → (Z·tiles, 1, T·G, b)
         self.real = real[..., None].expand(z, rows, g).reshape(z * rows, g)  # (Z·rows, G)
-        self.q_index = (zi * m + row_item).view(-1)  # (Z·rows,) into the Z·M items
+        self.q_index = (zi * m + row_item).reshape(-1)  # (Z·rows,) into the Z·M items
         self.k_index = (zi * nb + tile_blk.clamp(max=nb - 1)).view(-1)  # (Z·tiles,) into Z·nb
         self.shape = (z, m, s, g, t, tiles, rows, nb, b, n)
 
@@ -107,12 +116,24 @@ def _stat(work: torch.dtype) -> torch.dtype:
 
 
 def _forward(self, qf, k, v, blocks, fused):
-    """A layout's tiles: per-row output (rows, G, D) and log-sum-exp (rows, G) (not real: NEG)."""
-    g, d = self.shape[3], k.shape[-1]
-    qr, kt, vt = _tiles(qf, k, v, self, blocks)
-    o, lse = _tile_forward(qr, kt, vt, self.mask, fused)  # (Zt, 1, T·G, D), (Zt, 1, T·G)
-    # (Zt, 1, T·G, D) → (Z·rows, G, D); lse (Zt, 1, T·G) → (Z·rows, G)
-    return o.reshape(-1, g, d), lse.reshape(-1, g).masked_fill(~self.real, NEG)
+    """A layout's tiles as pieces (q_index, per-row output (rows, G, D), log-sum-exp (rows, G);
+    not real: NEG). On the CPU in slabs of tiles whose tensors stay under SLAB_BYTES: the
+    allocator then reuses freed memory instead of mapping (and page-faulting) fresh pages for
+    each large temporary, which took as long as the tiles' matmuls."""
+    g, d, t, zt = self.shape[3], k.shape[-1], self.shape[4], self.shape[0] * self.shape[5]
+    step = max(1, SLAB_BYTES // (t * g * d * qf.element_size())) if fused else zt
+    # the slabs' gathers land in three buffers, paged in once per call
+    bufs = _buffers(qf, step, t * g, self.shape[8], d) if step < zt else None
+    pieces = []
+    for a in range(0, zt, step):
+        e = min(zt, a + step)
+        qr, kt, vt = _tiles(qf, k, v, self, blocks, a, e, bufs)
+        mask = None if self.mask is None else self.mask[a:e]
+        o, lse = _tile_forward(qr, kt, vt, mask, fused)  # (tiles, 1, T·G, D), (tiles, 1, T·G)
+        # (tiles, 1, T·G, D) → (rows, G, D); lse (tiles, 1, T·G) → (rows, G)
+        pieces.append((self.q_index[a * t : e * t], o.reshape(-1, g, d),
+                       lse.reshape(-1, g).masked_fill(~self.real[a * t : e * t], NEG)))
+    return pieces
 
 
 def _backward(self, qf, k, v, blocks, dx, ox, total, grads, fused):
@@ -139,18 +160,32 @@ def _backward(self, qf, k, v, blocks, dx, ox, total, grads, fused):
 _Layout.forward, _Layout.backward = _forward, _backward
 
 
-def _tiles(qf, k, v, lay: _Layout, blocks: dict):
-    """Gathered query rows (Zt, 1, T·G, D) and key, value tiles (Zt, 1, b, D); `blocks` keeps
-    k, v as (Z·nb, b, D) per block size (a padded copy only when b does not divide n)."""
-    z, g, t, tiles, nb, b, n = (lay.shape[i] for i in (0, 3, 4, 5, 7, 8, 9))
+def _buffers(qf: torch.Tensor, tiles: int, rows: int, b: int, d: int) -> tuple:
+    """Reusable gather targets for slabs of `tiles` tiles: query rows, key and value tiles."""
+    return (qf.new_empty(tiles * rows // (qf.shape[1] // d), qf.shape[1]),
+            qf.new_empty(tiles, b, d), qf.new_empty(tiles, b, d))
+
+
+def _tiles(qf, k, v, lay: _Layout, blocks: dict, a: int = 0, e: int | None = None,
+           bufs: tuple | None = None):
+    """Tiles a … e − 1 (of Z·tiles; default all): gathered query rows (tiles, 1, T·G, D) and
+    key, value tiles (tiles, 1, b, D), into `bufs` (`_buffers`) where given; `blocks` keeps k,
+    v as (Z·nb, b, D) per block size (a padded copy only when b does not divide n)."""
+    g, t, nb, b = (lay.shape[i] for i in (3, 4, 7, 8))
+    e = lay.shape[0] * lay.shape[5] if e is None else e
     d = k.shape[-1]
     if b not in blocks:
-        blocks[b] = [_as_blocks(x, nb, b, n) for x in (k, v)]
+        blocks[b] = [_as_blocks(x, nb, b, k.shape[1]) for x in (k, v)]
     kb, vb = blocks[b]
-    qr = qf.index_select(0, lay.q_index).view(z * tiles, 1, t * g, d)  # (Zt, 1, T·G, D)
-    # (Zt, 1, b, D) each
-    kt, vt = (_gather_blocks(x, lay.k_index, nb).view(z * tiles, 1, b, d) for x in (kb, vb))
-    return qr, kt, vt
+    qi, ki = lay.q_index[a * t : e * t], lay.k_index[a:e]
+    if bufs is None:
+        qr = qf.index_select(0, qi)
+        kt, vt = (_gather_blocks(x, ki, nb) for x in (kb, vb))
+    else:
+        qr = torch.index_select(qf, 0, qi, out=bufs[0][: len(qi)])
+        kt, vt = (_gather_blocks(x, ki, nb, out[: e - a])
+                  for x, out in zip((kb, vb), bufs[1:], strict=True))
+    return qr.view(e - a, 1, t * g, d), kt.view(e - a, 1, b, d), vt.view(e - a, 1, b, d)
 
 
 def _as_blocks(x: torch.Tensor, nb: int, b: int, n: int):
@@ -167,10 +202,13 @@ def _as_blocks(x: torch.Tensor, nb: int, b: int, n: int):
     return whole, tail
 
 
-def _gather_blocks(src, index: torch.Tensor, nb: int) -> torch.Tensor:
-    """The blocks `index` (into Z·nb) names, (len(index), b, D), from an `_as_blocks` source."""
+def _gather_blocks(src, index: torch.Tensor, nb: int,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """The blocks `index` (into Z·nb) names, (len(index), b, D), from an `_as_blocks` source
+    (into `out` where given and the source is one tensor)."""
     if isinstance(src, torch.Tensor):
-        return src.index_select(0, index)
+        return src.index_select(0, index) if out is None else \
+            torch.index_select(src, 0, index, out=out)
     whole, tail = src
     zi, bi = index // nb, index % nb
     full = whole.shape[1]
@@ -213,31 +251,59 @@ class _Diagonal:
     def _pad(self, x: torch.Tensor, width: int) -> torch.Tensor:
         z, _, g, runs, nq, _, b, _ = self.geo
         rows = self.nbq * b
-        # (Z·M, width) → (Z, runs, Nq, width), padded to (Z, runs, nbq·b, width)
-        x = F.pad(x.reshape(z, runs, nq, width), (0, 0, self.front, rows - self.front - nq))
+        # (Z·M, width) → (Z, runs, Nq, width), padded to (Z, runs, nbq·b, width) (no copy when
+        # the run fills whole blocks)
+        x = x.reshape(z, runs, nq, width)
+        if rows != nq:
+            x = F.pad(x, (0, 0, self.front, rows - self.front - nq))
         return x.view(z * runs, self.nbq, b * g, width // g)  # (Z·runs, nbq, b·G, width/G)
 
     def _unpad(self, x: torch.Tensor, width: int) -> torch.Tensor:
-        z, m, _, runs, nq, _, b, _ = self.geo
-        # (Z·runs, nbq, b·G, width/G) → (Z, runs, Nq, width) → (Z·M, width)
-        x = x.reshape(z, runs, self.nbq * b, width)[:, :, self.front : self.front + nq]
-        return x.reshape(z * m, width)
+        _, _, _, runs, nq, _, b, _ = self.geo
+        # (Z·runs, nbq, b·G, width/G) → (Z, runs, Nq, width) → (Z·M, width) (Z: all k/v heads
+        # or a slab of them)
+        x = x.reshape(-1, runs, self.nbq * b, width)[:, :, self.front : self.front + nq]
+        return x.reshape(-1, width)
 
-    def _keys(self, x: torch.Tensor) -> torch.Tensor:
+    def _keys(self, x: torch.Tensor, view: bool = False) -> torch.Tensor:
+        """(Z·runs, nbq, Lk, D) keys (or values) of each query block's band; `view`: the band
+        as an overlapping strided view of the padded x (aten's CPU flash kernels read any row
+        stride), not a copy of (r + 1)× the keys."""
         z, runs, n, b, r = (self.geo[i] for i in (0, 3, 5, 6, 7))
         d, lk = x.shape[-1], (r + 1) * b
-        x = F.pad(x, (0, 0, r * b, (self.first + self.nbq) * b - n))  # token t at t + r·b
+        z = x.shape[0]  # a slab of the k/v heads (runs == 1) or all of them
+        if r or (self.first + self.nbq) * b != n:  # token t at t + r·b
+            x = F.pad(x, (0, 0, r * b, (self.first + self.nbq) * b - n))
         x = x[:, self.first * b :]  # band of query block i: rows i·b … i·b + Lk
-        x = x.view(z, self.nbq, b, d) if r == 0 else \
-            x.unfold(1, lk, b).transpose(-1, -2).contiguous()  # (Z, nbq, Lk, D)
+        if r == 0:
+            x = x.view(z, self.nbq, b, d)
+        else:
+            x = x.unfold(1, lk, b).transpose(-1, -2)  # (Z, nbq, Lk, D)
+            x = x if view and runs == 1 else x.contiguous()
         # (Z, nbq, Lk, D) → (Z, runs, nbq, Lk, D) → (Z·runs, nbq, Lk, D)
         return x[:, None].expand(-1, runs, -1, -1, -1).reshape(z * runs, self.nbq, lk, d)
 
     def forward(self, qf, k, v, blocks, fused):
-        g, d = self.geo[2], k.shape[-1]
-        o, lse = _tile_forward(self._pad(qf, g * d), self._keys(k), self._keys(v), self.mask,
-                               fused)
-        return self._unpad(o, g * d).view(-1, g, d), self._unpad(lse, g)  # (Z·M, G, D), (Z·M, G)
+        """Pieces (items, per-row output (rows, G, D), log-sum-exp (rows, G)); items: None
+        (every item in order) or a slice of them. A band (reach > 0, one run) runs on the CPU a
+        slab of k/v heads at a time, so its padded keys and values stay under SLAB_BYTES."""
+        z, _, g, runs, nq, _, b, r = self.geo
+        d = k.shape[-1]
+        qp = self._pad(qf, g * d)  # (Z·runs, nbq, b·G, D)
+        padded = 2 * (self.nbq + r) * b * d * k.element_size()  # one head's padded k and v
+        step = max(1, SLAB_BYTES // padded) if fused and r and runs == 1 else z * runs
+        if step >= z * runs:
+            o, lse = _tile_forward(qp, self._keys(k, fused), self._keys(v, fused), self.mask,
+                                   fused)
+            return [(None, self._unpad(o, g * d).view(-1, g, d), self._unpad(lse, g))]
+        pieces = []
+        for a in range(0, z, step):
+            e = min(z, a + step)
+            o, lse = _tile_forward(qp[a:e], self._keys(k[a:e], True), self._keys(v[a:e], True),
+                                   self.mask, fused)
+            pieces.append((slice(a * nq, e * nq), self._unpad(o, g * d).view(-1, g, d),
+                           self._unpad(lse, g)))
+        return pieces
 
     def backward(self, qf, k, v, blocks, dx, ox, total, grads, fused):
         z, _, g, runs, _, n, b, r = self.geo
