@@ -14,6 +14,7 @@ bound binds.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -25,6 +26,7 @@ from attnbench import variants
 from attnbench.harness.run.rate import matmul_rate
 from attnbench.variants.base import Shape
 from attnbench.variants.reference import attention_reference, rel_error
+from attnbench.variants.sparse.select_tiles import capacity
 from attnbench.variants.testing import random_qkv
 
 TARGET_N = 8192
@@ -41,6 +43,36 @@ def _machine() -> str:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, load average {load:.1f}")
+
+
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def tile_rate(rows: int, keys: int, d: int = 64, seconds: float = 0.2) -> float:
+    """FLOP/s of aten's CPU flash kernel on a batch of (rows × keys) tiles, D = d: the kernel
+    the engine's tiles run through, at their shape (the bound an engine built on it meets)."""
+    tiles = max(1, (8 << 20) // (4 * rows * d))
+    q = torch.randn(tiles, 1, rows, d)
+    k, v = torch.randn(tiles, 1, keys, d), torch.randn(tiles, 1, keys, d)
+    _FLASH(q, k, v)
+    best, spent = math.inf, 0.0
+    while spent < seconds:
+        t0 = time.perf_counter()
+        _FLASH(q, k, v)
+        dt = time.perf_counter() - t0
+        best, spent = min(best, dt), spent + dt
+    return 4.0 * tiles * rows * keys * d / best
+
+
+def tiles_of(att, n: int) -> list[tuple[int, int]]:
+    """The (rows, keys) tile shapes the CPU engine runs for `att` at B=1, H=8, n, D=64."""
+    if att.name == "moba":
+        nb = -(-n // att.block)
+        t, _ = capacity(n * (att.topk - 1), nb, att.block)
+        return [(att.block, att.block), (t, att.block)]  # own blocks, selected blocks
+    b = att.sel_block
+    t, _ = capacity(n * (att.sel_count - 1), -(-n // b), b)
+    return [(b, b), (t, b), (b, (-(-att.window // b) + 1) * b)]  # own, selected, window band
 
 
 def main() -> None:
@@ -96,6 +128,16 @@ def main() -> None:
                   f"{executed / ms / 1e6 / (rate / 1e9):.0%} of the matmul rate; at most "
                   f"{full / floor_ms:.1f}x here (the method's FLOPs at the matmul rate: "
                   f"{floor_ms:.1f} ms)")
+            shapes = tiles_of(att, n)
+            rates = [tile_rate(r, c) for r, c in shapes]
+            best = max(rates)
+            kernel_ms = algo / best * 1e3
+            print("        tile kernel: aten's CPU flash kernel at "
+                  + ", ".join(f"{r}x{c} tiles {x / 1e9:.0f} GFLOP/s ({x / rate:.0%})"
+                              for (r, c), x in zip(shapes, rates, strict=True))
+                  + f"; the method's FLOPs at the fastest of these take {kernel_ms:.1f} ms: "
+                  f"at most {full / kernel_ms:.1f}x here on this kernel; the engine runs at "
+                  f"{executed / ms / 1e6 / (best / 1e9):.0%} of it")
     again = matmul_rate("cpu", "float32")
     print(f"fp32 matmul rate again at the end: {again / 1e9:.1f} GFLOP/s; load average "
           f"{os.getloadavg()[0]:.1f}")
