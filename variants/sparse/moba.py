@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from attnbench.variants import reference as _reference
 from attnbench.variants.base import Shape, Variant, gpu_path
@@ -31,6 +32,7 @@ from attnbench.variants.sparse.select import (
     top_blocks,
 )
 from attnbench.variants.sparse.select_naive import dense_reference
+from attnbench.variants.sparse.select_tiles import SLAB_BYTES
 
 
 @register
@@ -81,16 +83,29 @@ class MoBA(Variant):
         kz, vz = k.reshape(z, n, d), v.reshape(z, n, d)
         with torch.no_grad():
             means = block_means(kz, self.block, _gate_dtype(q))  # (Z, nb, D)
-            idx = self._route(items[:, :, 0], means, qpos)
+            idx = self._route(items[:, :, 0], means, qpos, spans=not gpu_path(q.device))
         parts = own_and_rest(idx, qpos // self.block, self.block, h // hkv, n - nq)
         out = select_attention(items, kz, vz, qpos, parts, _work(q), not gpu_path(q.device))
         return out.view(b, h, nq, d)
 
-    def _route(self, qi: torch.Tensor, means: torch.Tensor, qpos: torch.Tensor) -> torch.Tensor:
+    def _route(self, qi: torch.Tensor, means: torch.Tensor, qpos: torch.Tensor,
+               spans: bool = False) -> torch.Tensor:
         """(Z, M, D) queries, (Z, C, D) block means → (Z, M, topk − 1) blocks selected besides
-        each query's own (-1: empty slot)."""
-        gate = qi.to(means.dtype) @ means.transpose(-1, -2)  # (Z, M, C): q·mean(K_block)
-        return top_blocks(gate, qpos // self.block, self.topk - 1)
+        each query's own (-1: empty slot). `spans` (the CPU): a span of items at a time against
+        only the blocks up to its latest query's own (the later ones are never selected), its
+        scores under SLAB_BYTES."""
+        z, m, _ = qi.shape
+        c = means.shape[1]
+        span = max(1, SLAB_BYTES // (4 * z * c)) if spans else m
+        picks = []
+        for s0 in range(0, m, span):
+            pos = qpos[s0 : s0 + span]
+            cols = min(c, int(pos.max()) // self.block + 1) if span < m else c
+            # (Z, span, cols): q·mean(K_block)
+            gate = qi[:, s0 : s0 + span].to(means.dtype) @ means[:, :cols].transpose(-1, -2)
+            idx = top_blocks(gate, pos // self.block, self.topk - 1)
+            picks.append(F.pad(idx, (0, min(c, self.topk - 1) - idx.shape[-1]), value=-1))
+        return picks[0] if len(picks) == 1 else torch.cat(picks, 1)
 
     # -- decode: a KV cache and the means of the complete blocks -------------------------------
     def decode_init(self, k: torch.Tensor, v: torch.Tensor, heads: int | None = None
@@ -203,10 +218,20 @@ class MoBA(Variant):
               device: torch.device | str = "cpu") -> float:
         """The router's q·mean(K) for every block and the engine's rows × block keys (padding
         included; on the CPU path its expected count, see `part_rows`)."""
+        z, d = shape.batch * shape.hkv, shape.head_dim
+        return 2.0 * z * d * self._route_pairs(shape, device) + 4.0 * z * self._rows(
+            shape, device) * self.block * d
+
+    def _route_pairs(self, shape: Shape, device: torch.device | str = "cpu") -> int:
+        """Item–block scores of the router per k/v head: every block for every item (the GPU
+        path), or per span of items the blocks up to its latest query's own (`_route`)."""
         z, m, nb, _ = self._sizes(shape)
-        d = shape.head_dim
-        route = 2.0 * z * m * nb * d  # q·mean(K) for every block
-        return route + 4.0 * z * self._rows(shape, device) * self.block * d
+        span = max(1, SLAB_BYTES // (4 * z * nb))
+        if gpu_path(device) or span >= m:
+            return m * nb
+        qpos = torch.arange(m) % shape.nq + (shape.seq_len - shape.nq)
+        spans = (qpos[s : s + span] for s in range(0, m, span))
+        return sum(min(nb, int(pos.max()) // self.block + 1) * len(pos) for pos in spans)
 
     def algorithm_flops(self, shape: Shape, causal: bool = True) -> float:
         """The method's work, per query head and query at position p (own block o = p // b):

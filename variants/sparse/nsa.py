@@ -144,7 +144,7 @@ class NSA(Variant):
             vis = min(c, max(0, (last - lc + 1) // st + 1)) if last >= lc - 1 else 0
             o, p = self._compressed(qi[:, s0:s1], kc[:, :vis], vc[:, :vis], qpos[s0:s1])
             with torch.no_grad():
-                idxs.append(self._select(p, qpos[s0:s1], n))
+                idxs.append(self._select(p, qpos[s0:s1], n, last // self.sel_block + 1))
             outs.append(o)
         return torch.cat(outs, 1), torch.cat(idxs, 1)
 
@@ -164,11 +164,16 @@ class NSA(Variant):
         seen = (~hidden).any(-1)[:, None, None]  # (Nq, 1, 1)
         return o * seen, p.detach()
 
-    def _select(self, p_cmp: torch.Tensor, qpos: torch.Tensor, n: int) -> torch.Tensor:
+    def _select(self, p_cmp: torch.Tensor, qpos: torch.Tensor, n: int,
+                blocks: int | None = None) -> torch.Tensor:
         """Top-n selection blocks from the compressed probabilities (Z, Nq, G, C): eq. 9 by
-        overlap, eq. 10 summed over the group's heads, the first and 2 local blocks forced."""
+        overlap, eq. 10 summed over the group's heads, the first and 2 local blocks forced.
+        `blocks`: score only the first ones (those up to the latest query's own block; the
+        slots stay min(n − 1, all blocks) wide, -1 where empty)."""
         a, c = self.sel_block // self.cmp_stride, self.cmp_block // self.cmp_stride
-        nbs = -(-n // self.sel_block)
+        nbs = every = -(-n // self.sel_block)
+        if blocks is not None:
+            nbs = min(nbs, blocks)
         seen = (qpos >= self.cmp_block - 1)[:, None]  # a compression block is complete
         p = p_cmp.sum(2).mul_(seen)  # (Z, Nq, C)
         # Σ_{m<a} Σ_{r<c} p[a·j − (c − 1) + m + r]: a box of c, then boxes of a at stride a
@@ -183,7 +188,8 @@ class NSA(Variant):
         own = qpos // self.sel_block
         col = torch.arange(nbs, device=p.device)
         forced = (col == 0) | (col == own[:, None] - 1)
-        return top_blocks(score, own, self.sel_count - 1, forced)  # besides the own block
+        idx = top_blocks(score, own, self.sel_count - 1, forced)  # besides the own block
+        return F.pad(idx, (0, min(every, self.sel_count - 1) - idx.shape[-1]), value=-1)
 
     def _window_part(self, qpos: torch.Tensor, n: int, z: int) -> Part:
         """The window's key blocks (of l′ keys): those holding t − w … t, masked to the window;
