@@ -12,9 +12,11 @@ static shapes and no host reads:
 3. the slots of an item are merged by their row maxima and sums (the split-KV merge of
    flash-decoding), which is exact softmax over the union of the selected keys.
 
-The row capacity is a static bound (pairs + (blocks + 1)·(T − 1)), so shapes, FLOPs and the op
-count are known before the call and independent of batch·heads and n; cost is ∝ the selected
-blocks. A query item is G query rows sharing one selection (NSA: the heads of a k/v group; MoBA:
+On the GPU path the row capacity is a static bound (pairs + (blocks + 1)·(T − 1)), so shapes,
+FLOPs and the op count are known before the call and independent of batch·heads and n; the CPU
+path reads how many tiles the real blocks fill (a host read costs nothing there) and drops the
+rest, and runs the tiles in slabs of at most `SLAB_BYTES` (fresh large temporaries cost their
+page faults at every call). Cost is ∝ the selected blocks. A query item is G query rows sharing one selection (NSA: the heads of a k/v group; MoBA:
 one head, G = 1). Where the blocks follow from the position alone (the own block, a sliding
 window) and the queries are consecutive, a piece runs without gathers: each query block against
 its own key block (a view) or a band of key blocks (one unfold), under one causal/window mask.
