@@ -235,18 +235,22 @@ class _Diagonal:
         self.nbq = -(-n // b) - self.first  # query blocks
         self.geo = (z, m, g, runs, nq, n, b, r)
         self.q_index = torch.arange(z * m, device=device)
-        blocks = 1 if r == 0 and part.window < 0 else self.nbq  # one mask fits every block
-        qpos = ((torch.arange(blocks, device=device) + self.first) * b)[:, None] + torch.arange(
-            b, device=device)  # (blocks, b)
-        kpos = qpos[:, :1] - r * b + torch.arange((r + 1) * b, device=device)  # (blocks, Lk)
-        rel = qpos[:, :, None] - kpos[:, None, :]  # (blocks, b, Lk)
-        hidden = (rel < 0) | (kpos[:, None, :] < 0)
+        lk = (r + 1) * b
+        # query a of a block against key c of its band: the same offset in every block
+        rel = torch.arange(b, device=device)[:, None] + r * b - torch.arange(lk, device=device)
+        hidden = rel < 0  # (b, Lk)
         if part.window >= 0:
             hidden |= rel > part.window
+        blocks = 1  # one mask fits every block, unless a band reaches before the first key
+        if self.first < r:
+            blocks = self.nbq
+            kpos = ((torch.arange(blocks, device=device) + self.first - r) * b)[:, None] + \
+                torch.arange(lk, device=device)  # (blocks, Lk)
+            hidden = hidden | (kpos < 0)[:, None, :]  # (blocks, b, Lk)
         mask = torch.where(hidden, torch.tensor(NEG, dtype=work, device=device),
                            torch.tensor(0.0, dtype=work, device=device))
-        self.mask = mask[:, :, None].expand(blocks, b, g, (r + 1) * b).reshape(
-            1, blocks, b * g, (r + 1) * b)  # (1, blocks, b·G, Lk)
+        self.mask = mask.view(blocks, b, 1, lk).expand(blocks, b, g, lk).reshape(
+            1, blocks, b * g, lk)  # (1, blocks, b·G, Lk)
 
     def _pad(self, x: torch.Tensor, width: int) -> torch.Tensor:
         z, _, g, runs, nq, _, b, _ = self.geo
