@@ -121,31 +121,34 @@ class DeltaRule(Recurrent):
         b, h, nq, d = q.shape
         pre = k.shape[-2] - nq
         span = self._span(b, h, max(nq, pre), d, q.device)
-        state = self._states(k[..., :pre, :], v[..., :pre, :], span)
+        work: dict[str, torch.Tensor] = {}  # the engine's buffers, shared by the segments
+        state = self._states(k[..., :pre, :], v[..., :pre, :], span, work)
         out = None if nq <= span else q.new_empty(b, h, nq, v.shape[-1])
         for lo in range(0, nq, span):  # segment by segment, the gates and norms too
             rows, keys = slice(lo, lo + span), slice(pre + lo, pre + lo + span)
             qn, kn, vc, beta, g = self._inputs(q[..., rows, :], k[..., keys, :], v[..., keys, :])
             part, state = chunk_delta(qn, kn, vc, beta, g, state, self.chunk,
-                                      final=lo + span < nq)
+                                      final=lo + span < nq, work=work)
             part = part.reshape(b, h, -1, d)  # (B, Hkv, G, m, D) → (B, H, m, D)
             if out is None:
-                return part.to(q.dtype)
-            out[..., rows, :] = part  # written as it comes: no list of parts kept
+                return part.to(q.dtype)  # the call's buffers are its own: a view may leave
+            out[..., rows, :] = part  # written as it comes (a view into the buffers)
         return out
 
     def _span(self, b: int, h: int, n: int, d: int, device) -> int:
         """Positions per segment of the chunked form (a multiple of the chunk length)."""
         return segment_span(n, self.chunk, b * h * max(self.chunk, 2 * d), device)
 
-    def _states(self, k: torch.Tensor, v: torch.Tensor, span: int) -> torch.Tensor | None:
+    def _states(self, k: torch.Tensor, v: torch.Tensor, span: int,
+                work: dict[str, torch.Tensor] | None = None) -> torch.Tensor | None:
         """The state after k, v by the chunked form, segment by segment (None: no positions)."""
         ct, state = compute_dtype(k.dtype), None
+        work = {} if work is None else work
         for lo in range(0, k.shape[-2], span):
             kf = k[..., lo:lo + span, :].to(ct)
             beta, g = self.gates(kf)
             _, state = chunk_delta(None, F.normalize(kf, dim=-1), v[..., lo:lo + span, :].to(ct),
-                                   beta, g, state, self.chunk, final=True)
+                                   beta, g, state, self.chunk, final=True, work=work)
         return state
 
     def fla_kernel(self, q, k, v, beta, g, **kw):
