@@ -21,6 +21,11 @@ sequential by nature (n/C steps), in one of two forms:
   factors formed for all chunks at once, one fused matmul per chunk; the output rearranged as
   P U − (P W − e^γ Q) S.
 
+On the CPU without autograd (`_chunk_cpu`) every intermediate is written into buffers that the
+segments of one call share (`workspace`), reused within a segment once dead, and every batched
+matmul writes a contiguous result: CPU bmm/baddbmm run one batched gemm only into those (into a
+strided result, one addmm per matrix: the chunk loop's states were 1920 of them at n=8192).
+
 The state depends only on k, v and the gates (drawn from k), so grouped-query heads share it:
 the engine runs per k/v head and folds the query heads of a group into the rows of the chunk.
 The variants run it segment by segment on the CPU (`segments`).
