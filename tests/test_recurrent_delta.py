@@ -9,6 +9,7 @@ variants' documented draw) are shared.
 
 from __future__ import annotations
 
+import math
 import sys
 import types
 
@@ -21,6 +22,7 @@ from attnbench.harness.run.memory import peak_memory
 from attnbench.harness.run.opcount import count_call
 from attnbench.variants.base import FORCE_GPU_PATHS, Shape
 from attnbench.variants.recurrent import segments
+from attnbench.variants.recurrent.decays import decay_matrix, decay_matrix_into, segsum
 from attnbench.variants.recurrent.delta import gate_weights
 from attnbench.variants.recurrent.delta_chunk import chunk_delta
 from attnbench.variants.recurrent.delta_recurrent import recurrent_delta
@@ -350,6 +352,49 @@ def test_segments_equal_one_pass(name, monkeypatch):
         results.append((out, *grads, att.decode_init(k, v)))
     for a, b in zip(*results, strict=True):
         assert rel_error(a, b) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("name", NAMES)
+def test_buffered_segments_match_paper_recurrence(name, dtype, monkeypatch):
+    """Without autograd the CPU engine writes into one set of buffers per call, shared by the
+    segments: many short segments (two chunks each, the last one partial), a context before the
+    queries and grouped k/v heads against the float64 recurrence of the papers, at the error
+    of float32 (or float64) arithmetic."""
+    monkeypatch.setattr(segments, "SEGMENT_WORDS", 2 * 16 * 2 * 4 * 16)  # 2 chunks of 16
+    att = variants.build(name, chunk=16)
+    q = random_qkv(1, 4, 61, 16, dtype)[0]
+    _, k, v = random_qkv(1, 2, 83, 16, dtype)  # 22 context positions, then 61 queries
+    if name == "gated_deltanet":
+        k = k * 4  # decays from ~0 to strong inside the chunks
+    assert att._span(1, 4, 61, 16, "cpu") == 32
+    with torch.no_grad():
+        out = att(q, k, v, causal=True)
+        state = att.decode_init(k, v)
+    gold = paper_reference(att)(q.double(), k.double(), v.double(), True)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert rel_error(out.double(), gold) < tol
+    state_gold = att.decode_init(k.double(), v.double())  # one segment, the former engine
+    monkeypatch.setattr(segments, "SEGMENT_WORDS", 1 << 19)
+    assert rel_error(state.double(), state_gold) < tol
+
+
+def test_decay_matrix_into_matches_float64_segment_sums():
+    """Γ of float32 log-decays from differences of float64 cumulative sums: gates from −1e-4 to
+    −1e3 and −inf (a zero gate) mixed in a chunk, against e^(segment sums) in float64: every
+    entry to float32's precision, zeros across a closed gate, 0 above the diagonal."""
+    g = torch.Generator().manual_seed(0)
+    x = -torch.rand(32, 64, generator=g, dtype=torch.float64) * 10 ** torch.randint(
+        -4, 4, (32, 64), generator=g)
+    x[0, 10] = -math.inf
+    gold = segsum(x).exp()
+    out = decay_matrix_into(x.float(), torch.full((32, 64, 64), math.nan))
+    assert (out[0, 10:, :10] == 0).all() and (out.triu(1) == 0).all()
+    # float32 holds the exponent Σ to ε32·|Σ|, e^Σ to ε32: relative error ε32·(2 + |Σ|)
+    bound = 1.2e-7 * (2 + gold.log().abs().nan_to_num(posinf=0)) * gold + 1e-44  # least 1.4e-45
+    assert ((out.double() - gold).abs() <= bound).all()
+    assert torch.equal(decay_matrix_into(x, torch.empty(32, 64, 64, dtype=torch.float64)),
+                       decay_matrix(x))  # float64: the exact tree
 
 
 @pytest.mark.parametrize("name", NAMES)

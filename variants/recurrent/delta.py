@@ -94,11 +94,13 @@ class DeltaRule(Recurrent):
     def gates(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """β (B, Hkv, N) and log α (B, Hkv, N) or None, from raw k in its (compute) dtype."""
         w, a, b = gate_weights(self.seed, k.shape[1], k.shape[-1], k.device, k.dtype)
-        x = k @ (w if self.gated else w[..., :1])  # (B, Hkv, N, 1 or 2)
-        beta = torch.sigmoid(x[..., 0])
+        # (B, Hkv, 1 or 2, N): wᵀ kᵀ, a (2, D)·(D, N) product per head; k·w (N rows, 2 columns)
+        # took 2.3× as long on the CPU (0.28 against 0.12 ms at H=8, N=512, D=64)
+        x = (w if self.gated else w[..., :1]).transpose(-1, -2) @ k.transpose(-1, -2)
+        beta = torch.sigmoid(x[..., 0, :])
         if not self.gated:
             return beta, None
-        return beta, -a[:, None] * F.softplus(x[..., 1] + b[:, None])
+        return beta, -a[:, None] * F.softplus(x[..., 1, :] + b[:, None])
 
     def _inputs(self, q, k, v):
         ct = compute_dtype(q.dtype)
@@ -121,31 +123,34 @@ class DeltaRule(Recurrent):
         b, h, nq, d = q.shape
         pre = k.shape[-2] - nq
         span = self._span(b, h, max(nq, pre), d, q.device)
-        state = self._states(k[..., :pre, :], v[..., :pre, :], span)
+        work: dict[str, torch.Tensor] = {}  # the engine's buffers, shared by the segments
+        state = self._states(k[..., :pre, :], v[..., :pre, :], span, work)
         out = None if nq <= span else q.new_empty(b, h, nq, v.shape[-1])
         for lo in range(0, nq, span):  # segment by segment, the gates and norms too
             rows, keys = slice(lo, lo + span), slice(pre + lo, pre + lo + span)
             qn, kn, vc, beta, g = self._inputs(q[..., rows, :], k[..., keys, :], v[..., keys, :])
             part, state = chunk_delta(qn, kn, vc, beta, g, state, self.chunk,
-                                      final=lo + span < nq)
+                                      final=lo + span < nq, work=work)
             part = part.reshape(b, h, -1, d)  # (B, Hkv, G, m, D) → (B, H, m, D)
             if out is None:
-                return part.to(q.dtype)
-            out[..., rows, :] = part  # written as it comes: no list of parts kept
+                return part.to(q.dtype)  # the call's buffers are its own: a view may leave
+            out[..., rows, :] = part  # written as it comes (a view into the buffers)
         return out
 
     def _span(self, b: int, h: int, n: int, d: int, device) -> int:
         """Positions per segment of the chunked form (a multiple of the chunk length)."""
         return segment_span(n, self.chunk, b * h * max(self.chunk, 2 * d), device)
 
-    def _states(self, k: torch.Tensor, v: torch.Tensor, span: int) -> torch.Tensor | None:
+    def _states(self, k: torch.Tensor, v: torch.Tensor, span: int,
+                work: dict[str, torch.Tensor] | None = None) -> torch.Tensor | None:
         """The state after k, v by the chunked form, segment by segment (None: no positions)."""
         ct, state = compute_dtype(k.dtype), None
+        work = {} if work is None else work
         for lo in range(0, k.shape[-2], span):
             kf = k[..., lo:lo + span, :].to(ct)
             beta, g = self.gates(kf)
             _, state = chunk_delta(None, F.normalize(kf, dim=-1), v[..., lo:lo + span, :].to(ct),
-                                   beta, g, state, self.chunk, final=True)
+                                   beta, g, state, self.chunk, final=True, work=work)
         return state
 
     def fla_kernel(self, q, k, v, beta, g, **kw):

@@ -21,6 +21,11 @@ sequential by nature (n/C steps), in one of two forms:
   factors formed for all chunks at once, one fused matmul per chunk; the output rearranged as
   P U − (P W − e^γ Q) S.
 
+On the CPU without autograd (`_chunk_cpu`) every intermediate is written into buffers that the
+segments of one call share (`workspace`), reused within a segment once dead, and every batched
+matmul writes a contiguous result: CPU bmm/baddbmm run one batched gemm only into those (into a
+strided result, one addmm per matrix: the chunk loop's states were 1920 of them at n=8192).
+
 The state depends only on k, v and the gates (drawn from k), so grouped-query heads share it:
 the engine runs per k/v head and folds the query heads of a group into the rows of the chunk.
 The variants run it segment by segment on the CPU (`segments`).
@@ -28,11 +33,13 @@ The variants run it segment by segment on the CPU (`segments`).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from attnbench.variants.base import gpu_path
-from attnbench.variants.recurrent.decays import decay_matrix, suffix_sums
+from attnbench.variants.recurrent.decays import decay_matrix, decay_matrix_into, suffix_sums
 
 SOLVE_BLOCK = 16  # rows of the diagonal blocks `unit_lower_solve` inverts by doubling
 
@@ -46,6 +53,7 @@ def chunk_delta(
     state: torch.Tensor | None = None,
     chunk: int = 64,
     final: bool = False,
+    work: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The chunked delta rule (module docstring) over one segment.
 
@@ -55,9 +63,15 @@ def chunk_delta(
         g: (B, Hkv, N) log α_t <= 0, or None (DeltaNet).
         state: (B, Hkv, D, Dv) before the segment (None: zeros). final: also return the state
             after the segment.
+        work: the call's buffers (CPU, no autograd; `workspace`), shared by its segments: the
+            outputs are then a view into them, valid until the next segment.
     Returns:
         (B, Hkv, G, N, Dv) or None, and the final state or None.
     """
+    tracked = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, beta, g, state))
+    if not gpu_path(k.device) and not tracked:
+        return _chunk_cpu(q, k, v, beta, g, state, chunk, final, {} if work is None else work)
     b, hkv, n, d = k.shape
     dv = v.shape[-1]
     c = max(1, min(chunk, n))
@@ -117,6 +131,164 @@ def chunk_delta(
     # (BHkv·nc, G·C, Dv) → (B, Hkv, nc, G, C, Dv) → (B, Hkv, G, nc·C, Dv)
     out = out.reshape(b, hkv, nc, grp, c, dv).transpose(2, 3).reshape(b, hkv, grp, nc * c, dv)
     return out[..., :n, :], s_out
+
+
+def workspace(work: dict[str, torch.Tensor], name: str, shape: tuple[int, ...],
+              like: torch.Tensor) -> torch.Tensor:
+    """A `shape` view of the call's buffer `name`, allocated on its first use and grown when a
+    larger one is asked for: the segments of one call write into the same memory. A fresh
+    tensor costs its pages on first touch (~0.3 ms per MiB on the 2-core VM): allocated per
+    segment, the engine's intermediates cost more than its matmuls."""
+    size = math.prod(shape)
+    buf = work.get(name)
+    if buf is None or buf.numel() < size or buf.dtype != like.dtype:
+        buf = work[name] = like.new_empty(size)
+    return buf[:size].view(shape)
+
+
+def _chunk_cpu(q, k, v, beta, g, state, chunk: int, final: bool, work: dict[str, torch.Tensor]):
+    """`chunk_delta` on the CPU without autograd: the values' form, every intermediate written
+    into the call's buffers (`workspace`), the chunk loop in two ops per chunk."""
+    b, hkv, n, d = k.shape
+    dv = v.shape[-1]
+    c = max(1, min(chunk, n))
+    pad = -n % c  # zero keys (β = 0, no decay) leave the state as it is; padded queries dropped
+    if pad:
+        k, v, beta = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad)), F.pad(beta, (0, pad))
+        g = None if g is None else F.pad(g, (0, pad))
+        q = None if q is None else F.pad(q, (0, 0, 0, pad))
+    nc, bh = (n + pad) // c, b * hkv
+    x, m = bh * nc, dv + d  # every chunk of every k/v head; the width of [U | W]
+    kc, vc = k.reshape(x, c, d), v.reshape(x, c, dv)  # (BHkv·nc, C, D)
+    bc = beta.reshape(x, c, 1)
+    rhs = workspace(work, "rhs", (x, c, m), k)  # β [V | e^γ K]
+    kb = rhs[..., dv:]
+    torch.mul(vc, bc, out=rhs[..., :dv])
+    torch.mul(kc, bc, out=kb)  # β K
+    a = torch.bmm(kb, kc.transpose(1, 2), out=workspace(work, "a", (x, c, c), k))  # β_i k_i·k_j
+    if g is None:
+        decay, kt, tot = None, kc, None
+    else:
+        gc = g.reshape(x, c)  # log α
+        decay = decay_matrix_into(gc, workspace(work, "decay", (x, c, c), k))  # Γ, 0 above
+        a.mul_(decay)
+        eg = gc.cumsum(-1).exp_()  # e^γ_i, (BHkv·nc, C): a same-sign sum from the chunk start
+        kb.mul_(eg[..., None])  # β e^γ K
+        kt = torch.mul(kc, suffix_sums(gc).exp_()[..., None],
+                       out=workspace(work, "kt", (x, c, d), k))  # K̃ = e^(γ_C − γ) K
+        tot = eg[:, -1].reshape(bh, nc, 1, 1)  # e^(γ_C)
+    xw = _solve_cpu(a, rhs, workspace(work, "xw", (x, c, m), k), work)  # [U | W]
+    s = k.new_zeros(bh, d, dv) if state is None else state.reshape(bh, d, dv)
+    keep = q is not None  # chunk-major: each chunk's slice is contiguous (a batched gemm)
+    loop = workspace(work, "rhs", (x * (c + d) * dv,), k)  # β [V | e^γ K] is dead: reused
+    values = loop[: x * c * dv].view(nc, bh, c, dv)
+    states = loop[x * c * dv:].view(nc, bh, d, dv) if keep else None
+    last = _loop_cpu(xw.view(bh, nc, c, m), kt.view(bh, nc, c, d), tot, s, states, values,
+                     final)
+    s_out = None if last is None else last.reshape(b, hkv, d, dv)
+    if q is None:
+        return None, s_out
+    grp = q.shape[2]
+    qc = q.reshape(b, hkv, grp, nc, c, d).transpose(2, 3).reshape(x, grp * c, d)  # (.., G·C, D)
+    # buffers reused once dead (a smaller working set, 7 MiB at 512 positions, H=8, D=64):
+    # A for P, [U | W] for the values and states in head-major order, K̃ for e^γ Q, the loop's
+    # buffer for the outputs
+    p = torch.bmm(qc, kc.transpose(1, 2), out=workspace(work, "a", (x, grp * c, c), k))
+    pg = p.view(x, grp, c, c)
+    if decay is None:
+        pg.tril_()
+    else:
+        pg.mul_(decay[:, None])  # ⊙ Γ ⊙ M
+    both = workspace(work, "xw", (x * (c + d) * dv,), k)
+    vals = both[: x * c * dv].view(bh, nc, c, dv)  # head-major as the chunks' rows
+    vals.copy_(values.transpose(0, 1))
+    if state is not None or nc > 1:
+        sts = both[x * c * dv:].view(bh, nc, d, dv)
+        sts.copy_(states.transpose(0, 1))
+    out = torch.bmm(p, vals.view(x, c, dv), out=workspace(work, "rhs", (x, grp * c, dv), k))
+    if state is not None or nc > 1:  # + e^γ Q S (S = 0 for a lone first chunk)
+        qe = qc if g is None else torch.mul(
+            qc.view(x, grp, c, d), eg[:, None, :, None],
+            out=workspace(work, "kt", (x, grp, c, d), k)).view(x, grp * c, d)
+        out.baddbmm_(qe, sts.view(x, d, dv))
+    # (BHkv·nc, G·C, Dv) → (B, Hkv, nc, G, C, Dv) → (B, Hkv, G, nc·C, Dv)
+    out = out.view(b, hkv, nc, grp, c, dv).transpose(2, 3).reshape(b, hkv, grp, nc * c, dv)
+    return out[..., :n, :], s_out
+
+
+def _loop_cpu(uw, kt, tot, s, states, values, final: bool):
+    """The values' form of the chunk loop into `states` (BHkv, nc, D, Dv; None: not kept) and
+    `values` (BHkv, nc, C, Dv): per chunk V' = U − W S, then S' = e^(γ_C) S + K̃ᵀ V' (the decay
+    written into S' first, then K̃ᵀ V' added in place: no tensor allocated per chunk). Returns
+    the last state when `final`."""
+    dv, nc = s.shape[-1], uw.shape[1]
+    us, ws, ks = uw[..., :dv].unbind(1), uw[..., dv:].unbind(1), kt.transpose(-1, -2).unbind(1)
+    vvs = values.unbind(0)
+    decays = [None] * nc if tot is None else tot.unbind(1)
+    if states is not None:
+        svs = states.unbind(0)
+        svs[0].copy_(s)
+    else:  # two states, alternating
+        pair = s.new_empty(2, *s.shape)
+        pair[0].copy_(s)
+        svs = [pair[i % 2] for i in range(nc + 1)]
+    last = None
+    for i in range(nc):
+        torch.baddbmm(us[i], ws[i], svs[i], alpha=-1, out=vvs[i])
+        if i + 1 < nc or final:
+            nxt = svs[i + 1] if i + 1 < len(svs) else s.new_empty(s.shape)
+            if decays[i] is None:
+                torch.baddbmm(svs[i], ks[i], vvs[i], out=nxt)
+            else:
+                torch.mul(svs[i], decays[i], out=nxt).baddbmm_(ks[i], vvs[i])
+            last = nxt
+    return last if final else None
+
+
+def _solve_cpu(a: torch.Tensor, r: torch.Tensor, out: torch.Tensor,
+               work: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`unit_lower_solve` into `out`: the inverses of the diagonal blocks (`_block_inverses`),
+    then forward substitution over the block rows, each written into its rows of `out`."""
+    c, mcols = a.shape[-1], r.shape[-1]
+    blk = min(SOLVE_BLOCK, c)
+    if c % blk or blk & (blk - 1):
+        return out.copy_(unit_lower_solve(a, r))
+    t = _block_inverses(a, blk, work)  # (X, nb, b, b)
+    tmp = workspace(work, "solve_rows", (2, a.shape[0], blk, mcols), a)
+    for j in range(c // blk):  # results contiguous: CPU bmm batches its gemms only into those
+        rows = slice(j * blk, (j + 1) * blk)
+        rj = r[:, rows]
+        if j:  # r_j − L_{j,<j} X_{<j}
+            rj = torch.baddbmm(rj, a[:, rows, : j * blk], out[:, : j * blk], alpha=-1,
+                               out=tmp[0])
+        out[:, rows] = torch.bmm(t[:, j], rj, out=tmp[1])
+    return out
+
+
+def _block_inverses(a: torch.Tensor, blk: int, work: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(I + tril(a_jj, −1))⁻¹ of the blk × blk diagonal blocks of a (X, C, C) (blk a power of
+    two dividing C), (X, C / blk, blk, blk), by doubling as `unit_lower_inverse`, each level
+    written in place into one buffer."""
+    x, c, _ = a.shape
+    nb = c // blk
+    low = workspace(work, "inv_low", (x, nb, blk, blk), a)
+    low.copy_(a.view(x, nb, blk, nb, blk).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2))
+    low = low.view(-1, blk, blk)
+    t = workspace(work, "inv", (x * nb, blk, blk), a).zero_()
+    t.diagonal(0, -2, -1).fill_(1)
+    s = 1
+    while s < blk:
+        m = blk // (2 * s)
+        tv = t.view(-1, m, 2 * s, m, 2 * s).diagonal(dim1=1, dim2=3)  # (Y, 2s, 2s, m)
+        lv = low.view(-1, m, 2 * s, m, 2 * s).diagonal(dim1=1, dim2=3)
+        if s == 1:  # T21 = −L21
+            torch.neg(lv[:, 1, 0], out=tv[:, 1, 0])
+        else:  # T21 = −T22 L21 T11, (Y, m, s, s)
+            t11, t22 = tv[:, :s, :s].permute(0, 3, 1, 2), tv[:, s:, s:].permute(0, 3, 1, 2)
+            t21 = torch.matmul(torch.matmul(t22, lv[:, s:, :s].permute(0, 3, 1, 2)), t11)
+            tv[:, s:, :s].copy_(t21.permute(0, 2, 3, 1)).neg_()
+        s *= 2
+    return t.view(x, nb, blk, blk)
 
 
 def _pass_values(uw: torch.Tensor, kt: torch.Tensor, tot: torch.Tensor | None, s: torch.Tensor,
