@@ -17,9 +17,10 @@ FLOPs and the op count are known before the call and independent of batch·heads
 path reads how many tiles the real blocks fill (a host read costs nothing there) and drops the
 rest, and runs the tiles in slabs of at most `SLAB_BYTES` (fresh large temporaries cost their
 page faults at every call). Cost is ∝ the selected blocks. A query item is G query rows sharing
-one selection (NSA: the heads of a k/v group; MoBA: one head, G = 1). Where the blocks follow from the position alone (the own block, a sliding
-window) and the queries are consecutive, a piece runs without gathers: each query block against
-its own key block (a view) or a band of key blocks (one unfold), under one causal/window mask.
+one selection (NSA: the heads of a k/v group; MoBA: one head, G = 1). Where the blocks follow
+from the position alone (the own block, a sliding window) and the queries are consecutive, a
+piece runs without gathers: each query block against its own key block (a view) or a band of
+key blocks (an unfold: a strided view on the CPU), under one causal/window mask.
 On the CPU the tiles run through aten's flash-attention kernels (forward and backward); the GPU
 path (`fused=False`) runs the same pieces as explicit matmuls.
 
