@@ -1,13 +1,14 @@
 """The block-sparse engine's CPU path (cache-tiled; see `engine`): query blocks with equal
-key-block counts in groups, each group one gather (or a band's strided windows) and batched
-matmuls, chunked to CHUNK_BYTES; and the memory model of that path."""
+key-block counts in groups, each group one gather (or a band's strided windows) and torch's
+fused CPU flash kernel (batched matmuls under autograd), chunked to CHUNK_BYTES; and the memory
+model of that path."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from attnbench.variants.base import Shape
 from attnbench.variants.sparse.engine import (
@@ -20,6 +21,7 @@ from attnbench.variants.sparse.engine import (
 )
 
 CHUNK_BYTES = 16 << 20  # score-tile budget per batched matmul; bounds peak memory at any n
+OUT_BYTES = 4 << 20  # output budget of one fused call over a band (it keeps no scores)
 MERGE_ROWS = 256  # at most this many query rows per tile when query blocks share key blocks
 
 
@@ -31,9 +33,10 @@ class Layout:
     block: int
     nb: int
     q0: int  # first query block that runs (queries are the last Nq positions)
-    # (query blocks relative to q0 (G,), key blocks (G, L), additive bias (G, b, L·b) float32 or
-    # None, merge, band): merge = runs of that many consecutive query blocks see the same key
-    # blocks and run as one (merge·b)-row tile; band = (first query block relative to q0, its
+    # (query blocks relative to q0 (G,), key blocks (G, L), additive bias (G, b, L·b) float32,
+    # (1, b, L·b) when every query block of the group has the same one, or None, merge, band):
+    # merge = runs of that many consecutive query blocks see the same key blocks and run as one
+    # (merge·b)-row tile; band = (first query block relative to q0, its
     # first key block) when consecutive query blocks' key blocks are one run shifting with them.
     groups: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int,
                         tuple[int, int] | None], ...]
@@ -71,6 +74,8 @@ def build_layout(block_allowed, allowed, n: int, block: int, causal: bool,
         computed += int((inside[rows] * inside[kidx].sum(1)).sum())
         pairs += kidx.numel()
         bias = _bias(rows, kidx, allowed, n, b, causal)
+        if bias is not None and len(bias) > 1 and bool((bias == bias[:1]).all()):
+            bias = bias[:1].clone()  # every query block cuts the same pairs (a band's interior)
         shift = torch.arange(len(rows))
         band = bool(
             (rows == rows[0] + shift).all()
@@ -98,57 +103,120 @@ def blocksparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout
 ) -> torch.Tensor:
     """Exact softmax attention over the pairs in `layout` (the CPU path): q (B, H, Nq, D), k, v
-    (B, Hkv, Nk, D); out (B, H, Nq, D)."""
+    (B, Hkv, Nk, D); out (B, H, Nq, D). Without grad every group runs torch's fused CPU flash
+    kernel (`_fused_attention`); with grad, explicit scores through autograd."""
+    work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if not grad:
+        return _fused_attention(q, k, v, layout, work)
     bsz, h, _, d = q.shape
     hkv, n = k.shape[1], k.shape[2]
     gq = h // hkv  # query heads per k/v head
     b, nb, q0 = layout.block, layout.nb, layout.q0
-    work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     qb = _query_blocks(q, hkv, n, b, q0, work)  # (BHkv, nbq, G·b, D)
     kb, vb = _key_blocks(k, nb, b, work), _key_blocks(v, nb, b, work)  # (BHkv, nb, b, D)
     bh = bsz * hkv
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     pieces, order = [], []
-    # without grad each piece is written straight to its query blocks (no cat + reorder)
-    out = None if grad else torch.empty_like(qb)
-
-    def put(rows: torch.Tensor, piece: torch.Tensor) -> None:  # piece: (BHkv, G, Gq·b, D)
-        if out is None:
-            pieces.append(piece)
-        else:
-            out.index_copy_(1, rows, piece)
-
-    for rows, kidx, bias, merge, band in layout.groups:
+    for rows, kidx, bias, merge, _ in layout.groups:
         g_all, nkb = kidx.shape
         tile = merge * b  # query rows per tile and head
-        # Without grad and bias, torch's fused sdpa kernel runs the tiles (no score tile kept);
-        # then the budget bounds the gathered k, v instead of the scores.
-        fused = not grad and bias is None
-        per_tile = bh * nkb * b * qb.element_size() * (2 * d if fused else gq * tile)
+        per_tile = bh * nkb * b * qb.element_size() * gq * tile
         step = merge * max(1, CHUNK_BYTES // per_tile)
         for s in range(0, g_all, step):
             r, ki = rows[s : s + step], kidx[s : s + step]
             g = len(r)
-            bi = None if bias is None else bias[s : s + step].to(work)
-            if band is not None and not grad:
-                put(r, _attend_band(qb, kb, vb, band[0] + s, band[1] + s, g, nkb, bi, gq))
-                continue
+            bi = None if bias is None else _bias_rows(bias, s, g).to(work)
             t = g // merge  # tiles of `merge` query blocks sharing their key blocks
             ki = ki[::merge].flatten()  # index_select: contiguous block copies (fancy indexing
             qg = qb.index_select(1, r).view(bh, t, tile * gq, d)  # is slow); (BHkv, t, R·G·b, D)
             kg = kb.index_select(1, ki).view(bh, t, nkb * b, d)  # (BHkv, t, L·b, D)
             vg = vb.index_select(1, ki).view(bh, t, nkb * b, d)  # (BHkv, t, L·b, D)
-            if fused:  # q is already scaled
-                o = F.scaled_dot_product_attention(qg, kg, vg, scale=1.0)
-            else:
-                bi = None if bi is None else bi.view(t, merge, 1, b, nkb * b)  # (t, R, 1, b, L·b)
-                o = _attend(qg, kg, vg, bi, grad)
-            put(r, o.view(bh, g, gq * b, d))  # (BHkv, g, G·b, D)
+            bi = None if bi is None else bi.view(t, merge, 1, b, nkb * b)  # (t, R, 1, b, L·b)
+            pieces.append(_attend(qg, kg, vg, bi, True).view(bh, g, gq * b, d))
         order.append(rows)
-    if out is None:
-        out = torch.cat(pieces, 1)  # (BHkv, nbq, G·b, D), query blocks in group order
-        out = out.index_select(1, torch.argsort(torch.cat(order)))
+    out = torch.cat(pieces, 1)  # (BHkv, nbq, G·b, D), query blocks in group order
+    out = out.index_select(1, torch.argsort(torch.cat(order)))
     return _unfold(out, q, n, b, q0)
+
+
+def _bias_rows(bias: torch.Tensor, s: int, g: int) -> torch.Tensor:
+    """Rows s..s+g of a group's (G, b, L·b) bias, stored as (1, b, L·b) when every query block
+    of the group has the same one."""
+    return bias.expand(g, -1, -1) if bias.shape[0] == 1 else bias[s : s + g]
+
+
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def _fused_attention(q, k, v, layout: Layout, work) -> torch.Tensor:
+    """The no-grad CPU path: each group's query blocks through torch's fused CPU flash kernel
+    (no score tile kept; the cut pairs as its additive mask, broadcast over the heads), their
+    keys an overlapping strided view of k, v for a band (no copy) or gathered into buffers
+    reused across chunks; q unscaled (the kernel scales it), a view of q when unpadded; each
+    chunk's output copied into a slice of the output (index_copy_ only for scattered rows)."""
+    bsz, h, _, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    gq = h // hkv  # query heads per k/v head
+    b, nb, q0 = layout.block, layout.nb, layout.q0
+    scale = 1.0 / math.sqrt(d)
+    qb = _query_blocks(q, hkv, n, b, q0, work, scale=False)  # (BHkv, nbq, G·b, D)
+    kb, vb = _key_blocks(k, nb, b, work), _key_blocks(v, nb, b, work)  # (BHkv, nb, b, D)
+    bh, el = bsz * hkv, qb.element_size()
+    nbq = qb.shape[1]
+    final = qb.new_empty(bsz, h, nbq * b, d)  # written in place through `out`, a permuted view
+    out = final.view(bsz, hkv, gq, nbq, b, d).transpose(2, 3)  # (B, Hkv, nbq, G, b, D)
+    kflat, vflat = kb.view(bh, nb * b, d), vb.view(bh, nb * b, d)  # (BHkv, nb·b, D)
+    buffers: list[torch.Tensor] = []  # gathered k, v: one allocation, reused by every chunk
+    for rows, kidx, bias, merge, band in layout.groups:
+        g_all, nkb = kidx.shape
+        tile = merge * b  # query rows per tile and head
+        first = int(rows[0])
+        dense = int(rows[-1]) - first == g_all - 1  # rows are sorted: consecutive query blocks
+        # a band reads views (the budget bounds the kernel's output); a gather copies k, v
+        per_tile = bh * (gq * tile * d if band is not None else 2 * nkb * b * d) * el
+        if bias is not None and bias.shape[0] > 1:  # + the tile's slice of the mask
+            per_tile += gq * tile * nkb * b * el
+        step = merge * max(1, (OUT_BYTES if band is not None else CHUNK_BYTES) // per_tile)
+        for s in range(0, g_all, step):
+            g = min(step, g_all - s)
+            t = g // merge  # tiles of `merge` query blocks sharing their key blocks
+            qg = qb[:, first + s : first + s + g] if dense else qb.index_select(1, rows[s : s + g])
+            qg = qg.reshape(bh, t, tile * gq, d)  # (BHkv, t, R·G·b, D)
+            if band is not None:  # query block q0 + i sees keys (k0 + i)·b .. : a window view
+                kg, vg = (_windows(t, band[1] + s, g, nkb * b, b) for t in (kflat, vflat))
+            else:
+                ki = kidx[s : s + g : merge].flatten()
+                if not buffers:
+                    most = bh * min(step, g_all) // merge * nkb * b * d
+                    buffers = [qb.new_empty(most), qb.new_empty(most)]
+                elif buffers[0].numel() < bh * t * nkb * b * d:
+                    buffers = [qb.new_empty(bh * t * nkb * b * d) for _ in range(2)]
+                shape = (bh, t * nkb, b, d)
+                kg = torch.index_select(kb, 1, ki, out=buffers[0][: math.prod(shape)].view(shape))
+                vg = torch.index_select(vb, 1, ki, out=buffers[1][: math.prod(shape)].view(shape))
+                kg, vg = kg.view(bh, t, nkb * b, d), vg.view(bh, t, nkb * b, d)
+            mask = None
+            if bias is not None:  # (1, t or 1, R·G·b, L·b): each query block's rows per head
+                same = bias.shape[0] == 1  # one bias for every query block: broadcast
+                rep, per = (1, 1) if same else (t, merge)
+                bi = (bias if same else bias[s : s + g]).to(work).view(rep, per, 1, b, nkb * b)
+                mask = bi.expand(rep, merge, gq, b, nkb * b).reshape(1, rep, tile * gq, nkb * b)
+            o = _FLASH(qg, kg, vg, attn_mask=mask, scale=scale)[0]  # (BHkv, t, R·G·b, D)
+            o = o.view(bsz, hkv, g, gq, b, d)
+            if dense:
+                out[:, :, first + s : first + s + g] = o
+            else:
+                out.index_copy_(2, rows[s : s + g], o)
+    front = n - q.shape[2] - q0 * b
+    return final[:, :, front : front + q.shape[2]].to(q.dtype)
+
+
+def _windows(t: torch.Tensor, k0: int, g: int, width: int, b: int) -> torch.Tensor:
+    """(BHkv, g, width, D) overlapping view of t (BHkv, nb·b, D): window i starts at key
+    (k0 + i)·b (t's head stride kept: k may be a view of a longer cache)."""
+    bh, _, d = t.shape
+    stride = (t.stride(0), b * t.stride(1), t.stride(1), t.stride(2))
+    return t.as_strided((bh, g, width, d), stride, t.storage_offset() + k0 * b * t.stride(1))
 
 
 def _attend(qg, kg, vg, bias, grad: bool) -> torch.Tensor:
@@ -164,30 +232,6 @@ def _attend(qg, kg, vg, bias, grad: bool) -> torch.Tensor:
     return torch.softmax(scores, dim=-1) @ vg
 
 
-def _attend_band(qb, kb, vb, q0: int, k0: int, g: int, nkb: int, bias, gq: int) -> torch.Tensor:
-    """A band of query blocks q0.. over key blocks k0.. without gathering: each query block's
-    L·b keys are an overlapping strided view of k, which 3-D bmm takes as is (4-D matmul would
-    copy it)."""
-    bh, _, rows, d = qb.shape
-    b = kb.shape[2]
-    scores = qb.new_empty(bh, g, rows, nkb * b)  # (BHkv, g, G·b, L·b)
-    out = qb.new_empty(bh, g, rows, d)
-    kflat, vflat = kb.view(bh, -1, d), vb.view(bh, -1, d)  # (BHkv, nb·b, D)
-
-    def window(t: torch.Tensor) -> torch.Tensor:  # (g, L·b, D), consecutive rows shift by b
-        return t.as_strided((g, nkb * b, d), (b * d, d, 1), t.storage_offset() + k0 * b * d)
-
-    # one 3-D bmm per head, batched over the g query blocks: (g, G·b, D) @ (g, D, L·b)
-    for i in range(bh):
-        torch.bmm(qb[i, q0 : q0 + g], window(kflat[i]).transpose(1, 2), out=scores[i])
-    if bias is not None:
-        scores.view(bh, g, gq, b, nkb * b).add_(bias[:, None])  # (BHkv, g, G, b, L·b)
-    p = torch.softmax(scores, dim=-1)
-    for i in range(bh):
-        torch.bmm(p[i], window(vflat[i]), out=out[i])
-    return out
-
-
 def cpu_path_bytes(shape: Shape, counts: torch.Tensor, cut: torch.Tensor, b: int,
                    padded_q: int) -> tuple[int, int]:
     """The CPU path's largest working set of one chunk over the groups (no-grad paths) and its
@@ -199,15 +243,16 @@ def cpu_path_bytes(shape: Shape, counts: torch.Tensor, cut: torch.Tensor, b: int
     width = torch.arange(len(size))  # key blocks per row of each group
     indices = int((size * (1 + width)).sum()) * 8  # rows and key blocks, int64
     layout = indices + int((size * width)[biased].sum()) * b * b * 4  # + float32 biases
-    work, most = 0, max(1, MERGE_ROWS // b)
+    most, gq = max(1, MERGE_ROWS // b), bh // bhkv
     present = size > 0
-    if (present & ~biased).any():  # fused sdpa: gathered k, v (budgeted), gathered q, out
-        c = int(width[present & ~biased].max())
-        work = max(CHUNK_BYTES, 2 * bhkv * c * b * d * 4) + 2 * padded_q
-    if (present & biased).any():  # tile scores and their softmax + gathered k, v
-        c = int(width[present & biased].max())
-        tile = max(CHUNK_BYTES, bh * most * b * c * b * 4)
-        work = max(work, 2 * tile + 2 * tile * d // b)
+    # Without grad the fused kernel keeps no scores. A gather chunk: its k, v and its tiles'
+    # mask (budgeted together); a band chunk: its output and mask (budgeted); the gathered q
+    # of scattered query blocks and a gather chunk's output (each at most the padded q).
+    c = int(width[present].max())
+    cut_width = int(width[present & biased].max()) if (present & biased).any() else 0
+    tile_mask = most * gq * b * cut_width * b * 4
+    work = (max(CHUNK_BYTES, 2 * bhkv * c * b * d * 4 + tile_mask)
+            + max(OUT_BYTES, bh * b * d * 4 + tile_mask) + 2 * padded_q)
     return work, layout
 
 
@@ -215,12 +260,10 @@ def cpu_path_kernel(layout: Layout, grad: bool) -> str:
     """``blocksparse:`` and the paths `blocksparse_attention` takes for the groups of `layout`,
     joined by ``+`` (see `BlockSparse.kernel`)."""
     paths = set()
-    for _, _, bias, _, band in layout.groups:
-        if band is not None and not grad:
-            paths.add("band")
-        elif not grad and bias is None:
-            paths.add("sdpa-gather")
-        else:
+    for *_, band in layout.groups:
+        if grad:
             paths.add("matmul-gather")
+        else:
+            paths.add("band" if band is not None else "sdpa-gather")
     order = ("band", "sdpa-gather", "matmul-gather")
     return "blocksparse:" + "+".join(p for p in order if p in paths)
