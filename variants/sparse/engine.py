@@ -78,21 +78,19 @@ def _bias(rows: torch.Tensor, kidx: torch.Tensor, allowed, n: int, b: int, causa
     return bias
 
 
-def _query_blocks(q: torch.Tensor, hkv: int, n: int, b: int, q0: int, work,
-                  scale: bool = True) -> torch.Tensor:
-    """q (B, H, Nq, D), the last Nq of n positions → (B·Hkv, nb − q0, G·b, D), scaled by
-    1/√D unless not `scale` (then a view of q when nothing is padded, heads are not grouped and
-    q is in `work`): query blocks q0.. (padded in front and at the end), the G heads of a k/v
-    head in each block's rows (head-major)."""
+def _query_blocks(q: torch.Tensor, hkv: int, n: int, b: int, q0: int, work) -> torch.Tensor:
+    """q (B, H, Nq, D), the last Nq of n positions → scaled (B·Hkv, nb − q0, G·b, D): query
+    blocks q0.. (padded in front and at the end), the G heads of a k/v head in each block's
+    rows (head-major)."""
     bsz, h, nq, d = q.shape
     nbq = -(-n // b) - q0
     front = n - nq - q0 * b
-    t = q.to(work) * (1.0 / math.sqrt(d)) if scale else q.to(work)
+    t = q.to(work) * (1.0 / math.sqrt(d))
     if front or nbq * b != nq:
         t = F.pad(t, (0, 0, front, nbq * b - nq - front))
     if h == hkv:
-        return t.reshape(bsz * h, nbq, b, d)  # (B·H, nbq, b, D)
-    t = t.reshape(bsz, hkv, h // hkv, nbq, b, d).transpose(2, 3)  # (B, Hkv, nbq, G, b, D)
+        return t.view(bsz * h, nbq, b, d)  # (B·H, nbq, b, D)
+    t = t.view(bsz, hkv, h // hkv, nbq, b, d).transpose(2, 3)  # (B, Hkv, nbq, G, b, D)
     return t.reshape(bsz * hkv, nbq, h // hkv * b, d)  # (B·Hkv, nbq, G·b, D)
 
 

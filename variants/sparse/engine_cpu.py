@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from attnbench.variants.base import Shape
 from attnbench.variants.sparse.engine import (
@@ -21,7 +22,12 @@ from attnbench.variants.sparse.engine import (
 )
 
 CHUNK_BYTES = 16 << 20  # score-tile budget per batched matmul; bounds peak memory at any n
-OUT_BYTES = 4 << 20  # output budget of one fused call over a band (it keeps no scores)
+# Without grad (the fused kernel keeps no scores): the gathered k, v of one call, small enough
+# that the kernel reads them from cache (4 MB beat 16 MB by 5-15% on strided, bigbird,
+# longformer and fixed at n=8192, one thread), and the output of one call over a band.
+GATHER_BYTES = 4 << 20
+OUT_BYTES = 1 << 20
+BIAS_TEMP = 16  # bytes per element of a bias slice while its cut pairs are found (bools)
 MERGE_ROWS = 256  # at most this many query rows per tile when query blocks share key blocks
 
 
@@ -152,20 +158,26 @@ def _fused_attention(q, k, v, layout: Layout, work) -> torch.Tensor:
     """The no-grad CPU path: each group's query blocks through torch's fused CPU flash kernel
     (no score tile kept; the cut pairs as its additive mask, broadcast over the heads), their
     keys an overlapping strided view of k, v for a band (no copy) or gathered into buffers
-    reused across chunks; q unscaled (the kernel scales it), a view of q when unpadded; each
-    chunk's output copied into a slice of the output (index_copy_ only for scattered rows)."""
-    bsz, h, _, d = q.shape
+    reused across chunks. q is unscaled (the kernel scales it) and a view of q unless padded;
+    grouped heads: one call per query head of a k/v head over the same keys (no copy of q or of
+    the mask per head). Each chunk's output is copied into a slice of the output (index_copy_
+    only for scattered query blocks)."""
+    bsz, h, nq, d = q.shape
     hkv, n = k.shape[1], k.shape[2]
     gq = h // hkv  # query heads per k/v head
     b, nb, q0 = layout.block, layout.nb, layout.q0
-    scale = 1.0 / math.sqrt(d)
-    qb = _query_blocks(q, hkv, n, b, q0, work, scale=False)  # (BHkv, nbq, G·b, D)
+    nbq = nb - q0
+    front = n - nq - q0 * b
+    qp = q.to(work)
+    if front or nbq * b != nq:
+        qp = F.pad(qp, (0, 0, front, nbq * b - nq - front))
+    qv = qp.view(bsz, hkv, gq, nbq, b, d)
     kb, vb = _key_blocks(k, nb, b, work), _key_blocks(v, nb, b, work)  # (BHkv, nb, b, D)
-    bh, el = bsz * hkv, qb.element_size()
-    nbq = qb.shape[1]
-    final = qb.new_empty(bsz, h, nbq * b, d)  # written in place through `out`, a permuted view
-    out = final.view(bsz, hkv, gq, nbq, b, d).transpose(2, 3)  # (B, Hkv, nbq, G, b, D)
+    bh, el = bsz * hkv, qp.element_size()
+    final = qp.new_empty(bsz, h, nbq * b, d)  # written in place, one slice per chunk and head
+    fv = final.view(bsz, hkv, gq, nbq, b, d)
     kflat, vflat = kb.view(bh, nb * b, d), vb.view(bh, nb * b, d)  # (BHkv, nb·b, D)
+    scale = 1.0 / math.sqrt(d)
     buffers: list[torch.Tensor] = []  # gathered k, v: one allocation, reused by every chunk
     for rows, kidx, bias, merge, band in layout.groups:
         g_all, nkb = kidx.shape
@@ -173,42 +185,42 @@ def _fused_attention(q, k, v, layout: Layout, work) -> torch.Tensor:
         first = int(rows[0])
         dense = int(rows[-1]) - first == g_all - 1  # rows are sorted: consecutive query blocks
         # a band reads views (the budget bounds the kernel's output); a gather copies k, v
-        per_tile = bh * (gq * tile * d if band is not None else 2 * nkb * b * d) * el
+        per_tile = bh * (tile * d if band is not None else 2 * nkb * b * d) * el
         if bias is not None and bias.shape[0] > 1:  # + the tile's slice of the mask
-            per_tile += gq * tile * nkb * b * el
-        step = merge * max(1, (OUT_BYTES if band is not None else CHUNK_BYTES) // per_tile)
+            per_tile += tile * nkb * b * el
+        step = merge * max(1, (OUT_BYTES if band is not None else GATHER_BYTES) // per_tile)
         for s in range(0, g_all, step):
             g = min(step, g_all - s)
             t = g // merge  # tiles of `merge` query blocks sharing their key blocks
-            qg = qb[:, first + s : first + s + g] if dense else qb.index_select(1, rows[s : s + g])
-            qg = qg.reshape(bh, t, tile * gq, d)  # (BHkv, t, R·G·b, D)
             if band is not None:  # query block q0 + i sees keys (k0 + i)·b .. : a window view
-                kg, vg = (_windows(t, band[1] + s, g, nkb * b, b) for t in (kflat, vflat))
+                kg, vg = (_windows(x, band[1] + s, g, nkb * b, b) for x in (kflat, vflat))
             else:
                 ki = kidx[s : s + g : merge].flatten()
-                if not buffers:
+                size = bh * t * nkb * b * d
+                if not buffers or buffers[0].numel() < size:
                     most = bh * min(step, g_all) // merge * nkb * b * d
-                    buffers = [qb.new_empty(most), qb.new_empty(most)]
-                elif buffers[0].numel() < bh * t * nkb * b * d:
-                    buffers = [qb.new_empty(bh * t * nkb * b * d) for _ in range(2)]
+                    buffers = [qp.new_empty(max(most, size)) for _ in range(2)]
                 shape = (bh, t * nkb, b, d)
-                kg = torch.index_select(kb, 1, ki, out=buffers[0][: math.prod(shape)].view(shape))
-                vg = torch.index_select(vb, 1, ki, out=buffers[1][: math.prod(shape)].view(shape))
+                kg = torch.index_select(kb, 1, ki, out=buffers[0][:size].view(shape))
+                vg = torch.index_select(vb, 1, ki, out=buffers[1][:size].view(shape))
                 kg, vg = kg.view(bh, t, nkb * b, d), vg.view(bh, t, nkb * b, d)
             mask = None
-            if bias is not None:  # (1, t or 1, R·G·b, L·b): each query block's rows per head
+            if bias is not None:  # (1, t or 1, R·b, L·b): broadcast over the heads
                 same = bias.shape[0] == 1  # one bias for every query block: broadcast
                 rep, per = (1, 1) if same else (t, merge)
-                bi = (bias if same else bias[s : s + g]).to(work).view(rep, per, 1, b, nkb * b)
-                mask = bi.expand(rep, merge, gq, b, nkb * b).reshape(1, rep, tile * gq, nkb * b)
-            o = _FLASH(qg, kg, vg, attn_mask=mask, scale=scale)[0]  # (BHkv, t, R·G·b, D)
-            o = o.view(bsz, hkv, g, gq, b, d)
-            if dense:
-                out[:, :, first + s : first + s + g] = o
-            else:
-                out.index_copy_(2, rows[s : s + g], o)
-    front = n - q.shape[2] - q0 * b
-    return final[:, :, front : front + q.shape[2]].to(q.dtype)
+                bi = (bias if same else bias[s : s + g]).to(work).view(rep, per, b, nkb * b)
+                mask = bi.expand(rep, merge, b, nkb * b).reshape(1, rep, tile, nkb * b)
+            for j in range(gq):  # query head j of each k/v head
+                qj = qv[:, :, j]  # (B, Hkv, nbq, b, D)
+                qj = qj[:, :, first + s : first + s + g] if dense else qj.index_select(
+                    2, rows[s : s + g])
+                o = _FLASH(qj.reshape(bh, t, tile, d), kg, vg, attn_mask=mask, scale=scale)[0]
+                o = o.view(bsz, hkv, g, b, d)
+                if dense:
+                    fv[:, :, j, first + s : first + s + g] = o
+                else:
+                    fv[:, :, j].index_copy_(2, rows[s : s + g], o)
+    return final[:, :, front : front + nq].to(q.dtype)
 
 
 def _windows(t: torch.Tensor, k0: int, g: int, width: int, b: int) -> torch.Tensor:
@@ -237,22 +249,30 @@ def cpu_path_bytes(shape: Shape, counts: torch.Tensor, cut: torch.Tensor, b: int
     """The CPU path's largest working set of one chunk over the groups (no-grad paths) and its
     layout, in bytes, for query blocks with these key-block counts; `cut`: the query blocks with
     a cut pair (their group carries a bias); padded_q: the bytes of the padded queries."""
-    bh, bhkv, d = shape.bh, shape.batch * shape.hkv, shape.head_dim
+    bhkv, d = shape.batch * shape.hkv, shape.head_dim
     size = torch.bincount(counts)  # query blocks per count
     biased = torch.bincount(counts, weights=cut.double()) > 0
     width = torch.arange(len(size))  # key blocks per row of each group
     indices = int((size * (1 + width)).sum()) * 8  # rows and key blocks, int64
     layout = indices + int((size * width)[biased].sum()) * b * b * 4  # + float32 biases
-    most, gq = max(1, MERGE_ROWS // b), bh // bhkv
+    most = max(1, MERGE_ROWS // b)
     present = size > 0
     # Without grad the fused kernel keeps no scores. A gather chunk: its k, v and its tiles'
-    # mask (budgeted together); a band chunk: its output and mask (budgeted); the gathered q
-    # of scattered query blocks and a gather chunk's output (each at most the padded q).
+    # mask (budgeted together), its output and (scattered query blocks) gathered q of one query
+    # head, each at most the padded q and R/2 times its k, v; a band chunk: its output and mask
+    # (budgeted).
     c = int(width[present].max())
     cut_width = int(width[present & biased].max()) if (present & biased).any() else 0
-    tile_mask = most * gq * b * cut_width * b * 4
-    work = (max(CHUNK_BYTES, 2 * bhkv * c * b * d * 4 + tile_mask)
-            + max(OUT_BYTES, bh * b * d * 4 + tile_mask) + 2 * padded_q)
+    tile_mask = most * b * cut_width * b * 4
+    kv = max(GATHER_BYTES, 2 * bhkv * c * b * d * 4 + tile_mask)
+    band = max(OUT_BYTES, bhkv * b * d * 4 + tile_mask)
+    per_head = padded_q // (shape.bh // bhkv)  # one query head of each k/v head per call
+    work = kv + max(band, 2 * min(per_head, kv * most // 2))
+    # and, while the layout is built (before the forward, added all the same): a bool
+    # comparison over the biases (held, in `layout`) and the cut pairs in LAYOUT_CHUNK slices
+    bias_elems = int((size * width)[biased].sum()) * b * b
+    slice_elems = min(bias_elems, max(LAYOUT_CHUNK, b * c * b))
+    work += bias_elems + slice_elems * BIAS_TEMP
     return work, layout
 
 

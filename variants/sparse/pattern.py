@@ -241,6 +241,13 @@ class BlockSparse(Variant):
             # pairs when any of its rows has a cut pair (an upper bound for token-level patterns).
             cut = torch.ones_like(last) if causal or self._token_level else last & (n % b != 0)
             work, layout = cpu_path_bytes(shape, counts, cut, b, padded_q)
+            # the fused path: a copy of q only when padded or cast; of k, v only when padded or
+            # cast; the output written in place (cast once when not float32)
+            padded = nb * b != n or (n - shape.nq) % b != 0
+            cast = el != 4
+            copies = padded_q * (padded or cast)
+            copies += 2 * padded_kv * (n % b != 0 or cast)
+            return int(copies + padded_q + max(work, building) + out * cast + layout)
         # padded q, pieces, cat, reorder; padded k, v + one chunk's working set (or the
         # layout's slices, freed before it) + output + the layout itself
         return int(4 * padded_q + 2 * padded_kv + max(work, building) + out + layout)
