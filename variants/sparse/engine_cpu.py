@@ -22,11 +22,12 @@ from attnbench.variants.sparse.engine import (
 )
 
 CHUNK_BYTES = 16 << 20  # score-tile budget per batched matmul; bounds peak memory at any n
-# Without grad (the fused kernel keeps no scores): the gathered k, v of one call, small enough
-# that the kernel reads them from cache (4 MB beat 16 MB by 5-15% on strided, bigbird,
-# longformer and fixed at n=8192, one thread), and the output of one call over a band.
-GATHER_BYTES = 4 << 20
-OUT_BYTES = 1 << 20
+# Without grad (the fused kernel keeps no scores): the gathered k, v of one call and the output
+# of one call over a band. At n=8192 on a contended 2-core machine 4 MB of k, v beat 16 MB by
+# 5-15% with one torch thread but lost 1.1-2.7x with two (each call and copy is a parallel
+# region; a descheduled thread stalls it), 64 MB won 10-25% there: 16 MB, main's chunk.
+GATHER_BYTES = 16 << 20
+OUT_BYTES = 4 << 20
 BIAS_TEMP = 16  # bytes per element of a bias slice while its cut pairs are found (bools)
 MERGE_ROWS = 256  # at most this many query rows per tile when query blocks share key blocks
 
@@ -157,8 +158,9 @@ _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 def _fused_attention(q, k, v, layout: Layout, work) -> torch.Tensor:
     """The no-grad CPU path: each group's query blocks through torch's fused CPU flash kernel
     (no score tile kept; the cut pairs as its additive mask, broadcast over the heads), their
-    keys an overlapping strided view of k, v for a band (no copy) or gathered into buffers
-    reused across chunks. q is unscaled (the kernel scales it) and a view of q unless padded;
+    keys an overlapping strided view of k, v for a run (`_run`: a band, or query blocks
+    sharing one run of key blocks; no copy) or gathered into buffers reused across chunks.
+    q is unscaled (the kernel scales it) and a view of q unless padded;
     grouped heads: one call per query head of a k/v head over the same keys (no copy of q or of
     the mask per head). Each chunk's output is copied into a slice of the output (index_copy_
     only for scattered query blocks)."""
@@ -184,16 +186,18 @@ def _fused_attention(q, k, v, layout: Layout, work) -> torch.Tensor:
         tile = merge * b  # query rows per tile and head
         first = int(rows[0])
         dense = int(rows[-1]) - first == g_all - 1  # rows are sorted: consecutive query blocks
-        # a band reads views (the budget bounds the kernel's output); a gather copies k, v
-        per_tile = bh * (tile * d if band is not None else 2 * nkb * b * d) * el
+        run = _group_run(rows, kidx, merge, band)
+        # a run reads views (the budget bounds the kernel's output); a gather copies k, v
+        per_tile = bh * (tile * d if run is not None else 2 * nkb * b * d) * el
         if bias is not None and bias.shape[0] > 1:  # + the tile's slice of the mask
             per_tile += tile * nkb * b * el
-        step = merge * max(1, (OUT_BYTES if band is not None else GATHER_BYTES) // per_tile)
+        step = merge * max(1, (OUT_BYTES if run is not None else GATHER_BYTES) // per_tile)
         for s in range(0, g_all, step):
             g = min(step, g_all - s)
             t = g // merge  # tiles of `merge` query blocks sharing their key blocks
-            if band is not None:  # query block q0 + i sees keys (k0 + i)·b .. : a window view
-                kg, vg = (_windows(x, band[1] + s, g, nkb * b, b) for x in (kflat, vflat))
+            if run is not None:  # tile i sees keys (k0 + i·shift)·b ..: a window view
+                k0 = run[0] + (s // merge) * run[1]
+                kg, vg = (_windows(x, k0, t, nkb * b, b, run[1]) for x in (kflat, vflat))
             else:
                 ki = kidx[s : s + g : merge].flatten()
                 size = bh * t * nkb * b * d
@@ -223,11 +227,34 @@ def _fused_attention(q, k, v, layout: Layout, work) -> torch.Tensor:
     return final[:, :, front : front + nq].to(q.dtype)
 
 
-def _windows(t: torch.Tensor, k0: int, g: int, width: int, b: int) -> torch.Tensor:
+def _group_run(rows: torch.Tensor, kidx: torch.Tensor, merge: int,
+               band: tuple[int, int] | None) -> tuple[int, int] | None:
+    """A group's key blocks as windows of k (see `_run`) when its query blocks are consecutive
+    (scattered ones gather their q and k alike)."""
+    if band is not None:
+        return band[1], 1
+    return _run(kidx[::merge]) if int(rows[-1] - rows[0]) == len(rows) - 1 else None
+
+
+def _run(kt: torch.Tensor) -> tuple[int, int] | None:
+    """(first key block, shift per tile) when each tile's key blocks kt (T, L) are consecutive
+    and their first blocks step evenly (a band: shift 1; query blocks sharing all their keys:
+    one tile), else None."""
+    t, c = kt.shape
+    if not bool((kt == kt[:, :1] + torch.arange(c)).all()):
+        return None
+    starts = kt[:, 0]
+    shift = int(starts[1] - starts[0]) if t > 1 else 0
+    if shift < 0 or not bool((starts == starts[0] + shift * torch.arange(t)).all()):
+        return None
+    return int(starts[0]), shift
+
+
+def _windows(t: torch.Tensor, k0: int, g: int, width: int, b: int, shift: int) -> torch.Tensor:
     """(BHkv, g, width, D) overlapping view of t (BHkv, nb·b, D): window i starts at key
-    (k0 + i)·b (t's head stride kept: k may be a view of a longer cache)."""
+    (k0 + i·shift)·b (t's head stride kept: k may be a view of a longer cache)."""
     bh, _, d = t.shape
-    stride = (t.stride(0), b * t.stride(1), t.stride(1), t.stride(2))
+    stride = (t.stride(0), shift * b * t.stride(1), t.stride(1), t.stride(2))
     return t.as_strided((bh, g, width, d), stride, t.storage_offset() + k0 * b * t.stride(1))
 
 
@@ -265,7 +292,7 @@ def cpu_path_bytes(shape: Shape, counts: torch.Tensor, cut: torch.Tensor, b: int
     cut_width = int(width[present & biased].max()) if (present & biased).any() else 0
     tile_mask = most * b * cut_width * b * 4
     kv = max(GATHER_BYTES, 2 * bhkv * c * b * d * 4 + tile_mask)
-    band = max(OUT_BYTES, bhkv * b * d * 4 + tile_mask)
+    band = max(OUT_BYTES, bhkv * most * b * d * 4 + tile_mask)
     per_head = padded_q // (shape.bh // bhkv)  # one query head of each k/v head per call
     work = kv + max(band, 2 * min(per_head, kv * most // 2))
     # and, while the layout is built (before the forward, added all the same): a bool
@@ -280,10 +307,11 @@ def cpu_path_kernel(layout: Layout, grad: bool) -> str:
     """``blocksparse:`` and the paths `blocksparse_attention` takes for the groups of `layout`,
     joined by ``+`` (see `BlockSparse.kernel`)."""
     paths = set()
-    for *_, band in layout.groups:
+    for rows, kidx, _, merge, band in layout.groups:
         if grad:
             paths.add("matmul-gather")
-        else:
-            paths.add("band" if band is not None else "sdpa-gather")
+        else:  # a band, or query blocks sharing one run of key blocks: a window view
+            run = _group_run(rows, kidx, merge, band) is not None
+            paths.add("band" if run else "sdpa-gather")
     order = ("band", "sdpa-gather", "matmul-gather")
     return "blocksparse:" + "+".join(p for p in order if p in paths)
