@@ -282,9 +282,10 @@ class BlockSparse(Variant):
     def kernel(self, shape: Shape, device: torch.device | str, causal: bool, grad: bool) -> str:
         """``flex:compiled``; on the GPU path ``blocksparse:bucket-gather`` (padded gathers of
         GPU_BUCKETS buckets); else ``blocksparse:`` and the CPU paths the groups take, joined by
-        ``+``: band (strided key windows, no gather), sdpa-gather (gathered key blocks through
-        fused sdpa) and matmul-gather (gathered key blocks, explicit scores with the -inf bias
-        where the pattern cuts, softmax, matmul). Mirrors the engine."""
+        ``+``: band (no grad: strided windows of the keys through torch's fused CPU flash
+        kernel, the -inf bias as its mask), sdpa-gather (no grad: gathered key blocks through
+        the same kernel) and matmul-gather (under autograd: gathered key blocks, explicit scores
+        with the -inf bias where the pattern cuts, softmax, matmul). Mirrors the engine."""
         if self.impl == "flex":
             return "flex:compiled"
         if gpu_path(device):
