@@ -156,3 +156,14 @@ def test_gpu_path_memory_model_is_an_upper_bound(name, monkeypatch):
         peak = peak_memory(lambda: att(q, k, v))
     predicted = att.memory_bytes(Shape(1, 4, 4096, 64), torch.float32, device="cuda")
     assert peak <= predicted <= 3 * peak, (peak, predicted)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_cpu_path_reads_inputs_that_are_views_of_longer_tensors(name):
+    """q, k, v the first rows of longer tensors (as a KV cache's prefix): the no-grad path's
+    key windows and query views keep the inputs' own strides; float64 under the mask."""
+    att = variants.build(name, **SMALL[name])
+    q, k, v = (t[:, :, :45] for t in random_qkv(2, 3, 60, 16))
+    with torch.no_grad():
+        for causal in (False, True):
+            assert_matches(att, q, k, v, causal=causal, grads=False)

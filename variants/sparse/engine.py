@@ -6,10 +6,12 @@ token level, which keys each query sees (a predicate, also the FlexAttention ``m
 paths run the same pattern:
 
 - CPU (cache-tiled, `engine_cpu`): query blocks with the same number of active key blocks form a
-  group; each group gathers its key/value blocks into a contiguous (BH, G, L·b, D) tensor and
-  runs one batched matmul, a softmax over the gathered keys and one batched matmul (bands read
-  strided windows of k, v without a gather; unbiased groups run torch's fused sdpa). Only pairs
-  that the predicate cuts (band edges, causal diagonal, padding) carry an additive -inf bias.
+  group. Without grad each group runs torch's fused CPU flash kernel over its key blocks: a
+  band (or query blocks sharing one run of key blocks) reads strided windows of k, v, other
+  groups gather their blocks into reused buffers. Under autograd each group gathers its
+  key/value blocks into a contiguous (BH, G, L·b, D) tensor and runs one batched matmul, a
+  softmax and one batched matmul. Only pairs that the predicate cuts (band edges, causal
+  diagonal, padding) carry an additive -inf bias (the fused kernel's mask).
 - GPU (`engine_gpu`, when `attnbench.variants.base.gpu_path`): the query blocks are split into
   GPU_BUCKETS buckets by their key-block count; each bucket is one gather of all its (query
   block, key block) pairs padded to the bucket's largest count, a -inf bias over the padding and

@@ -1,9 +1,11 @@
 """The block-sparse engine's CPU path (cache-tiled; see `engine`): query blocks with equal
-key-block counts in groups, each group one gather (or a band's strided windows) and batched
-matmuls, chunked to CHUNK_BYTES; and the memory model of that path."""
+key-block counts in groups, each group one gather (or a band's strided windows) and torch's
+fused CPU flash kernel (batched matmuls under autograd), chunked to CHUNK_BYTES; and the memory
+model of that path."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +22,13 @@ from attnbench.variants.sparse.engine import (
 )
 
 CHUNK_BYTES = 16 << 20  # score-tile budget per batched matmul; bounds peak memory at any n
+# Without grad (the fused kernel keeps no scores): the gathered k, v of one call and the output
+# of one call over a band. At n=8192 on a contended 2-core machine 4 MB of k, v beat 16 MB by
+# 5-15% with one torch thread but lost 1.1-2.7x with two (each call and copy is a parallel
+# region; a descheduled thread stalls it), 64 MB won 10-25% there: 16 MB, main's chunk.
+GATHER_BYTES = 16 << 20
+OUT_BYTES = 4 << 20
+BIAS_TEMP = 16  # bytes per element of a bias slice while its cut pairs are found (bools)
 MERGE_ROWS = 256  # at most this many query rows per tile when query blocks share key blocks
 
 
@@ -31,9 +40,10 @@ class Layout:
     block: int
     nb: int
     q0: int  # first query block that runs (queries are the last Nq positions)
-    # (query blocks relative to q0 (G,), key blocks (G, L), additive bias (G, b, L·b) float32 or
-    # None, merge, band): merge = runs of that many consecutive query blocks see the same key
-    # blocks and run as one (merge·b)-row tile; band = (first query block relative to q0, its
+    # (query blocks relative to q0 (G,), key blocks (G, L), additive bias (G, b, L·b) float32,
+    # (1, b, L·b) when every query block of the group has the same one, or None, merge, band):
+    # merge = runs of that many consecutive query blocks see the same key blocks and run as one
+    # (merge·b)-row tile; band = (first query block relative to q0, its
     # first key block) when consecutive query blocks' key blocks are one run shifting with them.
     groups: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int,
                         tuple[int, int] | None], ...]
@@ -71,6 +81,8 @@ def build_layout(block_allowed, allowed, n: int, block: int, causal: bool,
         computed += int((inside[rows] * inside[kidx].sum(1)).sum())
         pairs += kidx.numel()
         bias = _bias(rows, kidx, allowed, n, b, causal)
+        if bias is not None and len(bias) > 1 and bool((bias == bias[:1]).all()):
+            bias = bias[:1].clone()  # every query block cuts the same pairs (a band's interior)
         shift = torch.arange(len(rows))
         band = bool(
             (rows == rows[0] + shift).all()
@@ -98,57 +110,152 @@ def blocksparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout
 ) -> torch.Tensor:
     """Exact softmax attention over the pairs in `layout` (the CPU path): q (B, H, Nq, D), k, v
-    (B, Hkv, Nk, D); out (B, H, Nq, D)."""
+    (B, Hkv, Nk, D); out (B, H, Nq, D). Without grad every group runs torch's fused CPU flash
+    kernel (`_fused_attention`); with grad, explicit scores through autograd."""
+    work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if not grad:
+        return _fused_attention(q, k, v, layout, work)
     bsz, h, _, d = q.shape
     hkv, n = k.shape[1], k.shape[2]
     gq = h // hkv  # query heads per k/v head
     b, nb, q0 = layout.block, layout.nb, layout.q0
-    work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     qb = _query_blocks(q, hkv, n, b, q0, work)  # (BHkv, nbq, G·b, D)
     kb, vb = _key_blocks(k, nb, b, work), _key_blocks(v, nb, b, work)  # (BHkv, nb, b, D)
     bh = bsz * hkv
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     pieces, order = [], []
-    # without grad each piece is written straight to its query blocks (no cat + reorder)
-    out = None if grad else torch.empty_like(qb)
-
-    def put(rows: torch.Tensor, piece: torch.Tensor) -> None:  # piece: (BHkv, G, Gq·b, D)
-        if out is None:
-            pieces.append(piece)
-        else:
-            out.index_copy_(1, rows, piece)
-
-    for rows, kidx, bias, merge, band in layout.groups:
+    for rows, kidx, bias, merge, _ in layout.groups:
         g_all, nkb = kidx.shape
         tile = merge * b  # query rows per tile and head
-        # Without grad and bias, torch's fused sdpa kernel runs the tiles (no score tile kept);
-        # then the budget bounds the gathered k, v instead of the scores.
-        fused = not grad and bias is None
-        per_tile = bh * nkb * b * qb.element_size() * (2 * d if fused else gq * tile)
+        per_tile = bh * nkb * b * qb.element_size() * gq * tile
         step = merge * max(1, CHUNK_BYTES // per_tile)
         for s in range(0, g_all, step):
             r, ki = rows[s : s + step], kidx[s : s + step]
             g = len(r)
-            bi = None if bias is None else bias[s : s + step].to(work)
-            if band is not None and not grad:
-                put(r, _attend_band(qb, kb, vb, band[0] + s, band[1] + s, g, nkb, bi, gq))
-                continue
+            bi = None if bias is None else _bias_rows(bias, s, g).to(work)
             t = g // merge  # tiles of `merge` query blocks sharing their key blocks
             ki = ki[::merge].flatten()  # index_select: contiguous block copies (fancy indexing
             qg = qb.index_select(1, r).view(bh, t, tile * gq, d)  # is slow); (BHkv, t, R·G·b, D)
             kg = kb.index_select(1, ki).view(bh, t, nkb * b, d)  # (BHkv, t, L·b, D)
             vg = vb.index_select(1, ki).view(bh, t, nkb * b, d)  # (BHkv, t, L·b, D)
-            if fused:  # q is already scaled
-                o = F.scaled_dot_product_attention(qg, kg, vg, scale=1.0)
-            else:
-                bi = None if bi is None else bi.view(t, merge, 1, b, nkb * b)  # (t, R, 1, b, L·b)
-                o = _attend(qg, kg, vg, bi, grad)
-            put(r, o.view(bh, g, gq * b, d))  # (BHkv, g, G·b, D)
+            bi = None if bi is None else bi.view(t, merge, 1, b, nkb * b)  # (t, R, 1, b, L·b)
+            pieces.append(_attend(qg, kg, vg, bi, True).view(bh, g, gq * b, d))
         order.append(rows)
-    if out is None:
-        out = torch.cat(pieces, 1)  # (BHkv, nbq, G·b, D), query blocks in group order
-        out = out.index_select(1, torch.argsort(torch.cat(order)))
+    out = torch.cat(pieces, 1)  # (BHkv, nbq, G·b, D), query blocks in group order
+    out = out.index_select(1, torch.argsort(torch.cat(order)))
     return _unfold(out, q, n, b, q0)
+
+
+def _bias_rows(bias: torch.Tensor, s: int, g: int) -> torch.Tensor:
+    """Rows s..s+g of a group's (G, b, L·b) bias, stored as (1, b, L·b) when every query block
+    of the group has the same one."""
+    return bias.expand(g, -1, -1) if bias.shape[0] == 1 else bias[s : s + g]
+
+
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def _fused_attention(q, k, v, layout: Layout, work) -> torch.Tensor:
+    """The no-grad CPU path: each group's query blocks through torch's fused CPU flash kernel
+    (no score tile kept; the cut pairs as its additive mask, broadcast over the heads), their
+    keys an overlapping strided view of k, v for a run (`_run`: a band, or query blocks
+    sharing one run of key blocks; no copy) or gathered into buffers reused across chunks.
+    q is unscaled (the kernel scales it) and a view of q unless padded;
+    grouped heads: one call per query head of a k/v head over the same keys (no copy of q or of
+    the mask per head). Each chunk's output is copied into a slice of the output (index_copy_
+    only for scattered query blocks)."""
+    bsz, h, nq, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    gq = h // hkv  # query heads per k/v head
+    b, nb, q0 = layout.block, layout.nb, layout.q0
+    nbq = nb - q0
+    front = n - nq - q0 * b
+    qp = q.to(work)
+    if front or nbq * b != nq:
+        qp = F.pad(qp, (0, 0, front, nbq * b - nq - front))
+    qv = qp.view(bsz, hkv, gq, nbq, b, d)
+    kb, vb = _key_blocks(k, nb, b, work), _key_blocks(v, nb, b, work)  # (BHkv, nb, b, D)
+    bh, el = bsz * hkv, qp.element_size()
+    final = qp.new_empty(bsz, h, nbq * b, d)  # written in place, one slice per chunk and head
+    fv = final.view(bsz, hkv, gq, nbq, b, d)
+    kflat, vflat = kb.view(bh, nb * b, d), vb.view(bh, nb * b, d)  # (BHkv, nb·b, D)
+    scale = 1.0 / math.sqrt(d)
+    buffers: list[torch.Tensor] = []  # gathered k, v: one allocation, reused by every chunk
+    for rows, kidx, bias, merge, band in layout.groups:
+        g_all, nkb = kidx.shape
+        tile = merge * b  # query rows per tile and head
+        first = int(rows[0])
+        dense = int(rows[-1]) - first == g_all - 1  # rows are sorted: consecutive query blocks
+        run = _group_run(rows, kidx, merge, band)
+        # a run reads views (the budget bounds the kernel's output); a gather copies k, v
+        per_tile = bh * (tile * d if run is not None else 2 * nkb * b * d) * el
+        if bias is not None and bias.shape[0] > 1:  # + the tile's slice of the mask
+            per_tile += tile * nkb * b * el
+        step = merge * max(1, (OUT_BYTES if run is not None else GATHER_BYTES) // per_tile)
+        for s in range(0, g_all, step):
+            g = min(step, g_all - s)
+            t = g // merge  # tiles of `merge` query blocks sharing their key blocks
+            if run is not None:  # tile i sees keys (k0 + i·shift)·b ..: a window view
+                k0 = run[0] + (s // merge) * run[1]
+                kg, vg = (_windows(x, k0, t, nkb * b, b, run[1]) for x in (kflat, vflat))
+            else:
+                ki = kidx[s : s + g : merge].flatten()
+                size = bh * t * nkb * b * d
+                if not buffers or buffers[0].numel() < size:
+                    most = bh * min(step, g_all) // merge * nkb * b * d
+                    buffers = [qp.new_empty(max(most, size)) for _ in range(2)]
+                shape = (bh, t * nkb, b, d)
+                kg = torch.index_select(kb, 1, ki, out=buffers[0][:size].view(shape))
+                vg = torch.index_select(vb, 1, ki, out=buffers[1][:size].view(shape))
+                kg, vg = kg.view(bh, t, nkb * b, d), vg.view(bh, t, nkb * b, d)
+            mask = None
+            if bias is not None:  # (1, t or 1, R·b, L·b): broadcast over the heads
+                same = bias.shape[0] == 1  # one bias for every query block: broadcast
+                rep, per = (1, 1) if same else (t, merge)
+                bi = (bias if same else bias[s : s + g]).to(work).view(rep, per, b, nkb * b)
+                mask = bi.expand(rep, merge, b, nkb * b).reshape(1, rep, tile, nkb * b)
+            for j in range(gq):  # query head j of each k/v head
+                qj = qv[:, :, j]  # (B, Hkv, nbq, b, D)
+                qj = qj[:, :, first + s : first + s + g] if dense else qj.index_select(
+                    2, rows[s : s + g])
+                o = _FLASH(qj.reshape(bh, t, tile, d), kg, vg, attn_mask=mask, scale=scale)[0]
+                o = o.view(bsz, hkv, g, b, d)
+                if dense:
+                    fv[:, :, j, first + s : first + s + g] = o
+                else:
+                    fv[:, :, j].index_copy_(2, rows[s : s + g], o)
+    return final[:, :, front : front + nq].to(q.dtype)
+
+
+def _group_run(rows: torch.Tensor, kidx: torch.Tensor, merge: int,
+               band: tuple[int, int] | None) -> tuple[int, int] | None:
+    """A group's key blocks as windows of k (see `_run`) when its query blocks are consecutive
+    (scattered ones gather their q and k alike)."""
+    if band is not None:
+        return band[1], 1
+    return _run(kidx[::merge]) if int(rows[-1] - rows[0]) == len(rows) - 1 else None
+
+
+def _run(kt: torch.Tensor) -> tuple[int, int] | None:
+    """(first key block, shift per tile) when each tile's key blocks kt (T, L) are consecutive
+    and their first blocks step evenly (a band: shift 1; query blocks sharing all their keys:
+    one tile), else None."""
+    t, c = kt.shape
+    if not bool((kt == kt[:, :1] + torch.arange(c)).all()):
+        return None
+    starts = kt[:, 0]
+    shift = int(starts[1] - starts[0]) if t > 1 else 0
+    if shift < 0 or not bool((starts == starts[0] + shift * torch.arange(t)).all()):
+        return None
+    return int(starts[0]), shift
+
+
+def _windows(t: torch.Tensor, k0: int, g: int, width: int, b: int, shift: int) -> torch.Tensor:
+    """(BHkv, g, width, D) overlapping view of t (BHkv, nb·b, D): window i starts at key
+    (k0 + i·shift)·b (t's head stride kept: k may be a view of a longer cache)."""
+    bh, _, d = t.shape
+    stride = (t.stride(0), shift * b * t.stride(1), t.stride(1), t.stride(2))
+    return t.as_strided((bh, g, width, d), stride, t.storage_offset() + k0 * b * t.stride(1))
 
 
 def _attend(qg, kg, vg, bias, grad: bool) -> torch.Tensor:
@@ -164,50 +271,35 @@ def _attend(qg, kg, vg, bias, grad: bool) -> torch.Tensor:
     return torch.softmax(scores, dim=-1) @ vg
 
 
-def _attend_band(qb, kb, vb, q0: int, k0: int, g: int, nkb: int, bias, gq: int) -> torch.Tensor:
-    """A band of query blocks q0.. over key blocks k0.. without gathering: each query block's
-    L·b keys are an overlapping strided view of k, which 3-D bmm takes as is (4-D matmul would
-    copy it)."""
-    bh, _, rows, d = qb.shape
-    b = kb.shape[2]
-    scores = qb.new_empty(bh, g, rows, nkb * b)  # (BHkv, g, G·b, L·b)
-    out = qb.new_empty(bh, g, rows, d)
-    kflat, vflat = kb.view(bh, -1, d), vb.view(bh, -1, d)  # (BHkv, nb·b, D)
-
-    def window(t: torch.Tensor) -> torch.Tensor:  # (g, L·b, D), consecutive rows shift by b
-        return t.as_strided((g, nkb * b, d), (b * d, d, 1), t.storage_offset() + k0 * b * d)
-
-    # one 3-D bmm per head, batched over the g query blocks: (g, G·b, D) @ (g, D, L·b)
-    for i in range(bh):
-        torch.bmm(qb[i, q0 : q0 + g], window(kflat[i]).transpose(1, 2), out=scores[i])
-    if bias is not None:
-        scores.view(bh, g, gq, b, nkb * b).add_(bias[:, None])  # (BHkv, g, G, b, L·b)
-    p = torch.softmax(scores, dim=-1)
-    for i in range(bh):
-        torch.bmm(p[i], window(vflat[i]), out=out[i])
-    return out
-
-
 def cpu_path_bytes(shape: Shape, counts: torch.Tensor, cut: torch.Tensor, b: int,
                    padded_q: int) -> tuple[int, int]:
     """The CPU path's largest working set of one chunk over the groups (no-grad paths) and its
     layout, in bytes, for query blocks with these key-block counts; `cut`: the query blocks with
     a cut pair (their group carries a bias); padded_q: the bytes of the padded queries."""
-    bh, bhkv, d = shape.bh, shape.batch * shape.hkv, shape.head_dim
+    bhkv, d = shape.batch * shape.hkv, shape.head_dim
     size = torch.bincount(counts)  # query blocks per count
     biased = torch.bincount(counts, weights=cut.double()) > 0
     width = torch.arange(len(size))  # key blocks per row of each group
     indices = int((size * (1 + width)).sum()) * 8  # rows and key blocks, int64
     layout = indices + int((size * width)[biased].sum()) * b * b * 4  # + float32 biases
-    work, most = 0, max(1, MERGE_ROWS // b)
+    most = max(1, MERGE_ROWS // b)
     present = size > 0
-    if (present & ~biased).any():  # fused sdpa: gathered k, v (budgeted), gathered q, out
-        c = int(width[present & ~biased].max())
-        work = max(CHUNK_BYTES, 2 * bhkv * c * b * d * 4) + 2 * padded_q
-    if (present & biased).any():  # tile scores and their softmax + gathered k, v
-        c = int(width[present & biased].max())
-        tile = max(CHUNK_BYTES, bh * most * b * c * b * 4)
-        work = max(work, 2 * tile + 2 * tile * d // b)
+    # Without grad the fused kernel keeps no scores. A gather chunk: its k, v and its tiles'
+    # mask (budgeted together), its output and (scattered query blocks) gathered q of one query
+    # head, each at most the padded q and R/2 times its k, v; a band chunk: its output and mask
+    # (budgeted).
+    c = int(width[present].max())
+    cut_width = int(width[present & biased].max()) if (present & biased).any() else 0
+    tile_mask = most * b * cut_width * b * 4
+    kv = max(GATHER_BYTES, 2 * bhkv * c * b * d * 4 + tile_mask)
+    band = max(OUT_BYTES, bhkv * most * b * d * 4 + tile_mask)
+    per_head = padded_q // (shape.bh // bhkv)  # one query head of each k/v head per call
+    work = kv + max(band, 2 * min(per_head, kv * most // 2))
+    # and, while the layout is built (before the forward, added all the same): a bool
+    # comparison over the biases (held, in `layout`) and the cut pairs in LAYOUT_CHUNK slices
+    bias_elems = int((size * width)[biased].sum()) * b * b
+    slice_elems = min(bias_elems, max(LAYOUT_CHUNK, b * c * b))
+    work += bias_elems + slice_elems * BIAS_TEMP
     return work, layout
 
 
@@ -215,12 +307,11 @@ def cpu_path_kernel(layout: Layout, grad: bool) -> str:
     """``blocksparse:`` and the paths `blocksparse_attention` takes for the groups of `layout`,
     joined by ``+`` (see `BlockSparse.kernel`)."""
     paths = set()
-    for _, _, bias, _, band in layout.groups:
-        if band is not None and not grad:
-            paths.add("band")
-        elif not grad and bias is None:
-            paths.add("sdpa-gather")
-        else:
+    for rows, kidx, _, merge, band in layout.groups:
+        if grad:
             paths.add("matmul-gather")
+        else:  # a band, or query blocks sharing one run of key blocks: a window view
+            run = _group_run(rows, kidx, merge, band) is not None
+            paths.add("band" if run else "sdpa-gather")
     order = ("band", "sdpa-gather", "matmul-gather")
     return "blocksparse:" + "+".join(p for p in order if p in paths)

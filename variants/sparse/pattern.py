@@ -241,6 +241,13 @@ class BlockSparse(Variant):
             # pairs when any of its rows has a cut pair (an upper bound for token-level patterns).
             cut = torch.ones_like(last) if causal or self._token_level else last & (n % b != 0)
             work, layout = cpu_path_bytes(shape, counts, cut, b, padded_q)
+            # the fused path: a copy of q only when padded or cast; of k, v only when padded or
+            # cast; the output written in place (cast once when not float32)
+            padded = nb * b != n or (n - shape.nq) % b != 0
+            cast = el != 4
+            copies = padded_q * (padded or cast)
+            copies += 2 * padded_kv * (n % b != 0 or cast)
+            return int(copies + padded_q + max(work, building) + out * cast + layout)
         # padded q, pieces, cat, reorder; padded k, v + one chunk's working set (or the
         # layout's slices, freed before it) + output + the layout itself
         return int(4 * padded_q + 2 * padded_kv + max(work, building) + out + layout)
@@ -275,9 +282,10 @@ class BlockSparse(Variant):
     def kernel(self, shape: Shape, device: torch.device | str, causal: bool, grad: bool) -> str:
         """``flex:compiled``; on the GPU path ``blocksparse:bucket-gather`` (padded gathers of
         GPU_BUCKETS buckets); else ``blocksparse:`` and the CPU paths the groups take, joined by
-        ``+``: band (strided key windows, no gather), sdpa-gather (gathered key blocks through
-        fused sdpa) and matmul-gather (gathered key blocks, explicit scores with the -inf bias
-        where the pattern cuts, softmax, matmul). Mirrors the engine."""
+        ``+``: band (no grad: strided windows of the keys through torch's fused CPU flash
+        kernel, the -inf bias as its mask), sdpa-gather (no grad: gathered key blocks through
+        the same kernel) and matmul-gather (under autograd: gathered key blocks, explicit scores
+        with the -inf bias where the pattern cuts, softmax, matmul). Mirrors the engine."""
         if self.impl == "flex":
             return "flex:compiled"
         if gpu_path(device):
