@@ -158,7 +158,10 @@ class NSA(Variant):
         ends = torch.arange(c, device=qi.device) * self.cmp_stride + self.cmp_block - 1
         hidden = ends > qpos[:, None]  # (Nq, C)
         stat = torch.float64 if qi.dtype == torch.float64 else torch.float32
-        sc = sc.to(stat).masked_fill_(hidden[:, None], NEG)  # bmm's backward needs no output
+        sc = sc.to(stat)
+        # the blocks complete for the earliest query are seen by all: mask only the later ones
+        lo = 0 if gpu_path(qi.device) or not len(qpos) else int((ends <= qpos[0]).sum())
+        sc[..., lo:].masked_fill_(hidden[:, None, lo:], NEG)  # bmm's backward needs no output
         p = torch.softmax(sc, -1)  # rows that see no block: uniform, zeroed below
         o = (p.to(qi.dtype).view(z, nq * g, c) @ vc).view(z, nq, g, d)  # (Z, Nq, G, D)
         seen = (~hidden).any(-1)[:, None, None]  # (Nq, 1, 1)
@@ -176,15 +179,16 @@ class NSA(Variant):
             nbs = min(nbs, blocks)
         seen = (qpos >= self.cmp_block - 1)[:, None]  # a compression block is complete
         p = p_cmp.sum(2).mul_(seen)  # (Z, Nq, C)
-        # Σ_{m<a} Σ_{r<c} p[a·j − (c − 1) + m + r]: a box of c, then boxes of a at stride a
-        p = F.pad(p, (c - 1, max(0, a * nbs - p.shape[-1])))
-        box = p[..., : a * nbs].clone()
-        for r in range(1, c):
-            box += p[..., r : r + a * nbs]
-        box = box.view(*box.shape[:-1], nbs, a)  # (Z, Nq, nbs, a)
-        score = box[..., 0].clone()  # (Z, Nq, nbs): a strided add per m (a sum over the
-        for m in range(1, a):        # last dim of a few entries is a slow reduction)
-            score += box[..., m]
+        # Σ_{m<a} Σ_{r<c} p[a·j − (c − 1) + m + r]: per offset o = m + r − (c − 1) one strided
+        # add of p[a·j + o] (columns outside p are 0), weighted by the (m, r) pairs that give o
+        score = p.new_zeros(*p.shape[:-1], nbs)  # (Z, Nq, nbs)
+        for o in range(1 - c, a):
+            weight = sum(1 for m in range(a) if 0 <= o + c - 1 - m < c)
+            j0 = -(-max(0, -o) // a)  # the first block whose column a·j + o >= 0
+            j1 = min(nbs, (p.shape[-1] - 1 - o) // a + 1)  # past the last inside p
+            if j1 > j0:
+                cols = p[..., a * j0 + o : a * (j1 - 1) + o + 1 : a]
+                score[..., j0:j1].add_(cols, alpha=weight)
         own = qpos // self.sel_block
         col = torch.arange(nbs, device=p.device)
         forced = (col == 0) | (col == own[:, None] - 1)
