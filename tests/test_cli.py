@@ -18,6 +18,15 @@ TINY = ["batch=1", "heads=2", "head_dim=16", "timing.min_reps=2", "timing.min_ti
         "timing.warmup=1"]
 
 
+def sigint_default() -> None:
+    """In a child the Ctrl-C tests interrupt: SIGINT's default action, whatever the test run
+    inherited (a shell starts background jobs with SIGINT ignored, and Python then installs no
+    KeyboardInterrupt handler: the child would run to the end and exit 0)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def attnbench(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", "attnbench.harness.cli", *args], cwd=cwd, env=env,
@@ -197,7 +206,7 @@ def test_ctrl_c_while_the_report_is_written_is_one_line(tmp_path):
         folder = _sweep_folder(tmp_path / f"s{attempt}", points=4 * 2**attempt)
         proc = subprocess.Popen([sys.executable, "-m", "attnbench.harness.cli", "report",
                                  str(folder)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
         deadline = time.time() + 120
         while not (folder / "results.csv").exists() and time.time() < deadline:
             time.sleep(0.005)  # the report has started writing (the plots come next)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_cli import sigint_default
 
 from attnbench.harness.records import load_records
 from attnbench.harness.report.gather import gather
@@ -268,7 +269,8 @@ def test_ctrl_c_keeps_what_was_measured_and_prints_the_resume_command(tmp_path):
              "variant.sleep_ms=40", "seq_len=16,24,32,40,48,56,64,72", *FAST,
              f"hydra.sweep.dir={tmp_path}"]
     proc = subprocess.Popen([sys.executable, "-c", BOOT, *sweep], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=sigint_default)
     deadline = time.time() + 120
     while len(list(tmp_path.glob("*/result.json"))) < 3 and time.time() < deadline:
         time.sleep(0.02)
@@ -404,7 +406,8 @@ def test_ctrl_c_while_the_sweep_writes_its_report_is_one_line(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", BOOT, "-m", "variant=faulty",
                              "variant.how=error", "variant.fail_at=0", "seq_len=16,24", *FAST,
                              f"hydra.sweep.dir={tmp_path}"], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=sigint_default)
     deadline = time.time() + 240
     while not (tmp_path / "results.csv").exists() and time.time() < deadline:
         time.sleep(0.01)  # gathered: the report (plots: seconds) is being written
