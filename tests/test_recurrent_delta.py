@@ -418,3 +418,27 @@ def _delta_work(n: int, d: int, groups: int) -> int:
     f = sum(c * (c - 1) // 2 * 2 * 3 * d + 2 * c * d * d for c in chunks)
     f += sum(2 * d * c * d for c in passed)
     return f + groups * sum(c * (c + 1) // 2 * 2 * 2 * d + 2 * c * d * d for c in chunks)
+
+
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "retnet", "gla", "mamba2"])
+def test_decode_state_holds_only_its_own_bytes(name):
+    """The state after a context is what decode keeps per token (`state_bytes`, the leanest
+    pick): its tensors must not be views that keep a larger buffer alive (the CPU delta engine's
+    last state was one half of an alternating pair: twice the bytes)."""
+    att = variants.build(name)
+    _, k, v = random_qkv(1, 4, 300, 16, dtype=torch.float32, seed=5)
+    tensors = list(_leaves(att.decode_init(k, v, heads=4)))
+    assert tensors
+    for x in tensors:
+        assert x.untyped_storage().nbytes() == x.numel() * x.element_size(), (x.shape, name)
+
+
+def _leaves(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (tuple, list)):
+        for y in x:
+            yield from _leaves(y)
+    elif hasattr(x, "__dict__"):
+        for y in vars(x).values():
+            yield from _leaves(y)

@@ -242,7 +242,10 @@ def _loop_cpu(uw, kt, tot, s, states, values, final: bool):
             else:
                 torch.mul(svs[i], decays[i], out=nxt).baddbmm_(ks[i], vvs[i])
             last = nxt
-    return last if final else None
+    if not final:
+        return None
+    # out of the alternating pair: a decode state must not keep the other half's storage alive
+    return last.clone() if states is None else last
 
 
 def _solve_cpu(a: torch.Tensor, r: torch.Tensor, out: torch.Tensor,
