@@ -70,8 +70,6 @@ def chunk_delta(
     """
     tracked = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, beta, g, state))
-    if not gpu_path(k.device) and not tracked:
-        return _chunk_cpu(q, k, v, beta, g, state, chunk, final, {} if work is None else work)
     b, hkv, n, d = k.shape
     dv = v.shape[-1]
     c = max(1, min(chunk, n))
@@ -80,6 +78,8 @@ def chunk_delta(
         k, v, beta = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad)), F.pad(beta, (0, pad))
         g = None if g is None else F.pad(g, (0, pad))
         q = None if q is None else F.pad(q, (0, 0, 0, pad))
+    if not gpu_path(k.device) and not tracked:
+        return _chunk_cpu(q, k, v, beta, g, state, c, n, final, {} if work is None else work)
     nc, bh = (n + pad) // c, b * hkv
     x = bh * nc  # every chunk of every k/v head: the batch of all but the chunk loop
     kc, vc = k.reshape(x, c, d), v.reshape(x, c, dv)  # (BHkv·nc, C, D)
@@ -146,18 +146,14 @@ def workspace(work: dict[str, torch.Tensor], name: str, shape: tuple[int, ...],
     return buf[:size].view(shape)
 
 
-def _chunk_cpu(q, k, v, beta, g, state, chunk: int, final: bool, work: dict[str, torch.Tensor]):
-    """`chunk_delta` on the CPU without autograd: the values' form, every intermediate written
-    into the call's buffers (`workspace`), the chunk loop in two ops per chunk."""
-    b, hkv, n, d = k.shape
+def _chunk_cpu(q, k, v, beta, g, state, c: int, n: int, final: bool,
+               work: dict[str, torch.Tensor]):
+    """`chunk_delta` on the CPU without autograd, its inputs padded to whole chunks of c (n:
+    the real positions): the values' form, every intermediate written into the call's buffers
+    (`workspace`), the chunk loop in two ops per chunk."""
+    b, hkv, padded, d = k.shape
     dv = v.shape[-1]
-    c = max(1, min(chunk, n))
-    pad = -n % c  # zero keys (β = 0, no decay) leave the state as it is; padded queries dropped
-    if pad:
-        k, v, beta = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad)), F.pad(beta, (0, pad))
-        g = None if g is None else F.pad(g, (0, pad))
-        q = None if q is None else F.pad(q, (0, 0, 0, pad))
-    nc, bh = (n + pad) // c, b * hkv
+    nc, bh = padded // c, b * hkv
     x, m = bh * nc, dv + d  # every chunk of every k/v head; the width of [U | W]
     kc, vc = k.reshape(x, c, d), v.reshape(x, c, dv)  # (BHkv·nc, C, D)
     bc = beta.reshape(x, c, 1)
