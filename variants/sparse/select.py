@@ -152,20 +152,19 @@ class _SelectAttention(torch.autograd.Function):
         tot = torch.zeros_like(top)
         ws = []
         for qi, _, lse in pieces:
-            w = (lse - (top[_span(qi)] if _ordered(qi) else top.index_select(0, qi))).exp_()
-            tot[_span(qi)].add_(w) if _ordered(qi) else tot.index_add_(0, qi, w)  # (rows, G)
+            w = (lse - _rows_of(top, qi)).exp_()  # (rows, G)
+            _add_rows(tot, qi, w)
             ws.append(w)
         total = top + tot.log()  # (Z·M, G)
         out = None
         for (qi, o, _), w in zip(pieces, ws, strict=True):
-            o = o.mul_((w / (tot[_span(qi)] if _ordered(qi) else tot.index_select(0, qi)))
-                       [..., None].to(o.dtype))  # (rows, G, D)
+            o = o.mul_((w / _rows_of(tot, qi))[..., None].to(o.dtype))  # (rows, G, D)
             if qi is None and out is None:
                 out = o  # an all-items piece's rows are the first summand: no zeros, no add
                 continue
             if out is None:
                 out = torch.zeros(z * m, g, d, dtype=q.dtype, device=q.device)
-            out[_span(qi)].add_(o) if _ordered(qi) else out.index_add_(0, qi, o)
+            _add_rows(out, qi, o)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, total)
         ctx.lays, ctx.fused = lays, fused
@@ -192,6 +191,19 @@ def _ordered(qi) -> bool:
 
 def _span(qi) -> slice:
     return slice(None) if qi is None else qi
+
+
+def _rows_of(x: torch.Tensor, qi) -> torch.Tensor:
+    """x's rows for a piece's items: a view where they are in order, else a gather."""
+    return x[_span(qi)] if _ordered(qi) else x.index_select(0, qi)
+
+
+def _add_rows(acc: torch.Tensor, qi, x: torch.Tensor) -> None:
+    """acc's rows for a piece's items += x (rows), in place."""
+    if _ordered(qi):
+        acc[_span(qi)].add_(x)
+    else:
+        acc.index_add_(0, qi, x)
 
 
 def block_means(k: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor:

@@ -275,9 +275,8 @@ class _Diagonal:
         """(Z·runs, nbq, Lk, D) keys (or values) of each query block's band; `view`: the band
         as an overlapping strided view of the padded x (aten's CPU flash kernels read any row
         stride), not a copy of (r + 1)× the keys."""
-        z, runs, n, b, r = (self.geo[i] for i in (0, 3, 5, 6, 7))
-        d, lk = x.shape[-1], (r + 1) * b
-        z = x.shape[0]  # a slab of the k/v heads (runs == 1) or all of them
+        runs, n, b, r = (self.geo[i] for i in (3, 5, 6, 7))
+        z, d, lk = x.shape[0], x.shape[-1], (r + 1) * b  # z: all k/v heads or a slab of them
         if r or (self.first + self.nbq) * b != n:  # token t at t + r·b
             x = F.pad(x, (0, 0, r * b, (self.first + self.nbq) * b - n))
         x = x[:, self.first * b :]  # band of query block i: rows i·b … i·b + Lk
@@ -297,18 +296,16 @@ class _Diagonal:
         d = k.shape[-1]
         qp = self._pad(qf, g * d)  # (Z·runs, nbq, b·G, D)
         padded = 2 * (self.nbq + r) * b * d * k.element_size()  # one head's padded k and v
-        step = max(1, SLAB_BYTES // padded) if fused and r and runs == 1 else z * runs
-        if step >= z * runs:
-            o, lse = _tile_forward(qp, self._keys(k, fused), self._keys(v, fused), self.mask,
-                                   fused)
-            return [(None, self._unpad(o, g * d).view(-1, g, d), self._unpad(lse, g))]
+        step = max(1, SLAB_BYTES // padded) if fused and r and runs == 1 else z
         pieces = []
-        for a in range(0, z, step):
+        for a in range(0, z, step):  # k/v heads a … e − 1: items a·runs·Nq … e·runs·Nq − 1
             e = min(z, a + step)
-            o, lse = _tile_forward(qp[a:e], self._keys(k[a:e], True), self._keys(v[a:e], True),
-                                   self.mask, fused)
-            pieces.append((slice(a * nq, e * nq), self._unpad(o, g * d).view(-1, g, d),
-                           self._unpad(lse, g)))
+            whole = e - a == z  # one call: no slices (the GPU path's op count)
+            qs, ks, vs = (qp, k, v) if whole else (qp[a * runs : e * runs], k[a:e], v[a:e])
+            o, lse = _tile_forward(qs, self._keys(ks, fused), self._keys(vs, fused), self.mask,
+                                   fused)
+            items = None if whole else slice(a * runs * nq, e * runs * nq)
+            pieces.append((items, self._unpad(o, g * d).view(-1, g, d), self._unpad(lse, g)))
         return pieces
 
     def backward(self, qf, k, v, blocks, dx, ox, total, grads, fused):
