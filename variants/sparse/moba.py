@@ -94,18 +94,26 @@ class MoBA(Variant):
         each query's own (-1: empty slot). `spans` (the CPU): a span of items at a time against
         only the blocks up to its latest query's own (the later ones are never selected), its
         scores under SLAB_BYTES."""
-        z, m, _ = qi.shape
         c = means.shape[1]
-        span = max(1, SLAB_BYTES // (4 * z * c)) if spans else m
         picks = []
-        for s0 in range(0, m, span):
-            pos = qpos[s0 : s0 + span]
-            cols = min(c, int(pos.max()) // self.block + 1) if span < m else c
+        for s0, s1, cols in self._route_spans(qpos, qi.shape[0], c, spans):
             # (Z, span, cols): q·mean(K_block)
-            gate = qi[:, s0 : s0 + span].to(means.dtype) @ means[:, :cols].transpose(-1, -2)
-            idx = top_blocks(gate, pos // self.block, self.topk - 1)
+            gate = qi[:, s0:s1].to(means.dtype) @ means[:, :cols].transpose(-1, -2)
+            idx = top_blocks(gate, qpos[s0:s1] // self.block, self.topk - 1)
             picks.append(F.pad(idx, (0, min(c, self.topk - 1) - idx.shape[-1]), value=-1))
         return picks[0] if len(picks) == 1 else torch.cat(picks, 1)
+
+    def _route_spans(self, qpos: torch.Tensor, z: int, c: int,
+                     spans: bool) -> list[tuple[int, int, int]]:
+        """(first, end, blocks) of each span of items `_route` scores (and `_route_pairs`
+        counts): scores under SLAB_BYTES, against the blocks up to the span's latest own (a host
+        read of the positions); one span of all c blocks where not `spans`."""
+        m = len(qpos)
+        span = max(1, SLAB_BYTES // (4 * z * c)) if spans else m
+        if span >= m:
+            return [(0, m, c)]
+        return [(s, min(m, s + span), min(c, int(qpos[s : s + span].max()) // self.block + 1))
+                for s in range(0, m, span)]
 
     # -- decode: a KV cache and the means of the complete blocks -------------------------------
     def decode_init(self, k: torch.Tensor, v: torch.Tensor, heads: int | None = None
@@ -226,12 +234,9 @@ class MoBA(Variant):
         """Item–block scores of the router per k/v head: every block for every item (the GPU
         path), or per span of items the blocks up to its latest query's own (`_route`)."""
         z, m, nb, _ = self._sizes(shape)
-        span = max(1, SLAB_BYTES // (4 * z * nb))
-        if gpu_path(device) or span >= m:
-            return m * nb
-        qpos = torch.arange(m) % shape.nq + (shape.seq_len - shape.nq)
-        spans = (qpos[s : s + span] for s in range(0, m, span))
-        return sum(min(nb, int(pos.max()) // self.block + 1) * len(pos) for pos in spans)
+        qpos = torch.arange(m) % shape.nq + (shape.seq_len - shape.nq)  # the items' positions
+        parts = self._route_spans(qpos, z, nb, not gpu_path(device))
+        return sum((s1 - s0) * cols for s0, s1, cols in parts)
 
     def algorithm_flops(self, shape: Shape, causal: bool = True) -> float:
         """The method's work, per query head and query at position p (own block o = p // b):

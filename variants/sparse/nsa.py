@@ -131,22 +131,37 @@ class NSA(Variant):
         n = 8K and its page faults and passes took most of NSA's time) and the blocks no
         query of the span sees are not scored."""
         z, nq, g, _ = qi.shape
-        c, st, lc = kc.shape[1], self.cmp_stride, self.cmp_block
-        span = max(st, SLAB_BYTES // max(1, 4 * z * g * c) // st * st) if spans else nq
-        if span >= nq:
+        parts = self._spans(z, g, nq, n, kc.shape[1], spans)
+        if len(parts) == 1:
             o, p = self._compressed(qi, kc, vc, qpos)
             with torch.no_grad():
                 return o, self._select(p, qpos, n)
         outs, idxs = [], []
-        for s0 in range(0, nq, span):
-            s1 = min(nq, s0 + span)
-            last = n - nq + s1 - 1  # the span's last position
-            vis = min(c, max(0, (last - lc + 1) // st + 1)) if last >= lc - 1 else 0
+        for s0, s1, vis in parts:
             o, p = self._compressed(qi[:, s0:s1], kc[:, :vis], vc[:, :vis], qpos[s0:s1])
+            last = n - nq + s1 - 1  # the span's last position
             with torch.no_grad():
                 idxs.append(self._select(p, qpos[s0:s1], n, last // self.sel_block + 1))
             outs.append(o)
         return torch.cat(outs, 1), torch.cat(idxs, 1)
+
+    def _spans(self, z: int, g: int, nq: int, n: int, c: int,
+               spans: bool) -> list[tuple[int, int, int]]:
+        """(first, end, blocks) of each span `_compressed_select` runs (and `_cmp_pairs`
+        counts): consecutive queries whose scores stay under SLAB_BYTES, against the c
+        compressed blocks complete by the span's last query; one span of all where not
+        `spans`."""
+        st, lc = self.cmp_stride, self.cmp_block
+        span = max(st, SLAB_BYTES // max(1, 4 * z * g * c) // st * st) if spans else nq
+        if span >= nq:
+            return [(0, nq, c)]
+        out = []
+        for s0 in range(0, nq, span):
+            s1 = min(nq, s0 + span)
+            last = n - nq + s1 - 1  # the span's last position
+            out.append((s0, s1, min(c, max(0, (last - lc + 1) // st + 1)) if last >= lc - 1
+                        else 0))
+        return out
 
     def _compressed(self, qi, kc, vc, qpos):
         """Attention of each query over the complete compressed blocks: output (Z, Nq, G, D)
@@ -292,16 +307,8 @@ class NSA(Variant):
         block for every query (the GPU path), or on the CPU per span of queries the blocks
         complete by its last one (`_compressed_select`)."""
         n, m, c, _, _ = self._geometry(shape)
-        z, g, st, lc = shape.batch * shape.hkv, shape.groups, self.cmp_stride, self.cmp_block
-        span = max(st, SLAB_BYTES // max(1, 4 * z * g * c) // st * st)
-        if gpu_path(device) or span >= m:
-            return m * c
-        total = 0
-        for s0 in range(0, m, span):
-            last = n - m + min(m, s0 + span) - 1
-            vis = min(c, max(0, (last - lc + 1) // st + 1)) if last >= lc - 1 else 0
-            total += (min(m, s0 + span) - s0) * vis
-        return total
+        parts = self._spans(shape.batch * shape.hkv, shape.groups, m, n, c, not gpu_path(device))
+        return sum((s1 - s0) * vis for s0, s1, vis in parts)
 
     def flops(self, shape: Shape, causal: bool = False,
               device: torch.device | str = "cpu") -> float:
