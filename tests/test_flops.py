@@ -58,3 +58,17 @@ def test_flop_models_match_dispatch_counts(name, causal, mode):
     assert abs(model - counted) <= TOLERANCE * counted, (
         f"{att.label} {mode} causal={causal}: model {model:.4g} vs counted {counted:.4g} "
         f"({model / counted:.3f}×)")
+
+
+@pytest.mark.parametrize("nq, nk", [(5, 3), (3, 5), (4, 4)])
+def test_cpu_flash_kernel_causal_count_is_top_left(nq, nk):
+    """aten's CPU flash kernel with is_causal masks top-left (row i sees keys 0 … i, checked
+    here against an explicit mask): the counter counts those pairs, also for more queries than
+    keys (the selection engine's groups)."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    q, k, v = torch.randn(1, 1, nq, 8), torch.randn(1, 1, nk, 8), torch.randn(1, 1, nk, 8)
+    seen = torch.ones(nq, nk, dtype=torch.bool).tril()
+    ref = torch.softmax((q @ k.transpose(-1, -2)).masked_fill(~seen, -torch.inf), -1) @ v
+    assert torch.allclose(flash(q, k, v, is_causal=True, scale=1.0)[0], ref, atol=1e-6)
+    got = count_call(lambda: flash(q, k, v, is_causal=True, scale=1.0)).flops
+    assert got == 2.0 * int(seen.sum()) * (8 + 8)

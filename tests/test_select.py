@@ -17,6 +17,7 @@ from attnbench.harness.run.memory import peak_memory
 from attnbench.harness.run.opcount import count_call
 from attnbench.variants.base import FORCE_GPU_PATHS, Shape
 from attnbench.variants.reference import attention_reference, rel_error
+from attnbench.variants.sparse import select_groups
 from attnbench.variants.testing import assert_matches, random_qkv
 
 MOBA = {"block": 16, "topk": 3}
@@ -113,6 +114,31 @@ def test_forward_and_reference_equal_the_paper_loop(name, params, hkv, nq):
     with torch.no_grad():
         torch.testing.assert_close(att.reference(q, k, v, True), want, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(att(q, k, v, causal=True), want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(("name", "params"), CASES, ids=IDS)
+@pytest.mark.parametrize(("hkv", "nq", "joined"), [(4, 75, True), (4, 43, True), (4, 37, False),
+                                                   (2, 43, None)], ids=["all", "aligned-q",
+                                                                        "offset-q", "gqa"])
+def test_groups_equal_the_paper_loop(name, params, hkv, nq, joined, monkeypatch):
+    """The CPU forward without autograd runs the selection by groups (`select_groups`), the own
+    blocks joined where G = 1 and the first query starts a block (75 − 43 = 32: blocks before
+    it hold no own rows; 75 − 37 = 38: off the boundary, the diagonal apart)."""
+    seen = []
+    real = select_groups.Groups.__init__
+
+    def spy(self, rest, own, *args):
+        seen.append(own is not None)
+        real(self, rest, own, *args)
+
+    monkeypatch.setattr(select_groups.Groups, "__init__", spy)
+    att = variants.build(name, **params)
+    q, k, v = _inputs(hkv=hkv, nq=nq, seed=5)
+    with torch.no_grad():
+        got = att(q, k, v, causal=True)
+    torch.testing.assert_close(got, _loop(name, params, q, k, v), rtol=1e-10, atol=1e-12)
+    want = joined if joined is not None else name == "moba"  # MoBA's G is 1: runs per head
+    assert seen == [want], seen
 
 
 @pytest.mark.parametrize("forced", ["0", "1"], ids=["cpu-path", "gpu-path"])

@@ -8,8 +8,9 @@ backward). Run once per point, outside the timed region (the mode slows every op
 FLOPs are matmul FLOPs (multiply-add = 2), the convention of every variant's `flops` model; a
 C×C triangular solve against m columns (``linalg_solve_triangular``, ``triangular_solve``)
 counts C²·m, a multiply-add per entry of the triangle and column. A fused attention op counts
-its QKᵀ and PV (its causal form only the triangle it needs; the score blocks on the diagonal
-that a tiled kernel computes in full are not counted); its backward counts 2.5× that
+its QKᵀ and PV (its causal form only the triangle it needs: the queries aligned to the last
+keys, except aten's CPU kernel, which aligns them to the first; the score blocks on the
+diagonal that a tiled kernel computes in full are not counted); its backward counts 2.5× that
 (flash-style: QKᵀ recomputed, then dP, dV, dQ, dK).
 """
 
@@ -164,7 +165,10 @@ def _attention_flops(func, name: str, args, kwargs) -> float:
     causal = bool(_arg(func, args, kwargs, "is_causal") or
                   _arg(func, args, kwargs, "causal"))
     pairs = nq * nk
-    if causal:  # queries aligned to the last nq keys: row i sees nk − nq + i + 1 keys
+    if causal and name.endswith(("_for_cpu", "_for_cpu_backward")):
+        # aten's CPU kernel aligns the mask top-left: row i sees keys 0 … i
+        pairs = min(nq, nk) * (min(nq, nk) + 1) // 2 + max(0, nq - nk) * nk
+    elif causal:  # queries aligned to the last nq keys: row i sees nk − nq + i + 1 keys
         nq = min(nq, nk)
         pairs = nq * (nk - nq) + nq * (nq + 1) // 2
     f = 2.0 * b * h * pairs * (d + dv)

@@ -24,6 +24,8 @@ from attnbench.variants.sparse.select import (
     block_pairs,
     blocks_to_keys,
     earlier_pairs,
+    group_bytes,
+    group_pairs,
     own_and_rest,
     own_rows,
     part_bytes,
@@ -222,13 +224,23 @@ class MoBA(Variant):
         rest = part_rows(m, s, n, self.block, trimmed=real) if s else 0
         return own_rows(shape.groups, shape.nq, n, self.block) + rest
 
+    def _pairs(self, shape: Shape, device: torch.device | str = "cpu") -> int:
+        """Query–key pairs of the forward per k/v head: without autograd on the CPU the
+        groups' (`group_pairs`, where they run), else the tiles' rows × block keys."""
+        if not gpu_path(device):
+            pairs = group_pairs(shape.groups, shape.nq, shape.seq_len, self.block,
+                                self._sizes(shape)[3], 1)
+            if pairs is not None:
+                return pairs
+        return self._rows(shape, device) * self.block
+
     def flops(self, shape: Shape, causal: bool = False,
               device: torch.device | str = "cpu") -> float:
-        """The router's q·mean(K) for every block and the engine's rows × block keys (padding
-        included; on the CPU path its expected count, see `part_rows`)."""
+        """The router's q·mean(K) for every block and the engine's query–key pairs (`_pairs`:
+        padding included; on the CPU path its expected count, see `part_rows`)."""
         z, d = shape.batch * shape.hkv, shape.head_dim
-        return 2.0 * z * d * self._route_pairs(shape, device) + 4.0 * z * self._rows(
-            shape, device) * self.block * d
+        return 2.0 * z * d * self._route_pairs(shape, device) + 4.0 * z * d * self._pairs(
+            shape, device)
 
     def _route_pairs(self, shape: Shape, device: torch.device | str = "cpu") -> int:
         """Item–block scores of the router per k/v head: every block for every item (the GPU
@@ -251,9 +263,12 @@ class MoBA(Variant):
 
     def backward_flops(self, shape: Shape, causal: bool = False,
                        device: torch.device | str = "cpu") -> float:
-        """Flash-style: scores recomputed (2.5× the engine's forward); the router has none."""
-        z = shape.batch * shape.hkv
-        return 2.5 * 4.0 * z * self._rows(shape, device) * self.block * shape.head_dim
+        """Flash-style: scores recomputed (2.5× the tiles' forward); the router has none. With
+        autograd the forward runs the tiles, not the CPU's groups (`flops`): the difference is
+        counted here."""
+        z, d = shape.batch * shape.hkv, shape.head_dim
+        tiles = 4.0 * z * self._rows(shape, device) * self.block * d
+        return 3.5 * tiles - 4.0 * z * d * self._pairs(shape, device)
 
     def decode_memory_bytes(self, shape: Shape, dtype: torch.dtype,
                             device: torch.device | str = "cpu") -> int:
@@ -281,15 +296,24 @@ class MoBA(Variant):
         return self.algorithm_flops(Shape(shape.batch, shape.heads, n, shape.head_dim,
                                           shape.kv_heads, 1), True)
 
-    def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = False) -> int:
+    def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = False,
+                     device: torch.device | str = "cpu", grad: bool = False) -> int:
+        """The router's means, scores and picks, the engine's working set (the CPU's groups
+        without autograd, where they run; else the tiles) and the output; forward and backward
+        (`grad`): 3× the tiles' forward."""
         el = torch.empty((), dtype=dtype).element_size()
         z, m, nb, s = self._sizes(shape)
         n, d = shape.seq_len, shape.head_dim
         router = z * (nb * d * 8 + m * nb * 8 + m * s * 16)  # means, scores, top-k
+        out = 2 * shape.bh * shape.nq * d * max(el, 4)
+        grouped = not grad and not gpu_path(device) and group_pairs(
+            shape.groups, shape.nq, n, self.block, s, 1) is not None
+        if grouped:
+            return int(router + group_bytes(z, m, 1, s, d) + out)
         engine = part_bytes(z, m, 1, 1, n, self.block, d, True, own=True)
         if s:
             engine += part_bytes(z, m, 1, s, n, self.block, d, False)
-        return int(router + engine + 2 * shape.bh * shape.nq * d * max(el, 4))
+        return int(router + engine + out) * (3 if grad else 1)
 
     def density(self, n: int, causal: bool = False) -> float:
         """The fraction of the n×n scores it computes (≤ 1): each query's own block and the

@@ -31,10 +31,13 @@ from attnbench.variants.cache import CACHE_STEP, KVCache
 from attnbench.variants.registry import register
 from attnbench.variants.sparse.nsa_naive import GATES, nsa_definition, nsa_selection
 from attnbench.variants.sparse.select import (
+    band_bytes,
     band_rows,
     block_pairs,
     blocks_to_keys,
     earlier_pairs,
+    group_bytes,
+    group_pairs,
     own_and_rest,
     own_rows,
     part_bytes,
@@ -289,13 +292,16 @@ class NSA(Variant):
         ws = self.window // self.sel_block + 2
         return n, m, c, s, ws
 
-    def _rows(self, shape: Shape, device: torch.device | str = "cpu") -> int:
-        """Engine rows per k/v head: own block, other selected blocks (on the CPU the expected
-        count of the trimmed tiles), window blocks."""
+    def _rows(self, shape: Shape, device: torch.device | str = "cpu",
+              window: bool = True) -> int:
+        """Engine rows per k/v head of the tiles: own block, other selected blocks (on the CPU
+        the expected count of the trimmed tiles), window blocks (`window`)."""
         n, m, _, s, ws = self._geometry(shape)
         real = None if gpu_path(device) else earlier_pairs(
             torch.arange(n - m, n), s, self.sel_block)
         rest = part_rows(m, s, n, self.sel_block, trimmed=real) if s else 0
+        if not window:
+            return own_rows(1, m, n, self.sel_block) + rest
         if m >= self.sel_block:  # the band: ⌈w/l′⌉ + 1 key blocks per query block
             win = band_rows(m, n, self.sel_block) * (-(-self.window // self.sel_block) + 1)
         else:
@@ -310,13 +316,26 @@ class NSA(Variant):
         parts = self._spans(shape.batch * shape.hkv, shape.groups, m, n, c, not gpu_path(device))
         return sum((s1 - s0) * vis for s0, s1, vis in parts)
 
+    def _pairs(self, shape: Shape, device: torch.device | str = "cpu") -> int:
+        """Query–key pairs of the selected and window branches per k/v head (per query head of
+        its group): without autograd on the CPU the selection's groups (`group_pairs`, where
+        they run) and the window's band, else the tiles' rows × l′ keys."""
+        rows = self._rows(shape, device)
+        if gpu_path(device):
+            return rows * self.sel_block
+        n, m, _, s, _ = self._geometry(shape)
+        pairs = group_pairs(1, m, n, self.sel_block, s, shape.groups)
+        if pairs is None:
+            return rows * self.sel_block
+        sel = self._rows(shape, device, window=False)  # the tiles' selection rows
+        return (rows - sel) * self.sel_block + pairs
+
     def flops(self, shape: Shape, causal: bool = False,
               device: torch.device | str = "cpu") -> float:
-        """The compressed branch's scores and values (`_cmp_pairs`) and the engine's rows ×
-        l′ keys of the selected and window branches (padding included)."""
+        """The compressed branch's scores and values (`_cmp_pairs`) and the engine's
+        query–key pairs of the selected and window branches (`_pairs`, padding included)."""
         z, g, d = shape.batch * shape.hkv, shape.groups, shape.head_dim
-        return 4.0 * z * g * d * (self._cmp_pairs(shape, device)
-                                  + self._rows(shape, device) * self.sel_block)
+        return 4.0 * z * g * d * (self._cmp_pairs(shape, device) + self._pairs(shape, device))
 
     def algorithm_flops(self, shape: Shape, causal: bool = True) -> float:
         """The three branches as the paper defines them, per query head and query at position t
@@ -336,8 +355,9 @@ class NSA(Variant):
         """Compressed branch by autograd (2×); the engine flash-style (2.5×, scores recomputed);
         the compression means and the selection have no matmuls."""
         z, g, d = shape.batch * shape.hkv, shape.groups, shape.head_dim
+        tiles = self._rows(shape, device) * self.sel_block
         return (8.0 * z * g * d * self._cmp_pairs(shape, device)
-                + 10.0 * z * g * self._rows(shape, device) * self.sel_block * d)
+                + 4.0 * z * g * d * (3.5 * tiles - self._pairs(shape, device)))
 
     def decode_memory_bytes(self, shape: Shape, dtype: torch.dtype,
                             device: torch.device | str = "cpu") -> int:
@@ -365,17 +385,30 @@ class NSA(Variant):
                     shape.kv_heads, 1)
         return self.algorithm_flops(one, True)
 
-    def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = False) -> int:
+    def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = False,
+                     device: torch.device | str = "cpu", grad: bool = False) -> int:
+        """The compressed branch's scores, probabilities and selection, the larger of the
+        engine's two calls (selection: the CPU's groups without autograd, where they run, else
+        the tiles; window) and the branches' outputs; forward and backward (`grad`): 3× the
+        tiles' forward."""
         el = torch.empty((), dtype=dtype).element_size()
         z, g, d = shape.batch * shape.hkv, shape.groups, shape.head_dim
         n, m, c, s, ws = self._geometry(shape)
         nbs = -(-n // self.sel_block)
         cmp = z * (2 * c * d * 4 + 3 * m * g * c * 4 + m * (c + 3 * nbs) * 8)  # scores, p, sel
+        if not gpu_path(device):  # in spans: scores, probabilities, block scores per span
+            cmp = min(cmp, z * (2 * c * d * 4 + m * g * d * 4 + m * s * 8) + 4 * SLAB_BYTES)
         b = self.sel_block
-        engine = max(part_bytes(z, m, g, 1, n, b, d, True, own=True)
-                     + (part_bytes(z, m, g, s, n, b, d, False) if s else 0),
-                     part_bytes(z, m, g, ws, n, b, d, True))
-        return int(cmp + engine + 4 * shape.bh * m * d * max(el, 4))
+        sel = part_bytes(z, m, g, 1, n, b, d, True, own=True) + (
+            part_bytes(z, m, g, s, n, b, d, False) if s else 0)
+        win = part_bytes(z, m, g, ws, n, b, d, True)
+        if not grad and not gpu_path(device):
+            if group_pairs(1, m, n, b, s, g) is not None:
+                sel = group_bytes(z, m, g, s, d)
+            if m >= b:  # the window as a band
+                win = band_bytes(z, m, g, n, b, -(-self.window // b), d)
+        engine = max(sel, win)
+        return int(cmp + engine + 4 * shape.bh * m * d * max(el, 4)) * (3 if grad else 1)
 
     def density(self, n: int, causal: bool = False) -> float:
         """The fraction of the n×n scores it computes (≤ 1), an upper bound (the selection is

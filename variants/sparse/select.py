@@ -22,11 +22,14 @@ from the position alone (the own block, a sliding window) and the queries are co
 piece runs without gathers: each query block against its own key block (a view) or a band of
 key blocks (an unfold: a strided view on the CPU), under one causal/window mask.
 On the CPU the tiles run through aten's flash-attention kernels (forward and backward); the GPU
-path (`fused=False`) runs the same pieces as explicit matmuls.
+path (`fused=False`) runs the same pieces as explicit matmuls. On the CPU without autograd, a
+part of selected blocks beside a diagonal own part runs instead by groups (`select_groups`): all
+the rows of a key block in one call, the own blocks among them where they can join, long calls
+where the kernel runs at its best.
 
 Here: the engine's entry and its merge (autograd), the static row and byte counts of a part, and
-the block routing MoBA and NSA share; the parts and tiles are in `select_tiles`, the float64
-form in `select_naive`.
+the block routing MoBA and NSA share; the parts and tiles are in `select_tiles`, the groups in
+`select_groups`, the float64 form in `select_naive`.
 """
 
 from __future__ import annotations
@@ -37,7 +40,15 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from attnbench.variants.sparse.select_tiles import NEG, Part, _Diagonal, _Layout, capacity
+from attnbench.variants.sparse.select_groups import SPREAD, Groups, groupable
+from attnbench.variants.sparse.select_tiles import (
+    NEG,
+    SLAB_BYTES,
+    Part,
+    _Diagonal,
+    _Layout,
+    capacity,
+)
 
 
 def part_rows(items: int, slots: int, n: int, block: int, own: bool = False,
@@ -65,6 +76,45 @@ def own_rows(runs: int, nq: int, n: int, block: int) -> int:
     if nq >= block:
         return runs * band_rows(nq, n, block)
     return part_rows(runs * nq, 1, n, block, own=True)
+
+
+def group_pairs(runs: int, nq: int, n: int, block: int, slots: int, g: int) -> int | None:
+    """Query–key pairs per k/v head of the CPU forward without autograd (`select_groups`), or
+    None where it does not run (fewer than a block of queries per run, or no other slot): each
+    real (query, earlier block) pair reads the block's keys; the own blocks join the groups
+    (the kernel's causal triangle of each) where G = 1 and the first query starts a block,
+    else run as the diagonal's padded blocks. A call's padding (the spread of its groups'
+    sizes) is not counted: a few percent at the defaults."""
+    if nq < block or not slots:
+        return None
+    rest = runs * earlier_pairs(torch.arange(n - nq, n), slots, block) * block
+    if g != 1 or (n - nq) % block:
+        return rest + own_rows(runs, nq, n, block) * block
+    w = (n - torch.arange((n - nq) // block, -(-n // block)) * block).clamp(max=block)
+    return rest + runs * int((w * (w + 1) // 2).sum())
+
+
+def group_bytes(z: int, m: int, g: int, slots: int, d: int) -> int:
+    """Upper estimate of the CPU groups' forward working set (bytes, float32 work): the sort's
+    keys, order and row items, the calls' padded indices, each row's output and log-sum-exp
+    (kept until the merge; padding up to 1/SPREAD), the reused gather buffers (a call's rows
+    and key and value tiles) and the merge's output and statistics."""
+    rows = z * m * (slots + 1)  # the own block is a slot
+    index = 8 * rows * 5
+    pieces = (rows + rows // SPREAD) * g * (d + 1) * 4
+    buffers = 2 * SLAB_BYTES
+    return int(index + pieces + buffers + 4 * z * m * g * (d + 3))
+
+
+def band_bytes(z: int, nq: int, g: int, n: int, block: int, reach: int, d: int) -> int:
+    """Upper estimate of a band part's CPU forward working set (bytes, float32 work; the band
+    read as a strided view of k and v): k and v padded by the reach, the padded queries, the
+    mask (per query block where the band reaches before the first key), the rows' output and
+    log-sum-exp and their unpadded copies."""
+    rows, lk = band_rows(nq, n, block), (reach + 1) * block
+    kv = 2 * 4 * z * (n + (reach + 1) * block) * d
+    mask = 4 * block * g * lk * (rows // block if (n - nq) // block < reach else 1)
+    return int(kv + mask + 4 * z * rows * g * (d + 2 * (d + 1)))
 
 
 def band_rows(nq: int, n: int, block: int) -> int:
@@ -121,10 +171,17 @@ def select_attention(
         (Z, M, G, D) in q's dtype.
     """
     work = work or q.dtype
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     with torch.no_grad():
-        z, m, g = q.shape[:3]
+        z, m, g, d = q.shape
+        both = groupable(parts, g) if fused and not grad else None
+        if both is not None:  # the rest by groups, the own blocks joining them where they can
+            parts = [p for p in parts if p is not both[1] and p is not both[0]]
         lays = [_Diagonal(z, m, g, p, k.shape[1], work, q.device)
                 if p.runs else _Layout(p, qpos, k.shape[1], g, work, trim=fused) for p in parts]
+        if both is not None:
+            lays.append(Groups(both[1], both[0], qpos, k.shape[1], g, d,
+                               torch.empty((), dtype=work).element_size()))
     out = _SelectAttention.apply(q.to(work), k.to(work), v.to(work), lays, fused)
     return out.to(q.dtype)
 
