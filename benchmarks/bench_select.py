@@ -26,7 +26,7 @@ from attnbench import variants
 from attnbench.harness.run.rate import matmul_rate
 from attnbench.variants.base import Shape
 from attnbench.variants.reference import attention_reference, rel_error
-from attnbench.variants.sparse.select_tiles import capacity
+from attnbench.variants.sparse.select import earlier_pairs
 from attnbench.variants.testing import random_qkv
 
 TARGET_N = 8192
@@ -65,14 +65,16 @@ def tile_rate(rows: int, keys: int, d: int = 64, seconds: float = 0.2) -> float:
 
 
 def tiles_of(att, n: int) -> list[tuple[int, int]]:
-    """The (rows, keys) tile shapes the CPU engine runs for `att` at B=1, H=8, n, D=64."""
+    """The (rows, keys) shapes the CPU engine's calls run without autograd for `att` at B=1,
+    H=8, n, D=64: a group, the rows of one key block (its own queries and, on average, the
+    later queries that select it: `select_groups`), and NSA's window band."""
+    b = att.block if att.name == "moba" else att.sel_block
+    slots = (att.topk if att.name == "moba" else att.sel_count) - 1
+    nb = -(-n // b)
+    group = (n + earlier_pairs(torch.arange(n), slots, b)) // nb  # rows per block, on average
     if att.name == "moba":
-        nb = -(-n // att.block)
-        t, _ = capacity(n * (att.topk - 1), nb, att.block)
-        return [(att.block, att.block), (t, att.block)]  # own blocks, selected blocks
-    b = att.sel_block
-    t, _ = capacity(n * (att.sel_count - 1), -(-n // b), b)
-    return [(b, b), (t, b), (b, (-(-att.window // b) + 1) * b)]  # own, selected, window band
+        return [(group, b)]
+    return [(group, b), (b, (-(-att.window // b) + 1) * b)]  # selection groups, window band
 
 
 def main() -> None:
@@ -132,8 +134,8 @@ def main() -> None:
             rates = [tile_rate(r, c) for r, c in shapes]
             best = max(rates)
             kernel_ms = algo / best * 1e3
-            print("        tile kernel: aten's CPU flash kernel at "
-                  + ", ".join(f"{r}x{c} tiles {x / 1e9:.0f} GFLOP/s ({x / rate:.0%})"
+            print("        kernel: aten's CPU flash kernel at "
+                  + ", ".join(f"{r}x{c} calls {x / 1e9:.0f} GFLOP/s ({x / rate:.0%})"
                               for (r, c), x in zip(shapes, rates, strict=True))
                   + f"; the method's FLOPs at the fastest of these take {kernel_ms:.1f} ms: "
                   f"at most {full / kernel_ms:.1f}x here on this kernel; the engine runs at "
