@@ -74,7 +74,8 @@ class Groups:
         key = grp
         if own is not None:  # own rows first in their group, then the later queries
             key = grp * 2 + (torch.arange(s, device=dev) > 0).repeat(zq * nq)
-        perm = torch.sort(key, stable=True)[1]  # by group, own first, then query order
+        small = torch.int16 if 2 * (zq * nb + 1) < 2**15 else torch.int32  # sorts 2x faster
+        perm = torch.sort(key.to(small), stable=True)[1]  # by group, own first, query order
         rows = perm // s  # (pairs,) the item of each sorted row, into Z·M
         size = torch.bincount(grp, minlength=zq * nb + 1).tolist()  # host read
         first = int(qpos[0]) // b if own is not None else nb  # blocks from here hold own rows
