@@ -166,7 +166,8 @@ def _chunk_cpu(q, k, v, beta, g, state, c: int, n: int, final: bool,
         decay, kt, tot = None, kc, None
     else:
         gc = g.reshape(x, c)  # log α
-        decay = decay_matrix_into(gc, workspace(work, "decay", (x, c, c), k))  # Γ, 0 above
+        decay = decay_matrix_into(gc, workspace(work, "decay", (x, c, c), k),
+                                  workspace(work, "xw", (x, c, c), k))  # Γ; [U | W] not yet
         a.mul_(decay)
         eg = gc.cumsum(-1).exp_()  # e^γ_i, (BHkv·nc, C): a same-sign sum from the chunk start
         kb.mul_(eg[..., None])  # β e^γ K
