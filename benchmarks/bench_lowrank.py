@@ -6,6 +6,11 @@ n=8192, B=1, H=8, D=64, float32, forward, non-causal (m = k = 256). Targets: ≥
 full[sdpa]; ≥ 40 % of the measured fp32 matmul rate (or, when memory-bound, bandwidth stated
 against the measured copy bandwidth); latency slope over n ≤ 1.2. Errors are relative Frobenius
 on 256 sampled query rows against float64 softmax attention, on gaussian and peaked inputs.
+Per variant also the work (algorithm and executed FLOPs) and the fraction of whichever bound
+applies (its matmuls at the matmul rate or its traffic at the copy bandwidth); linear and
+performer target ≥ 70 % of it. Their feature maps take exponentials beside the matmuls (elu + 1
+on every q and k entry, or one per random feature): at the measured exp rate those give the
+floor that binds there, printed with the share of the bound it leaves.
 On a shared, oversubscribed machine multi-threaded small ops wait on the scheduler (an OpenMP
 barrier per op); `--threads 1` then gives stable per-core figures. The load average is printed.
 """
@@ -28,6 +33,7 @@ from attnbench.variants.base import Shape
 from attnbench.variants.reference import attention_reference, rel_error
 
 TARGET_SPEEDUP, TARGET_RATE, TARGET_SLOPE = 5.0, 0.40, 1.2
+TARGET_LIMIT = {"linear": 0.70, "performer": 0.70}  # of whichever bound applies
 W = 34  # width of the label column
 VARIANTS = [
     ("linear", {}),
@@ -54,6 +60,28 @@ def machine_rates(quick: bool) -> tuple[float, float]:
     src, dst = torch.randn(64 << 20), torch.empty(64 << 20)
     cms = best(lambda: dst.copy_(src), quick, 5)
     return 2 * 2048**3 / ms / 1e6, 2 * src.numel() * 4 / cms / 1e6
+
+
+def exp_rate(quick: bool) -> float:
+    """torch.exp elements/s on a cache-resident 2048×64 float32 tile (into a buffer), best of 5."""
+    x, out = torch.randn(2048, 64), torch.empty(2048, 64)
+
+    def run() -> None:
+        for _ in range(16):
+            torch.exp(x, out=out)
+
+    return 16 * x.numel() / best(run, quick, 5) * 1e3
+
+
+def feature_exps(att, shape: Shape) -> int:
+    """Exponentials the feature map takes per call: elu + 1 on every q and k entry (linear),
+    one per random feature of every q and k row (performer); 0 for the others."""
+    rows = shape.batch * (shape.heads * shape.nq + shape.hkv * shape.seq_len)
+    if att.name == "linear":
+        return rows * shape.head_dim
+    if att.name == "performer":
+        return rows * att.features
+    return 0
 
 
 def sweep(att, ns: list[int], quick: bool) -> list[float]:
@@ -94,7 +122,9 @@ def main() -> None:
           f"of {os.cpu_count()} cores ({platform.platform()}), torch {torch.__version__}")
     print("load average at start: " + " ".join(f"{x:.1f}" for x in os.getloadavg()))
     matmul_gfs, copy_gbs = machine_rates(args.quick)
-    print(f"fp32 matmul rate {matmul_gfs:.1f} GFLOP/s; copy bandwidth {copy_gbs:.1f} GB/s")
+    exps_per_s = exp_rate(args.quick)
+    print(f"fp32 matmul rate {matmul_gfs:.1f} GFLOP/s; copy bandwidth {copy_gbs:.1f} GB/s; "
+          f"exp {exps_per_s / 1e9:.2f} G elements/s (2048x64 tile in cache)")
 
     inputs = {kind: make_inputs(shape, dt, "cpu", 0, kind) for kind in ("gaussian", "peaked")}
     q, k, v = inputs["gaussian"]
@@ -133,6 +163,27 @@ def main() -> None:
               f"{naive_mem / mem:>9.0f}x{gfs:>9.1f}{100 * gfs / matmul_gfs:>5.0f}%"
               f"{gbs:>7.1f}{errs['gaussian']:>11.3f}{errs['peaked']:>10.3f}{sl:>7.2f}")
         print(f"{'':<{W}}n={ns} ms=[{', '.join(f'{t:.1f}' for t in lat)}]")
+        algo, executed = att.algorithm_flops(shape), att.flops(shape)
+        mm_ms, io_ms = executed / matmul_gfs / 1e6, traffic / copy_gbs / 1e6
+        limit = max(mm_ms, io_ms) / ms  # the fraction of whichever bound applies
+        print(f"{'':<{W}}work: algorithm {algo / 1e9:.2f} GFLOP, executed {executed / 1e9:.2f} "
+              f"GFLOP ({executed / algo:.2f}x); bound: {'matmul' if mm_ms >= io_ms else 'copy'}"
+              f" ({mm_ms:.1f} ms of matmuls at the matmul rate, {io_ms:.1f} ms of traffic at "
+              f"the copy bandwidth): {limit:.0%} of it")
+        exps = feature_exps(att, shape)
+        if exps:  # the feature map's exponentials bind beside the matmuls
+            exp_ms = exps / exps_per_s * 1e3
+            floor = max(mm_ms, io_ms) + exp_ms
+            print(f"{'':<{W}}feature map: {exps / 1e6:.1f} M exps at the exp rate take "
+                  f"{exp_ms:.1f} ms beside the bound's {max(mm_ms, io_ms):.1f} ms: at most "
+                  f"{max(mm_ms, io_ms) / floor:.0%} of the bound here; the engine runs at "
+                  f"{floor / ms:.0%} of that floor")
+        want = TARGET_LIMIT.get(name)
+        if want is not None and limit < want:
+            why = (f"; the feature map's exps alone cap it at "
+                   f"{max(mm_ms, io_ms) / floor:.0%}" if exps else "")
+            misses.append(f"{att.label}: {limit:.0%} of the bound that applies < {want:.0%}"
+                          f"{why}")
         if name == "performer":  # the variant against its own definition, FAVOR+ in float64
             for kind, qkv in inputs.items():
                 out, ref = att(*qkv)[..., rows, :], favor_plus(att, *qkv, rows)
@@ -155,7 +206,8 @@ def main() -> None:
             misses.append(f"{att.label}: latency slope {sl:.2f} > {TARGET_SLOPE}")
 
     print(f"\ntargets: speed-up >= {TARGET_SPEEDUP}x vs full[sdpa]; >= {100 * TARGET_RATE:.0f}% "
-          f"of fp32 matmul rate (or bandwidth stated); latency slope <= {TARGET_SLOPE}")
+          f"of fp32 matmul rate (or bandwidth stated); latency slope <= {TARGET_SLOPE}; linear "
+          f"and performer >= 70% of whichever bound applies (matmul rate or copy bandwidth)")
     print("* GB/s: traffic model = q, k, v read + output written + 2 x memory_bytes() (each "
           "intermediate written and read once), over the latency")
     print("latency (ms): best of 3 interleaved rounds of the median of repeats; full[sdpa] best "
