@@ -10,7 +10,8 @@ full[sdpa]; latency slope over n = 2K…16K ≤ 1.12 (log-log least squares); pe
 One run, interleaved rounds: every entry (each variant at each n, full[sdpa], a batched-matmul
 probe, a fresh-output probe) is timed once per round, in the same order, and the best median of
 each is kept, so ratios within the run compare like with like on a shared machine. The per-step
-forms take seconds per call: one round, two repeats.
+forms take seconds per call: two repeats per round, the best of the same number of rounds
+(a single round let their time, and so the chunked-vs-per-step ratio, move by 2x between runs).
 
 Per variant, the work: algorithm FLOPs (the least matmul work of the chunked algorithm: causal
 triangles once, no padding), executed FLOPs (what runs: the variant's `flops`, checked against a
@@ -149,7 +150,7 @@ def main() -> None:
             att(*qkv[ns[0]], causal=True)  # caches (projections) built before timing
         t = interleaved(fns, rounds, args.quick)
         steps = interleaved({att.label: (lambda r=rec, x=qkv[N_VS_RECURRENT]: r(*x, causal=True))
-                             for att, rec in built}, 1, True)
+                             for att, rec in built}, rounds, True)
         mem = {(att.label, n): peak_memory(lambda att=att, x=qkv[n]: att(*x, causal=True))
                for att, _ in built for n in ns}
     rate = mm_flops * 30 / (t["matmul"] / 1e3)  # FLOP/s
@@ -209,7 +210,7 @@ def main() -> None:
                                         done[N_VS_RECURRENT], t[name, N_VS_RECURRENT], rate,
                                         contended))
     print(f"\nlatency: best of {rounds} interleaved round(s) of the median of repeats (>= 3, "
-          "0.3 s); per-step forms: one round")
+          "0.3 s); per-step forms: best of as many rounds of two repeats")
     print("load average at end: " + " ".join(f"{x:.1f}" for x in os.getloadavg()))
     print("missed:" if misses else "all targets met")
     for m in misses:
