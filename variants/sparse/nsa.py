@@ -45,7 +45,13 @@ from attnbench.variants.sparse.select import (
     select_attention,
     top_blocks,
 )
-from attnbench.variants.sparse.select_tiles import NEG, SLAB_BYTES, Part
+from attnbench.variants.sparse.select_tiles import NEG, Part
+
+# The compressed branch's scores per span of queries on the CPU (bytes): large enough that the
+# span's ~25 ops are few against their work, small enough to be reused from the heap, not mapped
+# fresh per call (glibc: above 32 MiB). n = 8K, H = 8: 8 MiB ran NSA 5-8% faster than 2 MiB
+# (interleaved, 7 rounds, 2-core EPYC; 16 MiB no faster).
+SPAN_BYTES = 8 << 20
 
 
 @register
@@ -130,7 +136,7 @@ class NSA(Variant):
         """The compressed branch's output (Z, Nq, G, D) and the selection (Z, Nq, S) from its
         probabilities. `spans` (the CPU): a span of consecutive queries at a time, against only
         the compressed blocks complete by the span's last query, so the scores and
-        probabilities stay small (under SLAB_BYTES; the whole (Nq, C) matrix was 134 MB at
+        probabilities stay small (under SPAN_BYTES; the whole (Nq, C) matrix was 134 MB at
         n = 8K and its page faults and passes took most of NSA's time) and the blocks no
         query of the span sees are not scored."""
         z, nq, g, _ = qi.shape
@@ -151,11 +157,11 @@ class NSA(Variant):
     def _spans(self, z: int, g: int, nq: int, n: int, c: int,
                spans: bool) -> list[tuple[int, int, int]]:
         """(first, end, blocks) of each span `_compressed_select` runs (and `_cmp_pairs`
-        counts): consecutive queries whose scores stay under SLAB_BYTES, against the c
+        counts): consecutive queries whose scores stay under SPAN_BYTES, against the c
         compressed blocks complete by the span's last query; one span of all where not
         `spans`."""
         st, lc = self.cmp_stride, self.cmp_block
-        span = max(st, SLAB_BYTES // max(1, 4 * z * g * c) // st * st) if spans else nq
+        span = max(st, SPAN_BYTES // max(1, 4 * z * g * c) // st * st) if spans else nq
         if span >= nq:
             return [(0, nq, c)]
         out = []
@@ -397,7 +403,7 @@ class NSA(Variant):
         nbs = -(-n // self.sel_block)
         cmp = z * (2 * c * d * 4 + 3 * m * g * c * 4 + m * (c + 3 * nbs) * 8)  # scores, p, sel
         if not gpu_path(device):  # in spans: scores, probabilities, block scores per span
-            cmp = min(cmp, z * (2 * c * d * 4 + m * g * d * 4 + m * s * 8) + 4 * SLAB_BYTES)
+            cmp = min(cmp, z * (2 * c * d * 4 + m * g * d * 4 + m * s * 8) + 3 * SPAN_BYTES)
         b = self.sel_block
         sel = part_bytes(z, m, g, 1, n, b, d, True, own=True) + (
             part_bytes(z, m, g, s, n, b, d, False) if s else 0)
