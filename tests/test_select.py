@@ -216,13 +216,17 @@ def test_flop_model_matches_the_dispatch_count(name, params, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["moba", "nsa"])
-def test_cpu_flop_model_matches_the_dispatch_count(name):
-    """The CPU path drops the tiles no block fills (and NSA's compressed branch scores only the
-    blocks complete by each span's last query): it counts no more than the GPU path's static
-    layout, and its model (the expected padding) is within 10% of the count at defaults."""
+@pytest.mark.parametrize(("hkv", "n", "nq"), [(8, 2048, 2048), (2, 2048, 2048), (8, 2048, 1024),
+                                              (8, 2048, 1000), (2, 3000, 1500)],
+                         ids=["mha", "gqa", "q-from-a-block", "q-off-a-block", "gqa-q"])
+def test_cpu_flop_model_matches_the_dispatch_count(name, hkv, n, nq):
+    """The CPU path without autograd runs the selection by groups (the own blocks joined where
+    they can) and NSA's compressed branch scores only the blocks complete by each span's last
+    query: it counts no more than the GPU path's static layout, and its model (no padding of a
+    call counted) is within 10% of the count at defaults, grouped heads and fewer queries."""
     att = variants.build(name)
-    shape = Shape(1, 8, 2048, 16)
-    q, k, v = _inputs(h=8, hkv=8, n=2048, nq=2048, seed=11, dtype=torch.float32, d=16)
+    shape = Shape(1, 8, n, 16, kv_heads=hkv, q_len=nq)
+    q, k, v = _inputs(h=8, hkv=hkv, n=n, nq=nq, seed=11, dtype=torch.float32, d=16)
     with torch.no_grad():
         fwd = count_call(lambda: att(q, k, v, causal=True)).flops
     model, static = att.flops(shape, True), att.flops(shape, True, device="cuda")
