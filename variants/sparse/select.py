@@ -174,13 +174,14 @@ def select_attention(
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     with torch.no_grad():
         z, m, g, d = q.shape
-        both = groupable(parts, g) if fused and not grad else None
-        if both is not None:  # the rest by groups, the own blocks joining them where they can
-            parts = [p for p in parts if p is not both[1] and p is not both[0]]
+        grouped = groupable(parts, g) if fused and not grad else None
+        if grouped is not None:  # the rest by groups, the own blocks joining them where they can
+            own, rest = grouped
+            parts = [p for p in parts if p is not rest and p is not own]
         lays = [_Diagonal(z, m, g, p, k.shape[1], work, q.device)
                 if p.runs else _Layout(p, qpos, k.shape[1], g, work, trim=fused) for p in parts]
-        if both is not None:
-            lays.append(Groups(both[1], both[0], qpos, k.shape[1], g, d,
+        if grouped is not None:
+            lays.append(Groups(rest, own, qpos, k.shape[1], g, d,
                                torch.empty((), dtype=work).element_size()))
     out = _SelectAttention.apply(q.to(work), k.to(work), v.to(work), lays, fused)
     return out.to(q.dtype)
