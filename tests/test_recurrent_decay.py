@@ -12,8 +12,6 @@ import torch.nn.functional as F
 from attnbench import variants
 from attnbench.harness.run.memory import peak_memory
 from attnbench.harness.run.opcount import count_call
-from attnbench.variants.base import FORCE_GPU_PATHS
-from attnbench.variants.recurrent import segments
 from attnbench.variants.recurrent.decay_chunk import chunk_decay
 from attnbench.variants.recurrent.decay_recurrent import recurrent_decay
 from attnbench.variants.reference import rel_error
@@ -276,25 +274,6 @@ def test_params_validated_and_labelled():
     assert variants.build("retnet").label == "retnet"
     assert variants.build("gla", impl="recurrent").label == "gla[recurrent]"
     assert variants.build("mamba2", chunk=128).label == "mamba2[chunk=128]"
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_segments_equal_one_pass(name, monkeypatch):
-    """On the CPU the chunked form runs segment by segment (gates too), the state carried
-    across: one chunk per segment, the context included, equals one pass over the sequence (the
-    GPU path), forward and gradients, and so does the decode state."""
-    att = variants.build(name, chunk=8)
-    q = random_qkv(2, 4, 50, 8, requires_grad=True)[0]
-    _, k, v = random_qkv(2, 2, 133, 8, requires_grad=True)  # 83 context positions first
-    results = []
-    for words, forced in ((1, "0"), (1 << 19, "1")):
-        monkeypatch.setattr(segments, "SEGMENT_WORDS", words)
-        monkeypatch.setenv(FORCE_GPU_PATHS, forced)
-        out = att(q, k, v, causal=True)
-        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
-        results.append((out, *grads, att.decode_init(k, v, heads=4)))
-    for a, b in zip(*results, strict=True):
-        assert rel_error(a, b) < 1e-12
 
 
 @pytest.mark.parametrize("name", NAMES)

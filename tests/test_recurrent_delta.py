@@ -335,25 +335,6 @@ def test_grouped_kv_heads_equal_repeated_kv_heads(name):
     assert log_alpha is None or rel_error(log_alpha, both[1][:, :1]) < 1e-14
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_segments_equal_one_pass(name, monkeypatch):
-    """On the CPU the chunked form runs segment by segment (gates and norms too), the state
-    carried across: one chunk per segment, the context included, equals one pass over the
-    sequence (the GPU path), forward and gradients, and so does the decode state."""
-    att = variants.build(name, chunk=8)
-    q = random_qkv(2, 4, 50, 8, requires_grad=True)[0]
-    _, k, v = random_qkv(2, 2, 133, 8, requires_grad=True)  # 83 context positions first
-    results = []
-    for words, forced in ((1, "0"), (1 << 19, "1")):
-        monkeypatch.setattr(segments, "SEGMENT_WORDS", words)
-        monkeypatch.setenv(FORCE_GPU_PATHS, forced)
-        out = att(q, k, v, causal=True)
-        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
-        results.append((out, *grads, att.decode_init(k, v)))
-    for a, b in zip(*results, strict=True):
-        assert rel_error(a, b) < 1e-12
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("name", NAMES)
 def test_buffered_segments_match_paper_recurrence(name, dtype, monkeypatch):
@@ -418,27 +399,3 @@ def _delta_work(n: int, d: int, groups: int) -> int:
     f = sum(c * (c - 1) // 2 * 2 * 3 * d + 2 * c * d * d for c in chunks)
     f += sum(2 * d * c * d for c in passed)
     return f + groups * sum(c * (c + 1) // 2 * 2 * 2 * d + 2 * c * d * d for c in chunks)
-
-
-@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "retnet", "gla", "mamba2"])
-def test_decode_state_holds_only_its_own_bytes(name):
-    """The state after a context is what decode keeps per token (`state_bytes`, the leanest
-    pick): its tensors must not be views that keep a larger buffer alive (the CPU delta engine's
-    last state was one half of an alternating pair: twice the bytes)."""
-    att = variants.build(name)
-    _, k, v = random_qkv(1, 4, 300, 16, dtype=torch.float32, seed=5)
-    tensors = list(_leaves(att.decode_init(k, v, heads=4)))
-    assert tensors
-    for x in tensors:
-        assert x.untyped_storage().nbytes() == x.numel() * x.element_size(), (x.shape, name)
-
-
-def _leaves(x):
-    if isinstance(x, torch.Tensor):
-        yield x
-    elif isinstance(x, (tuple, list)):
-        for y in x:
-            yield from _leaves(y)
-    elif hasattr(x, "__dict__"):
-        for y in vars(x).values():
-            yield from _leaves(y)
