@@ -102,13 +102,16 @@ class DeltaRule(Recurrent):
             return beta, None
         return beta, -a[:, None] * F.softplus(x[..., 1, :] + b[:, None])
 
-    def _inputs(self, q, k, v):
+    def _inputs(self, q, k, v, unit: bool = True):
+        """q (L2-normalised where `unit`, else as it is), normalised k, v, β and the gates, in the
+        compute dtype; q as (B, Hkv, G, Nq, D), the G query heads of a k/v head its rows."""
         ct = compute_dtype(q.dtype)
         kf = k.to(ct)
         beta, g = self.gates(kf)
         b, h, nq, d = q.shape
-        qn = F.normalize(q.to(ct), dim=-1).view(b, k.shape[1], h // k.shape[1], nq, d)  # G rows
-        return qn, F.normalize(kf, dim=-1), v.to(ct), beta, g
+        qn = F.normalize(q.to(ct), dim=-1) if unit else q.to(ct)
+        return qn.view(b, k.shape[1], h // k.shape[1], nq, d), F.normalize(kf, dim=-1), \
+            v.to(ct), beta, g
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
@@ -121,20 +124,29 @@ class DeltaRule(Recurrent):
             out = run_delta(recurrent_delta, *self._inputs(q, k, v), self.chunk)
             return out.reshape(q.shape).to(q.dtype)  # (B, Hkv, G, Nq, Dv) → (B, H, Nq, D)
         b, h, nq, d = q.shape
-        pre = k.shape[-2] - nq
+        ct, pre = compute_dtype(q.dtype), k.shape[-2] - nq
         span = self._span(b, h, max(nq, pre), d, q.device)
         work: dict[str, torch.Tensor] = {}  # the engine's buffers, shared by the segments
         state = self._states(k[..., :pre, :], v[..., :pre, :], span, work)
         out = None if nq <= span else q.new_empty(b, h, nq, v.shape[-1])
+        tracked = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
         for lo in range(0, nq, span):  # segment by segment, the gates and norms too
             rows, keys = slice(lo, lo + span), slice(pre + lo, pre + lo + span)
-            qn, kn, vc, beta, g = self._inputs(q[..., rows, :], k[..., keys, :], v[..., keys, :])
-            part, state = chunk_delta(qn, kn, vc, beta, g, state, self.chunk,
+            # the output is linear in q̂ = q / max(|q|, ε): the engine takes q as it is and its
+            # rows are scaled by 1 / max(|q|, ε) where they are written (no normalised copy of q)
+            qr = q[..., rows, :]
+            inv = torch.linalg.vector_norm(qr.to(ct), dim=-1, keepdim=True).clamp_min(1e-12)
+            inv = inv.reciprocal()  # (B, H, m, 1)
+            qs, kn, vc, beta, g = self._inputs(qr, k[..., keys, :], v[..., keys, :], unit=False)
+            part, state = chunk_delta(qs, kn, vc, beta, g, state, self.chunk,
                                       final=lo + span < nq, work=work)
             part = part.reshape(b, h, -1, d)  # (B, Hkv, G, m, D) → (B, H, m, D)
             if out is None:
-                return part.to(q.dtype)  # the call's buffers are its own: a view may leave
-            out[..., rows, :] = part  # written as it comes (a view into the buffers)
+                return (part * inv).to(q.dtype)  # a fresh tensor: the buffers are the call's
+            if tracked or out.dtype != part.dtype:
+                out[..., rows, :] = part * inv
+            else:  # written as it comes, scaled on the way (part: a view into the buffers)
+                torch.mul(part, inv, out=out[..., rows, :])
         return out
 
     def _span(self, b: int, h: int, n: int, d: int, device) -> int:
