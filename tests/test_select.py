@@ -296,3 +296,28 @@ def test_nsa_density_bounds_the_scores_its_blocks_cover(params, n):
         pairs += sum(min(n, (j + 1) * lp) - j * lp for j in chosen)
     assert pairs / n**2 <= att.density(n, True) <= 1.0
     assert variants.build("nsa").density(64, True) == 1.0
+
+
+@pytest.mark.parametrize(("name", "params"), CASES, ids=IDS)
+@pytest.mark.parametrize(("nq", "grad"), [(75, False), (75, True), (10, False)],
+                         ids=["prefill", "training", "few-queries"])
+def test_kernel_names_the_path_that_runs(name, params, nq, grad, monkeypatch):
+    """`kernel` says groups exactly where the forward builds the key-block groups (the CPU
+    without autograd, a block of queries or more), gather where the tiles run."""
+    built = []
+    real = select_groups.Groups.__init__
+
+    def spy(self, *args):
+        built.append(True)
+        real(self, *args)
+
+    monkeypatch.setattr(select_groups.Groups, "__init__", spy)
+    att = variants.build(name, **params)
+    q, k, v = _inputs(hkv=4, nq=nq, seed=6, dtype=torch.float32)
+    for x in (q, k, v):
+        x.requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        att(q, k, v, causal=True)
+    label = att.kernel(Shape(1, 4, 75, 16, kv_heads=4, q_len=nq), "cpu", True, grad)
+    assert ("select:groups-" in label) == bool(built), (label, built)
+    assert ("select:gather-" in label) == (not built), label

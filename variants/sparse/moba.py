@@ -323,7 +323,13 @@ class MoBA(Variant):
         return block_pairs(n, self.block, lambda j: 1 + min(self.topk - 1, j)) / n**2
 
     def kernel(self, shape: Shape, device, causal: bool, grad: bool) -> str:
-        return "select:gather-bmm" if gpu_path(device) else "select:gather-flash_cpu"
+        """gather: the tiles (`select_tiles`); groups: the CPU's key-block groups without
+        autograd (`select_groups`), where they run."""
+        if gpu_path(device):
+            return "select:gather-bmm"
+        grouped = not grad and group_pairs(shape.groups, shape.nq, shape.seq_len, self.block,
+                                           self._sizes(shape)[3], 1) is not None
+        return f"select:{'groups' if grouped else 'gather'}-flash_cpu"
 
 
 @dataclass(frozen=True)

@@ -433,8 +433,16 @@ class NSA(Variant):
         return block_pairs(n, self.sel_block, blocks) / n**2
 
     def kernel(self, shape: Shape, device, causal: bool, grad: bool) -> str:
-        tiles = "gather-bmm" if gpu_path(device) else "gather-flash_cpu"
-        return f"nsa:cmp-bmm+select:{tiles}+window:{tiles}"
+        """The selection: gather (the tiles) or, on the CPU without autograd, groups (the
+        key-block groups, where they run); the window: a band (a block of queries or more)
+        or gathered blocks."""
+        n, m, _, s, _ = self._geometry(shape)
+        run = "bmm" if gpu_path(device) else "flash_cpu"
+        grouped = not gpu_path(device) and not grad and group_pairs(
+            1, m, n, self.sel_block, s, shape.groups) is not None
+        window = "band" if m >= self.sel_block else "gather"
+        return (f"nsa:cmp-bmm+select:{'groups' if grouped else 'gather'}-{run}"
+                f"+window:{window}-{run}")
 
 
 @dataclass(frozen=True)
