@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_sweep import ran_ok
 
 from attnbench import variants
 from attnbench.harness.run.config import ConfigError, RunConfig, TimingConfig, validate
@@ -148,7 +149,7 @@ def test_custom_from_the_command_line(tmp_path, my_module):
                          f"hydra.run.dir={tmp_path}/r"], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-3000:]
-    assert f"custom[{my_module}:MyAttention] n=64" in ok.stdout and ", ok" in ok.stdout
+    assert ran_ok(ok.stdout, f"custom[{my_module}:MyAttention] n=64"), ok.stdout
     bad = subprocess.run([sys.executable, "-m", "attnbench.harness.cli", "variant=custom",
                           "variant.target=no_such_pkg:fn", f"hydra.run.dir={tmp_path}/x"],
                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)

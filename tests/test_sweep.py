@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,10 +52,18 @@ def test_multirun_gathers_exactly_the_expected_rows(tmp_path):
     assert len(list(out.glob("*/result.json"))) == 12
 
 
+def ran_ok(stdout: str, label: str) -> bool:
+    """Whether a run printed the line of `label`'s point with its outcome `ok`, said
+    `contended` where others took a share of the machine while it was timed (CI's VM is shared:
+    which of the two is not a test's to decide)."""
+    lines = [x for x in stdout.splitlines() if x.startswith(label)]
+    return bool(lines) and re.search(r", (ok|contended)\b", lines[-1]) is not None
+
+
 def test_single_run_prints_a_line_and_writes_a_record(tmp_path):
     proc = attnbench("seq_len=64", *TINY, f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
-    assert "full[sdpa] n=64" in proc.stdout and "ok" in proc.stdout
+    assert ran_ok(proc.stdout, "full[sdpa] n=64"), proc.stdout
     rec = read_record(tmp_path / "result.json")
     assert rec.status == "ok" and rec.seq_len == 64 and rec.torch_version
 

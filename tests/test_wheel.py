@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_plugin_package import parent_site_dirs
+from tests.test_sweep import ran_ok
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["batch=1", "heads=2", "head_dim=16", "timing.min_reps=2", "timing.min_time_s=0",
@@ -109,7 +110,7 @@ def test_installed_command_runs_a_point_and_a_sweep_from_another_folder(installe
     one = subprocess.run([attnbench, "variant=local", "seq_len=64", *TINY], cwd=work, env=env,
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    assert "local[w=256] n=64" in one.stdout and ", ok" in one.stdout
+    assert ran_ok(one.stdout, "local[w=256] n=64"), one.stdout
     assert list((work / "results" / "runs").glob("*/result.json"))
     out = work / "sweep"
     sweep = subprocess.run([attnbench, "-m", "variant=full,linear", "seq_len=32,64", *TINY,
