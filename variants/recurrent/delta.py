@@ -134,8 +134,8 @@ class DeltaRule(Recurrent):
             rows, keys = slice(lo, lo + span), slice(pre + lo, pre + lo + span)
             # the output is linear in q̂ = q / max(|q|, ε): the engine takes q as it is and its
             # rows are scaled by 1 / max(|q|, ε) where they are written (no normalised copy of q)
-            qr = q[..., rows, :]
-            inv = torch.linalg.vector_norm(qr.to(ct), dim=-1, keepdim=True).clamp_min(1e-12)
+            qr = q[..., rows, :].to(ct)  # `_inputs` takes it as it is
+            inv = torch.linalg.vector_norm(qr, dim=-1, keepdim=True).clamp_min(1e-12)
             inv = inv.reciprocal()  # (B, H, m, 1)
             qs, kn, vc, beta, g = self._inputs(qr, k[..., keys, :], v[..., keys, :], unit=False)
             part, state = chunk_delta(qs, kn, vc, beta, g, state, self.chunk,

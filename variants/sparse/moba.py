@@ -224,15 +224,20 @@ class MoBA(Variant):
         rest = part_rows(m, s, n, self.block, trimmed=real) if s else 0
         return own_rows(shape.groups, shape.nq, n, self.block) + rest
 
+    def _group_pairs(self, shape: Shape, device: torch.device | str = "cpu",
+                     grad: bool = False) -> int | None:
+        """Query–key pairs per k/v head of the CPU's key-block groups (`group_pairs`); None
+        where the forward runs the tiles (the GPU path, autograd, fewer queries than a block)."""
+        if grad or gpu_path(device):
+            return None
+        return group_pairs(shape.groups, shape.nq, shape.seq_len, self.block,
+                           self._sizes(shape)[3], 1)
+
     def _pairs(self, shape: Shape, device: torch.device | str = "cpu") -> int:
         """Query–key pairs of the forward per k/v head: without autograd on the CPU the
-        groups' (`group_pairs`, where they run), else the tiles' rows × block keys."""
-        if not gpu_path(device):
-            pairs = group_pairs(shape.groups, shape.nq, shape.seq_len, self.block,
-                                self._sizes(shape)[3], 1)
-            if pairs is not None:
-                return pairs
-        return self._rows(shape, device) * self.block
+        groups' (where they run), else the tiles' rows × block keys."""
+        pairs = self._group_pairs(shape, device)
+        return self._rows(shape, device) * self.block if pairs is None else pairs
 
     def flops(self, shape: Shape, causal: bool = False,
               device: torch.device | str = "cpu") -> float:
@@ -306,9 +311,7 @@ class MoBA(Variant):
         n, d = shape.seq_len, shape.head_dim
         router = z * (nb * d * 8 + m * nb * 8 + m * s * 16)  # means, scores, top-k
         out = 2 * shape.bh * shape.nq * d * max(el, 4)
-        grouped = not grad and not gpu_path(device) and group_pairs(
-            shape.groups, shape.nq, n, self.block, s, 1) is not None
-        if grouped:
+        if self._group_pairs(shape, device, grad) is not None:
             return int(router + group_bytes(z, m, 1, s, d) + out)
         engine = part_bytes(z, m, 1, 1, n, self.block, d, True, own=True)
         if s:
@@ -327,8 +330,7 @@ class MoBA(Variant):
         autograd (`select_groups`), where they run."""
         if gpu_path(device):
             return "select:gather-bmm"
-        grouped = not grad and group_pairs(shape.groups, shape.nq, shape.seq_len, self.block,
-                                           self._sizes(shape)[3], 1) is not None
+        grouped = self._group_pairs(shape, device, grad) is not None
         return f"select:{'groups' if grouped else 'gather'}-flash_cpu"
 
 

@@ -322,15 +322,22 @@ class NSA(Variant):
         parts = self._spans(shape.batch * shape.hkv, shape.groups, m, n, c, not gpu_path(device))
         return sum((s1 - s0) * vis for s0, s1, vis in parts)
 
+    def _group_pairs(self, shape: Shape, device: torch.device | str = "cpu",
+                     grad: bool = False) -> int | None:
+        """Query–key pairs per k/v head of the selection's CPU key-block groups
+        (`group_pairs`); None where it runs the tiles (the GPU path, autograd, fewer queries
+        than a block)."""
+        if grad or gpu_path(device):
+            return None
+        n, m, _, s, _ = self._geometry(shape)
+        return group_pairs(1, m, n, self.sel_block, s, shape.groups)
+
     def _pairs(self, shape: Shape, device: torch.device | str = "cpu") -> int:
         """Query–key pairs of the selected and window branches per k/v head (per query head of
-        its group): without autograd on the CPU the selection's groups (`group_pairs`, where
-        they run) and the window's band, else the tiles' rows × l′ keys."""
+        its group): without autograd on the CPU the selection's groups (where they run) and
+        the window's band, else the tiles' rows × l′ keys."""
         rows = self._rows(shape, device)
-        if gpu_path(device):
-            return rows * self.sel_block
-        n, m, _, s, _ = self._geometry(shape)
-        pairs = group_pairs(1, m, n, self.sel_block, s, shape.groups)
+        pairs = self._group_pairs(shape, device)
         if pairs is None:
             return rows * self.sel_block
         sel = self._rows(shape, device, window=False)  # the tiles' selection rows
@@ -408,11 +415,10 @@ class NSA(Variant):
         sel = part_bytes(z, m, g, 1, n, b, d, True, own=True) + (
             part_bytes(z, m, g, s, n, b, d, False) if s else 0)
         win = part_bytes(z, m, g, ws, n, b, d, True)
-        if not grad and not gpu_path(device):
-            if group_pairs(1, m, n, b, s, g) is not None:
-                sel = group_bytes(z, m, g, s, d)
-            if m >= b:  # the window as a band
-                win = band_bytes(z, m, g, n, b, -(-self.window // b), d)
+        if self._group_pairs(shape, device, grad) is not None:
+            sel = group_bytes(z, m, g, s, d)
+        if not grad and not gpu_path(device) and m >= b:  # the window as a band
+            win = band_bytes(z, m, g, n, b, -(-self.window // b), d)
         engine = max(sel, win)
         return int(cmp + engine + 4 * shape.bh * m * d * max(el, 4)) * (3 if grad else 1)
 
@@ -436,11 +442,9 @@ class NSA(Variant):
         """The selection: gather (the tiles) or, on the CPU without autograd, groups (the
         key-block groups, where they run); the window: a band (a block of queries or more)
         or gathered blocks."""
-        n, m, _, s, _ = self._geometry(shape)
         run = "bmm" if gpu_path(device) else "flash_cpu"
-        grouped = not gpu_path(device) and not grad and group_pairs(
-            1, m, n, self.sel_block, s, shape.groups) is not None
-        window = "band" if m >= self.sel_block else "gather"
+        grouped = self._group_pairs(shape, device, grad) is not None
+        window = "band" if shape.nq >= self.sel_block else "gather"
         return (f"nsa:cmp-bmm+select:{'groups' if grouped else 'gather'}-{run}"
                 f"+window:{window}-{run}")
 

@@ -20,6 +20,7 @@ reads it. Groups with own rows and groups without run in separate calls.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -123,12 +124,14 @@ class Groups:
         return pieces
 
 
-class _Call:
+class _Call(NamedTuple):
     """One flash call: q_index (T·M,) items of the padded rows, pad (T·M,) which are padding,
     k_index (T,) key blocks into Z·nb, causal (the groups start with own rows)."""
 
-    def __init__(self, q_index, pad, k_index, causal: bool) -> None:
-        self.q_index, self.pad, self.k_index, self.causal = q_index, pad, k_index, causal
+    q_index: torch.Tensor
+    pad: torch.Tensor
+    k_index: torch.Tensor
+    causal: bool
 
 
 def _call(groups: list[tuple], rows: torch.Tensor, dev) -> _Call:
