@@ -96,12 +96,13 @@ class MoBA(Variant):
         each query's own (-1: empty slot). `spans` (the CPU): a span of items at a time against
         only the blocks up to its latest query's own (the later ones are never selected), its
         scores under SLAB_BYTES."""
-        c = means.shape[1]
+        c, last = means.shape[1], not gpu_path(qi.device)
         picks = []
         for s0, s1, cols in self._route_spans(qpos, qi.shape[0], c, spans):
-            # (Z, span, cols): q·mean(K_block)
-            gate = qi[:, s0:s1].to(means.dtype) @ means[:, :cols].transpose(-1, -2)
-            idx = top_blocks(gate, qpos[s0:s1] // self.block, self.topk - 1)
+            # q·mean(K_block), on the CPU (Z, cols, span): the items last (its fast layout)
+            qs, ms = qi[:, s0:s1].to(means.dtype), means[:, :cols]
+            gate = torch.bmm(ms, qs.transpose(-1, -2)) if last else qs @ ms.transpose(-1, -2)
+            idx = top_blocks(gate, qpos[s0:s1] // self.block, self.topk - 1, items_last=last)
             picks.append(F.pad(idx, (0, min(c, self.topk - 1) - idx.shape[-1]), value=-1))
         return picks[0] if len(picks) == 1 else torch.cat(picks, 1)
 

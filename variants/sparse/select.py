@@ -40,6 +40,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from attnbench.variants.base import gpu_path
 from attnbench.variants.sparse.select_groups import SPREAD, Groups, groupable
 from attnbench.variants.sparse.select_tiles import (
     NEG,
@@ -200,23 +201,36 @@ class _SelectAttention(torch.autograd.Function):
         # pieces (items: an index into them, a slice of them in order, or None: all in
         # order; the rows' output and log-sum-exp)
         pieces = [x for lay in lays for x in lay.forward(qf, k, v, blocks, fused)]
-        # each item's total log-sum-exp over its rows in every piece: max, then sum of exp
+        # each item's total log-sum-exp over its rows in every piece: max, then sum of exp; the
+        # gathered pieces' rows (a few of G floats per item) together, one op each
         top = torch.full((z * m, g), NEG, dtype=pieces[0][2].dtype, device=q.device)
-        for qi, _, lse in pieces:
-            if _ordered(qi):
-                torch.maximum(top[_span(qi)], lse, out=top[_span(qi)])
-            else:
-                top.scatter_reduce_(0, qi[:, None].expand(-1, g), lse, "amax")  # (rows, G)
-        tot = torch.zeros_like(top)
-        ws = []
-        for qi, _, lse in pieces:
-            w = (lse - _rows_of(top, qi)).exp_()  # (rows, G)
-            _add_rows(tot, qi, w)
-            ws.append(w)
+        ordered = [i for i, (qi, _, _) in enumerate(pieces) if _ordered(qi)]
+        spread = [i for i in range(len(pieces)) if i not in ordered]
+        for i in ordered:
+            qi, _, lse = pieces[i]
+            torch.maximum(top[_span(qi)], lse, out=top[_span(qi)])
+        if spread:
+            rows, stats = (torch.cat([pieces[i][j] for i in spread]) if len(spread) > 1
+                           else pieces[spread[0]][j] for j in (0, 2))  # stats: log-sum-exp
+            top.scatter_reduce_(0, rows[:, None].expand(-1, g), stats, "amax")
+        tot, ws = torch.zeros_like(top), {}
+        for i in ordered:
+            qi, _, lse = pieces[i]
+            ws[i] = (lse - top[_span(qi)]).exp_()  # (rows, G)
+            tot[_span(qi)].add_(ws[i])
+        if spread:
+            w = (stats - top.index_select(0, rows)).exp_()
+            tot.index_add_(0, rows, w)
         total = top + tot.log()  # (Z·M, G)
+        for i in ordered:  # each row's weight in its item's output
+            ws[i] /= tot[_span(pieces[i][0])]
+        if spread:
+            w /= tot.index_select(0, rows)
+            parts = w.split([len(pieces[i][0]) for i in spread]) if len(spread) > 1 else [w]
+            ws.update(zip(spread, parts, strict=True))
         out = None
-        for (qi, o, _), w in zip(pieces, ws, strict=True):
-            o = o.mul_((w / _rows_of(tot, qi))[..., None].to(o.dtype))  # (rows, G, D)
+        for i, (qi, o, _) in enumerate(pieces):
+            o = o.mul_(ws[i][..., None].to(o.dtype))  # (rows, G, D)
             if qi is None and out is None:
                 out = o  # an all-items piece's rows are the first summand: no zeros, no add
                 continue
@@ -251,11 +265,6 @@ def _span(qi) -> slice:
     return slice(None) if qi is None else qi
 
 
-def _rows_of(x: torch.Tensor, qi) -> torch.Tensor:
-    """x's rows for a piece's items: a view where they are in order, else a gather."""
-    return x[_span(qi)] if _ordered(qi) else x.index_select(0, qi)
-
-
 def _add_rows(acc: torch.Tensor, qi, x: torch.Tensor) -> None:
     """acc's rows for a piece's items += x (rows), in place."""
     if _ordered(qi):
@@ -278,34 +287,64 @@ def block_means(k: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor
 
 
 def top_blocks(score: torch.Tensor, own: torch.Tensor, count: int,
-               forced: torch.Tensor | None = None) -> torch.Tensor:
+               forced: torch.Tensor | None = None, items_last: bool = False) -> torch.Tensor:
     """The `count` highest-scoring blocks before each item's own block (`forced` ones first);
     -1 where fewer exist. The own block is not among them: it is always selected, apart.
 
     Args:
-        score: (..., M, C) block scores (modified in place).
+        score: (..., M, C) block scores, or (..., C, M) where `items_last` (the layout the
+            CPU's few-pick path reduces fastest); modified in place.
         own: (M,) each item's own block; it and the blocks after it are excluded.
         forced: optional (M, C) bool of blocks always selected.
     Returns:
         (..., M, min(count, C)) int64, in no particular order.
     """
-    col = torch.arange(score.shape[-1], device=score.device)
-    before = col < own[:, None]
-    score.masked_fill_(~before, -math.inf)
+    dim = -2 if items_last else -1  # the blocks'
+    c = score.shape[dim]
+    col = torch.arange(c, device=score.device)
+    before = col[:, None] < own if items_last else col < own[:, None]  # score's last two dims
+    cpu = not gpu_path(score.device)
+    if cpu:  # one add of 0 / -inf: a broadcast masked fill is slower on the CPU
+        score.add_(torch.where(before, 0.0, -math.inf).to(score.dtype))
+    else:
+        score.masked_fill_(~before, -math.inf)
     if forced is not None:
-        score.masked_fill_(forced & before, torch.finfo(score.dtype).max)
-    count = min(count, score.shape[-1])
+        score.masked_fill_((forced.transpose(0, 1) if items_last else forced) & before,
+                           torch.finfo(score.dtype).max)
+    count = min(count, c)
     if count > 4:
-        vals, idx = score.topk(count, dim=-1, sorted=False)
-    else:  # a few passes of max beat topk on the CPU
-        picks = []
-        for _ in range(count):
-            vals, i = score.max(-1, keepdim=True)
-            picks.append(torch.where(vals == -math.inf, -1, i))
-            score.scatter_(-1, i, -math.inf)
-        return torch.cat(picks, -1) if picks else score.new_zeros(*score.shape[:-1], 0,
-                                                                   dtype=torch.long)
-    return idx.masked_fill_(vals == -math.inf, -1)
+        vals, idx = (score.transpose(-1, -2) if items_last else score).topk(count, -1,
+                                                                             sorted=False)
+        return idx.masked_fill_(vals == -math.inf, -1)
+    # a few passes beat topk
+    picks = [_top_one(score, dim) if cpu else _max_one(score, dim) for _ in range(count)]
+    if not picks:
+        return score.new_zeros(*score.shape[:-2], len(own), 0, dtype=torch.long)
+    idx = torch.cat(picks, dim)
+    return idx.transpose(-1, -2) if items_last else idx
+
+
+def _max_one(s: torch.Tensor, dim: int) -> torch.Tensor:
+    """The highest block of s (blocks along `dim`) per item (-1: none left), then -inf there."""
+    vals, i = s.max(dim, keepdim=True)
+    s.scatter_(dim, i, -math.inf)
+    return torch.where(vals == -math.inf, -1, i)
+
+
+def _top_one(s: torch.Tensor, dim: int) -> torch.Tensor:
+    """`_max_one` by amax alone (max with indices tracks an index per element: several times
+    slower on the CPU), the first maximum's block read from the bits of s − max: +0 there, the
+    sign bit set elsewhere (NaN where all are -inf: no pick)."""
+    c = s.shape[dim]
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[s.element_size()]
+    flag = torch.arange(c, 0, -1, dtype=bits, device=s.device)  # C − block
+    vals = s.amax(dim, keepdim=True)
+    at = (s - vals).view(bits)
+    at.bitwise_right_shift_(8 * s.element_size() - 1).add_(1)  # 1 at a maximum, else 0
+    at.mul_(flag[:, None] if dim == -2 else flag)
+    i = at.amax(dim, keepdim=True).neg_().add_(c).clamp_(max=c - 1).long()  # the first max
+    s.scatter_(dim, i, -math.inf)
+    return i.masked_fill_(vals == -math.inf, -1)
 
 
 def blocks_to_keys(sel: torch.Tensor, block: int, n: int, pos: torch.Tensor) -> torch.Tensor:
