@@ -74,9 +74,16 @@ class Record:
     # counted as twice the forward), and what the engine executed (padding, recomputation)
     algo_flops: float = NAN
     executed_flops: float = NAN
-    # the machine's matmul rate in the point's dtype (the CPU's float32 for half inputs),
-    # measured once per process; limit_fraction = executed_flops / latency / that rate
+    # the least bytes the method moves (Variant.algorithm_bytes: q, k, v in and the output
+    # out; fwd_bwd 3×; decode: algorithm_decode_bytes, the keys read or the state rewritten)
+    algo_bytes: float = NAN
+    # the machine's limits: its matmul rate in the point's dtype (the CPU's float32 for half
+    # inputs), measured once per process, and its read rate for a warm working set of
+    # algo_bytes (harness/run/rate.py); limit_fraction = the larger of executed_flops at the
+    # one and algo_bytes at the other, over the latency; limit_bound: which (matmul | memory)
     matmul_gflops: float = NAN
+    read_gbps: float = NAN
+    limit_bound: str = ""
     limit_fraction: float = NAN
     density: float = NAN
     # the implementation check: relative error against the variant's own float64 definition
@@ -248,7 +255,8 @@ MAX_INT = 2**63 - 1
 MAX_FLOAT = 1e30
 NON_NEGATIVE = ("latency_ms", "latency_p10_ms", "latency_p90_ms", "setup_s", "peak_mem_bytes",
                 "predicted_mem_bytes", "state_bytes", "flops", "tflops", "algo_flops",
-                "executed_flops", "matmul_gflops", "limit_fraction", "density",
+                "executed_flops", "algo_bytes", "matmul_gflops", "read_gbps", "limit_fraction",
+                "density",
                 "rel_error", "max_abs_error", "softmax_rel_error", "ops_per_call",
                 "host_syncs")
 

@@ -161,7 +161,7 @@ def test_executed_is_never_below_the_algorithm(name, params):
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd", "decode"])
-def test_a_record_carries_both_counts_and_the_fraction_of_the_matmul_rate(mode):
+def test_a_record_carries_both_counts_and_the_fraction_of_the_binding_limit(mode):
     run = RunConfig(variant="local", params={"window": 8, "block": 8}, batch=1, heads=2,
                     seq_len=64, head_dim=8, device="cpu", causal=True, mode=mode,
                     timing=TimingConfig(warmup=1, min_reps=2, min_time_s=0))
@@ -177,12 +177,16 @@ def test_a_record_carries_both_counts_and_the_fraction_of_the_matmul_rate(mode):
         done = att.flops(shape, True) + (att.backward_flops(shape, True) if k == 3 else 0)
     assert rec.algo_flops == algo <= rec.executed_flops == done == rec.flops
     assert mode == "decode" or algo < done  # the band's edge blocks are computed whole
-    assert rec.matmul_gflops > 0
-    want = rec.executed_flops / (rec.latency_ms * 1e-3) / (rec.matmul_gflops * 1e9)
+    assert rec.matmul_gflops > 0 and rec.read_gbps > 0 and rec.algo_bytes > 0
+    times = {"matmul": rec.executed_flops / (rec.matmul_gflops * 1e9),
+             "memory": rec.algo_bytes / (rec.read_gbps * 1e9)}
+    assert rec.limit_bound == max(times, key=times.get)
+    want = times[rec.limit_bound] / (rec.latency_ms * 1e-3)
     assert math.isclose(rec.limit_fraction, want, rel_tol=1e-12)
 
 
-FOUR = ("algo_flops", "executed_flops", "matmul_gflops", "limit_fraction")
+FOUR = ("algo_flops", "executed_flops", "algo_bytes", "matmul_gflops", "read_gbps",
+        "limit_fraction")
 
 
 def test_a_record_without_the_new_fields_still_reads(tmp_path):

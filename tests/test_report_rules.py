@@ -185,22 +185,24 @@ def test_report_files_are_readable_like_normal_files(tmp_path):
         assert (folder / name).stat().st_mode & 0o777 == 0o644, name
 
 
-def test_fraction_of_the_matmul_rate_and_executed_over_algorithm(tmp_path):
-    """The fraction table shows limit_fraction per label and n; the ratio table only the labels
-    whose engine executes more than the method needs; neither for records without the fields."""
+def test_fraction_of_the_limit_and_executed_over_algorithm(tmp_path):
+    """The fraction table shows limit_fraction per label and n, "mem" beside the points whose
+    bytes bind; the ratio table only the labels whose engine executes more than the method
+    needs; neither for records without the fields."""
     recs = []
     for n in (1024, 2048):
         recs.append(_rec(n=n, algo_flops=1e9, executed_flops=1e9, limit_fraction=0.5,
-                         matmul_gflops=100.0))
+                         matmul_gflops=100.0, limit_bound="matmul"))
         recs.append(_rec("local[w=64]", n, family="local", algo_flops=3e8, executed_flops=4e8,
-                         limit_fraction=0.125, matmul_gflops=100.0))
+                         limit_fraction=0.125, matmul_gflops=100.0,
+                         limit_bound="memory" if n == 2048 else "matmul"))
     report.build_report(_write(tmp_path / "s", recs))
     md = _md(tmp_path / "s")
-    part = md.split("### Fraction of the matmul rate")[1].split("###")[0]
-    assert "| full[sdpa] | 0.5 | 0.5 |" in part and "| local[w=64] | 0.12 | 0.12 |" in part
+    part = md.split("### Fraction of the limit")[1].split("###")[0]
+    assert "| full[sdpa] | 0.5 | 0.5 |" in part and "| local[w=64] | 0.12 | 0.12 mem |" in part
     part = md.split("### Executed / algorithm FLOPs (×)")[1].split("###")[0]
     assert "| local[w=64] | 1.33 | 1.33 |" in part and "full[sdpa]" not in part
     old = [_rec(n=n) for n in (1024, 2048)]
     report.build_report(_write(tmp_path / "o", old))
     md = _md(tmp_path / "o")
-    assert "Fraction of the matmul rate" not in md and "Executed / algorithm" not in md
+    assert "Fraction of the limit" not in md and "Executed / algorithm" not in md

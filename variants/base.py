@@ -237,6 +237,26 @@ class Variant:
         """FLOPs one decode step of the method needs; default `decode_flops` (what runs)."""
         return self.decode_flops(shape)
 
+    def algorithm_bytes(self, shape: Shape, dtype: torch.dtype) -> float:
+        """Bytes one forward of the method must move at least: q, k and v read and the output
+        written once, in `dtype` (Dv = D). Intermediates come on top wherever they leave the
+        caches: a lower bound for every variant. The backward moves twice this (q, k, v, the
+        output and its gradient read; dq, dk, dv written)."""
+        el = torch.empty((), dtype=dtype).element_size()
+        b, d = shape.batch, shape.head_dim
+        return float(el * b * d * (2 * shape.heads * shape.nq + 2 * shape.hkv * shape.seq_len))
+
+    def algorithm_decode_bytes(self, shape: Shape, dtype: torch.dtype,
+                               state_bytes: float = math.nan) -> float:
+        """Bytes one decode step must move at least: the new token's q, k, v and output, and
+        the keys it attends. `algorithm_decode_flops` counts 4·D FLOPs per (query head, key):
+        a k row and a v row read, shared by the G query heads of a k/v head (a lower bound
+        where a group's heads attend different keys; a router's block means count the same
+        way). A step that rewrites a fixed-size state moves that state twice instead
+        (`rewritten_state_bytes`, given `state_bytes`, its measured size). NaN: no model."""
+        el = torch.empty((), dtype=dtype).element_size()
+        return token_bytes(shape, el) + self.algorithm_decode_flops(shape) / 2 * el / shape.groups
+
     def kernel(self, shape: Shape, device: torch.device | str, causal: bool, grad: bool) -> str:
         """The kernel or engine path one call takes at this point (e.g. ``blocksparse:band``).
         The harness adds what it observes at dispatch level (the SDPA backend torch chose)."""
@@ -302,6 +322,19 @@ class Variant:
 
 
 FORCE_GPU_PATHS = "ATTNBENCH_FORCE_GPU_PATHS"
+
+
+def token_bytes(shape: Shape, el: int) -> float:
+    """One decode step's own input and output: the token's q and output per query head, its k
+    and v per k/v head (el bytes per element)."""
+    return float(el * shape.batch * shape.head_dim * 2 * (shape.heads + shape.hkv))
+
+
+def rewritten_state_bytes(shape: Shape, dtype: torch.dtype, state_bytes: float) -> float:
+    """`Variant.algorithm_decode_bytes` of a step that reads its whole fixed-size state and
+    writes it anew (every entry changes: a rank-1 update, a decay): the token's own bytes and
+    the state's twice."""
+    return token_bytes(shape, torch.empty((), dtype=dtype).element_size()) + 2.0 * state_bytes
 
 
 def gpu_path(device: torch.device | str) -> bool:

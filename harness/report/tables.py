@@ -210,13 +210,14 @@ def point_tables(df: pd.DataFrame, baseline: str | None) -> list[Table]:
 
 
 def flop_tables(df: pd.DataFrame) -> list[Table]:
-    """"Fraction of the matmul rate" (executed FLOP/s over the machine's matmul rate, measured
-    once per process) and, for the labels whose engine executes more than the method needs,
-    "Executed / algorithm FLOPs"; none for records from before these fields."""
+    """"Fraction of the limit" (the point's time at the machine's binding limit over its
+    latency: matmul rate or read rate, `limit_bound`; "mem" marks the memory-bound) and, for
+    the labels whose engine executes more than the method needs, "Executed / algorithm FLOPs";
+    none for records from before these fields."""
     out: list[Table] = []
     if "limit_fraction" in df and df.limit_fraction.notna().any():
-        out += pivot(df, "Fraction of the matmul rate", lambda r: _marked(
-            r, units.cell(r.limit_fraction, 2)), RATE_NOTE)
+        out += pivot(df, "Fraction of the limit", lambda r: _marked(r, _limit_cell(r)),
+                     RATE_NOTE)
     if {"algo_flops", "executed_flops"} <= set(df.columns):
         ratio = df.executed_flops / df.algo_flops
         more = df.label.isin(df.label[ratio.notna() & ((ratio - 1).abs() > 5e-3)])
@@ -226,10 +227,19 @@ def flop_tables(df: pd.DataFrame) -> list[Table]:
     return out
 
 
-RATE_NOTE = ("The point's executed FLOP/s (padding and recomputation included) over a square "
-             "matmul's FLOP/s in its dtype on the same machine (`matmul_gflops`; a CPU's float32 "
-             "for half inputs): how close it runs to what this machine's matmuls allow. "
-             "Blank: not measured (an older record).")
+RATE_NOTE = ("How close the point runs to what this machine allows: the larger of its "
+             "executed FLOPs (padding and recomputation included) at a square matmul's rate in "
+             "its dtype (`matmul_gflops`; a CPU's float32 for half inputs) and the bytes the "
+             "method must move (`algo_bytes`: q, k, v and the output; in decode the keys a step "
+             "reads or the state it rewrites) at the machine's read rate for a working set that "
+             "size (`read_gbps`), over the latency. \"mem\": the bytes bind (`limit_bound`). "
+             "Blank: not measured; an older record's is of the matmul rate alone.")
+
+
+def _limit_cell(r) -> str:
+    """limit_fraction, "mem" beside it where the memory limit binds."""
+    text = units.cell(r.limit_fraction, 2)
+    return f"{text} mem" if text and getattr(r, "limit_bound", "") == "memory" else text
 RATIO_NOTE = ("FLOPs the engine executes (padding, masked halves of diagonal tiles, a router "
               "over every block, recomputation) over the method's own minimum "
               "(`Variant.algorithm_flops`); labels at 1 left out.")

@@ -38,7 +38,7 @@ from attnbench.harness.run.machine import gpu_state, machine_info
 from attnbench.harness.run.memory import peak_memory
 from attnbench.harness.run.opcount import count_call
 from attnbench.harness.run.point import decide, on_device, point_id, point_label
-from attnbench.harness.run.rate import process_matmul_rate
+from attnbench.harness.run.rate import process_matmul_rate, process_read_rate
 from attnbench.harness.run.timing import Timing, measure_latency
 from attnbench.harness.run.worker import Worker, WorkerDied
 from attnbench.variants.base import Shape, Variant
@@ -243,6 +243,7 @@ def _measure(run, att: Variant, shape: Shape, dtype, device: str, predicted: int
     if grad:
         flops += on_device(att.backward_flops, device)(shape, run.causal)
     algo = on_device(att.algorithm_flops, device)(shape, run.causal) * (3 if grad else 1)
+    moved = att.algorithm_bytes(shape, dtype) * (3 if grad else 1)  # the backward: 2× its I/O
     return finish(
         "ok",
         setup_s=setup_s,
@@ -250,7 +251,7 @@ def _measure(run, att: Variant, shape: Shape, dtype, device: str, predicted: int
         predicted_mem_bytes=float(predicted),
         flops=float(flops),
         tflops=flops / (timing.median_ms * 1e-3) / 1e12,
-        **flop_fields(algo, flops, timing.median_ms, device, run.dtype),
+        **flop_fields(algo, flops, moved, timing.median_ms, device, run.dtype),
         error_rows=min(run.error.rows, shape.nq),
         entropy=entropy,
         **quality_fields,
@@ -316,8 +317,9 @@ def _measure_decode(run, att: Variant, shape: Shape, dtype, device: str, predict
         state_bytes=state_bytes,
         flops=flops,
         tflops=flops / (timing.median_ms * 1e-3) / 1e12,
-        **flop_fields(att.algorithm_decode_flops(shape), flops, timing.median_ms, device,
-                      run.dtype),
+        **flop_fields(att.algorithm_decode_flops(shape), flops,
+                      att.algorithm_decode_bytes(shape, dtype, state_bytes), timing.median_ms,
+                      device, run.dtype),
         error_rows=min(run.error.rows, 1),
         **quality_fields,
         **counted,
@@ -325,16 +327,29 @@ def _measure_decode(run, att: Variant, shape: Shape, dtype, device: str, predict
     )
 
 
-def flop_fields(algo: float, executed: float, median_ms: float, device: str,
-                dtype: str) -> dict[str, float]:
-    """algo_flops, executed_flops, the machine's matmul rate (`rate.process_matmul_rate`, once
-    per process) and limit_fraction = executed / latency / rate (NaN where not measured)."""
+def flop_fields(algo: float, executed: float, moved: float, median_ms: float, device: str,
+                dtype: str) -> dict[str, float | str]:
+    """algo_flops, executed_flops, algo_bytes (`moved`, the method's least traffic), the
+    machine's limits (`rate`: its matmul rate once per process, the read rate of a working set
+    that size) and the point's fraction of the one that binds: the larger of executed FLOPs at
+    the matmul rate and algo_bytes at the read rate, over the latency (`limit_bound` names it;
+    a limit without a model is left out; NaN and "" where neither has one)."""
     rate = process_matmul_rate(device, dtype)
     seconds = median_ms * 1e-3
-    ok = math.isfinite(executed) and seconds > 0 and rate > 0
+    read = math.nan
+    if math.isfinite(moved) and moved > 0:
+        try:
+            read = process_read_rate(device, moved)
+        except RuntimeError:  # no room for the probe (a full GPU): that limit is left out
+            log.warning("read-rate probe of %.0f bytes failed; limit_fraction: matmul only", moved)
+    times = {"matmul": executed / rate if math.isfinite(executed) and rate > 0 else math.nan,
+             "memory": moved / read if math.isfinite(read) and read > 0 else math.nan}
+    known = {k: t for k, t in times.items() if math.isfinite(t)}
+    bound = max(known, key=known.get) if known and seconds > 0 else ""
     return {"algo_flops": float(algo), "executed_flops": float(executed),
-            "matmul_gflops": rate / 1e9,
-            "limit_fraction": executed / seconds / rate if ok else math.nan}
+            "algo_bytes": float(moved), "matmul_gflops": rate / 1e9,
+            "read_gbps": read / 1e9, "limit_bound": bound,
+            "limit_fraction": known[bound] / seconds if bound else math.nan}
 
 
 def _time(call: Callable[[], object], run: RunConfig, device: str) -> tuple[Timing, dict]:

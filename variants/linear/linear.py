@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from attnbench.variants.base import Shape, Variant, compute_dtype, mm_dtype
+from attnbench.variants.base import (
+    Shape,
+    Variant,
+    compute_dtype,
+    mm_dtype,
+    rewritten_state_bytes,
+)
 from attnbench.variants.linear.prefix import (
     context_state,
     linear_attention,
@@ -86,6 +93,12 @@ class Linear(Variant):
         kf = F.elu(k.to(ct)).add_(1)
         s, z = context_state(kf, v, ct)
         return LinearState(s, z)
+
+    def algorithm_decode_bytes(self, shape: Shape, dtype: torch.dtype,
+                               state_bytes: float = math.nan) -> float:
+        """The token's own bytes and the fixed-size state read and written anew (every entry
+        changes each step): `rewritten_state_bytes`."""
+        return rewritten_state_bytes(shape, dtype, state_bytes)
 
     def decode_step(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: LinearState

@@ -3,13 +3,14 @@ and `impl` fields, their checks and the label."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from attnbench.variants import reference as _reference
-from attnbench.variants.base import Variant
+from attnbench.variants.base import Shape, Variant, rewritten_state_bytes
 
 IMPLS = ("chunk", "recurrent", "fla")
 
@@ -43,6 +44,12 @@ class Recurrent(Variant):
     @property
     def label(self) -> str:
         return self._label({"impl": None if self.impl == "chunk" else self.impl})
+
+    def algorithm_decode_bytes(self, shape: Shape, dtype: torch.dtype,
+                               state_bytes: float = math.nan) -> float:
+        """The token's own bytes and the fixed-size state read and written anew (every entry
+        changes each step): `rewritten_state_bytes`."""
+        return rewritten_state_bytes(shape, dtype, state_bytes)
 
     def _saved_states(self, shape, el: int, heads: int) -> int:
         """Bytes autograd keeps through the per-step form (impl=recurrent): a (Dk, Dv) state of
