@@ -17,7 +17,7 @@ from attnbench.harness.run.memory import peak_memory
 from attnbench.harness.run.opcount import count_call
 from attnbench.variants.base import FORCE_GPU_PATHS, Shape
 from attnbench.variants.reference import attention_reference, rel_error
-from attnbench.variants.sparse import select_groups
+from attnbench.variants.sparse import select, select_groups
 from attnbench.variants.testing import assert_matches, random_qkv
 
 MOBA = {"block": 16, "topk": 3}
@@ -114,6 +114,39 @@ def test_forward_and_reference_equal_the_paper_loop(name, params, hkv, nq):
     with torch.no_grad():
         torch.testing.assert_close(att.reference(q, k, v, True), want, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(att(q, k, v, causal=True), want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(("name", "params"), CASES, ids=IDS)
+@pytest.mark.parametrize("hkv", [2, 4, 1], ids=["gqa", "mha", "mqa"])
+@pytest.mark.parametrize("gathered", [True, False], ids=["gathered", "engine"])
+def test_a_few_queries_equal_the_paper_loop(name, params, hkv, gathered, monkeypatch):
+    """A decode step or a few queries (fewer than a block): each item's keys gathered and one
+    attention call (`select.gathers`), or, forced, the engine's tiles; both the paper loop."""
+    calls = []
+    real = select._gathered
+    monkeypatch.setattr(select, "_gathered", lambda *a: calls.append(1) or real(*a))
+    if not gathered:
+        monkeypatch.setattr(select, "GATHER_ITEMS", 0)
+    att = variants.build(name, **params)
+    q, k, v = _inputs(hkv=hkv, nq=5, seed=9)
+    with torch.no_grad():
+        got = att(q, k, v, causal=True)
+    torch.testing.assert_close(got, _loop(name, params, q, k, v), rtol=1e-10, atol=1e-12)
+    assert bool(calls) == gathered
+
+
+@pytest.mark.parametrize(("name", "params"), [("moba", {}), ("nsa", {})], ids=["moba", "nsa"])
+@pytest.mark.parametrize(("b", "h", "hkv", "n"), [(1, 8, 8, 4096), (1, 8, 2, 3000),
+                                                  (2, 4, 2, 100), (1, 32, 1, 200)])
+def test_decode_flop_model_matches_the_dispatch_count(name, params, b, h, hkv, n):
+    att = variants.build(name, **params)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(b, h, 1, 32, generator=g)
+    k, v = (torch.randn(b, hkv, n + 1, 32, generator=g) for _ in range(2))
+    with torch.no_grad():
+        state = att.decode_init(k[:, :, :n], v[:, :, :n], heads=h)
+        counted = count_call(lambda: att.decode_step(q, k[:, :, n:], v[:, :, n:], state)).flops
+    assert att.decode_flops(Shape(b, h, n, 32, kv_heads=hkv)) == counted
 
 
 @pytest.mark.parametrize(("name", "params"), CASES, ids=IDS)

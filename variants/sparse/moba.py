@@ -24,6 +24,7 @@ from attnbench.variants.sparse.select import (
     block_pairs,
     blocks_to_keys,
     earlier_pairs,
+    gathers,
     group_bytes,
     group_pairs,
     own_and_rest,
@@ -293,9 +294,15 @@ class MoBA(Variant):
         return cache + means + build + step
 
     def decode_flops(self, shape: Shape) -> float:
-        n = shape.seq_len + 1
-        one = Shape(shape.batch, shape.heads, n, shape.head_dim, shape.kv_heads, 1)
-        return self.flops(one, True)
+        """The router over the complete blocks' means and the own one's slot, then the own
+        block and topk − 1 slots of keys gathered per query head (`select.gathers`), every slot
+        scored whole."""
+        n, full = shape.seq_len + 1, shape.seq_len // self.block
+        keys = self.block * (1 + min(full + 1, self.topk - 1))
+        if not gathers(shape.batch * shape.hkv, shape.groups, keys, n):  # the engine's tiles
+            return self.flops(Shape(shape.batch, shape.heads, n, shape.head_dim,
+                                    shape.kv_heads, 1), True)
+        return 2.0 * shape.bh * shape.head_dim * (full + 1 + 2 * keys)
 
     def algorithm_decode_flops(self, shape: Shape) -> float:
         n = shape.seq_len + 1

@@ -36,6 +36,7 @@ from attnbench.variants.sparse.select import (
     block_pairs,
     blocks_to_keys,
     earlier_pairs,
+    gathers,
     group_bytes,
     group_pairs,
     own_and_rest,
@@ -389,9 +390,16 @@ class NSA(Variant):
         return cache + compressed + step
 
     def decode_flops(self, shape: Shape) -> float:
+        """The compressed branch over the complete blocks, then the selected slots and the
+        window's, each gathered and scored whole (`select.gathers`)."""
         one = Shape(shape.batch, shape.heads, shape.seq_len + 1, shape.head_dim,
                     shape.kv_heads, 1)
-        return self.flops(one, True)
+        n, _, c, s, ws = self._geometry(one)
+        sel, win = self.sel_block * (1 + s), self.sel_block * ws
+        z = shape.batch * shape.hkv
+        if not (gathers(z, 1, sel, n) and gathers(z, 1, win, n)):  # the engine's tiles
+            return self.flops(one, True)
+        return 4.0 * shape.bh * shape.head_dim * (c + sel + win)
 
     def algorithm_decode_flops(self, shape: Shape) -> float:
         one = Shape(shape.batch, shape.heads, shape.seq_len + 1, shape.head_dim,

@@ -51,6 +51,20 @@ from attnbench.variants.sparse.select_tiles import (
     capacity,
 )
 
+# a call of at most GATHER_ITEMS query items per k/v head (a decode step: the G heads of a
+# group, or one item of G rows; a few queries), whose gathered key rows (all heads) stay under
+# twice the k/v heads' own or GATHER_ROWS (64 MiB of k and v at D = 64, float32), runs as one
+# attention call over each item's gathered keys (`gathers`)
+GATHER_ITEMS = 64
+GATHER_ROWS = 1 << 17
+
+
+def gathers(z: int, items: int, keys: int, n: int) -> bool:
+    """Whether `select_attention` without autograd runs z·`items` query items, of `keys` slot
+    keys each, over n keys per k/v head by gathering each item's keys (`_gathered`; see
+    GATHER_ITEMS); the FLOPs are then 4·D per query row and slot key."""
+    return items <= GATHER_ITEMS and z * items * keys <= max(2 * z * n, GATHER_ROWS)
+
 
 def part_rows(items: int, slots: int, n: int, block: int, own: bool = False,
               trimmed: int | None = None) -> int:
@@ -173,6 +187,9 @@ def select_attention(
     """
     work = work or q.dtype
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if not grad and all(p.idx is not None for p in parts) and gathers(
+            q.shape[0], q.shape[1], sum(p.idx.shape[-1] * p.block for p in parts), k.shape[1]):
+        return _gathered(q.to(work), k.to(work), v.to(work), qpos, parts).to(q.dtype)
     with torch.no_grad():
         z, m, g, d = q.shape
         grouped = groupable(parts, g) if fused and not grad else None
@@ -187,6 +204,32 @@ def select_attention(
     out = _SelectAttention.apply(q.to(work), k.to(work), v.to(work), lays, fused)
     return out.to(q.dtype)
 
+
+
+def _gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor,
+              parts: list[Part]) -> torch.Tensor:
+    """A few items (a decode step): each item's keys, the union of its parts' slots, gathered
+    (k and v rows) and one softmax attention call over them, the causal / window / empty-slot
+    mask as a bool mask; (Z, M, G, D). No layout, no merge: the engine's tiles cost ~1.5 ms of
+    ops per step whatever the keys."""
+    z, m, g, d = q.shape
+    n = k.shape[1]
+    where, seen = [], []
+    for p in parts:
+        kp = (p.idx[..., None] * p.block + torch.arange(p.block, device=q.device)).flatten(-2)
+        ok = (p.idx >= 0).repeat_interleave(p.block, -1) & (kp < n)  # (Z, M, S·b)
+        if p.masked:
+            ok &= kp <= qpos[:, None]
+            if p.window >= 0:
+                ok &= kp >= qpos[:, None] - p.window
+        where.append(kp.clamp(0, n - 1))
+        seen.append(ok)
+    kp, ok = torch.cat(where, -1), torch.cat(seen, -1)  # (Z, M, K)
+    heads = torch.arange(z, device=q.device)[:, None]  # k, v may be views of a longer cache
+    kg, vg = (x[heads, kp.view(z, -1)].view(z * m, 1, -1, d) for x in (k, v))
+    out = F.scaled_dot_product_attention(q.reshape(z * m, 1, g, d), kg, vg,
+                                         attn_mask=ok.view(z * m, 1, 1, -1))
+    return out.view(z, m, g, d)
 
 
 class _SelectAttention(torch.autograd.Function):
