@@ -13,6 +13,9 @@ Targets (the issue's):
 - local: slope <= 0.15 once n > 4w, state constant there;
 - at 64K, linear decode >= 20× faster per token than full[sdpa].
 The block-sparse patterns are listed with their slope and state growth, no target.
+Under each: the record's fraction of the limit that binds per n (`limit_fraction`: the bytes a
+step must move, the keys it reads or the state it rewrites, at the machine's read rate for that
+working set, or its FLOPs at the matmul rate; "mem" where the bytes bind).
 """
 
 from __future__ import annotations
@@ -99,6 +102,9 @@ def main() -> None:
         results[label] = recs
         print(f"{'':30} latency slope over n >= {from_n}: {lat:.2f} {verdict(lat, target)}; "
               f"state slope {st:.2f}" + (f" (target: {state_target})" if state_target else ""))
+        limits = [f"{r.limit_fraction:.2f}" + (" mem" if r.limit_bound == "memory" else "")
+                  if r.status == "ok" else r.status for r in recs]
+        print(f"{'':30} fraction of the limit per n: {', '.join(limits)}")
     sdpa, lin = results.get("full[sdpa]"), results.get("linear")
     if sdpa and lin and sdpa[-1].status == lin[-1].status == "ok":
         ratio = sdpa[-1].latency_p10_ms / lin[-1].latency_p10_ms
