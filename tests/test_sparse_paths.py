@@ -10,6 +10,7 @@ import torch
 from attnbench import variants
 from attnbench.harness.run.job import tensor_bytes
 from attnbench.harness.run.memory import peak_memory
+from attnbench.harness.run.opcount import count_call
 from attnbench.variants.base import FORCE_GPU_PATHS, Shape
 from attnbench.variants.reference import attention_reference
 from attnbench.variants.testing import assert_matches, random_qkv
@@ -128,6 +129,22 @@ def test_decode_repeated_steps_from_one_state_agree(name):
     first, _ = att.decode_step(*args, state)
     again, _ = att.decode_step(*args, state)
     assert torch.equal(first, again) and state.length == 60
+
+
+@pytest.mark.parametrize("name", ["strided", "fixed", "bigbird", "longformer"])
+def test_a_pattern_decode_step_reads_only_its_row_s_keys(name):
+    """The step gathers the keys its causal row allows: its FLOPs (counted at dispatch level)
+    are the method's own, 4·D per allowed key and query head, at every context length."""
+    att = variants.build(name, **SMALL[name])
+    for n in (60, 200):
+        q, k, v = random_qkv(1, 4, n + 1, 8, dtype=torch.float32)
+        k, v = k[:, :2], v[:, :2]  # grouped heads
+        state = att.decode_init(k[:, :, :n], v[:, :, :n])
+        with torch.no_grad():
+            counted = count_call(lambda: att.decode_step(
+                q[:, :, n:], k[:, :, n:], v[:, :, n:], state)).flops
+        shape = Shape(1, 4, n, 8, kv_heads=2)
+        assert att.decode_flops(shape) == att.algorithm_decode_flops(shape) == counted
 
 
 def test_bigbird_causal_rows_do_not_depend_on_the_length():

@@ -323,13 +323,15 @@ class BlockSparse(Variant):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: KVCache
     ) -> tuple[torch.Tensor, KVCache]:
         """The token at position p = state.length: its k, v written in the slot past the
-        context (the state passed in keeps its length), then attention over the cache under
-        the pattern's causal row p (a mask built on the host, one (p+1,) bool copy)."""
+        context (the state passed in keeps its length), then attention over the keys of the
+        pattern's causal row p, gathered from the cache (their positions found on the host,
+        one copy of them to the device): a step reads what the pattern allows, not the cache."""
         state = state.append(k, v)
         p = state.length - 1
-        ok = self.key_mask(torch.tensor([p]), p + 1, True)[0].to(q.device)
-        return decode_attention(q, state.keys(), state.values(), ok), state
+        keys = self.key_mask(torch.tensor([p]), p + 1, True)[0].nonzero()[:, 0].to(q.device)
+        kc, vc = (x.index_select(2, keys) for x in (state.keys(), state.values()))
+        return decode_attention(q, kc, vc, None), state
 
     def decode_flops(self, shape: Shape) -> float:
-        """q·K and p·V over the whole cache of seq_len + 1 keys (masked, not gathered)."""
-        return 4.0 * shape.bh * (shape.seq_len + 1) * shape.head_dim
+        """q·K and p·V over the row's allowed keys, gathered: the method's own."""
+        return self.algorithm_decode_flops(shape)
