@@ -140,9 +140,9 @@ def test_a_pattern_decode_step_reads_only_its_row_s_keys(name):
         q, k, v = random_qkv(1, 4, n + 1, 8, dtype=torch.float32)
         k, v = k[:, :2], v[:, :2]  # grouped heads
         state = att.decode_init(k[:, :, :n], v[:, :, :n])
+        step = (q[:, :, n:], k[:, :, n:], v[:, :, n:], state)
         with torch.no_grad():
-            counted = count_call(lambda: att.decode_step(
-                q[:, :, n:], k[:, :, n:], v[:, :, n:], state)).flops
+            counted = count_call(lambda s=step: att.decode_step(*s)).flops
         shape = Shape(1, 4, n, 8, kv_heads=2)
         assert att.decode_flops(shape) == att.algorithm_decode_flops(shape) == counted
 

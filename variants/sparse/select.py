@@ -225,11 +225,23 @@ def _gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Ten
         where.append(kp.clamp(0, n - 1))
         seen.append(ok)
     kp, ok = torch.cat(where, -1), torch.cat(seen, -1)  # (Z, M, K)
-    heads = torch.arange(z, device=q.device)[:, None]  # k, v may be views of a longer cache
-    kg, vg = (x[heads, kp.view(z, -1)].view(z * m, 1, -1, d) for x in (k, v))
+    kg, vg = (_gather_rows(x, kp.view(z, -1)).view(z * m, 1, -1, d) for x in (k, v))
     out = F.scaled_dot_product_attention(q.reshape(z * m, 1, g, d), kg, vg,
                                          attn_mask=ok.view(z * m, 1, 1, -1))
     return out.view(z, m, g, d)
+
+
+def _gather_rows(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """x[i, pos[i]] for x (Z, N, D), pos (Z, R) → (Z, R, D). x may be a view of a longer cache
+    (its heads S0 elements apart): its rows are read through a flat (rows, D) view of that
+    memory by index_select (a copy per row; advanced indexing took 4× as long)."""
+    z, _, d = x.shape
+    s0, s1 = x.stride(0), x.stride(1)
+    if x.stride(2) != 1 or s1 < d or s0 % s1 or z == 0:
+        return x[torch.arange(z, device=x.device)[:, None], pos]
+    flat = x.as_strided(((z - 1) * (s0 // s1) + x.shape[1], d), (s1, 1))
+    rows = pos + torch.arange(z, device=x.device)[:, None] * (s0 // s1)
+    return flat.index_select(0, rows.view(-1)).view(z, -1, d)
 
 
 class _SelectAttention(torch.autograd.Function):
