@@ -54,17 +54,21 @@ def test_closed_form_counts_equal_the_layout(name, causal):
             density = att.density(n, causal)
             flops = att.flops(Shape(2, 3, n, 16), causal)
             counts, last = att.row_counts(nb, causal)
-            # the layout the engine runs, and the dense block table
+            # the dense block table of the pattern, and of what the CPU engine runs (causal: a
+            # query block's keys up to the end of its run of `causal_span` blocks)
             table = att.block_layout(nb, causal)
             assert torch.equal(counts, table.sum(1)), (kw, n)
             assert torch.equal(last, table[:, -1]), (kw, n)
-            computed = att.layout(n, causal).computed
             inside = (n - torch.arange(nb) * b).clamp(0, b)
-            assert computed == int((inside[:, None] * inside[None, :] * table).sum())
-            assert density == computed / n**2, (kw, n)
+            assert density == int((inside[:, None] * inside[None, :] * table).sum()) / n**2
+            ran = att.block_layout(nb, causal, att.causal_span())
+            ran_counts, ran_last = att.engine_counts(nb, causal)
+            assert torch.equal(ran_counts, ran.sum(1)) and torch.equal(ran_last, ran[:, -1])
+            computed = att.layout(n, causal).computed
+            assert computed == int((inside[:, None] * inside[None, :] * ran).sum())
             # FLOPs count what runs: every computed block pair in full (padding included)
             pairs = att.layout(n, causal).pairs
-            assert pairs == int(table.sum()), (kw, n)
+            assert pairs == int(ran.sum()), (kw, n)
             assert flops == 4.0 * 6 * 16 * b * b * pairs, (kw, n)
             # the GPU path's padded buckets, from the same closed form
             gpu = att.gpu_layout(n, causal)

@@ -39,10 +39,16 @@ LAYOUT_CHUNK = 1 << 22  # elements of one (rows, nb) block-mask slice or bias sl
 LAYOUT_TEMP = 32  # bytes per element those slices take while built (int64 temporaries, bools)
 
 
-def _block_rows(block_allowed, rows: torch.Tensor, nb: int, causal: bool) -> torch.Tensor:
+def _block_rows(block_allowed, rows: torch.Tensor, nb: int, causal: bool,
+                span: int = 1) -> torch.Tensor:
+    """(rows, nb) bool: the key blocks of query blocks `rows`; causal: up to the end of the row's
+    aligned run of `span` blocks (1: its own block; wider runs share their key blocks, the
+    causal cut left to the token mask)."""
     keys = torch.arange(nb)
     mask = block_allowed(rows[:, None], keys[None, :], nb, causal)  # (rows, nb)
-    return mask & (keys[None, :] <= rows[:, None]) if causal else mask
+    if not causal:
+        return mask
+    return mask & (keys[None, :] <= ((rows // span + 1) * span - 1)[:, None])
 
 
 def _token_ok(rows, kidx, valid, allowed, n: int, b: int, causal: bool) -> torch.Tensor:

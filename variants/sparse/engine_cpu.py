@@ -52,11 +52,12 @@ class Layout:
 
 
 def build_layout(block_allowed, allowed, n: int, block: int, causal: bool,
-                 q0: int = 0) -> Layout:
+                 q0: int = 0, span: int = 1) -> Layout:
     """Layout from a block predicate ``block_allowed(I, J, nb, causal)`` and a token predicate
     ``allowed(q, k)`` (broadcasting int tensors, causal not applied; None when the pattern is
     whole blocks, so that only the causal diagonal and the padding cut pairs), for the query
-    blocks q0.. .
+    blocks q0.. ; causal: each query block's key blocks up to the end of its aligned run of
+    `span` blocks (`_block_rows`), so that a run can share its keys as one tile.
 
     Memory: the groups (O(active pairs), plus a float32 bias over the pairs of groups that need
     one) and slices of at most LAYOUT_CHUNK elements; never an (nb, nb) tensor.
@@ -67,7 +68,7 @@ def build_layout(block_allowed, allowed, n: int, block: int, causal: bool,
     step = max(1, LAYOUT_CHUNK // nb)
     for s in range(q0, nb, step):
         rows = torch.arange(s, min(nb, s + step))
-        mask = _block_rows(block_allowed, rows, nb, causal)
+        mask = _block_rows(block_allowed, rows, nb, causal, span)
         counts = mask.sum(1)
         for c in torch.unique(counts).tolist():
             sel = counts == c

@@ -47,12 +47,24 @@ class Fixed(BlockSparse):
         s, c = self.stride, self.summary
         return (i // s == j // s) | (j % s >= s - c)
 
-    def row_counts(self, nb: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def causal_span(self) -> int:
+        """A chunk's `stride` query blocks see the same key blocks up to the chunk's end: causal,
+        they run as one tile (the engine's per-block gathers of 8-key blocks took 2/3 of the
+        causal forward: 122 ms against 25 ms as one tile per chunk at n=4096, B1 H8 D64 CPU)."""
+        return self.stride
+
+    def engine_counts(self, nb: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """`row_counts` with the causal limit at the end of the query block's chunk."""
+        return self.row_counts(nb, causal, chunk=causal)
+
+    def row_counts(self, nb: int, causal: bool,
+                   chunk: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """`chunk` (causal): up to the end of the query block's chunk, not its own block."""
         s, c = self.stride, self.summary
         i = torch.arange(nb)
         lo = i // s * s  # the query block's chunk is [lo, hi]
-        hi = i if causal else (lo + s - 1).clamp(max=nb - 1)
-        top = i if causal else torch.full_like(i, nb - 1)
+        hi = i if causal and not chunk else (lo + s - 1).clamp(max=nb - 1)
+        top = hi if causal else torch.full_like(i, nb - 1)
 
         def summaries(z: torch.Tensor) -> torch.Tensor:  # summary blocks in [0, z], z ≥ -1
             return (z + 1) // s * c + ((z + 1) % s - (s - c)).clamp(min=0)

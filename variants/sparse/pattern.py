@@ -79,14 +79,30 @@ class BlockSparse(Variant):
         it sees (nb,) int64, and whether the last key block is one of them (nb,) bool."""
         raise NotImplementedError
 
-    def block_layout(self, nb: int, causal: bool) -> torch.Tensor:
-        """(nb, nb) bool: key blocks each query block sees (causal applied). O(nb²): for
+    def causal_span(self) -> int:
+        """Query blocks (an aligned run) that share their key blocks in the CPU engine's causal
+        layout, the causal cut at token level (the bias): 1, each block to its own diagonal. A
+        pattern of many small blocks whose runs see the same keys sets it wider: one tile and
+        one gather per run, not per block, for the masked upper part of its diagonal run."""
+        return 1
+
+    def engine_counts(self, nb: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """`row_counts` as the CPU engine's layout has them (causal: up to the end of each
+        block's `causal_span` run); the models of what runs use these, the method's own pairs
+        `row_counts`."""
+        if causal and self.causal_span() > 1:
+            raise NotImplementedError(f"{self.name}: causal_span > 1 needs engine_counts")
+        return self.row_counts(nb, causal)
+
+    def block_layout(self, nb: int, causal: bool, span: int = 1) -> torch.Tensor:
+        """(nb, nb) bool: key blocks each query block sees (causal applied; to the end of its
+        aligned run of `span` blocks: what the CPU engine computes, `causal_span`). O(nb²): for
         FlexAttention's table and tests, never for the models (those use `row_counts`)."""
         out = torch.empty(nb, nb, dtype=torch.bool)
         step = max(1, LAYOUT_CHUNK // max(nb, 1))
         for s in range(0, nb, step):  # in slices: no (nb, nb) int64 temporaries
             out[s : s + step] = _block_rows(self.block_allowed, torch.arange(s, min(nb, s + step)),
-                                            nb, causal)
+                                            nb, causal, span)
         return out
 
     def allowed(self, q: torch.Tensor, k: torch.Tensor, n: int,
@@ -116,7 +132,7 @@ class BlockSparse(Variant):
         key = ("layout", n, causal, str(device), q0)
         if key not in self._cache:
             lay = build_layout(self.block_allowed, self._token_predicate(n, causal), n,
-                               self.block, causal, q0)
+                               self.block, causal, q0, self.causal_span())
             groups = tuple(
                 (r.to(device), ki.to(device), None if bi is None else bi.to(device), mg, band)
                 for r, ki, bi, mg, band in lay.groups
@@ -140,9 +156,10 @@ class BlockSparse(Variant):
 
     # -- models: closed form from `row_counts`, O(nb) ------------------------------------------
     def computed(self, n: int, causal: bool = False) -> int:
-        """Scores inside the n×n matrix of the active blocks (the causal diagonal and band
-        edges included, padding not), equal to `layout(n, causal).computed` without building
-        it: the density's numerator."""
+        """Scores inside the n×n matrix of the pattern's active blocks (the causal diagonal and
+        band edges included, padding not), the density's numerator; equal to `layout(n,
+        causal).computed` without building it, but for a causal span over 1, where the engine
+        also computes the masked rest of a run's diagonal blocks (`engine_counts`)."""
         b = self.block
         counts, last = self.row_counts(self._nb(n), causal)
         inside = (n - torch.arange(len(counts)) * b).clamp(0, b)  # real tokens per query block
@@ -155,8 +172,9 @@ class BlockSparse(Variant):
         layout, or (gpu_path(device)) the GPU path's buckets padded to their largest count."""
         nb = self._nb(shape.seq_len)
         q0 = (shape.seq_len - shape.nq) // self.block
-        counts = self.row_counts(nb, causal)[0][q0:]
-        return gpu_pairs(counts) if gpu_path(device) else int(counts.sum())
+        if gpu_path(device):
+            return gpu_pairs(self.row_counts(nb, causal)[0][q0:])
+        return int(self.engine_counts(nb, causal)[0][q0:].sum())
 
     def key_mask(self, rows: torch.Tensor, n: int, causal: bool) -> torch.Tensor:
         q, k = rows.cpu(), torch.arange(n)[None, :]
@@ -231,7 +249,7 @@ class BlockSparse(Variant):
         out = shape.bh * shape.nq * d * el
         if self.impl == "flex":  # the (nb, nb) block table, then FlexAttention's own kernel
             return int(nb * nb + LAYOUT_CHUNK * LAYOUT_TEMP + padded_q + padded_kv + out)
-        counts, last = self.row_counts(nb, causal)
+        counts, last = (self.row_counts if gpu_path(device) else self.engine_counts)(nb, causal)
         counts, last = counts[q0:], last[q0:]
         building = min(nb * nb, LAYOUT_CHUNK) * LAYOUT_TEMP  # slices while the layout is built
         if gpu_path(device):
