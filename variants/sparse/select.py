@@ -25,7 +25,8 @@ On the CPU the tiles run through aten's flash-attention kernels (forward and bac
 path (`fused=False`) runs the same pieces as explicit matmuls. On the CPU without autograd, a
 part of selected blocks beside a diagonal own part runs instead by groups (`select_groups`): all
 the rows of a key block in one call, the own blocks among them where they can join, long calls
-where the kernel runs at its best.
+where the kernel runs at its best. A call of a few items without autograd (a decode step, a
+few queries: `gathers`) skips the layout: each item's slot keys gathered, one attention call.
 
 Here: the engine's entry and its merge (autograd), the static row and byte counts of a part, and
 the block routing MoBA and NSA share; the parts and tiles are in `select_tiles`, the groups in
@@ -205,7 +206,6 @@ def select_attention(
     return out.to(q.dtype)
 
 
-
 def _gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor,
               parts: list[Part]) -> torch.Tensor:
     """A few items (a decode step): each item's keys, the union of its parts' slots, gathered
@@ -234,7 +234,7 @@ def _gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Ten
 def _gather_rows(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """x[i, pos[i]] for x (Z, N, D), pos (Z, R) → (Z, R, D). x may be a view of a longer cache
     (its heads S0 elements apart): its rows are read through a flat (rows, D) view of that
-    memory by index_select (a copy per row; advanced indexing took 4× as long)."""
+    memory by index_select (a copy per row; advanced indexing took twice as long)."""
     z, _, d = x.shape
     s0, s1 = x.stride(0), x.stride(1)
     if x.stride(2) != 1 or s1 < d or s0 % s1 or z == 0:
