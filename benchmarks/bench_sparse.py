@@ -1,18 +1,19 @@
 """Local and block-sparse attention against full attention on this machine (forward, no grad).
 
-    python benchmarks/bench_sparse.py [--flex] [--n 8192] [--threads T]
+    python benchmarks/bench_sparse.py [--flex] [--causal] [--n 8192] [--threads T]
 
-At n (default 8192), B=1, H=8, D=64, float32, non-causal: latency, speed-up over full[sdpa], peak
-memory as a fraction of full[naive]'s, achieved GFLOP/s on the FLOPs the engine executes and as a
-fraction of this machine's fp32 matmul rate (measured here), the executed over the method's own
-FLOPs (`algorithm_flops`: padding and masked parts of blocks are what the engine adds), and the
-log-log slope of latency over n = 2048..16384 (strided and fixed grow as n²/stride by
-construction: their slope has no O(n) target). Each figure is printed beside its target; missed
-targets are named. Latencies are the 10th percentile of the repeats (the CPU may be shared:
-contention only adds time), the same statistic for the matmul rate, full[sdpa] and every variant.
-Under each blocked pattern: torch's fused CPU flash kernel (the op the engine runs) alone on
-contiguous tiles of the pattern's largest group, its rate bounding the engine's (a missed
-matmul fraction names it).
+At n (default 8192), B=1, H=8, D=64, float32, non-causal (--causal: causal, against causal
+full[sdpa] and full[naive], the causal pairs only in each count): latency, speed-up over
+full[sdpa], peak memory as a fraction of full[naive]'s, achieved GFLOP/s on the FLOPs the
+engine executes and as a fraction of this machine's fp32 matmul rate (measured here), the
+executed over the method's own FLOPs (`algorithm_flops`: padding and masked parts of blocks
+are what the engine adds), and the log-log slope of latency over n = 2048..16384 (strided and
+fixed grow as n²/stride by construction: their slope has no O(n) target). Each figure is
+printed beside its target; missed targets are named. Latencies are the 10th percentile of the
+repeats (the CPU may be shared: contention only adds time), the same statistic for the matmul
+rate, full[sdpa] and every variant. Under each blocked pattern: torch's fused CPU flash kernel
+(the op the engine runs) alone on contiguous tiles of the pattern's largest group, its rate
+bounding the engine's (a missed matmul fraction names it).
 """
 
 from __future__ import annotations
@@ -50,17 +51,18 @@ def inputs(n: int, b: int = 1, h: int = 8, d: int = 64):
     return tuple(torch.randn(b, h, n, d, generator=g) for _ in range(3))
 
 
-def latency_ms(att, n: int) -> float:
+def latency_ms(att, n: int, causal: bool = False) -> float:
     q, k, v = inputs(n)
     with torch.no_grad():
-        t = measure_latency(lambda: att(q, k, v), warmup=2, min_reps=5, min_time_s=0.5)
+        t = measure_latency(lambda: att(q, k, v, causal=causal), warmup=2, min_reps=5,
+                            min_time_s=0.5)
     return t.p10_ms
 
 
-def peak_bytes(att, n: int) -> int:
+def peak_bytes(att, n: int, causal: bool = False) -> int:
     q, k, v = inputs(n)
     with torch.no_grad():
-        return peak_memory(lambda: att(q, k, v))
+        return peak_memory(lambda: att(q, k, v, causal=causal))
 
 
 def matmul_gflops(m: int = 4096) -> float:
@@ -69,12 +71,13 @@ def matmul_gflops(m: int = 4096) -> float:
     return 2 * m**3 / (t.p10_ms * 1e-3) / 1e9
 
 
-def kernel_bound(att, n: int, h: int = 8, d: int = 64) -> tuple[float, str]:
+def kernel_bound(att, n: int, causal: bool = False, h: int = 8, d: int = 64
+                 ) -> tuple[float, str]:
     """GFLOP/s of torch's fused CPU flash kernel alone (the op the engine runs without grad) on
     contiguous tiles of the shape of the pattern's largest group at n (its query rows x its
     keys, as many tiles as that group runs, h heads): the engine's rate with free gathers, free
     masks and free output copies, i.e. a bound on what it can reach on this machine."""
-    rows, kidx, _, merge, _ = max(att.layout(n, False).groups, key=lambda grp: grp[1].numel())
+    rows, kidx, _, merge, _ = max(att.layout(n, causal).groups, key=lambda grp: grp[1].numel())
     tiles, t_rows, keys = len(rows) // merge, merge * att.block, kidx.shape[1] * att.block
     g = torch.Generator().manual_seed(0)
     q = torch.randn(h, tiles, t_rows, d, generator=g)
@@ -89,24 +92,25 @@ def kernel_bound(att, n: int, h: int = 8, d: int = 64) -> tuple[float, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--flex", action="store_true", help="also run impl=flex (compiles ~30 s each)")
+    ap.add_argument("--causal", action="store_true", help="causal, against causal full[sdpa]")
     ap.add_argument("--n", type=int, default=8192)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    n = args.n
+    n, causal = args.n, args.causal
     shape = Shape(1, 8, n, 64)
     print(f"machine: {platform.machine()} {os.cpu_count()}-core CPU, {torch.get_num_threads()} "
           f"torch threads, torch {torch.__version__}; B=1 H=8 D=64 float32, forward, "
-          f"non-causal, no grad; latency = p10 of repeats")
+          f"{'causal' if causal else 'non-causal'}, no grad; latency = p10 of repeats")
     print(f"load average (1/5/15 min) at the start: {os.getloadavg()}")
     peak = matmul_gflops()
     print(f"fp32 matmul rate (4096x4096x4096): {peak:.1f} GFLOP/s")
     sdpa, naive = variants.build("full", backend="sdpa"), variants.build("full", backend="naive")
-    sdpa_ms = latency_ms(sdpa, n)
-    naive_mem = peak_bytes(naive, n)
+    sdpa_ms = latency_ms(sdpa, n, causal)
+    naive_mem = peak_bytes(naive, n, causal)
     print(f"full[sdpa] n={n}: {sdpa_ms:.1f} ms, "
-          f"{sdpa.flops(shape) / sdpa_ms / 1e6:.1f} GFLOP/s; "
+          f"{sdpa.flops(shape, causal) / sdpa_ms / 1e6:.1f} GFLOP/s; "
           f"full[naive] peak memory {naive_mem / 2**20:.0f} MiB")
 
     cases = list(CASES)
@@ -119,23 +123,23 @@ def main() -> None:
     misses = []
     for name, kw in cases:
         att = variants.build(name, **kw)
-        ms = latency_ms(att, n)
-        mem = peak_bytes(att, n)
-        gflops = att.flops(shape) / ms / 1e6
-        ts = [ms if m == n else latency_ms(att, m) for m in SLOPE_NS]
+        ms = latency_ms(att, n, causal)
+        mem = peak_bytes(att, n, causal)
+        gflops = att.flops(shape, causal) / ms / 1e6
+        ts = [ms if m == n else latency_ms(att, m, causal) for m in SLOPE_NS]
         row = {
             "speedup": sdpa_ms / ms, "mem_frac": mem / naive_mem,
             "matmul_frac": gflops / peak, "slope": loglog_slope(SLOPE_NS, ts),
-            "exec_algo": att.flops(shape) / att.algorithm_flops(shape),
+            "exec_algo": att.flops(shape, causal) / att.algorithm_flops(shape, causal),
         }
-        print(f"{att.label:34s} {att.density(n):7.2%} {ms:8.1f} {row['speedup']:7.2f} "
+        print(f"{att.label:34s} {att.density(n, causal):7.2%} {ms:8.1f} {row['speedup']:7.2f} "
               f"{row['mem_frac']:9.4f} {gflops:8.1f} {row['matmul_frac']:7.2f} "
               f"{row['exec_algo']:6.2f} {row['slope']:6.2f}"
               f"{'*' if att.time_exponent > 1 else ' '}  (ms at n={'/'.join(map(str, SLOPE_NS))}: "
               f"{'/'.join(f'{t:.1f}' for t in ts)})")
         bound = ""
         if kw.get("impl", "blocked") == "blocked":
-            rate, tile = kernel_bound(att, n)
+            rate, tile = kernel_bound(att, n, causal)
             bound = (f"; bound: the fused kernel alone on its largest group's contiguous {tile} "
                      f"tiles (no gather, mask or copy) runs {rate:.1f} GFLOP/s = "
                      f"{rate / peak:.2f} of matmul")
