@@ -176,6 +176,7 @@ def test_a_record_carries_both_counts_and_the_fraction_of_the_binding_limit(mode
         algo = k * att.algorithm_flops(shape, True)
         done = att.flops(shape, True) + (att.backward_flops(shape, True) if k == 3 else 0)
     assert rec.algo_flops == algo <= rec.executed_flops == done == rec.flops
+    assert rec.kernel.startswith("local:ring" if mode == "decode" else "blocksparse:")
     assert mode == "decode" or algo < done  # the band's edge blocks are computed whole
     assert rec.matmul_gflops > 0 and rec.read_gbps > 0 and rec.algo_bytes > 0
     times = {"matmul": rec.executed_flops / (rec.matmul_gflops * 1e9),

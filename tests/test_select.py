@@ -136,6 +136,25 @@ def test_a_few_queries_equal_the_paper_loop(name, params, hkv, gathered, monkeyp
 
 
 @pytest.mark.parametrize(("name", "params"), [("moba", {}), ("nsa", {})], ids=["moba", "nsa"])
+@pytest.mark.parametrize(("h", "hkv", "n"), [(8, 8, 1000), (8, 1, 300), (80, 1, 40)])
+def test_decode_kernel_names_the_path_a_step_takes(name, params, h, hkv, n, monkeypatch):
+    """`decode_kernel` says gathered exactly where a step gathers its keys (MoBA with 80 query
+    heads per k/v head: more items than GATHER_ITEMS, the engine's tiles)."""
+    calls = []
+    real = select._gathered
+    monkeypatch.setattr(select, "_gathered", lambda *a: calls.append(1) or real(*a))
+    att = variants.build(name, **params)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, h, 1, 16, generator=g)
+    k, v = (torch.randn(1, hkv, n + 1, 16, generator=g) for _ in range(2))
+    with torch.no_grad():
+        state = att.decode_init(k[:, :, :n], v[:, :, :n], heads=h)
+        att.decode_step(q, k[:, :, n:], v[:, :, n:], state)
+    named = att.decode_kernel(Shape(1, h, n, 16, kv_heads=hkv), "cpu")
+    assert ("gathered" in named) == bool(calls), (named, len(calls))
+
+
+@pytest.mark.parametrize(("name", "params"), [("moba", {}), ("nsa", {})], ids=["moba", "nsa"])
 @pytest.mark.parametrize(("b", "h", "hkv", "n"), [(1, 8, 8, 4096), (1, 8, 2, 3000),
                                                   (2, 4, 2, 100), (1, 32, 1, 200)])
 def test_decode_flop_model_matches_the_dispatch_count(name, params, b, h, hkv, n):

@@ -145,6 +145,7 @@ def test_a_pattern_decode_step_reads_only_its_row_s_keys(name):
             counted = count_call(lambda s=step: att.decode_step(*s)).flops
         shape = Shape(1, 4, n, 8, kv_heads=2)
         assert att.decode_flops(shape) == att.algorithm_decode_flops(shape) == counted
+    assert att.decode_kernel(Shape(1, 4, 200, 8, kv_heads=2), "cpu") == "blocksparse:row-gather"
 
 
 def test_bigbird_causal_rows_do_not_depend_on_the_length():

@@ -262,6 +262,13 @@ class Variant:
         The harness adds what it observes at dispatch level (the SDPA backend torch chose)."""
         return self.name
 
+    def decode_kernel(self, shape: Shape, device: torch.device | str) -> str:
+        """The kernel or path one decode step takes against a context of shape.seq_len (the
+        record's `kernel` in decode). Default: `kernel` of a one-query causal forward at n + 1;
+        a variant whose step runs its own path names it."""
+        one = dataclasses.replace(shape, seq_len=shape.seq_len + 1, q_len=1)
+        return self.kernel(one, device, True, False)
+
     def memory_bytes(self, shape: Shape, dtype: torch.dtype, causal: bool = False) -> int:
         """Predicted peak bytes allocated by one forward call beyond q, k, v (upper estimate)."""
         el = torch.empty((), dtype=dtype).element_size()

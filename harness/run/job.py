@@ -292,7 +292,7 @@ def _measure_decode(run, att: Variant, shape: Shape, dtype, device: str, predict
     full_out[:, :, n:] = out
     last_row = torch.tensor([n], device=q.device)  # the new token's row of the whole sequence
     quality_fields = quality(att, q, k, v, full_out, run, last_row)
-    kernel = att.kernel(shape, device, True, False)
+    kernel = att.decode_kernel(shape, device)
 
     def call():
         with torch.no_grad():

@@ -84,6 +84,10 @@ class Linear(Variant):
     def kernel(self, shape: Shape, device, causal: bool, grad: bool) -> str:
         return path_name(self.chunk, shape, device, causal, grad)
 
+    def decode_kernel(self, shape: Shape, device) -> str:
+        """A step updates the state S, z and reads it: a few matmuls, no prefix path."""
+        return "state:step"
+
     # -- decode: the recurrent state ------------------------------------------------------------
     def decode_init(
         self, k: torch.Tensor, v: torch.Tensor, heads: int | None = None

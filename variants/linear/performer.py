@@ -104,6 +104,10 @@ class Performer(Variant):
     def kernel(self, shape: Shape, device, causal: bool, grad: bool) -> str:
         return path_name(self.chunk, shape, device, causal, grad)
 
+    def decode_kernel(self, shape: Shape, device) -> str:
+        """A step updates the state S, z and reads it: a few matmuls, no prefix path."""
+        return "state:step"
+
     def _logits(self, x: torch.Tensor, mm: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """wᵀx/d^¼ (B, ·, N, m) and |x/d^¼|²/2 (B, ·, N, 1), in the compute dtype; the projection
         runs in `mm` (W cached per device and dtype: no copy inside a call)."""

@@ -51,6 +51,10 @@ class Recurrent(Variant):
         changes each step): `rewritten_state_bytes`."""
         return rewritten_state_bytes(shape, dtype, state_bytes)
 
+    def decode_kernel(self, shape: Shape, device) -> str:
+        """A step runs the per-step form on the state (whatever the prefill's `impl`)."""
+        return "recurrent:step"
+
     def _saved_states(self, shape, el: int, heads: int) -> int:
         """Bytes autograd keeps through the per-step form (impl=recurrent): a (Dk, Dv) state of
         `heads` heads per position, 1.25× for what each step saves beside it; 0 for the other

@@ -86,6 +86,10 @@ class Local(BlockSparse):
         """Sinks (B, Hkv, s, D) and a ring of window + 1 slots: key j in slot j mod (w + 1)."""
         return RingCache.of(k, v, self.window, self.sinks)
 
+    def decode_kernel(self, shape: Shape, device) -> str:
+        """A step attends over the ring's window slots and the sinks (no gather)."""
+        return "local:ring"
+
     def decode_step(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: RingCache
     ) -> tuple[torch.Tensor, RingCache]:

@@ -333,6 +333,15 @@ class MoBA(Variant):
         engine's padded tiles are executed work, not scores: both are in `flops`."""
         return block_pairs(n, self.block, lambda j: 1 + min(self.topk - 1, j)) / n**2
 
+    def decode_kernel(self, shape: Shape, device) -> str:
+        """select:gathered-sdpa where a step's keys are gathered (`select.gathers`), else the
+        one-query forward's path."""
+        full = shape.seq_len // self.block
+        keys = self.block * (1 + min(full + 1, self.topk - 1))
+        if gathers(shape.batch * shape.hkv, shape.groups, keys, shape.seq_len + 1):
+            return "select:gathered-sdpa"
+        return super().decode_kernel(shape, device)
+
     def kernel(self, shape: Shape, device, causal: bool, grad: bool) -> str:
         """gather: the tiles (`select_tiles`); groups: the CPU's key-block groups without
         autograd (`select_groups`), where they run."""

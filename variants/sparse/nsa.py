@@ -446,6 +446,17 @@ class NSA(Variant):
 
         return block_pairs(n, self.sel_block, blocks) / n**2
 
+    def decode_kernel(self, shape: Shape, device) -> str:
+        """The compressed branch, then the selected blocks and the window each gathered and one
+        attention call (`select.gathers`), else the one-query forward's path."""
+        one = Shape(shape.batch, shape.heads, shape.seq_len + 1, shape.head_dim,
+                    shape.kv_heads, 1)
+        n, _, _, s, ws = self._geometry(one)
+        z = shape.batch * shape.hkv
+        if gathers(z, 1, self.sel_block * (1 + s), n) and gathers(z, 1, self.sel_block * ws, n):
+            return "nsa:cmp-bmm+select:gathered-sdpa+window:gathered-sdpa"
+        return super().decode_kernel(shape, device)
+
     def kernel(self, shape: Shape, device, causal: bool, grad: bool) -> str:
         """The selection: gather (the tiles) or, on the CPU without autograd, groups (the
         key-block groups, where they run); the window: a band (a block of queries or more)

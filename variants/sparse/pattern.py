@@ -350,6 +350,10 @@ class BlockSparse(Variant):
         kc, vc = (x.index_select(2, keys) for x in (state.keys(), state.values()))
         return decode_attention(q, kc, vc, None), state
 
+    def decode_kernel(self, shape: Shape, device) -> str:
+        """The row's allowed keys gathered from the cache, then one query's attention."""
+        return "blocksparse:row-gather"
+
     def decode_flops(self, shape: Shape) -> float:
         """q·K and p·V over the row's allowed keys, gathered: the method's own."""
         return self.algorithm_decode_flops(shape)
