@@ -346,9 +346,19 @@ class BlockSparse(Variant):
         one copy of them to the device): a step reads what the pattern allows, not the cache."""
         state = state.append(k, v)
         p = state.length - 1
-        keys = self.key_mask(torch.tensor([p]), p + 1, True)[0].nonzero()[:, 0].to(q.device)
+        keys = self._row_keys(p).to(q.device)
         kc, vc = (x.index_select(2, keys) for x in (state.keys(), state.values()))
         return decode_attention(q, kc, vc, None), state
+
+    def _row_keys(self, p: int) -> torch.Tensor:
+        """The positions causal row p sees (int64, on the host): from its row of the block
+        table, O(n/b), for whole-block patterns; from the token predicate, O(n), otherwise."""
+        if self._token_level:
+            return self.key_mask(torch.tensor([p]), p + 1, True)[0].nonzero()[:, 0]
+        b = self.block
+        row = _block_rows(self.block_allowed, torch.tensor([p // b]), self._nb(p + 1), True)[0]
+        keys = (row.nonzero() * b + torch.arange(b)).flatten()  # the blocks' keys, ascending
+        return keys[keys <= p]
 
     def decode_kernel(self, shape: Shape, device) -> str:
         """The row's allowed keys gathered from the cache, then one query's attention."""
