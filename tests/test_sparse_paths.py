@@ -148,6 +148,16 @@ def test_a_pattern_decode_step_reads_only_its_row_s_keys(name):
     assert att.decode_kernel(Shape(1, 4, 200, 8, kv_heads=2), "cpu") == "blocksparse:row-gather"
 
 
+@pytest.mark.parametrize("name", ["strided", "fixed", "bigbird", "longformer"])
+def test_a_decode_row_s_keys_are_the_mask_s_row(name):
+    """The keys a step gathers (from the block table's row, or the token mask) are its causal
+    row of the pattern's mask, at every position through several blocks and strides."""
+    for att in (variants.build(name, **SMALL[name]), variants.build(name)):
+        for p in [*range(150), 1000, 4095, 4096]:
+            want = att.key_mask(torch.tensor([p]), p + 1, True)[0].nonzero()[:, 0]
+            assert torch.equal(att._row_keys(p), want), (att.label, p)
+
+
 def test_bigbird_causal_rows_do_not_depend_on_the_length():
     """A causal row is the same at every sequence length (decode needs it)."""
     att = variants.build("bigbird", block=4, window_blocks=3, globals=1, random=2)
