@@ -219,9 +219,7 @@ def _gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Ten
         kp = (p.idx[..., None] * p.block + torch.arange(p.block, device=q.device)).flatten(-2)
         ok = (p.idx >= 0).repeat_interleave(p.block, -1) & (kp < n)  # (Z, M, S·b)
         if p.masked:
-            ok &= kp <= qpos[:, None]
-            if p.window >= 0:
-                ok &= kp >= qpos[:, None] - p.window
+            ok &= ~p.hides(kp, qpos[:, None])
         where.append(kp.clamp(0, n - 1))
         seen.append(ok)
     kp, ok = torch.cat(where, -1), torch.cat(seen, -1)  # (Z, M, K)

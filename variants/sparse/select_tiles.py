@@ -44,6 +44,14 @@ class Part:
     pos0: int = 0  # the position of each run's first item
     reach: int = 0  # with runs: key blocks i − reach … i for query block i (idx is None)
 
+    def hides(self, kpos: torch.Tensor, qpos: torch.Tensor) -> torch.Tensor:
+        """Bool (broadcast): the keys at kpos that a query at qpos does not see under this
+        part's mask: after it, or before its window."""
+        hidden = kpos > qpos
+        if self.window >= 0:
+            hidden = hidden | (kpos < qpos - self.window)
+        return hidden
+
 
 def capacity(pairs: int, nb: int, block: int, own: bool = False) -> tuple[int, int]:
     """(T, rows): items per tile and the static row capacity of a part with `pairs` (item, slot)
@@ -100,9 +108,7 @@ class _Layout:
             row_pos = row_pos.scatter_(1, dest, qpos[item].expand(z, pairs))[:, :rows]
             kpos = (tile_blk * b)[..., None, None] + torch.arange(b, device=dev)
             rp = row_pos.reshape(z, tiles, t, 1)  # (Z, tiles, T, 1)
-            hidden = kpos > rp  # (Z, tiles, T, b); kpos <= qpos < n: padded keys are hidden too
-            if part.window >= 0:
-                hidden |= kpos < rp - part.window
+            hidden = part.hides(kpos, rp)  # (Z, tiles, T, b); padded keys (>= n > qpos) too
             neg, zero = (torch.tensor(x, dtype=work, device=dev) for x in (NEG, 0.0))
             mask = torch.where(hidden, neg, zero)
             self.mask = mask[:, :, :, None].expand(z, tiles, t, g, b).reshape(
@@ -238,11 +244,10 @@ class _Diagonal:
         self.geo = (z, m, g, runs, nq, n, b, r)
         self.q_index = torch.arange(z * m, device=device)
         lk = (r + 1) * b
-        # query a of a block against key c of its band: the same offset in every block
-        rel = torch.arange(b, device=device)[:, None] + r * b - torch.arange(lk, device=device)
-        hidden = rel < 0  # (b, Lk)
-        if part.window >= 0:
-            hidden |= rel > part.window
+        # query a of a block (at a + r·b in its band) against key c of its band: the same in
+        # every block
+        hidden = part.hides(torch.arange(lk, device=device),
+                            torch.arange(b, device=device)[:, None] + r * b)  # (b, Lk)
         blocks = 1  # one mask fits every block, unless a band reaches before the first key
         if self.first < r:
             blocks = self.nbq
