@@ -64,7 +64,7 @@ def read_rate(device: str, nbytes: float) -> float:
     of two from 64 KiB to 1 GiB at or above it, summed for about 0.05 s; on CUDA timed by
     events): the memory limit of a point that moves that many bytes each call, at the cache
     level a working set of that size lives in (a decode step re-reads the same cache)."""
-    size = 1 << max(16, min(30, math.ceil(math.log2(max(nbytes, 1.0)))))
+    size = 1 << _bucket(nbytes)
     x = torch.ones(size // 4, device=device)
     cuda = torch.device(device).type == "cuda"
     for _ in range(3):  # pages touched, clocks up, the working set where it lives
@@ -97,5 +97,9 @@ def _read_once(device: str, bucket: int, threads: int) -> float:
 def process_read_rate(device: str, nbytes: float) -> float:
     """`read_rate`, measured once per process for each (device, power-of-two size, CPU
     threads)."""
-    bucket = max(16, min(30, math.ceil(math.log2(max(nbytes, 1.0)))))
-    return _read_once(device, bucket, torch.get_num_threads())
+    return _read_once(device, _bucket(nbytes), torch.get_num_threads())
+
+
+def _bucket(nbytes: float) -> int:
+    """log2 of the power of two `read_rate` reads for `nbytes`: at or above it, 64 KiB to 1 GiB."""
+    return max(16, min(30, math.ceil(math.log2(max(nbytes, 1.0)))))
