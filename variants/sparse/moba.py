@@ -297,12 +297,20 @@ class MoBA(Variant):
         """The router over the complete blocks' means and the own one's slot, then the own
         block and topk − 1 slots of keys gathered per query head (`select.gathers`), every slot
         scored whole."""
-        n, full = shape.seq_len + 1, shape.seq_len // self.block
+        keys = self._decode_keys(shape)
+        if keys is None:  # the engine's tiles
+            return self.flops(Shape(shape.batch, shape.heads, shape.seq_len + 1,
+                                    shape.head_dim, shape.kv_heads, 1), True)
+        return 2.0 * shape.bh * shape.head_dim * (shape.seq_len // self.block + 1 + 2 * keys)
+
+    def _decode_keys(self, shape: Shape) -> int | None:
+        """A step's slot keys per query head (the own block and topk − 1 slots over the
+        complete blocks and the own one's), where the step gathers them (`select.gathers`);
+        None where it runs the engine's tiles."""
+        full = shape.seq_len // self.block
         keys = self.block * (1 + min(full + 1, self.topk - 1))
-        if not gathers(shape.batch * shape.hkv, shape.groups, keys, n):  # the engine's tiles
-            return self.flops(Shape(shape.batch, shape.heads, n, shape.head_dim,
-                                    shape.kv_heads, 1), True)
-        return 2.0 * shape.bh * shape.head_dim * (full + 1 + 2 * keys)
+        gathered = gathers(shape.batch * shape.hkv, shape.groups, keys, shape.seq_len + 1)
+        return keys if gathered else None
 
     def algorithm_decode_flops(self, shape: Shape) -> float:
         n = shape.seq_len + 1
@@ -336,9 +344,7 @@ class MoBA(Variant):
     def decode_kernel(self, shape: Shape, device) -> str:
         """select:gathered-sdpa where a step's keys are gathered (`select.gathers`), else the
         one-query forward's path."""
-        full = shape.seq_len // self.block
-        keys = self.block * (1 + min(full + 1, self.topk - 1))
-        if gathers(shape.batch * shape.hkv, shape.groups, keys, shape.seq_len + 1):
+        if self._decode_keys(shape) is not None:
             return "select:gathered-sdpa"
         return super().decode_kernel(shape, device)
 

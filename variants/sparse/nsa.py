@@ -394,12 +394,19 @@ class NSA(Variant):
         window's, each gathered and scored whole (`select.gathers`)."""
         one = Shape(shape.batch, shape.heads, shape.seq_len + 1, shape.head_dim,
                     shape.kv_heads, 1)
-        n, _, c, s, ws = self._geometry(one)
-        sel, win = self.sel_block * (1 + s), self.sel_block * ws
-        z = shape.batch * shape.hkv
-        if not (gathers(z, 1, sel, n) and gathers(z, 1, win, n)):  # the engine's tiles
+        keys = self._decode_keys(shape)
+        if keys is None:  # the engine's tiles
             return self.flops(one, True)
-        return 4.0 * shape.bh * shape.head_dim * (c + sel + win)
+        return 4.0 * shape.bh * shape.head_dim * (self._geometry(one)[2] + keys)
+
+    def _decode_keys(self, shape: Shape) -> int | None:
+        """A step's selected and window slot keys (its compressed blocks apart), where both
+        calls gather them (`select.gathers`); None where it runs the engine's tiles."""
+        one = Shape(shape.batch, shape.heads, shape.seq_len + 1, shape.head_dim,
+                    shape.kv_heads, 1)
+        n, _, _, s, ws = self._geometry(one)
+        sel, win, z = self.sel_block * (1 + s), self.sel_block * ws, shape.batch * shape.hkv
+        return sel + win if gathers(z, 1, sel, n) and gathers(z, 1, win, n) else None
 
     def algorithm_decode_flops(self, shape: Shape) -> float:
         one = Shape(shape.batch, shape.heads, shape.seq_len + 1, shape.head_dim,
@@ -449,11 +456,7 @@ class NSA(Variant):
     def decode_kernel(self, shape: Shape, device) -> str:
         """The compressed branch, then the selected blocks and the window each gathered and one
         attention call (`select.gathers`), else the one-query forward's path."""
-        one = Shape(shape.batch, shape.heads, shape.seq_len + 1, shape.head_dim,
-                    shape.kv_heads, 1)
-        n, _, _, s, ws = self._geometry(one)
-        z = shape.batch * shape.hkv
-        if gathers(z, 1, self.sel_block * (1 + s), n) and gathers(z, 1, self.sel_block * ws, n):
+        if self._decode_keys(shape) is not None:
             return "nsa:cmp-bmm+select:gathered-sdpa+window:gathered-sdpa"
         return super().decode_kernel(shape, device)
 
