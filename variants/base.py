@@ -95,6 +95,9 @@ class Variant:
     # (cache or state + the step's peak) ∝ n^k; NaN: not declared (the report then judges none)
     decode_time_exponent: ClassVar[float] = math.nan
     decode_memory_exponent: ClassVar[float] = math.nan
+    # a decode step reads its whole fixed-size state and writes it anew (a linear RNN, linear
+    # attention): its least bytes are that state twice (`algorithm_decode_bytes`)
+    rewrites_state: ClassVar[bool] = False
     exact: ClassVar[bool] = True
     no_causal: ClassVar[str] = ""  # why the variant has no causal form ("": it has one)
     no_noncausal: ClassVar[str] = ""  # why it has only a causal form (the recurrent family)
@@ -252,9 +255,12 @@ class Variant:
         the keys it attends. `algorithm_decode_flops` counts 4·D FLOPs per (query head, key):
         a k row and a v row read, shared by the G query heads of a k/v head (a lower bound
         where a group's heads attend different keys; a router's block means count the same
-        way). A step that rewrites a fixed-size state moves that state twice instead
-        (`rewritten_state_bytes`, given `state_bytes`, its measured size). NaN: no model."""
+        way). A step that rewrites its fixed-size state (`rewrites_state`: every entry changes,
+        a rank-1 update, a decay) moves that state twice instead, given `state_bytes`, its
+        measured size. NaN: no model."""
         el = torch.empty((), dtype=dtype).element_size()
+        if self.rewrites_state:
+            return token_bytes(shape, el) + 2.0 * state_bytes
         return token_bytes(shape, el) + self.algorithm_decode_flops(shape) / 2 * el / shape.groups
 
     def kernel(self, shape: Shape, device: torch.device | str, causal: bool, grad: bool) -> str:
@@ -335,13 +341,6 @@ def token_bytes(shape: Shape, el: int) -> float:
     """One decode step's own input and output: the token's q and output per query head, its k
     and v per k/v head (el bytes per element)."""
     return float(el * shape.batch * shape.head_dim * 2 * (shape.heads + shape.hkv))
-
-
-def rewritten_state_bytes(shape: Shape, dtype: torch.dtype, state_bytes: float) -> float:
-    """`Variant.algorithm_decode_bytes` of a step that reads its whole fixed-size state and
-    writes it anew (every entry changes: a rank-1 update, a decay): the token's own bytes and
-    the state's twice."""
-    return token_bytes(shape, torch.empty((), dtype=dtype).element_size()) + 2.0 * state_bytes
 
 
 def gpu_path(device: torch.device | str) -> bool:

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from attnbench.variants.base import (
-    Shape,
-    Variant,
-    compute_dtype,
-    mm_dtype,
-    rewritten_state_bytes,
-)
+from attnbench.variants.base import Shape, Variant, compute_dtype, mm_dtype
 from attnbench.variants.linear.prefix import (
     context_state,
     linear_attention,
@@ -49,6 +42,7 @@ class Linear(Variant):
     memory_exponent: ClassVar[float] = 1.0
     decode_time_exponent: ClassVar[float] = 0.0  # a fixed-size state per step
     decode_memory_exponent: ClassVar[float] = 0.0
+    rewrites_state: ClassVar[bool] = True  # a decode step reads S, z and writes them anew
     exact: ClassVar[bool] = False
     supports_gqa: ClassVar[bool] = True
     supports_q_len: ClassVar[bool] = True
@@ -97,12 +91,6 @@ class Linear(Variant):
         kf = F.elu(k.to(ct)).add_(1)
         s, z = context_state(kf, v, ct)
         return LinearState(s, z)
-
-    def algorithm_decode_bytes(self, shape: Shape, dtype: torch.dtype,
-                               state_bytes: float = math.nan) -> float:
-        """The token's own bytes and the fixed-size state read and written anew (every entry
-        changes each step): `rewritten_state_bytes`."""
-        return rewritten_state_bytes(shape, dtype, state_bytes)
 
     def decode_step(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: LinearState

@@ -18,13 +18,7 @@ from typing import ClassVar, NamedTuple
 
 import torch
 
-from attnbench.variants.base import (
-    Shape,
-    Variant,
-    compute_dtype,
-    mm_dtype,
-    rewritten_state_bytes,
-)
+from attnbench.variants.base import Shape, Variant, compute_dtype, mm_dtype
 from attnbench.variants.linear.prefix import (
     context_state,
     linear_attention,
@@ -57,6 +51,7 @@ class Performer(Variant):
     memory_exponent: ClassVar[float] = 1.0
     decode_time_exponent: ClassVar[float] = 0.0  # a fixed-size state per step
     decode_memory_exponent: ClassVar[float] = 0.0
+    rewrites_state: ClassVar[bool] = True  # a decode step reads S, z and writes them anew
     exact: ClassVar[bool] = False
     supports_gqa: ClassVar[bool] = True
     supports_q_len: ClassVar[bool] = True
@@ -147,12 +142,6 @@ class Performer(Variant):
         c = lk.amax(dim=(-2, -1), keepdim=True)  # (B, Hkv, 1, 1)
         s, z = context_state(lk.sub_(c).exp_(), v, ct)
         return PerformerState(s, z, c)
-
-    def algorithm_decode_bytes(self, shape: Shape, dtype: torch.dtype,
-                               state_bytes: float = math.nan) -> float:
-        """The token's own bytes and the fixed-size state read and written anew (every entry
-        changes each step): `rewritten_state_bytes`."""
-        return rewritten_state_bytes(shape, dtype, state_bytes)
 
     def decode_step(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: PerformerState

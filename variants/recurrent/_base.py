@@ -3,14 +3,13 @@ and `impl` fields, their checks and the label."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from attnbench.variants import reference as _reference
-from attnbench.variants.base import Shape, Variant, rewritten_state_bytes
+from attnbench.variants.base import Shape, Variant
 
 IMPLS = ("chunk", "recurrent", "fla")
 
@@ -31,6 +30,7 @@ class Recurrent(Variant):
     supports_gqa: ClassVar[bool] = True
     supports_q_len: ClassVar[bool] = True
     ops_grow_with_n: ClassVar[bool] = True  # the state is passed chunk by chunk (n/chunk steps)
+    rewrites_state: ClassVar[bool] = True  # a decode step reads its state and writes it anew
 
     chunk: int = 64
     impl: str = "chunk"
@@ -44,12 +44,6 @@ class Recurrent(Variant):
     @property
     def label(self) -> str:
         return self._label({"impl": None if self.impl == "chunk" else self.impl})
-
-    def algorithm_decode_bytes(self, shape: Shape, dtype: torch.dtype,
-                               state_bytes: float = math.nan) -> float:
-        """The token's own bytes and the fixed-size state read and written anew (every entry
-        changes each step): `rewritten_state_bytes`."""
-        return rewritten_state_bytes(shape, dtype, state_bytes)
 
     def decode_kernel(self, shape: Shape, device) -> str:
         """A step runs the per-step form on the state (whatever the prefill's `impl`)."""
