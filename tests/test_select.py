@@ -116,15 +116,22 @@ def test_forward_and_reference_equal_the_paper_loop(name, params, hkv, nq):
         torch.testing.assert_close(att(q, k, v, causal=True), want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.fixture
+def gathered_calls(monkeypatch) -> list[int]:
+    """One entry per call of the selected-block engine's gathered path (`select._gathered`)."""
+    calls: list[int] = []
+    real = select._gathered
+    monkeypatch.setattr(select, "_gathered", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
 @pytest.mark.parametrize(("name", "params"), CASES, ids=IDS)
 @pytest.mark.parametrize("hkv", [2, 4, 1], ids=["gqa", "mha", "mqa"])
 @pytest.mark.parametrize("gathered", [True, False], ids=["gathered", "engine"])
-def test_a_few_queries_equal_the_paper_loop(name, params, hkv, gathered, monkeypatch):
+def test_a_few_queries_equal_the_paper_loop(name, params, hkv, gathered, gathered_calls,
+                                          monkeypatch):
     """A decode step or a few queries (fewer than a block): each item's keys gathered and one
     attention call (`select.gathers`), or, forced, the engine's tiles; both the paper loop."""
-    calls = []
-    real = select._gathered
-    monkeypatch.setattr(select, "_gathered", lambda *a: calls.append(1) or real(*a))
     if not gathered:
         monkeypatch.setattr(select, "GATHER_ITEMS", 0)
     att = variants.build(name, **params)
@@ -132,17 +139,14 @@ def test_a_few_queries_equal_the_paper_loop(name, params, hkv, gathered, monkeyp
     with torch.no_grad():
         got = att(q, k, v, causal=True)
     torch.testing.assert_close(got, _loop(name, params, q, k, v), rtol=1e-10, atol=1e-12)
-    assert bool(calls) == gathered
+    assert bool(gathered_calls) == gathered
 
 
 @pytest.mark.parametrize(("name", "params"), [("moba", {}), ("nsa", {})], ids=["moba", "nsa"])
 @pytest.mark.parametrize(("h", "hkv", "n"), [(8, 8, 1000), (8, 1, 300), (80, 1, 40)])
-def test_decode_kernel_names_the_path_a_step_takes(name, params, h, hkv, n, monkeypatch):
+def test_decode_kernel_names_the_path_a_step_takes(name, params, h, hkv, n, gathered_calls):
     """`decode_kernel` says gathered exactly where a step gathers its keys (MoBA with 80 query
     heads per k/v head: more items than GATHER_ITEMS, the engine's tiles)."""
-    calls = []
-    real = select._gathered
-    monkeypatch.setattr(select, "_gathered", lambda *a: calls.append(1) or real(*a))
     att = variants.build(name, **params)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, h, 1, 16, generator=g)
@@ -151,7 +155,7 @@ def test_decode_kernel_names_the_path_a_step_takes(name, params, h, hkv, n, monk
         state = att.decode_init(k[:, :, :n], v[:, :, :n], heads=h)
         att.decode_step(q, k[:, :, n:], v[:, :, n:], state)
     named = att.decode_kernel(Shape(1, h, n, 16, kv_heads=hkv), "cpu")
-    assert ("gathered" in named) == bool(calls), (named, len(calls))
+    assert ("gathered" in named) == bool(gathered_calls), (named, len(gathered_calls))
 
 
 @pytest.mark.parametrize(("name", "params"), [("moba", {}), ("nsa", {})], ids=["moba", "nsa"])
