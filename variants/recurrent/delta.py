@@ -34,6 +34,7 @@ from attnbench.variants.recurrent.delta_chunk import (
     chunk_delta,
     delta_algorithm_flops,
     delta_flops,
+    workspace,
 )
 from attnbench.variants.recurrent.delta_naive import naive_delta
 from attnbench.variants.recurrent.delta_recurrent import recurrent_delta
@@ -127,42 +128,72 @@ class DeltaRule(Recurrent):
         ct, pre = compute_dtype(q.dtype), k.shape[-2] - nq
         span = self._span(b, h, max(nq, pre), d, q.device)
         work: dict[str, torch.Tensor] = {}  # the engine's buffers, shared by the segments
-        state = self._states(k[..., :pre, :], v[..., :pre, :], span, work)
+        kf, beta, g, knorm = self._keys(k)  # gates and key norms once for the call: small
+        state = self._states(kf[..., :pre, :], v[..., :pre, :], span, work, beta[..., :pre],
+                             None if g is None else g[..., :pre], knorm[..., :pre, :])
         out = None if nq <= span else q.new_empty(b, h, nq, v.shape[-1])
         tracked = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-        for lo in range(0, nq, span):  # segment by segment, the gates and norms too
+        # the output is linear in q̂ = q / max(|q|, ε): the engine takes q as it is and its rows
+        # are scaled by 1 / max(|q|, ε) where they are written (no normalised copy of q)
+        qf = q.to(ct)
+        inv = torch.linalg.vector_norm(qf, dim=-1, keepdim=True).clamp_min(1e-12).reciprocal()
+        hkv = k.shape[1]
+        for lo in range(0, nq, span):  # segment by segment
             rows, keys = slice(lo, lo + span), slice(pre + lo, pre + lo + span)
-            # the output is linear in q̂ = q / max(|q|, ε): the engine takes q as it is and its
-            # rows are scaled by 1 / max(|q|, ε) where they are written (no normalised copy of q)
-            qr = q[..., rows, :].to(ct)  # `_inputs` takes it as it is
-            inv = torch.linalg.vector_norm(qr, dim=-1, keepdim=True).clamp_min(1e-12)
-            inv = inv.reciprocal()  # (B, H, m, 1)
-            qs, kn, vc, beta, g = self._inputs(qr, k[..., keys, :], v[..., keys, :], unit=False)
-            part, state = chunk_delta(qs, kn, vc, beta, g, state, self.chunk,
+            qs = qf[..., rows, :]
+            qs = qs.view(b, hkv, h // hkv, qs.shape[-2], d)  # (B, Hkv, G, m, D)
+            kn = self._unit(kf[..., keys, :], knorm[..., keys, :], work)
+            part, state = chunk_delta(qs, kn, v[..., keys, :].to(ct), beta[..., keys],
+                                      None if g is None else g[..., keys], state, self.chunk,
                                       final=lo + span < nq, work=work)
             part = part.reshape(b, h, -1, d)  # (B, Hkv, G, m, D) → (B, H, m, D)
             if out is None:
-                return (part * inv).to(q.dtype)  # a fresh tensor: the buffers are the call's
+                return (part * inv[..., rows, :]).to(q.dtype)  # fresh: the buffers are the call's
             if tracked or out.dtype != part.dtype:
-                out[..., rows, :] = part * inv
+                out[..., rows, :] = part * inv[..., rows, :]
             else:  # written as it comes, scaled on the way (part: a view into the buffers)
-                torch.mul(part, inv, out=out[..., rows, :])
+                torch.mul(part, inv[..., rows, :], out=out[..., rows, :])
         return out
+
+    def _keys(self, k: torch.Tensor):
+        """k in the compute dtype, its gates β, log α (None: DeltaNet), (B, Hkv, N) each, and
+        its norms max(|k_t|, ε) (B, Hkv, N, 1): for the whole call at once (a few ops, N·Hkv
+        words), where per segment they cost ~10 ops each."""
+        kf = k.to(compute_dtype(k.dtype))
+        beta, g = self.gates(kf)
+        return kf, beta, g, torch.linalg.vector_norm(kf, dim=-1, keepdim=True).clamp_min(1e-12)
+
+    @staticmethod
+    def _unit(k: torch.Tensor, norm: torch.Tensor, work: dict[str, torch.Tensor]) -> torch.Tensor:
+        """k / norm, as F.normalize; on the CPU without autograd into the call's buffer "kn"
+        (contiguous: the engine's chunks are then a view, no copy of a strided slice)."""
+        if gpu_path(k.device) or (torch.is_grad_enabled() and k.requires_grad):
+            return k / norm
+        return torch.div(k, norm, out=workspace(work, "kn", tuple(k.shape), k))
 
     def _span(self, b: int, h: int, n: int, d: int, device) -> int:
         """Positions per segment of the chunked form (a multiple of the chunk length)."""
         return segment_span(n, self.chunk, b * h * max(self.chunk, 2 * d), device)
 
     def _states(self, k: torch.Tensor, v: torch.Tensor, span: int,
-                work: dict[str, torch.Tensor] | None = None) -> torch.Tensor | None:
-        """The state after k, v by the chunked form, segment by segment (None: no positions)."""
+                work: dict[str, torch.Tensor] | None = None, beta: torch.Tensor | None = None,
+                g: torch.Tensor | None = None, norm: torch.Tensor | None = None
+                ) -> torch.Tensor | None:
+        """The state after k, v by the chunked form, segment by segment (None: no positions).
+        beta, g, norm: k's gates and norms (`_keys`) where the caller has them (then k is in the
+        compute dtype)."""
+        if k.shape[-2] == 0:
+            return None
+        if norm is None:
+            k, beta, g, norm = self._keys(k)
         ct, state = compute_dtype(k.dtype), None
         work = {} if work is None else work
         for lo in range(0, k.shape[-2], span):
-            kf = k[..., lo:lo + span, :].to(ct)
-            beta, g = self.gates(kf)
-            _, state = chunk_delta(None, F.normalize(kf, dim=-1), v[..., lo:lo + span, :].to(ct),
-                                   beta, g, state, self.chunk, final=True, work=work)
+            cut = slice(lo, lo + span)
+            _, state = chunk_delta(None, self._unit(k[..., cut, :], norm[..., cut, :], work),
+                                   v[..., cut, :].to(ct), beta[..., cut],
+                                   None if g is None else g[..., cut], state, self.chunk,
+                                   final=True, work=work)
         return state
 
     def fla_kernel(self, q, k, v, beta, g, **kw):

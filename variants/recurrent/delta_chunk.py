@@ -155,11 +155,13 @@ def _chunk_cpu(q, k, v, beta, g, state, c: int, n: int, final: bool,
     dv = v.shape[-1]
     nc, bh = padded // c, b * hkv
     x, m = bh * nc, dv + d  # every chunk of every k/v head; the width of [U | W]
-    kc, vc = k.reshape(x, c, d), v.reshape(x, c, dv)  # (BHkv·nc, C, D)
+    kc = k.reshape(x, c, d)  # (BHkv·nc, C, D)
     bc = beta.reshape(x, c, 1)
     rhs = workspace(work, "rhs", (x, c, m), k)  # β [V | e^γ K]
     kb = rhs[..., dv:]
-    torch.mul(vc, bc, out=rhs[..., :dv])
+    # v as (BHkv, nc, C, Dv): a view of a segment's slice, where (X, C, Dv) would copy it
+    torch.mul(v.reshape(bh, nc, c, dv), bc.view(bh, nc, c, 1),
+              out=rhs.view(bh, nc, c, m)[..., :dv])
     torch.mul(kc, bc, out=kb)  # β K
     a = torch.bmm(kb, kc.transpose(1, 2), out=workspace(work, "a", (x, c, c), k))  # β_i k_i·k_j
     if g is None:
