@@ -8,10 +8,11 @@ sums (`decays`), not as differences:
     state         S' = e^(γ_C) S + K̃ᵀ (U − W S),  K̃ = e^(γ_C − γ) K      (the chunk loop)
     output        O = e^γ Q S + (Q Kᵀ ⊙ Γ ⊙ M)(U − W S),  M causal (diagonal included)
 Everything but the state passing is batched over B·H·chunks. The triangular solve is blocked
-forward substitution (`unit_lower_solve`: the 16×16 diagonal blocks inverted by doubling, then
-C/16 block rows), matmuls only; it beat forming T by doubling and one matmul T·[βV | βe^γK]
-(1.6 against 2.3 ms for 64 chunks of 64 on one core: fewer FLOPs) and LAPACK's per-matrix
-triangular solve (2.9 ms; with 2 threads on a busy CPU it spun for seconds). The chunk loop is
+forward substitution (`unit_lower_solve`: the 16×16 diagonal blocks inverted by doubling, on
+the CPU without autograd by one batched LAPACK call (`_block_inverses`), then C/16 block rows);
+it beat forming T by doubling and one matmul T·[βV | βe^γK] (1.6 against 2.3 ms for 64 chunks
+of 64 on one core: fewer FLOPs) and LAPACK's per-matrix triangular solve of the whole C×C
+system (2.9 ms; with 2 threads on a busy CPU it spun for seconds). The chunk loop is
 sequential by nature (n/C steps), in one of two forms:
 - the values' form (FLA's; the CPU): per chunk V' = U − W S and S' = e^(γ_C) S + K̃ᵀ V', two
   matmuls (and the decay) per chunk; the output e^γ Q S + P V', P = Q Kᵀ ⊙ Γ ⊙ M, in two batched
@@ -269,13 +270,25 @@ def _solve_cpu(a: torch.Tensor, r: torch.Tensor, out: torch.Tensor,
 
 def _block_inverses(a: torch.Tensor, blk: int, work: dict[str, torch.Tensor]) -> torch.Tensor:
     """(I + tril(a_jj, −1))⁻¹ of the blk × blk diagonal blocks of a (X, C, C) (blk a power of
-    two dividing C), (X, C / blk, blk, blk), by doubling as `unit_lower_inverse`, each level
-    written in place into one buffer."""
+    two dividing C), (X, C / blk, blk, blk): one batched LAPACK triangular solve against the
+    identity (float32/float64), else by doubling as `unit_lower_inverse`, each level written in
+    place into one buffer.
+
+    Why LAPACK here, where it lost for the whole C×C solve (module docstring): the doubling's
+    levels are batched matmuls of 2×2 to 8×8 blocks behind permuted copies, ~0.1 µs per tiny
+    matrix; trsm on 16×16 blocks costs ~1 µs per block, in one call. Per segment of 64 chunks
+    of 64 (H=8, D=64, 2 threads, AMD EPYC VM), `_solve_cpu` took 906 against 1249 µs (the
+    inverses ~290 against ~530 µs), equal to float32 rounding; with two busy processes
+    beside it, its median did not move (291 against 293 µs)."""
     x, c, _ = a.shape
     nb = c // blk
     low = workspace(work, "inv_low", (x, nb, blk, blk), a)
     low.copy_(a.view(x, nb, blk, nb, blk).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2))
     low = low.view(-1, blk, blk)
+    if a.dtype in (torch.float32, torch.float64):  # trsm reads the strict lower part only
+        eye = torch.eye(blk, dtype=a.dtype, device=a.device).expand(x * nb, blk, blk)
+        t = torch.linalg.solve_triangular(low, eye, upper=False, unitriangular=True)
+        return t.view(x, nb, blk, blk)
     t = workspace(work, "inv", (x * nb, blk, blk), a).zero_()
     t.diagonal(0, -2, -1).fill_(1)
     s = 1
@@ -409,7 +422,7 @@ def delta_flops(bh: int, groups: int, n: int, d: int, chunk: int, final: bool,
     c = max(1, min(chunk, n))
     nc, e = -(-n // c), 2 * d  # e: the width of [U | W]
     steps = nc if final else nc - 1  # the states passed on
-    f = nc * (2 * c * c * d + solve_flops(c, e))  # β K Kᵀ, the solve
+    f = nc * (2 * c * c * d + solve_flops(c, e, lapack=values))  # β K Kᵀ, the solve
     if values:  # V' = U − W S per chunk, S' = e^(γ_C) S + K̃ᵀ V'
         f += nc * 2 * c * d * d + steps * 2 * d * c * d
     else:  # K̃ᵀ[U | W], then the carry times the state
@@ -420,11 +433,17 @@ def delta_flops(bh: int, groups: int, n: int, d: int, chunk: int, final: bool,
     return float(bh * f)
 
 
-def solve_flops(c: int, m: int) -> float:
-    """Matmul FLOPs of `unit_lower_solve` for one C×C system with m columns."""
+def solve_flops(c: int, m: int, lapack: bool = False) -> float:
+    """Matmul FLOPs of `unit_lower_solve` for one C×C system with m columns; `lapack`: the
+    CPU's (`_solve_cpu`), its diagonal blocks inverted by a triangular solve against the
+    identity (blk²·blk, the dispatch count's convention for a solve), not by doubling."""
     blk = min(SOLVE_BLOCK, c)
     nb, size = -(-c // blk), 1 << (blk - 1).bit_length()
-    inverse = nb * sum(2 * size * s * s for s in (1 << i for i in range(size.bit_length() - 1)))
+    if lapack and blk == size and c % blk == 0:
+        inverse = nb * blk ** 3
+    else:
+        levels = (1 << i for i in range(size.bit_length() - 1))
+        inverse = nb * sum(2 * size * s * s for s in levels)
     return inverse + sum(2 * blk * (j * blk + blk) * m for j in range(nb))  # L_{j,<j} X, T_jj r
 
 
