@@ -76,6 +76,16 @@ def run_delta(step, qn, kn, v, beta, g, chunk: int) -> torch.Tensor:
     return step(qn, *rest, state, chunk)[0]
 
 
+def _positions(t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """t's positions lo … hi − 1 (the last dim of a gate (B, Hkv, N), the one before the last
+    of (B, H, N, D)): t itself where they are all of them (a single segment, the GPU path: no
+    op), else one narrow."""
+    dim = -1 if t.dim() == 3 else -2
+    n = t.shape[dim]
+    hi = min(hi, n)
+    return t if lo == 0 and hi == n else t.narrow(dim, lo, hi - lo)
+
+
 @dataclass
 class DeltaRule(Recurrent):
     """Shared contract of `deltanet` and `gated_deltanet` (they differ in the decay `log_alpha`
@@ -129,8 +139,10 @@ class DeltaRule(Recurrent):
         span = self._span(b, h, max(nq, pre), d, q.device)
         work: dict[str, torch.Tensor] = {}  # the engine's buffers, shared by the segments
         kf, beta, g, knorm = self._keys(k)  # gates and key norms once for the call: small
-        state = self._states(kf[..., :pre, :], v[..., :pre, :], span, work, beta[..., :pre],
-                             None if g is None else g[..., :pre], knorm[..., :pre, :])
+        state = None
+        if pre:
+            state = self._states(*(None if t is None else _positions(t, 0, pre)
+                                   for t in (kf, v, beta, g, knorm)), span=span, work=work)
         out = None if nq <= span else q.new_empty(b, h, nq, v.shape[-1])
         tracked = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
         # the output is linear in q̂ = q / max(|q|, ε): the engine takes q as it is and its rows
@@ -139,20 +151,20 @@ class DeltaRule(Recurrent):
         inv = torch.linalg.vector_norm(qf, dim=-1, keepdim=True).clamp_min(1e-12).reciprocal()
         hkv = k.shape[1]
         for lo in range(0, nq, span):  # segment by segment
-            rows, keys = slice(lo, lo + span), slice(pre + lo, pre + lo + span)
-            qs = qf[..., rows, :]
+            qs, sc = (_positions(t, lo, lo + span) for t in (qf, inv))
             qs = qs.view(b, hkv, h // hkv, qs.shape[-2], d)  # (B, Hkv, G, m, D)
-            kn = self._unit(kf[..., keys, :], knorm[..., keys, :], work)
-            part, state = chunk_delta(qs, kn, v[..., keys, :].to(ct), beta[..., keys],
-                                      None if g is None else g[..., keys], state, self.chunk,
-                                      final=lo + span < nq, work=work)
+            kc, vc, bc, gc, nc = (None if t is None else _positions(t, pre + lo, pre + lo + span)
+                                  for t in (kf, v, beta, g, knorm))
+            part, state = chunk_delta(qs, self._unit(kc, nc, work), vc.to(ct), bc, gc, state,
+                                      self.chunk, final=lo + span < nq, work=work)
             part = part.reshape(b, h, -1, d)  # (B, Hkv, G, m, D) → (B, H, m, D)
             if out is None:
-                return (part * inv[..., rows, :]).to(q.dtype)  # fresh: the buffers are the call's
+                return (part * sc).to(q.dtype)  # fresh: the buffers are the call's
+            rows = out[..., lo:lo + span, :]
             if tracked or out.dtype != part.dtype:
-                out[..., rows, :] = part * inv[..., rows, :]
+                rows.copy_(part * sc)
             else:  # written as it comes, scaled on the way (part: a view into the buffers)
-                torch.mul(part, inv[..., rows, :], out=out[..., rows, :])
+                torch.mul(part, sc, out=rows)
         return out
 
     def _keys(self, k: torch.Tensor):
@@ -175,10 +187,9 @@ class DeltaRule(Recurrent):
         """Positions per segment of the chunked form (a multiple of the chunk length)."""
         return segment_span(n, self.chunk, b * h * max(self.chunk, 2 * d), device)
 
-    def _states(self, k: torch.Tensor, v: torch.Tensor, span: int,
-                work: dict[str, torch.Tensor] | None = None, beta: torch.Tensor | None = None,
-                g: torch.Tensor | None = None, norm: torch.Tensor | None = None
-                ) -> torch.Tensor | None:
+    def _states(self, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor | None = None,
+                g: torch.Tensor | None = None, norm: torch.Tensor | None = None, *, span: int,
+                work: dict[str, torch.Tensor] | None = None) -> torch.Tensor | None:
         """The state after k, v by the chunked form, segment by segment (None: no positions).
         beta, g, norm: k's gates and norms (`_keys`) where the caller has them (then k is in the
         compute dtype)."""
@@ -189,11 +200,10 @@ class DeltaRule(Recurrent):
         ct, state = compute_dtype(k.dtype), None
         work = {} if work is None else work
         for lo in range(0, k.shape[-2], span):
-            cut = slice(lo, lo + span)
-            _, state = chunk_delta(None, self._unit(k[..., cut, :], norm[..., cut, :], work),
-                                   v[..., cut, :].to(ct), beta[..., cut],
-                                   None if g is None else g[..., cut], state, self.chunk,
-                                   final=True, work=work)
+            kc, vc, bc, gc, nc = (None if t is None else _positions(t, lo, lo + span)
+                                  for t in (k, v, beta, g, norm))
+            _, state = chunk_delta(None, self._unit(kc, nc, work), vc.to(ct), bc, gc, state,
+                                   self.chunk, final=True, work=work)
         return state
 
     def fla_kernel(self, q, k, v, beta, g, **kw):
@@ -227,7 +237,7 @@ class DeltaRule(Recurrent):
         """The state (B, Hkv, D, Dv) in the compute dtype after the context, chunked. One state
         per k/v head (the gates come from k): `heads` is not needed."""
         b, hkv, n, d = k.shape
-        state = self._states(k, v, self._span(b, hkv, n, d, k.device))
+        state = self._states(k, v, span=self._span(b, hkv, n, d, k.device))
         if state is None:  # no context: the zero state
             state = k.new_zeros(b, hkv, d, v.shape[-1], dtype=compute_dtype(k.dtype))
         return state
