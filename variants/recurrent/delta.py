@@ -113,14 +113,15 @@ class DeltaRule(Recurrent):
             return beta, None
         return beta, -a[:, None] * F.softplus(x[..., 1, :] + b[:, None])
 
-    def _inputs(self, q, k, v, unit: bool = True):
-        """q (L2-normalised where `unit`, else as it is), normalised k, v, β and the gates, in the
-        compute dtype; q as (B, Hkv, G, Nq, D), the G query heads of a k/v head its rows."""
+    def _inputs(self, q, k, v):
+        """L2-normalised q and k, v, β and the gates, in the compute dtype; q as
+        (B, Hkv, G, Nq, D), the G query heads of a k/v head its rows (the per-step form, the
+        decode step, the float64 reference)."""
         ct = compute_dtype(q.dtype)
         kf = k.to(ct)
         beta, g = self.gates(kf)
         b, h, nq, d = q.shape
-        qn = F.normalize(q.to(ct), dim=-1) if unit else q.to(ct)
+        qn = F.normalize(q.to(ct), dim=-1)
         return qn.view(b, k.shape[1], h // k.shape[1], nq, d), F.normalize(kf, dim=-1), \
             v.to(ct), beta, g
 

@@ -275,11 +275,11 @@ def _block_inverses(a: torch.Tensor, blk: int, work: dict[str, torch.Tensor]) ->
     place into one buffer.
 
     Why LAPACK here, where it lost for the whole C×C solve (module docstring): the doubling's
-    levels are batched matmuls of 2×2 to 8×8 blocks behind permuted copies, ~0.1 µs per tiny
-    matrix; trsm on 16×16 blocks costs ~1 µs per block, in one call. Per segment of 64 chunks
-    of 64 (H=8, D=64, 2 threads, AMD EPYC VM), `_solve_cpu` took 906 against 1249 µs (the
-    inverses ~290 against ~530 µs), equal to float32 rounding; with two busy processes
-    beside it, its median did not move (291 against 293 µs)."""
+    levels are batched matmuls of 2×2 to 8×8 blocks behind permuted copies, ~2 µs per 16×16
+    block in all; trsm, one call for all the blocks, ~1.1 µs per block. Per segment of 64
+    chunks of 64 (H=8, D=64, 2 threads, AMD EPYC VM), `_solve_cpu` took 906 against 1249 µs
+    (the inverses ~290 against ~530 µs), equal to float32 rounding; with two busy processes
+    beside it, the inverses' median did not move (291 against 293 µs)."""
     x, c, _ = a.shape
     nb = c // blk
     low = workspace(work, "inv_low", (x, nb, blk, blk), a)
