@@ -64,6 +64,9 @@ class Record:
     contended: bool = False
     others_cpu: float = NAN
     own_cpu: float = NAN
+    # minor page faults per timed call (the process's, getrusage): pages the allocator mapped
+    # afresh, a cost of its state rather than of the variant (NaN where not readable)
+    page_faults: float = NAN
     setup_s: float = NAN  # first call: compilation, block masks, caches; never in latency
     peak_mem_bytes: float = NAN
     predicted_mem_bytes: float = NAN
@@ -258,7 +261,7 @@ NON_NEGATIVE = ("latency_ms", "latency_p10_ms", "latency_p90_ms", "setup_s", "pe
                 "executed_flops", "algo_bytes", "matmul_gflops", "read_gbps", "limit_fraction",
                 "density",
                 "rel_error", "max_abs_error", "softmax_rel_error", "ops_per_call",
-                "host_syncs")
+                "host_syncs", "page_faults")
 
 
 def read_record(path: str | os.PathLike) -> Record:

@@ -10,11 +10,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import pytest
+import torch
 
 from attnbench import variants
 from attnbench.harness.run.config import from_dictconfig
 from attnbench.harness.run.contention import CONTENDED_SHARE, Contention, CpuSnapshot, contention
 from attnbench.harness.run.job import run_point
+from attnbench.harness.run.timing import measure_latency
 from attnbench.variants import registry
 from attnbench.variants.base import Variant
 from attnbench.variants.full.full import naive_attention
@@ -164,6 +166,21 @@ def test_contention_arithmetic():
     assert busy.others_cpu == pytest.approx(0.5) and busy.contended
     assert not Contention(math.nan, 0.5).contended
     assert 0 < CONTENDED_SHARE < 0.5
+
+
+def test_page_faults_per_call_tell_fresh_temporaries_from_kept_buffers():
+    """Timing counts the pages each timed call faulted in: a 64 MiB temporary per call (above
+    glibc's largest mmap threshold, so mapped afresh every time) reads ~16K, a kept buffer ~0;
+    a point's record carries the count."""
+    pytest.importorskip("resource")
+    kept = torch.empty(1 << 24)
+    fresh = measure_latency(lambda: torch.empty(1 << 24).fill_(1.0), min_reps=3, min_time_s=0)
+    reused = measure_latency(lambda: kept.fill_(1.0), min_reps=3, min_time_s=0)
+    assert fresh.faults_per_call > 0.9 * (64 << 20) / 4096
+    assert reused.faults_per_call < 16
+    rec = run_point(point("linear", seq_len=256, timing={"min_reps": 3, "min_time_s": 0,
+                                                         "warmup": 1}))
+    assert rec.status == "ok" and 0 <= rec.page_faults < 1e6
 
 
 def _hog(stop) -> None:

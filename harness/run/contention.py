@@ -25,6 +25,11 @@ import os
 import time
 from dataclasses import dataclass
 
+try:  # POSIX: the process's page faults (getrusage)
+    import resource
+except ImportError:  # pragma: no cover - Windows
+    resource = None  # type: ignore[assignment]
+
 CONTENDED_SHARE = 0.10
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -35,6 +40,7 @@ class CpuSnapshot:
     own: float  # this process's CPU seconds (all threads, user + system)
     busy: float  # machine busy + steal seconds (NaN where /proc/stat is missing)
     cpus: int
+    faults: float = math.nan  # this process's minor page faults so far (NaN: not readable)
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,15 @@ class Contention:
 
 def snapshot() -> CpuSnapshot:
     return CpuSnapshot(time.perf_counter(), time.process_time(), _machine_busy(),
-                       os.cpu_count() or 1)
+                       os.cpu_count() or 1, _minor_faults())
+
+
+def _minor_faults() -> float:
+    """Minor page faults of this process (all threads) since it started: fresh pages mapped on
+    first touch, e.g. a large temporary the allocator took from (or gave back to) the OS."""
+    if resource is None:
+        return math.nan
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
 
 
 def contention(before: CpuSnapshot, after: CpuSnapshot, threads: int) -> Contention:

@@ -379,6 +379,7 @@ def _time(call: Callable[[], object], run: RunConfig, device: str) -> tuple[Timi
         contended=timing.load.contended,
         others_cpu=timing.load.others_cpu,
         own_cpu=timing.load.own_cpu,
+        page_faults=timing.faults_per_call,
         notes=notes,
         **gpu,
     )

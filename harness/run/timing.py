@@ -8,6 +8,7 @@ CPU by ``time.perf_counter``. Repeats continue until both `min_reps` and `min_ti
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ class Timing:
     warmup: int
     load: Contention = field(default_factory=Contention.unknown)  # the machine while timed
     note: str = ""  # e.g. why a CUDA graph could not be captured (then timed eagerly)
+    faults_per_call: float = math.nan  # minor page faults per timed call (NaN: not readable)
 
     @property
     def spread(self) -> float:
@@ -73,7 +75,10 @@ def measure_latency(
 
     The result also says how much of the machine other processes took during the repeats
     (`Timing.load`, see harness.contention): a busy machine inflates latencies consistently, so
-    a tight spread alone does not make a number clean.
+    a tight spread alone does not make a number clean; and how many pages each call faulted in
+    (`Timing.faults_per_call`): temporaries the allocator maps afresh at every call, ~0.25 ms
+    per MiB on the 2-core VMs this was written on, a cost of the allocator's state, which
+    differs from process to process, not of the method.
     """
     dev = torch.device(device)
     for _ in range(warmup):
@@ -115,7 +120,8 @@ def measure_latency(
             total += dt
             if total > max_time_s:
                 break
-    load = contention(before, snapshot(), torch.get_num_threads())
+    after = snapshot()
+    load = contention(before, after, torch.get_num_threads())
     return Timing(
         median_ms=statistics.median(times),
         p10_ms=quantile(times, 0.1),
@@ -124,6 +130,7 @@ def measure_latency(
         warmup=warmup,
         load=load,
         note=note,
+        faults_per_call=(after.faults - before.faults) / len(times),
     )
 
 
