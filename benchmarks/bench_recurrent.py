@@ -13,6 +13,9 @@ each is kept, so ratios within the run compare like with like on a shared machin
 forms take seconds per call: two repeats per round, the best of the same number of rounds
 (a single round let their time, and so the chunked-vs-per-step ratio, move by 2x between runs).
 
+Beside each variant's n=8192 latency, the page faults per call of its best round: fresh pages
+the allocator mapped, a cost of its state (it differs between processes), not of the method.
+
 Per variant, the work: algorithm FLOPs (the least matmul work of the chunked algorithm: causal
 triangles once, no padding), executed FLOPs (what runs: the variant's `flops`, checked against a
 dispatch count in tests/test_flops.py), the executed rate as a fraction of the measured matmul rate
@@ -72,16 +75,22 @@ def shape(n: int) -> Shape:
     return Shape(B, H, n, D)
 
 
-def timed(fn, quick: bool) -> float:
-    return measure_latency(fn, warmup=1, min_reps=2 if quick else 3, min_time_s=0.3).median_ms
+def timed(fn, quick: bool):
+    return measure_latency(fn, warmup=1, min_reps=2 if quick else 3, min_time_s=0.3)
+
+
+FAULTS: dict = {}  # page faults per call of each entry's best round (`interleaved`)
 
 
 def interleaved(fns: dict, rounds: int, quick: bool) -> dict:
-    """Best median per entry over `rounds` rounds, the entries alternating inside each round."""
+    """Best median per entry over `rounds` rounds, the entries alternating inside each round;
+    the page faults per call of that round in FAULTS."""
     best = dict.fromkeys(fns, math.inf)
     for _ in range(rounds):
         for key, fn in fns.items():
-            best[key] = min(best[key], timed(fn, quick))
+            got = timed(fn, quick)
+            if got.median_ms < best[key]:
+                best[key], FAULTS[key] = got.median_ms, got.faults_per_call
     return best
 
 
@@ -175,7 +184,9 @@ def main() -> None:
         floor = {n: algo[n] / rate * 1e3 for n in algo}  # ms
         print(f"\n{name}  (kernel {att.kernel(shape(N_VS_SDPA), 'cpu', True, False)})")
         print(f"  n={N_VS_SDPA}: {t[name, N_VS_SDPA]:.1f} ms vs full[sdpa] causal "
-              f"{t['sdpa']:.1f} ms -> {speed:.1f}x  (target >= {TARGET_SPEEDUP:g}x)")
+              f"{t['sdpa']:.1f} ms -> {speed:.1f}x  (target >= {TARGET_SPEEDUP:g}x); page "
+              f"faults per call {FAULTS[name, N_VS_SDPA]:.0f} "
+              f"({FAULTS[name, N_VS_SDPA] * 4096 / 2**20:.1f} MiB)")
         print(f"  latency over n={ns}: [{', '.join(f'{x:.1f}' for x in lat)}] ms, slope "
               f"{t_slope:.2f}  (target <= {TARGET_SLOPE}); less a fresh output's write: "
               f"slope {loglog_slope(ns, less):.2f}")
