@@ -417,3 +417,18 @@ def test_ut_solve_on_collinear_keys_matches_paper_recurrence(name):
             out = att(q, k, v, causal=True)
         gold = paper_reference(att)(q.double(), k.double(), v.double(), True)
         assert rel_error(out.double(), gold) < 1e-5
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_gradient_for_q_alone_over_many_segments(name, monkeypatch):
+    """q needs a gradient, k and v do not, over many short segments: autograd keeps each
+    segment's normalised keys (none may be a buffer the next segment overwrites), and dq is
+    the float64 recurrence's."""
+    monkeypatch.setattr(segments, "SEGMENT_WORDS", 2 * 16 * 2 * 4 * 16)  # 2 chunks of 16
+    att = variants.build(name, chunk=16)
+    q = random_qkv(1, 4, 61, 16, torch.float32)[0].requires_grad_()
+    _, k, v = random_qkv(1, 2, 83, 16, torch.float32)
+    att(q, k, v, causal=True).square().sum().backward()
+    q64 = q.detach().double().requires_grad_()
+    paper_reference(att)(q64, k.double(), v.double(), True).square().sum().backward()
+    assert rel_error(q.grad.double(), q64.grad) < 1e-5

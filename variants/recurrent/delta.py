@@ -156,8 +156,8 @@ class DeltaRule(Recurrent):
             qs = qs.view(b, hkv, h // hkv, qs.shape[-2], d)  # (B, Hkv, G, m, D)
             kc, vc, bc, gc, nc = (None if t is None else _positions(t, pre + lo, pre + lo + span)
                                   for t in (kf, v, beta, g, knorm))
-            part, state = chunk_delta(qs, self._unit(kc, nc, work), vc.to(ct), bc, gc, state,
-                                      self.chunk, final=lo + span < nq, work=work)
+            part, state = chunk_delta(qs, self._unit(kc, nc, work, tracked), vc.to(ct), bc, gc,
+                                      state, self.chunk, final=lo + span < nq, work=work)
             part = part.reshape(b, h, -1, d)  # (B, Hkv, G, m, D) → (B, H, m, D)
             if out is None:
                 return (part * sc).to(q.dtype)  # fresh: the buffers are the call's
@@ -177,10 +177,13 @@ class DeltaRule(Recurrent):
         return kf, beta, g, torch.linalg.vector_norm(kf, dim=-1, keepdim=True).clamp_min(1e-12)
 
     @staticmethod
-    def _unit(k: torch.Tensor, norm: torch.Tensor, work: dict[str, torch.Tensor]) -> torch.Tensor:
-        """k / norm, as F.normalize; on the CPU without autograd into the call's buffer "kn"
-        (contiguous: the engine's chunks are then a view, no copy of a strided slice)."""
-        if gpu_path(k.device) or (torch.is_grad_enabled() and k.requires_grad):
+    def _unit(k: torch.Tensor, norm: torch.Tensor, work: dict[str, torch.Tensor],
+              tracked: bool) -> torch.Tensor:
+        """k / norm, as F.normalize; on the CPU without autograd (`tracked`: any of the call's
+        inputs needs a gradient, and then autograd keeps each segment's keys) into the call's
+        buffer "kn" (contiguous: the engine's chunks are then a view, no copy of a strided
+        slice)."""
+        if gpu_path(k.device) or tracked:
             return k / norm
         return torch.div(k, norm, out=workspace(work, "kn", tuple(k.shape), k))
 
@@ -200,11 +203,12 @@ class DeltaRule(Recurrent):
             k, beta, g, norm = self._keys(k)
         ct, state = compute_dtype(k.dtype), None
         work = {} if work is None else work
+        tracked = torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
         for lo in range(0, k.shape[-2], span):
             kc, vc, bc, gc, nc = (None if t is None else _positions(t, lo, lo + span)
                                   for t in (k, v, beta, g, norm))
-            _, state = chunk_delta(None, self._unit(kc, nc, work), vc.to(ct), bc, gc, state,
-                                   self.chunk, final=True, work=work)
+            _, state = chunk_delta(None, self._unit(kc, nc, work, tracked), vc.to(ct), bc, gc,
+                                   state, self.chunk, final=True, work=work)
         return state
 
     def fla_kernel(self, q, k, v, beta, g, **kw):
