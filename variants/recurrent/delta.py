@@ -117,13 +117,10 @@ class DeltaRule(Recurrent):
         """L2-normalised q and k, v, β and the gates, in the compute dtype; q as
         (B, Hkv, G, Nq, D), the G query heads of a k/v head its rows (the per-step form, the
         decode step, the float64 reference)."""
-        ct = compute_dtype(q.dtype)
-        kf = k.to(ct)
-        beta, g = self.gates(kf)
+        kf, beta, g, norm = self._keys(k)
         b, h, nq, d = q.shape
-        qn = F.normalize(q.to(ct), dim=-1)
-        return qn.view(b, k.shape[1], h // k.shape[1], nq, d), F.normalize(kf, dim=-1), \
-            v.to(ct), beta, g
+        qn = F.normalize(q.to(kf.dtype), dim=-1)
+        return qn.view(b, k.shape[1], h // k.shape[1], nq, d), kf / norm, v.to(kf.dtype), beta, g
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
