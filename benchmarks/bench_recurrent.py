@@ -50,6 +50,7 @@ from attnbench.variants.base import Shape
 TARGET_SPEEDUP, TARGET_SLOPE, TARGET_CHUNKED = 8.0, 1.12, 20.0
 N_VS_SDPA, N_VS_RECURRENT = 8192, 4096
 B, H, D = 1, 8, 64
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096  # bytes per page
 PROBE = (128, 64, 64)  # the matmul probe: one segment's scores at B·H = 8, chunk 64
 VARIANTS = [  # (name, params): adding a recurrent variant is one line
     ("retnet", {}),
@@ -79,19 +80,16 @@ def timed(fn, quick: bool):
     return measure_latency(fn, warmup=1, min_reps=2 if quick else 3, min_time_s=0.3)
 
 
-FAULTS: dict = {}  # page faults per call of each entry's best round (`interleaved`)
-
-
-def interleaved(fns: dict, rounds: int, quick: bool) -> dict:
-    """Best median per entry over `rounds` rounds, the entries alternating inside each round;
-    the page faults per call of that round in FAULTS."""
-    best = dict.fromkeys(fns, math.inf)
+def interleaved(fns: dict, rounds: int, quick: bool) -> tuple[dict, dict]:
+    """Best median per entry over `rounds` rounds, the entries alternating inside each round,
+    and the page faults per call of that round."""
+    best, faults = dict.fromkeys(fns, math.inf), dict.fromkeys(fns, math.nan)
     for _ in range(rounds):
         for key, fn in fns.items():
             got = timed(fn, quick)
             if got.median_ms < best[key]:
-                best[key], FAULTS[key] = got.median_ms, got.faults_per_call
-    return best
+                best[key], faults[key] = got.median_ms, got.faults_per_call
+    return best, faults
 
 
 def probe():
@@ -157,9 +155,10 @@ def main() -> None:
     with torch.no_grad():
         for att, _ in built:
             att(*qkv[ns[0]], causal=True)  # caches (projections) built before timing
-        t = interleaved(fns, rounds, args.quick)
-        steps = interleaved({att.label: (lambda r=rec, x=qkv[N_VS_RECURRENT]: r(*x, causal=True))
-                             for att, rec in built}, rounds, True)
+        t, faults = interleaved(fns, rounds, args.quick)
+        per_step = {att.label: (lambda r=rec, x=qkv[N_VS_RECURRENT]: r(*x, causal=True))
+                    for att, rec in built}
+        steps, _ = interleaved(per_step, rounds, True)
         mem = {(att.label, n): peak_memory(lambda att=att, x=qkv[n]: att(*x, causal=True))
                for att, _ in built for n in ns}
     rate = mm_flops * 30 / (t["matmul"] / 1e3)  # FLOP/s
@@ -185,8 +184,8 @@ def main() -> None:
         print(f"\n{name}  (kernel {att.kernel(shape(N_VS_SDPA), 'cpu', True, False)})")
         print(f"  n={N_VS_SDPA}: {t[name, N_VS_SDPA]:.1f} ms vs full[sdpa] causal "
               f"{t['sdpa']:.1f} ms -> {speed:.1f}x  (target >= {TARGET_SPEEDUP:g}x); page "
-              f"faults per call {FAULTS[name, N_VS_SDPA]:.0f} "
-              f"({FAULTS[name, N_VS_SDPA] * 4096 / 2**20:.1f} MiB)")
+              f"faults per call {faults[name, N_VS_SDPA]:.0f} "
+              f"({faults[name, N_VS_SDPA] * PAGE / 2**20:.1f} MiB)")
         print(f"  latency over n={ns}: [{', '.join(f'{x:.1f}' for x in lat)}] ms, slope "
               f"{t_slope:.2f}  (target <= {TARGET_SLOPE}); less a fresh output's write: "
               f"slope {loglog_slope(ns, less):.2f}")
