@@ -52,10 +52,11 @@ def sweep_job(cfg: DictConfig) -> Record:
     folder). A record that cannot be written raises NotWritten, which ends the sweep. A single
     run whose point ends `error` or `invalid` exits 1 with a last line saying so."""
     from attnbench.harness.records import RECORD_FILE, NotWritten, read_record, write_record
-    from attnbench.harness.run import progress
+    from attnbench.harness.run import interrupt, progress
     from attnbench.harness.run.job import measure
     from attnbench.harness.run.point import point_id
 
+    interrupt.check()  # a Ctrl-C of the sweep that Python dropped: no further point starts
     try:
         run = from_dictconfig(cfg)
     except ConfigError as exc:

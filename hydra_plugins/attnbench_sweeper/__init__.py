@@ -14,7 +14,8 @@ overrides, the same batches of `max_batch_size`), plus:
 - a record that cannot be written (a full disk) stops the sweep at once: what was written is
   kept, and the resume command is printed (exit 1);
 - Ctrl-C keeps what was measured and prints the command that resumes, built from the overrides
-  Hydra saved with the sweep.
+  Hydra saved with the sweep; one that Python drops (it landed in a weakref callback) still
+  stops the sweep where the next point starts (`harness.run.interrupt`).
 
 Nothing in attnbench imports this module; Hydra finds it through the `hydra_plugins` namespace.
 """
@@ -30,7 +31,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import DictConfig, OmegaConf
 
 from attnbench.harness.records import NotWritten
-from attnbench.harness.run import progress, worker
+from attnbench.harness.run import interrupt, progress, worker
 from attnbench.harness.run.compose import Point, check_sweep_folder, checked_points
 from attnbench.harness.run.config import ConfigError, fail
 from attnbench.harness.run.task import FAILED
@@ -70,27 +71,30 @@ class ValidatingSweeper(BasicSweeper):
         progress.start(len(points))
         returns: list[list[JobReturn]] = []
         failed: list[JobReturn] = []
-        try:
-            while not self.is_done():
-                batch = self.get_job_batch()
-                results = list(self.launcher.launch(batch, initial_job_idx=_done(returns)))
-                failed += [r for r in results if r.status == JobStatus.FAILED]
-                returns.append(results)
-        except KeyboardInterrupt:  # Ctrl-C: keep what was measured, say how to go on
-            _interrupted(sweep_dir, self.config)
-        except (NotWritten, OSError) as exc:  # a full or read-only disk: stop, keep, say so
-            _not_written(sweep_dir, self.config, exc)
-        except BaseException:
-            _finish(sweep_dir)
-            raise
-        finally:
-            worker.shutdown()
-        for r in failed:  # a job raised outside its point's guard: a bug of attnbench's
-            log.error("attnbench: job %s raised", r.overrides, exc_info=_exception(r))
-        try:
-            problem = _finish(sweep_dir)
-        except KeyboardInterrupt:  # Ctrl-C during the report: every record is written
-            _report_interrupted(sweep_dir)
+        with interrupt.catching():  # a Ctrl-C that Python drops is raised again (`check`)
+            try:
+                while not self.is_done():
+                    batch = self.get_job_batch()
+                    results = list(self.launcher.launch(batch, initial_job_idx=_done(returns)))
+                    failed += [r for r in results if r.status == JobStatus.FAILED]
+                    returns.append(results)
+                interrupt.check()  # one dropped while the last point ran
+            except KeyboardInterrupt:  # Ctrl-C: keep what was measured, say how to go on
+                _interrupted(sweep_dir, self.config)
+            except (NotWritten, OSError) as exc:  # a full or read-only disk: stop, keep, say so
+                _not_written(sweep_dir, self.config, exc)
+            except BaseException:
+                _finish(sweep_dir)
+                raise
+            finally:
+                worker.shutdown()
+            for r in failed:  # a job raised outside its point's guard: a bug of attnbench's
+                log.error("attnbench: job %s raised", r.overrides, exc_info=_exception(r))
+            try:
+                problem = _finish(sweep_dir)
+                interrupt.check()
+            except KeyboardInterrupt:  # Ctrl-C during the report: every record is written
+                _report_interrupted(sweep_dir)
         conclude(sweep_dir, checked, problem)
         return returns
 
