@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from attnbench.harness.report.scaling import loglog_slope
+from attnbench.harness.run.allocator import keep_freed_memory
 from attnbench.harness.run.config import from_dictconfig
 from attnbench.harness.run.job import run_point
 
@@ -80,6 +81,7 @@ def main() -> None:
                     if line.startswith("model name")), platform.processor())
     print(f"# bench_decode — {cpu}, {args.threads or torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f} at start")
+    print(f"# CPU allocator: {keep_freed_memory()}")
     print("# B=1 H=8 D=64 fp32 CPU; per-token latency p10 (ms), state (MiB); '!' contended")
     print(f"{'variant':30} " + " ".join(f"n={n:>6}".rjust(20) for n in ns))
     results = {}

@@ -26,6 +26,7 @@ import torch
 
 from attnbench import variants
 from attnbench.harness.report.scaling import loglog_slope
+from attnbench.harness.run.allocator import keep_freed_memory
 from attnbench.harness.run.inputs import attention_entropy, make_inputs
 from attnbench.harness.run.memory import peak_memory
 from attnbench.harness.run.timing import measure_latency
@@ -120,6 +121,7 @@ def main() -> None:
     shape = Shape(1, 8, n, 64)
     print(f"machine: {platform.machine()} CPU, {torch.get_num_threads()} threads "
           f"of {os.cpu_count()} cores ({platform.platform()}), torch {torch.__version__}")
+    print(f"CPU allocator: {keep_freed_memory()}")
     print("load average at start: " + " ".join(f"{x:.1f}" for x in os.getloadavg()))
     matmul_gfs, copy_gbs = machine_rates(args.quick)
     exps_per_s = exp_rate(args.quick)

@@ -41,6 +41,7 @@ import torch
 
 from attnbench import variants
 from attnbench.harness.report.scaling import loglog_slope
+from attnbench.harness.run.allocator import keep_freed_memory
 from attnbench.harness.run.contention import CONTENDED_SHARE, contention, snapshot
 from attnbench.harness.run.inputs import make_inputs
 from attnbench.harness.run.memory import peak_memory
@@ -139,6 +140,7 @@ def main() -> None:
     ns = [2048, 4096, 8192] if args.quick else [2048, 4096, 8192, 16384]
     print(f"machine: {cpu_model()}, {torch.get_num_threads()} threads of {os.cpu_count()} cores, "
           f"torch {torch.__version__}")
+    print(f"CPU allocator: {keep_freed_memory()}")
     print("load average at start: " + " ".join(f"{x:.1f}" for x in os.getloadavg()))
     start = snapshot()
     sdpa = variants.build("full", backend="sdpa")

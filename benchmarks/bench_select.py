@@ -26,6 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnbench import variants
+from attnbench.harness.run.allocator import keep_freed_memory
 from attnbench.harness.run.opcount import count_call
 from attnbench.harness.run.rate import matmul_rate
 from attnbench.variants.base import Shape
@@ -104,6 +105,7 @@ def main() -> None:
     atts = {"full[sdpa]": variants.build("full"), "moba": variants.build("moba"),
             "nsa": variants.build("nsa")}
     print(f"machine: {_machine()}")
+    print(f"CPU allocator: {keep_freed_memory()}")
     rate = matmul_rate("cpu", "float32")
     print(f"fp32 matmul rate (1024³, 0.1 s): {rate / 1e9:.1f} GFLOP/s")
     print("B=1 H=8 D=64 fp32 causal; latency = median of interleaved rounds (ms)")

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from attnbench import variants
 from attnbench.harness.report.scaling import loglog_slope
+from attnbench.harness.run.allocator import keep_freed_memory
 from attnbench.harness.run.memory import peak_memory
 from attnbench.harness.run.timing import measure_latency
 from attnbench.variants.base import Shape
@@ -103,6 +104,7 @@ def main() -> None:
     print(f"machine: {platform.machine()} {os.cpu_count()}-core CPU, {torch.get_num_threads()} "
           f"torch threads, torch {torch.__version__}; B=1 H=8 D=64 float32, forward, "
           f"{'causal' if causal else 'non-causal'}, no grad; latency = p10 of repeats")
+    print(f"CPU allocator: {keep_freed_memory()}")
     print(f"load average (1/5/15 min) at the start: {os.getloadavg()}")
     peak = matmul_gflops()
     print(f"fp32 matmul rate (4096x4096x4096): {peak:.1f} GFLOP/s")

@@ -121,6 +121,7 @@ class Record:
     # where and when
     device_name: str = ""
     threads: int = 0
+    allocator: str = ""  # CPU: how freed memory is kept between calls (harness/run/allocator.py)
     gpu_clock_mhz: float = NAN  # SM clock and temperature after the point (NVML, when present)
     gpu_temp_c: float = NAN
     torch_version: str = ""

@@ -94,6 +94,7 @@ def machine(df: pd.DataFrame) -> dict[str, str]:
         "device": values("device_name"),
         "host": values("hostname"),
         "threads": values("threads"),
+        "CPU allocator": values("allocator"),
         "torch": values("torch_version"),
         "CUDA": values("cuda_version"),
         "xformers": values("xformers_version"),

@@ -31,6 +31,7 @@ from attnbench import variants
 from attnbench.harness.records import Record
 from attnbench.harness.run import worker
 from attnbench.harness.run.accuracy import quality
+from attnbench.harness.run.allocator import keep_freed_memory
 from attnbench.harness.run.config import RunConfig, resolve_device
 from attnbench.harness.run.contention import free_cores
 from attnbench.harness.run.inputs import attention_entropy, make_inputs
@@ -176,7 +177,8 @@ def _run_point_here(run: RunConfig) -> Record:
     try:
         device = resolve_device(run.device)
         torch.set_num_threads(point_threads(run))
-        base.update(threads=torch.get_num_threads(), **machine_info(device))
+        kept = keep_freed_memory() if device == "cpu" else ""  # before the variant allocates
+        base.update(threads=torch.get_num_threads(), allocator=kept, **machine_info(device))
         att = variants.build(run.variant, **run.params)
         shape = run.shape
         dtype = run.torch_dtype
