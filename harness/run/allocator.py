@@ -5,8 +5,8 @@ allocation and unmaps it at free (above its mmap threshold, which it raises by i
 a large free), and hands the top of its heap back to the kernel (above its trim threshold). So
 whether a call's temporaries cost their pages again at every call (minor faults, ~0.25 ms per
 MiB on a 2-core EPYC VM) depends on what the process did before: the same MoBA call at n=8192
-faulted 0.1 MiB per call in one process and 36 MiB in the next (79 against 89 ms); RetNet at
-n=4096 4-20 MiB. That is the process's history, not the variant's cost.
+faulted 0.3 MiB per call in one process and 36 MiB in the next (79.5 against 89.3 ms); RetNet
+at n=4096 4-20 MiB. That is the process's history, not the variant's cost.
 
 `keep_freed_memory()` fixes glibc's steady state from the start: blocks up to its largest mmap
 threshold (32 MiB on 64-bit) come from the heap, and freed heap memory is kept up to TRIM_ABOVE
