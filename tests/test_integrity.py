@@ -188,14 +188,19 @@ def test_page_faults_per_call_tell_fresh_temporaries_from_kept_buffers():
 
 
 
-# three 10 MiB temporaries per call, freed at its end: under glibc's own thresholds (raised to
-# 10 MiB by the first free, trim at twice that) the heap's top goes back to the kernel at most
-# calls (20-30 MiB faulted per call on the 2-core VMs); kept, only the first calls fault
+# three 10 MiB temporaries per call, freed at its end. The control sets glibc's initial
+# thresholds (128 KiB, fixed): each temporary is mapped afresh and its pages faulted at every call.
+# Left to itself glibc raises its thresholds after a large free, so whether a given process faults
+# depends on what it freed before (20-30 MiB per call in one fresh process here, 0 in another).
 _TEMPORARIES = """
-import resource, sys, torch
+import ctypes, resource, sys, torch
+from attnbench.harness.run import allocator
 if sys.argv[1] == "keep":
-    from attnbench.harness.run.allocator import keep_freed_memory
-    print(keep_freed_memory(), file=sys.stderr)
+    print(allocator.keep_freed_memory(), file=sys.stderr)
+else:
+    libc = ctypes.CDLL("libc.so.6")
+    assert libc.mallopt(allocator.M_MMAP_THRESHOLD, 128 << 10)
+    assert libc.mallopt(allocator.M_TRIM_THRESHOLD, 128 << 10)
 from attnbench.harness.run.timing import measure_latency
 def call():
     xs = [torch.empty(10 << 18).fill_(1.0) for _ in range(3)]
@@ -206,10 +211,10 @@ print(t.faults_per_call * resource.getpagesize() / 2**20)
 
 
 def test_kept_freed_memory_spares_each_call_its_temporaries_pages():
-    """Under glibc's own thresholds a call whose temporaries free 30 MiB of heap faults them in
-    again at every call (the control); with `keep_freed_memory` (every CPU point, every
-    benchmark) the pages stay with the process: ~0 MiB per call. Each in a fresh process, as the
-    allocator's state is the process's. A record of a CPU point names the allocator."""
+    """Under glibc's initial thresholds a call with 30 MiB of temporaries faults them in again at
+    every call (the control); with `keep_freed_memory` (every CPU point, every benchmark) the
+    pages stay with the process: ~0 MiB per call. Each in a fresh process, as the allocator's
+    state is the process's. A record of a CPU point names the allocator."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc's malloc only")
 
@@ -218,7 +223,7 @@ def test_kept_freed_memory_spares_each_call_its_temporaries_pages():
                              text=True, check=True)
         return float(out.stdout.split()[-1])
 
-    assert mib("system") > 10  # the control: without it, 20-30 MiB per call
+    assert mib("initial") > 25  # the control: 30 MiB per call
     assert mib("keep") < 1
     rec = run_point(point("linear", seq_len=256, timing={"min_reps": 3, "min_time_s": 0,
                                                          "warmup": 1}))
