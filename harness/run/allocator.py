@@ -11,9 +11,9 @@ at n=4096 4-20 MiB. That is the process's history, not the variant's cost.
 `keep_freed_memory()` fixes glibc's steady state from the start: blocks up to its largest mmap
 threshold (32 MiB on 64-bit) come from the heap, and freed heap memory is kept up to TRIM_ABOVE
 bytes at its top. A call's temporaries then reuse the pages of the previous call's, as they
-would after glibc's own warm-up in a long-running process. Blocks above 32 MiB are still mapped
-afresh each time (their faults are in the record's `page_faults`). Peak memory is measured at the
-allocator level (`memory.py`), so it does not change.
+would after glibc's own warm-up in a long-running process. A block above 32 MiB is mapped afresh
+each time unless the kept heap has room for it (its faults are in the record's `page_faults`).
+Peak memory is measured at the allocator level (`memory.py`), so it does not change.
 """
 
 from __future__ import annotations
