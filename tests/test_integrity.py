@@ -201,14 +201,13 @@ def test_page_faults_per_call_tell_fresh_temporaries_from_kept_buffers():
 # Left to itself glibc raises its thresholds after a large free, so whether a given process faults
 # depends on what it freed before (20-30 MiB per call in one fresh process here, 0 in another).
 _TEMPORARIES = """
-import ctypes, resource, sys, torch
+import resource, sys, torch
 from attnbench.harness.run import allocator
 if sys.argv[1] == "keep":
     print(allocator.keep_freed_memory(), file=sys.stderr)
 else:
-    libc = ctypes.CDLL("libc.so.6")
-    assert libc.mallopt(allocator.M_MMAP_THRESHOLD, 128 << 10)
-    assert libc.mallopt(allocator.M_TRIM_THRESHOLD, 128 << 10)
+    assert allocator.mallopt(allocator.M_MMAP_THRESHOLD, 128 << 10)
+    assert allocator.mallopt(allocator.M_TRIM_THRESHOLD, 128 << 10)
 from attnbench.harness.run.timing import measure_latency
 def call():
     xs = [torch.empty(10 << 18).fill_(1.0) for _ in range(3)]

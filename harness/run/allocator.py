@@ -40,13 +40,18 @@ def keep_freed_memory() -> str:
     return _state
 
 
-def _set() -> str:
+def mallopt(param: int, value: int) -> bool:
+    """glibc's mallopt(param, value) for this process; False where the C library is not glibc
+    or refuses the value."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return "system"
+        return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(M_MMAP_THRESHOLD, KEEP_BELOW) and libc.mallopt(M_TRIM_THRESHOLD,
-                                                                         TRIM_ABOVE)
+        return bool(libc.mallopt(param, value))
     except (OSError, AttributeError):
-        return "system"
+        return False
+
+
+def _set() -> str:
+    ok = mallopt(M_MMAP_THRESHOLD, KEEP_BELOW) and mallopt(M_TRIM_THRESHOLD, TRIM_ABOVE)
     return f"glibc (freed memory kept, blocks < {KEEP_BELOW >> 20} MiB)" if ok else "system"
